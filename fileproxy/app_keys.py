@@ -1,0 +1,17 @@
+"""Typed keys for what the application holds (aiohttp ``web.AppKey``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .redis_health import RedisHealth
+from .runtime import Runtime
+from .settings import Settings
+from .traffic_stats import TrafficStats
+from .upstream_client import UpstreamClient
+
+SETTINGS = web.AppKey("settings", Settings)
+RUNTIME = web.AppKey("runtime", Runtime)
+TRAFFIC = web.AppKey("traffic", TrafficStats)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+REDIS = web.AppKey("redis", RedisHealth)

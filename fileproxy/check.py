@@ -1,0 +1,96 @@
+"""`fileproxy check`: the operator's diagnostic, one PASS/WARN/FAIL line per item."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from .errors import classify
+from .settings import Settings, redact_url
+from .server import new_event_loop
+
+RECOMMENDED_NOFILE = 65536
+MINIMUM_NOFILE = 4096
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    verdict: str  # PASS | WARN | FAIL
+    name: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.verdict:4} {self.name}: {self.detail}"
+
+
+def check_uvloop() -> CheckResult:
+    try:
+        import uvloop
+    except ImportError:
+        return CheckResult("WARN", "uvloop", "not installed: asyncio's loop is slower; pip install uvloop")
+    return CheckResult("PASS", "uvloop", f"installed ({uvloop.__version__})")
+
+
+def check_open_files() -> CheckResult:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    detail = f"soft {soft}, hard {hard}"
+    if soft >= RECOMMENDED_NOFILE:
+        return CheckResult("PASS", "open files limit", detail)
+    if soft >= MINIMUM_NOFILE:
+        return CheckResult("WARN", "open files limit", f"{detail}; raise to {RECOMMENDED_NOFILE} (LimitNOFILE= in the unit, ulimit -n)")
+    return CheckResult("FAIL", "open files limit", f"{detail}; each stream needs two descriptors: raise to {RECOMMENDED_NOFILE}")
+
+
+async def check_upstream(settings: Settings) -> CheckResult:
+    url = redact_url(settings.upstream)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
+    started = time.perf_counter()
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            async with asyncio.timeout(settings.headers_timeout):
+                async with session.get(settings.upstream, allow_redirects=False) as resp:
+                    ttfb_ms = (time.perf_counter() - started) * 1000
+                    status = resp.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        failure = classify(exc)
+        return CheckResult("FAIL", "upstream", f"{url}: {failure.detail}; start the backend or set FILEPROXY_UPSTREAM")
+    return CheckResult("PASS", "upstream", f"{url} answered {status}, time to first byte {ttfb_ms:.1f} ms")
+
+
+async def check_redis(settings: Settings) -> CheckResult:
+    if settings.redis_url is None:
+        return CheckResult("PASS", "redis", "not configured: state is kept in-process (embedded)")
+    url = redact_url(settings.redis_url)
+    client = aioredis.Redis.from_url(str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2)
+    try:
+        started = time.perf_counter()
+        await client.ping()
+        rtt_ms = (time.perf_counter() - started) * 1000
+    except (aioredis.RedisError, OSError) as exc:
+        return CheckResult("FAIL", "redis", f"{url}: {type(exc).__name__}; check REDIS_URL and that redis-server runs")
+    finally:
+        await client.aclose()
+    return CheckResult("PASS", "redis", f"{url} answered PING in {rtt_ms:.2f} ms")
+
+
+async def _network_checks(settings: Settings) -> list[CheckResult]:
+    return list(await asyncio.gather(check_upstream(settings), check_redis(settings)))
+
+
+def run_checks(settings: Settings) -> int:
+    results = [CheckResult("PASS", "configuration", "all variables valid"), check_uvloop(), check_open_files()]
+    loop = new_event_loop()
+    try:
+        results += loop.run_until_complete(_network_checks(settings))
+    finally:
+        loop.close()
+    for result in results:
+        print(result.line())
+    failed = [r for r in results if r.verdict == "FAIL"]
+    print(f"{len(failed)} problem(s) found" if failed else "all checks passed")
+    return 1 if failed else 0

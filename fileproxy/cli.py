@@ -1,0 +1,91 @@
+"""The `fileproxy` command: serve, sample-upstream, config, check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from .settings import ConfigError, Settings, markdown_table
+
+EXIT_CONFIG = 2
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"fileproxy: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(_settings_or_exit())
+    return 0
+
+
+def _cmd_sample_upstream(args: argparse.Namespace) -> int:
+    from .sample_upstream import run
+
+    host, _, port = args.bind.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"fileproxy: invalid --bind {args.bind!r}: expected HOST:PORT", file=sys.stderr)
+        return EXIT_CONFIG
+    run(host.strip("[]"), int(port), seed=args.seed)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        print(markdown_table())
+        return 0
+    settings = _settings_or_exit()
+    if args.format == "json":
+        print(orjson.dumps(settings.public_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for spec, value in settings.public_items():
+            source = settings.sources.get(spec.env, "default")
+            print(f"{spec.env}={value}  # {source}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_checks
+
+    return run_checks(_settings_or_exit())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fileproxy",
+        description="Adaptive streaming reverse proxy for file delivery. "
+        "Configured by environment variables: see `fileproxy config`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the daemon in one process").set_defaults(func=_cmd_serve)
+    sample = sub.add_parser("sample-upstream", help="run the bundled sample backend")
+    sample.add_argument("--bind", default="127.0.0.1:27804", help="HOST:PORT (default %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="content seed (default %(default)s)")
+    sample.set_defaults(func=_cmd_sample_upstream)
+    config = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
+    config.add_argument("--format", choices=("env", "json", "markdown"), default="env")
+    config.set_defaults(func=_cmd_config)
+    check = sub.add_parser("check", help="diagnose this machine and configuration")
+    check.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The one place that maps failures to HTTP statuses and JSON error bodies.
+
+Before response headers are sent a failure becomes a status with a JSON body
+``{"error", "detail", "request_id"}``; after that the proxy can only abort the
+client connection (see proxy_handler), so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    error: str
+    detail: str
+
+
+class ClientRequestError(Exception):
+    """The client's request cannot be served (e.g. body too large)."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = Failure(status, error, detail)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Status, error code and a safe one-line detail for an exception met while proxying."""
+    if isinstance(exc, ClientRequestError):
+        return exc.failure
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return Failure(504, "upstream_timeout", _timeout_detail(exc))
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Failure(502, "upstream_connect_failed", f"cannot connect to upstream: {exc.os_error.strerror or type(exc.os_error).__name__}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return Failure(502, "upstream_disconnected", "upstream closed the connection early")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return Failure(502, "upstream_bad_response", "upstream sent an invalid response")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return Failure(502, "upstream_failed", f"upstream connection failed ({type(exc).__name__})")
+    return Failure(500, "internal_error", "internal error")
+
+
+def _timeout_detail(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "upstream connect timed out"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return "upstream stopped sending"
+    return "upstream did not send response headers in time"
+
+
+def error_response(failure: Failure, request_id: str) -> web.Response:
+    body = orjson.dumps(
+        {"error": failure.error, "detail": failure.detail, "request_id": request_id}
+    )
+    return web.Response(
+        status=failure.status,
+        body=body,
+        content_type="application/json",
+        headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
+    )

@@ -1,0 +1,225 @@
+"""The proxy handler: stream one request to the upstream and its response back.
+
+Bodies are streamed both ways, never read whole: at most ``STREAM_CHUNK_SIZE``
+bytes move per step, and each write to the client is awaited, so a slow client
+pauses the upstream read (backpressure) instead of filling memory.
+
+Failures are mapped in ``errors``: before response headers a JSON 4xx/5xx, after
+them the client connection is aborted, so a short body never looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import errors
+from .app_keys import SETTINGS, TRAFFIC, UPSTREAM
+from .headers import client_response_headers, upstream_request_headers
+
+log = logging.getLogger("fileproxy.proxy")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EXCHANGE = "fileproxy.exchange"  # request-scoped record read by the access log
+
+
+@dataclass
+class Exchange:
+    """What happened to one proxied request, for the stats and the access log."""
+
+    request_id: str
+    upstream_status: int | None = None
+    bytes_sent: int = 0
+    outcome: str = "ok"  # ok | error | upstream_aborted | client_aborted
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in ("error", "upstream_aborted")
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    incoming = request.headers.get("X-Request-ID", "")
+    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    traffic = request.app[TRAFFIC]
+    started = time.monotonic()
+    exchange = Exchange(request_id_for(request))
+    request[EXCHANGE] = exchange
+    traffic.in_flight += 1
+    try:
+        return await _proxy(request, exchange)
+    except asyncio.CancelledError:
+        # handler_cancellation: the client went away while we waited on something.
+        exchange.outcome = "client_aborted"
+        raise
+    finally:
+        # Synchronous on purpose: it must run even when the task is being cancelled.
+        traffic.in_flight -= 1
+        if exchange.outcome == "client_aborted":
+            traffic.record_client_abort()
+            log.info(
+                "client disconnected",
+                extra={"request_id": exchange.request_id, "bytes_sent": exchange.bytes_sent},
+            )
+        now = time.monotonic()
+        traffic.record(now, now - started, exchange.bytes_sent, exchange.failed)
+
+
+async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    target = request.raw_path
+    if not target.startswith("/"):
+        # absolute-form or authority-form: we are a reverse proxy, not an open one
+        return _fail(exchange, errors.ClientRequestError(400, "bad_target", "only origin-form request targets are accepted"))
+    content_length = request.content_length
+    if settings.max_body_size and content_length and content_length > settings.max_body_size:
+        return _fail(exchange, _too_large(settings.max_body_size))
+
+    has_body = request.body_exists
+    headers = upstream_request_headers(
+        request.headers,
+        peer=request.remote,
+        scheme=request.scheme,
+        host=request.host if "Host" in request.headers else None,
+        request_id=exchange.request_id,
+        trusted=settings.trusted_proxies,
+        has_body=has_body,
+        content_length=content_length,
+    )
+    body_errors: list[BaseException] = []
+    try:
+        upstream_resp = await _send_upstream(request, headers, has_body, body_errors)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if not body_errors:
+            failure = _fail(exchange, exc)
+            request.app[UPSTREAM].mark_failure(time.time(), exchange.error or "")
+            return failure
+        cause = body_errors[0]
+        if isinstance(cause, errors.ClientRequestError):
+            return _fail(exchange, cause)
+        exchange.outcome = "client_aborted"  # the client's body broke off or was malformed
+        return _fail(exchange, errors.ClientRequestError(
+            400, "bad_request_body", "request body ended early or was malformed"))
+
+    request.app[UPSTREAM].mark_response(time.time())
+    try:
+        exchange.upstream_status = upstream_resp.status
+        response = web.StreamResponse(
+            status=upstream_resp.status,
+            reason=upstream_resp.reason,
+            headers=client_response_headers(upstream_resp.headers, exchange.request_id),
+        )
+        if request.transport is not None:
+            request.transport.set_write_buffer_limits(high=settings.buffer_size)
+        await response.prepare(request)
+        await _relay(request, response, upstream_resp, exchange, settings.chunk_size)
+        return response
+    finally:
+        upstream_resp.release()  # back to the pool only if the body was read to its end
+
+
+async def _send_upstream(
+    request: web.Request,
+    headers: CIMultiDict[str],
+    has_body: bool,
+    body_errors: list[BaseException],
+) -> aiohttp.ClientResponse:
+    """Send the request (streaming its body) and wait for the upstream's response headers.
+
+    The headers timeout starts once the request body has been sent, so a long
+    upload is not cut; it also bounds the wait for a free pooled connection.
+    """
+    settings = request.app[SETTINGS]
+    upstream = request.app[UPSTREAM]
+    loop = asyncio.get_running_loop()
+    start_deadline = None if has_body else loop.time() + settings.headers_timeout
+    async with asyncio.timeout(start_deadline) as deadline:
+
+        async def request_body() -> AsyncIterator[bytes]:
+            received = 0
+            try:
+                while chunk := await request.content.read(settings.chunk_size):
+                    received += len(chunk)
+                    if settings.max_body_size and received > settings.max_body_size:
+                        raise _too_large(settings.max_body_size)
+                    yield chunk
+            except Exception as exc:
+                body_errors.append(exc)
+                raise
+            deadline.reschedule(loop.time() + settings.headers_timeout)
+
+        return await upstream.session.request(
+            request.method,
+            upstream.url_for(request.raw_path),
+            headers=headers,
+            data=request_body() if has_body else None,
+            allow_redirects=False,
+            auth=upstream.auth,
+        )
+
+
+async def _relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    upstream_resp: aiohttp.ClientResponse,
+    exchange: Exchange,
+    chunk_size: int,
+) -> None:
+    read = upstream_resp.content.read
+    while True:
+        try:
+            chunk = await read(chunk_size)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failure = errors.classify(exc)
+            exchange.outcome, exchange.error = "upstream_aborted", failure.error
+            log.warning(
+                "upstream failed mid-body, aborting client connection",
+                extra={"request_id": exchange.request_id, "error": failure.error,
+                       "bytes_sent": exchange.bytes_sent},
+            )
+            upstream_resp.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return
+        if not chunk:
+            break
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            exchange.outcome = "client_aborted"
+            upstream_resp.close()  # do not pool a half-read connection
+            return
+        exchange.bytes_sent += len(chunk)
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        exchange.outcome = "client_aborted"
+
+
+def _too_large(limit: int) -> errors.ClientRequestError:
+    return errors.ClientRequestError(413, "body_too_large", f"request body exceeds {limit} bytes")
+
+
+def _fail(exchange: Exchange, exc: BaseException) -> web.Response:
+    failure = errors.classify(exc)
+    exchange.outcome = "error" if failure.status >= 500 else "rejected"
+    exchange.error = failure.error
+    if failure.status >= 500:
+        log.warning(
+            "upstream request failed",
+            extra={"request_id": exchange.request_id, "error": failure.error,
+                   "detail": failure.detail},
+        )
+    return errors.error_response(failure, exchange.request_id)

@@ -1,0 +1,33 @@
+"""Facts about the running worker: its event loop, its start time, its process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import __version__
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency, but the daemon runs without it
+    uvloop = None  # type: ignore[assignment]
+
+
+def uvloop_active() -> bool:
+    return uvloop is not None and isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    uvloop_enabled: bool
+    optimizer_enabled: bool
+    pid: int = field(default_factory=os.getpid)
+    started_wall: float = field(default_factory=time.time)
+    version: str = __version__
+
+    @property
+    def optimization_level(self) -> int:
+        """0..2: one point for uvloop, one for the adaptive optimizer."""
+        return int(self.uvloop_enabled) + int(self.optimizer_enabled)

@@ -1,0 +1,390 @@
+"""The one configuration object, built once from the environment.
+
+Every setting is one row of ``SETTINGS_TABLE``: its environment variable, its type,
+default, bounds and one line of help. Validation, ``fileproxy config``, ``/health``
+and the README table all come from that table; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message is one line for the operator."""
+
+    def __init__(self, env: str, value: str, allowed: str) -> None:
+        super().__init__(f"invalid {env}={value!r}: {allowed}")
+        self.env = env
+
+
+# --- parsers: each turns the raw string into a typed value or raises ValueError(allowed) ---
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"expected an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}")
+        return value
+
+    parse.allowed = f"integer {lo}..{hi}"  # type: ignore[attr-defined]
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number of seconds from {lo:g} to {hi:g}") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise ValueError(f"expected a number of seconds from {lo:g} to {hi:g}")
+        return value
+
+    parse.allowed = f"seconds {lo:g}..{hi:g}"  # type: ignore[attr-defined]
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    parse.allowed = " | ".join(choices)  # type: ignore[attr-defined]
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected on/off (also true/false, yes/no, 1/0)")
+
+
+_bool.allowed = "on | off"  # type: ignore[attr-defined]
+
+
+def _url(*schemes: str, optional: bool = False) -> Callable[[str], URL | None]:
+    def parse(raw: str) -> URL | None:
+        raw = raw.strip()
+        if not raw and optional:
+            return None
+        try:
+            url = URL(raw)
+        except ValueError:
+            raise ValueError(f"expected a URL with scheme {' or '.join(schemes)}") from None
+        if url.scheme not in schemes:
+            raise ValueError(f"unknown scheme {url.scheme!r}, expected {' or '.join(schemes)}")
+        if url.scheme != "unix" and not url.host:
+            raise ValueError(f"expected a URL with a host, like {schemes[0]}://127.0.0.1:PORT")
+        if url.query_string or url.fragment:
+            if url.scheme in ("http", "https"):
+                raise ValueError("expected a URL without query or fragment")
+        return url
+
+    parse.allowed = "URL, scheme " + " | ".join(schemes)  # type: ignore[attr-defined]
+    return parse
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    """Where the daemon listens: a TCP host and port, or a unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _bind(raw: str) -> BindAddress:
+    raw = raw.strip()
+    allowed = "expected HOST:PORT (port 0..65535) or unix:/absolute/path"
+    if raw.startswith("unix:"):
+        path = raw[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(allowed)
+        return BindAddress(path=path)
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(allowed)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return BindAddress(host=host, port=int(port_text))
+
+
+_bind.allowed = "HOST:PORT | unix:/path"  # type: ignore[attr-defined]
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for part in raw.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError("expected a comma-separated list of IP networks (CIDR)") from None
+    return tuple(nets)
+
+
+_networks.allowed = "comma-separated CIDRs"  # type: ignore[attr-defined]
+
+
+def _workers(raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int(1, 1024)(raw)
+
+
+_workers.allowed = "auto | integer 1..1024"  # type: ignore[attr-defined]
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One row of the settings table."""
+
+    env: str
+    attr: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    secret_url: bool = False
+
+    @property
+    def allowed(self) -> str:
+        return str(getattr(self.parse, "allowed", ""))
+
+
+SETTINGS_TABLE: tuple[SettingSpec, ...] = (
+    # where it listens and what it proxies
+    SettingSpec(
+        "FILEPROXY_BIND", "bind", "127.0.0.1:10080", _bind,
+        "Listen address: HOST:PORT or unix:/path/to.sock.",
+    ),
+    SettingSpec(
+        "FILEPROXY_UPSTREAM", "upstream", "http://127.0.0.1:27804", _url("http", "https"),
+        "Backend base URL; its path is prefixed to every request path; credentials are sent "
+        "as Basic auth and never shown.",
+        secret_url=True,
+    ),
+    SettingSpec(
+        "REDIS_URL", "redis_url", "", _url("redis", "rediss", "unix", optional=True),
+        "Shared state store; empty keeps state in-process (one worker's scope).",
+        secret_url=True,
+    ),
+    SettingSpec(
+        "REDIS_POOL_SIZE", "redis_pool_size", "150", _int(1, 10000),
+        "Maximum connections in the Redis connection pool of each worker.",
+    ),
+    # upstream client (the seed's names and defaults)
+    SettingSpec(
+        "HTTP_CONNECTOR_LIMIT", "connector_limit", "200", _int(1, 100000),
+        "Maximum concurrent upstream connections per worker.",
+    ),
+    SettingSpec(
+        "HTTP_CONNECTOR_LIMIT_PER_HOST", "connector_limit_per_host", "50", _int(0, 100000),
+        "Maximum concurrent upstream connections per upstream host and port (0: no limit).",
+    ),
+    SettingSpec(
+        "HTTP_KEEPALIVE_TIMEOUT", "keepalive_timeout", "60", _float(0, 3600),
+        "Seconds an idle upstream connection stays in the pool for reuse.",
+    ),
+    SettingSpec(
+        "HTTP_CONNECT_TIMEOUT", "connect_timeout", "15", _float(0.05, 600),
+        "Seconds to establish an upstream connection (then 504).",
+    ),
+    SettingSpec(
+        "HTTP_TOTAL_TIMEOUT", "headers_timeout", "90", _float(0.05, 86400),
+        "Seconds from sending the request (after its body) to the upstream's response "
+        "headers (then 504); never cuts a body that is still flowing.",
+    ),
+    SettingSpec(
+        "FILEPROXY_READ_TIMEOUT", "read_timeout", "60", _float(0.05, 86400),
+        "Seconds the upstream may stay silent between two reads of a body (then abort).",
+    ),
+    SettingSpec(
+        "HTTP_DNS_CACHE_TTL", "dns_cache_ttl", "600", _int(0, 86400),
+        "Seconds upstream DNS answers are cached (0: no cache).",
+    ),
+    SettingSpec(
+        "STREAM_CHUNK_SIZE", "chunk_size", "16384", _int(KIB, 16 * MIB),
+        "Largest piece of a body read from one side and written to the other at once.",
+    ),
+    SettingSpec(
+        "BUFFER_SIZE", "buffer_size", "131072", _int(4 * KIB, 64 * MIB),
+        "Bytes buffered per stream and direction before the sender is paused (backpressure).",
+    ),
+    # the edge: clients
+    SettingSpec(
+        "FILEPROXY_CLIENT_KEEPALIVE_TIMEOUT", "client_keepalive_timeout", "75", _float(0, 3600),
+        "Seconds an idle client connection is kept open; above nginx's upstream "
+        "keepalive_timeout (60) so nginx never reuses a connection we are closing.",
+    ),
+    SettingSpec(
+        "FILEPROXY_MAX_BODY_SIZE", "max_body_size", str(GIB), _int(0, 1 << 50),
+        "Largest request body in bytes, counted while streaming (then 413; 0: no limit).",
+    ),
+    SettingSpec(
+        "FILEPROXY_MAX_HEADER_SIZE", "max_header_size", "8190", _int(256, 1 * MIB),
+        "Longest request line and longest header field in bytes (then 414 / 431).",
+    ),
+    SettingSpec(
+        "FILEPROXY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1/32,::1/128", _networks,
+        "Peers whose X-Forwarded-Proto/-Host are kept (e.g. the fronting nginx); "
+        "for others they are overwritten.",
+    ),
+    # production process model
+    SettingSpec(
+        "FILEPROXY_WORKERS", "workers", "auto", _workers,
+        "gunicorn worker processes (auto: the CPU count).",
+    ),
+    SettingSpec(
+        "FILEPROXY_GRACEFUL_TIMEOUT", "graceful_timeout", "300", _float(1, 86400),
+        "Seconds in-flight downloads may run after SIGTERM / reload before workers exit.",
+    ),
+    # reporting
+    SettingSpec(
+        "FILEPROXY_STATS_WINDOW", "stats_window", "60", _int(1, 3600),
+        "Seconds of traffic that /stats rates and percentiles cover.",
+    ),
+    SettingSpec(
+        "FILEPROXY_LOG_LEVEL", "log_level", "info",
+        _choice("debug", "info", "warning", "error"),
+        "Log level.",
+    ),
+    SettingSpec(
+        "FILEPROXY_LOG_FORMAT", "log_format", "json", _choice("json", "text"),
+        "Log lines as JSON (production) or plain text.",
+    ),
+    SettingSpec(
+        "FILEPROXY_ACCESS_LOG", "access_log", "on", _bool,
+        "One log line per request.",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration; build with ``Settings.from_env``."""
+
+    bind: BindAddress
+    upstream: URL
+    redis_url: URL | None
+    redis_pool_size: int
+    connector_limit: int
+    connector_limit_per_host: int
+    keepalive_timeout: float
+    connect_timeout: float
+    headers_timeout: float
+    read_timeout: float
+    dns_cache_ttl: int
+    chunk_size: int
+    buffer_size: int
+    client_keepalive_timeout: float
+    max_body_size: int
+    max_header_size: int
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    workers: int
+    graceful_timeout: float
+    stats_window: int
+    log_level: str
+    log_format: str
+    access_log: bool
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: str) -> Settings:
+        """Validate every variable; raise ConfigError naming the first bad one."""
+        env = dict(os.environ if environ is None else environ)
+        env.update(overrides)
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for spec in SETTINGS_TABLE:
+            raw = env.get(spec.env)
+            sources[spec.env] = "env" if raw is not None else "default"
+            text = spec.default if raw is None else raw
+            try:
+                values[spec.attr] = spec.parse(text)
+            except ValueError as exc:
+                raise ConfigError(spec.env, redact_url_text(text), str(exc)) from None
+        return cls(**values, sources=sources)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def public_items(self) -> list[tuple[SettingSpec, str]]:
+        """(spec, value as text) for every setting, secrets redacted."""
+        return [(spec, display_value(getattr(self, spec.attr))) for spec in SETTINGS_TABLE]
+
+    def public_dict(self) -> dict[str, str]:
+        return {spec.env: value for spec, value in self.public_items()}
+
+
+def redact_url(url: URL) -> str:
+    """The URL as text with any user or password replaced by ***."""
+    if url.user is None and url.password is None:
+        return str(url)
+    return str(url.with_user(None)).replace("://", f"://{REDACTED}@", 1)
+
+
+def redact_url_text(text: str) -> str:
+    """Redact credentials from a string that may or may not parse as a URL."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = REDACTED + "@" + authority.rpartition("@")[2]
+    return f"{scheme}{sep}{authority}{slash}{tail}"
+
+
+def display_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, URL):
+        return redact_url(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The README's table of variables, generated from SETTINGS_TABLE."""
+    lines = ["| Variable | Default | Allowed | Meaning |", "|---|---|---|---|"]
+    for spec in SETTINGS_TABLE:
+        default = f"`{spec.default}`" if spec.default else "(unset)"
+        lines.append(f"| `{spec.env}` | {default} | {spec.allowed} | {spec.help} |")
+    return "\n".join(lines)

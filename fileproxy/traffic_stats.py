@@ -1,0 +1,126 @@
+"""Sliding-window traffic figures for /stats: pure, the time is passed in.
+
+The window is a ring of one-second buckets; each holds a request count, an error
+count, the sum of durations, the bytes sent and a latency histogram with fixed
+log-spaced bounds, so recording is O(1) and a snapshot merges at most
+``window`` buckets without sorting samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+# Latency histogram bounds in milliseconds: 0.1 ms .. ~3.3 h, ~12% apart; a longer
+# request counts in the last bucket.
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
+    round(0.1 * 1.12**i, 4) for i in range(int(math.log(1.2e7 / 0.1, 1.12)) + 1)
+)
+
+
+@dataclass
+class _Bucket:
+    second: int = -1
+    requests: int = 0
+    errors: int = 0
+    duration_ms_sum: float = 0.0
+    bytes_sent: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+
+    def reset(self, second: int) -> None:
+        self.second = second
+        self.requests = self.errors = self.bytes_sent = 0
+        self.duration_ms_sum = 0.0
+        self.histogram = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    window_seconds: int
+    requests_in_window: int
+    errors_in_window: int
+    error_rate: float
+    avg_response_time_ms: float
+    p50_response_time_ms: float
+    p95_response_time_ms: float
+    p99_response_time_ms: float
+    throughput_mbps: float
+    requests_per_second: float
+
+
+class TrafficStats:
+    """Counters since start plus figures over the last ``window`` seconds."""
+
+    def __init__(self, window: int, now: float) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1 second")
+        self.window = window
+        self.started = now
+        self._buckets = [_Bucket() for _ in range(window)]
+        self.total_requests = 0
+        self.total_errors = 0
+        self.total_bytes_sent = 0
+        self.client_aborts = 0
+        self.in_flight = 0
+
+    def _bucket(self, now: float) -> _Bucket:
+        second = int(now)
+        bucket = self._buckets[second % self.window]
+        if bucket.second != second:
+            bucket.reset(second)
+        return bucket
+
+    def record(self, now: float, duration_s: float, bytes_sent: int, failed: bool) -> None:
+        """One finished proxied request; ``failed`` means the proxy could not deliver it."""
+        bucket = self._bucket(now)
+        duration_ms = duration_s * 1000.0
+        bucket.requests += 1
+        bucket.errors += failed
+        bucket.duration_ms_sum += duration_ms
+        bucket.bytes_sent += bytes_sent
+        bucket.histogram[bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)] += 1
+        self.total_requests += 1
+        self.total_errors += failed
+        self.total_bytes_sent += bytes_sent
+
+    def record_client_abort(self) -> None:
+        self.client_aborts += 1
+
+    def snapshot(self, now: float) -> StatsSnapshot:
+        current = int(now)
+        live = [b for b in self._buckets if current - self.window < b.second <= current]
+        requests = sum(b.requests for b in live)
+        errors = sum(b.errors for b in live)
+        sent = sum(b.bytes_sent for b in live)
+        merged = [sum(column) for column in zip(*(b.histogram for b in live), strict=True)]
+        # A window that started less than `window` seconds ago covers only the time since start.
+        span = max(1.0, min(float(self.window), now - self.started))
+        return StatsSnapshot(
+            window_seconds=self.window,
+            requests_in_window=requests,
+            errors_in_window=errors,
+            error_rate=round(errors / requests, 6) if requests else 0.0,
+            avg_response_time_ms=round(sum(b.duration_ms_sum for b in live) / requests, 3)
+            if requests
+            else 0.0,
+            p50_response_time_ms=_percentile(merged, 0.50),
+            p95_response_time_ms=_percentile(merged, 0.95),
+            p99_response_time_ms=_percentile(merged, 0.99),
+            throughput_mbps=round(sent * 8 / span / 1e6, 3),
+            requests_per_second=round(requests / span, 3),
+        )
+
+
+def _percentile(histogram: list[int], q: float) -> float:
+    """Upper bound of the bucket holding the q-quantile (0.0 when empty)."""
+    total = sum(histogram)
+    if not total:
+        return 0.0
+    rank = math.ceil(q * total)
+    seen = 0
+    for index, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return LATENCY_BOUNDS_MS[min(index, len(LATENCY_BOUNDS_MS) - 1)]
+    raise AssertionError("unreachable: rank <= total")
