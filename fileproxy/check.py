@@ -6,13 +6,14 @@ import asyncio
 import resource
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import aiohttp
 import redis.asyncio as aioredis
 
 from .errors import classify
-from .settings import Settings, redact_url
 from .server import new_event_loop
+from .settings import Settings, redact_url
 
 RECOMMENDED_NOFILE = 65536
 MINIMUM_NOFILE = 4096
@@ -30,10 +31,12 @@ class CheckResult:
 
 def check_uvloop() -> CheckResult:
     try:
-        import uvloop
+        import uvloop  # noqa: F401
     except ImportError:
-        return CheckResult("WARN", "uvloop", "not installed: asyncio's loop is slower; pip install uvloop")
-    return CheckResult("PASS", "uvloop", f"installed ({uvloop.__version__})")
+        return CheckResult(
+            "WARN", "uvloop", "not installed: asyncio's loop is slower; pip install uvloop"
+        )
+    return CheckResult("PASS", "uvloop", f"installed ({version('uvloop')})")
 
 
 def check_open_files() -> CheckResult:
@@ -42,8 +45,16 @@ def check_open_files() -> CheckResult:
     if soft >= RECOMMENDED_NOFILE:
         return CheckResult("PASS", "open files limit", detail)
     if soft >= MINIMUM_NOFILE:
-        return CheckResult("WARN", "open files limit", f"{detail}; raise to {RECOMMENDED_NOFILE} (LimitNOFILE= in the unit, ulimit -n)")
-    return CheckResult("FAIL", "open files limit", f"{detail}; each stream needs two descriptors: raise to {RECOMMENDED_NOFILE}")
+        return CheckResult(
+            "WARN",
+            "open files limit",
+            f"{detail}; raise to {RECOMMENDED_NOFILE} (LimitNOFILE= in the unit, ulimit -n)",
+        )
+    return CheckResult(
+        "FAIL",
+        "open files limit",
+        f"{detail}; each stream needs two descriptors: raise to {RECOMMENDED_NOFILE}",
+    )
 
 
 async def check_upstream(settings: Settings) -> CheckResult:
@@ -58,21 +69,33 @@ async def check_upstream(settings: Settings) -> CheckResult:
                     status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         failure = classify(exc)
-        return CheckResult("FAIL", "upstream", f"{url}: {failure.detail}; start the backend or set FILEPROXY_UPSTREAM")
-    return CheckResult("PASS", "upstream", f"{url} answered {status}, time to first byte {ttfb_ms:.1f} ms")
+        return CheckResult(
+            "FAIL",
+            "upstream",
+            f"{url}: {failure.detail}; start the backend or set FILEPROXY_UPSTREAM",
+        )
+    return CheckResult(
+        "PASS", "upstream", f"{url} answered {status}, time to first byte {ttfb_ms:.1f} ms"
+    )
 
 
 async def check_redis(settings: Settings) -> CheckResult:
     if settings.redis_url is None:
         return CheckResult("PASS", "redis", "not configured: state is kept in-process (embedded)")
     url = redact_url(settings.redis_url)
-    client = aioredis.Redis.from_url(str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2)
+    client = aioredis.Redis.from_url(
+        str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
+    )
     try:
         started = time.perf_counter()
         await client.ping()
         rtt_ms = (time.perf_counter() - started) * 1000
     except (aioredis.RedisError, OSError) as exc:
-        return CheckResult("FAIL", "redis", f"{url}: {type(exc).__name__}; check REDIS_URL and that redis-server runs")
+        return CheckResult(
+            "FAIL",
+            "redis",
+            f"{url}: {type(exc).__name__}; check REDIS_URL and that redis-server runs",
+        )
     finally:
         await client.aclose()
     return CheckResult("PASS", "redis", f"{url} answered PING in {rtt_ms:.2f} ms")
@@ -83,7 +106,11 @@ async def _network_checks(settings: Settings) -> list[CheckResult]:
 
 
 def run_checks(settings: Settings) -> int:
-    results = [CheckResult("PASS", "configuration", "all variables valid"), check_uvloop(), check_open_files()]
+    results = [
+        CheckResult("PASS", "configuration", "all variables valid"),
+        check_uvloop(),
+        check_open_files(),
+    ]
     loop = new_event_loop()
     try:
         results += loop.run_until_complete(_network_checks(settings))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from .settings import ConfigError, Settings, markdown_table
+from .settings import ConfigError, Settings, env_file_template, markdown_table
 
 EXIT_CONFIG = 2
 
@@ -35,13 +35,35 @@ def _cmd_sample_upstream(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         print(f"fileproxy: invalid --bind {args.bind!r}: expected HOST:PORT", file=sys.stderr)
         return EXIT_CONFIG
+    if args.exit_with_parent:
+        _exit_with_parent()
     run(host.strip("[]"), int(port), seed=args.seed)
     return 0
+
+
+def _exit_with_parent() -> None:
+    """Stop (SIGTERM to ourselves) once the process that started us is gone."""
+    import os
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.format == "markdown":
         print(markdown_table())
+        return 0
+    if args.format == "env-template":
+        print(env_file_template(), end="")
         return 0
     settings = _settings_or_exit()
     if args.format == "json":
@@ -70,9 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample-upstream", help="run the bundled sample backend")
     sample.add_argument("--bind", default="127.0.0.1:27804", help="HOST:PORT (default %(default)s)")
     sample.add_argument("--seed", type=int, default=0, help="content seed (default %(default)s)")
+    sample.add_argument(
+        "--exit-with-parent", action="store_true", help="stop when the parent process exits"
+    )
     sample.set_defaults(func=_cmd_sample_upstream)
     config = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
-    config.add_argument("--format", choices=("env", "json", "markdown"), default="env")
+    config.add_argument(
+        "--format", choices=("env", "json", "markdown", "env-template"), default="env"
+    )
     config.set_defaults(func=_cmd_config)
     check = sub.add_parser("check", help="diagnose this machine and configuration")
     check.set_defaults(func=_cmd_check)

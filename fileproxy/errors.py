@@ -37,7 +37,11 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return Failure(504, "upstream_timeout", _timeout_detail(exc))
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return Failure(502, "upstream_connect_failed", f"cannot connect to upstream: {exc.os_error.strerror or type(exc.os_error).__name__}")
+        return Failure(
+            502,
+            "upstream_connect_failed",
+            f"cannot connect to upstream: {exc.os_error.strerror or type(exc.os_error).__name__}",
+        )
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Failure(502, "upstream_disconnected", "upstream closed the connection early")
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):

@@ -82,7 +82,12 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
     target = request.raw_path
     if not target.startswith("/"):
         # absolute-form or authority-form: we are a reverse proxy, not an open one
-        return _fail(exchange, errors.ClientRequestError(400, "bad_target", "only origin-form request targets are accepted"))
+        return _fail(
+            exchange,
+            errors.ClientRequestError(
+                400, "bad_target", "only origin-form request targets are accepted"
+            ),
+        )
     content_length = request.content_length
     if settings.max_body_size and content_length and content_length > settings.max_body_size:
         return _fail(exchange, _too_large(settings.max_body_size))
@@ -110,8 +115,12 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
         if isinstance(cause, errors.ClientRequestError):
             return _fail(exchange, cause)
         exchange.outcome = "client_aborted"  # the client's body broke off or was malformed
-        return _fail(exchange, errors.ClientRequestError(
-            400, "bad_request_body", "request body ended early or was malformed"))
+        return _fail(
+            exchange,
+            errors.ClientRequestError(
+                400, "bad_request_body", "request body ended early or was malformed"
+            ),
+        )
 
     request.app[UPSTREAM].mark_response(time.time())
     try:
@@ -186,8 +195,11 @@ async def _relay(
             exchange.outcome, exchange.error = "upstream_aborted", failure.error
             log.warning(
                 "upstream failed mid-body, aborting client connection",
-                extra={"request_id": exchange.request_id, "error": failure.error,
-                       "bytes_sent": exchange.bytes_sent},
+                extra={
+                    "request_id": exchange.request_id,
+                    "error": failure.error,
+                    "bytes_sent": exchange.bytes_sent,
+                },
             )
             upstream_resp.close()
             if request.transport is not None:
@@ -219,7 +231,10 @@ def _fail(exchange: Exchange, exc: BaseException) -> web.Response:
     if failure.status >= 500:
         log.warning(
             "upstream request failed",
-            extra={"request_id": exchange.request_id, "error": failure.error,
-                   "detail": failure.detail},
+            extra={
+                "request_id": exchange.request_id,
+                "error": failure.error,
+                "detail": failure.detail,
+            },
         )
     return errors.error_response(failure, exchange.request_id)

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Final
 
-from aiohttp import hdrs, web
+from aiohttp import ETag, hdrs, web
 
 __all__ = [
     "BLOCK_SIZE",
@@ -219,7 +219,7 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return max(size - suffix, 0), size
 
 
-def _etag_matches(etag: str, candidates: tuple[Any, ...], *, weak: bool) -> bool:
+def _etag_matches(etag: str, candidates: tuple[ETag, ...], *, weak: bool) -> bool:
     """Compare ``etag`` against aiohttp ETag objects (their values come without quotes)."""
     for candidate in candidates:
         if candidate.value == "*":
@@ -242,13 +242,13 @@ def _precondition_status(request: web.Request, etag: str) -> int | None:
             return 412
     else:
         unmodified_since = request.if_unmodified_since
-        if unmodified_since is not None and _LAST_MODIFIED_DT > unmodified_since:
+        if unmodified_since is not None and unmodified_since < _LAST_MODIFIED_DT:
             return 412
     if_none_match = request.if_none_match
     if if_none_match is not None:
         return 304 if _etag_matches(etag, if_none_match, weak=True) else None
     modified_since = request.if_modified_since
-    if modified_since is not None and _LAST_MODIFIED_DT <= modified_since:
+    if modified_since is not None and modified_since >= _LAST_MODIFIED_DT:
         return 304
     return None
 
@@ -268,7 +268,9 @@ def _if_range_allows_range(request: web.Request, etag: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
+def _json_response(
+    status: int, payload: Any, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.json_response(payload, status=status, headers=headers)
 
 
@@ -293,9 +295,12 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not _is_digits(raw.lstrip("-")):
+    negative = raw.startswith("-")
+    digits = raw[1:] if negative else raw
+    if not _is_digits(digits):
         raise _bad_request(f"{name} must be an integer")
-    return min(max(_digits_to_int(raw) if raw[:1] != "-" else lo, lo), hi)
+    value = -_digits_to_int(digits) if negative else _digits_to_int(digits)
+    return min(max(value, lo), hi)
 
 
 async def _sleep_or_stop(app: web.Application, seconds: float) -> bool:
@@ -316,7 +321,7 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
     if size is None:
         return _json_response(404, {"error": "no such file", "name": name})
     etag = etag_for(name, request.app[SEED])
-    headers = {
+    headers: dict[str, str] = {
         hdrs.ETAG: etag,
         hdrs.LAST_MODIFIED: LAST_MODIFIED,
         hdrs.ACCEPT_RANGES: "bytes",
@@ -357,7 +362,7 @@ async def handle_file(request: web.Request) -> web.StreamResponse:
                 resp.force_close()  # short body + closed connection: the client sees an abort
                 break
             await resp.write(chunk)  # waits for the transport to drain: backpressure
-    except ConnectionResetError:  # the client went away; nothing to log
+    except ConnectionError:  # the client went away; nothing to log
         resp.force_close()
     return resp
 
@@ -373,13 +378,12 @@ async def handle_file_list(request: web.Request) -> web.Response:
 
 
 def _human_size(size: int) -> str:
+    value = float(size)
     for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size} {unit}"
-        if size % 1024:
-            return f"{size / 1024:.1f} {'KiB' if unit == 'B' else 'MiB' if unit == 'KiB' else 'GiB'}"
-        size //= 1024
-    return f"{size} GiB"
+        if value < 1024:
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    return f"{value:.4g} GiB"
 
 
 _ENDPOINTS: Final = [
@@ -425,7 +429,9 @@ async def handle_index(request: web.Request) -> web.Response:
 
 async def handle_sse(request: web.Request) -> web.StreamResponse:
     interval = _float_param(request, "interval", 1.0, 0.01, 3600.0)
-    count = _int_param(request, "count", -1, 0, 10**18) if "count" in request.query else None
+    count: int | None = None  # unlimited
+    if "count" in request.query:
+        count = _int_param(request, "count", 0, 0, 10**18)
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     n = _digits_to_int(last_event_id) if _is_digits(last_event_id) else 0
 
@@ -450,7 +456,7 @@ async def handle_sse(request: web.Request) -> web.StreamResponse:
             data = json.dumps({"n": n, "time": time.time()})
             await resp.write(f"id: {n}\nevent: tick\ndata: {data}\n\n".encode())
             sent += 1
-    except ConnectionResetError:
+    except ConnectionError:
         resp.force_close()
     return resp
 
@@ -473,7 +479,7 @@ async def handle_slow(request: web.Request) -> web.StreamResponse:
                 resp.force_close()
                 break
             await resp.write(bytes([ord("a") + k % 26]) * chunk_size)
-    except ConnectionResetError:
+    except ConnectionError:
         resp.force_close()
     return resp
 
@@ -501,7 +507,7 @@ async def handle_status(request: web.Request) -> web.Response:
     # 1xx are interim responses: sending one as the final answer would hang the client.
     if not 200 <= code <= 599:
         raise _bad_request("status code must be between 200 and 599")
-    headers = {}
+    headers: dict[str, str] = {}
     if 300 <= code <= 399:
         headers[hdrs.LOCATION] = "/files/hello.txt"
     elif code == 401:
@@ -584,5 +590,8 @@ def run(host: str, port: int, seed: int = 0) -> None:
     except ImportError:
         pass
     # A signal before the handlers are installed surfaces as KeyboardInterrupt: still a clean stop.
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
         runner.run(_serve(host, port, seed))

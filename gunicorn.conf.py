@@ -1,0 +1,37 @@
+"""gunicorn configuration: `gunicorn -c gunicorn.conf.py` is the whole command.
+
+Everything comes from fileproxy's settings (environment variables); a bad value
+stops gunicorn here with one line naming the variable, exit code 2.
+"""
+
+import sys
+
+from fileproxy.settings import ConfigError, Settings
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as exc:
+    print(f"fileproxy: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+try:
+    import uvloop  # noqa: F401
+
+    worker_class = "aiohttp.GunicornUVLoopWebWorker"
+except ImportError:  # the daemon still runs; /health reports uvloop_enabled: false
+    worker_class = "aiohttp.GunicornWebWorker"
+
+wsgi_app = "fileproxy.app:gunicorn_app"
+bind = [str(_settings.bind)]
+workers = _settings.workers
+# Idle client connections: above nginx's upstream keepalive_timeout, or nginx may
+# reuse a connection we are closing (sporadic 502 "upstream prematurely closed").
+keepalive = _settings.client_keepalive_timeout
+# In-flight downloads get this long after SIGTERM / HUP before workers exit.
+graceful_timeout = _settings.graceful_timeout
+# Worker heartbeat: the aiohttp worker notifies the arbiter every second.
+timeout = 30
+# No periodic worker restarts: they would cut long downloads.
+max_requests = 0
+backlog = 2048
+proc_name = "fileproxy"

@@ -1,0 +1,202 @@
+"""Shared test harness: real processes on ephemeral loopback ports, stopped by PID.
+
+- ``start_proxy(**env)`` starts ``python -m fileproxy serve`` as a subprocess and waits
+  until /health answers; its log lines are in ``proxy.log_text()``.
+- ``start_backend(app)`` runs an aiohttp app written in a test, in the test's own loop.
+- ``sample_upstream`` runs ``fileproxy sample-upstream`` as a subprocess.
+- ``require_binary`` fails (never skips) with the install command when a tool is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APT_PACKAGES = {"curl": "curl", "redis-server": "redis-server", "nginx": "nginx"}
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        package = APT_PACKAGES.get(name, name)
+        pytest.fail(
+            f"{name} is required: apt-get install -y {package} (or run `make test` as root)"
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Process:
+    """A daemon started by a test; stopped with SIGTERM (then SIGKILL) by its PID."""
+
+    popen: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def _start(args: list[str], port: int, env: dict[str, str], tmp: Path, name: str) -> Process:
+    log_path = tmp / f"{name}-{port}.log"
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
+    }
+    full_env.update(env)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_path, "wb") as log_file:
+        popen = subprocess.Popen(
+            args, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    process = Process(popen, port, log_path, env)
+    try:
+        wait_for_port(port, process=popen)
+    except Exception:
+        process.stop()
+        raise RuntimeError(f"{name} did not start:\n{process.log_text()}") from None
+    return process
+
+
+@pytest.fixture
+def tmp_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fileproxy-test-") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def start_proxy(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(upstream: str, **env: str) -> Process:
+        port = free_port()
+        env = {
+            "FILEPROXY_BIND": f"127.0.0.1:{port}",
+            "FILEPROXY_UPSTREAM": upstream,
+            "FILEPROXY_LOG_FORMAT": "json",
+            **{k: str(v) for k, v in env.items()},
+        }
+        process = _start([sys.executable, "-m", "fileproxy", "serve"], port, env, tmp_dir, "proxy")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def sample_upstream(tmp_dir: Path) -> Iterator[Process]:
+    port = free_port()
+    args = [sys.executable, "-m", "fileproxy", "sample-upstream", "--bind", f"127.0.0.1:{port}"]
+    process = _start(args, port, {}, tmp_dir, "sample-upstream")
+    yield process
+    process.stop()
+
+
+@dataclass
+class Backend:
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def start_backend() -> AsyncIterator[Callable[[web.Application], asyncio.Future[Backend]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> Backend:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return Backend(runner, port)
+
+    yield start  # type: ignore[misc]
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client that changes nothing: no decompression, no cookie jar, no redirects."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as session:
+        yield session
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> dict:  # type: ignore[type-arg]
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
