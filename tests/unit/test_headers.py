@@ -1,0 +1,116 @@
+import ipaddress
+
+from multidict import CIMultiDict
+
+from fileproxy.headers import client_response_headers, end_to_end, upstream_request_headers
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def _request_headers(incoming, peer="127.0.0.1", trusted=LOOPBACK, **kw):
+    args = dict(
+        peer=peer,
+        scheme="http",
+        host="files.example",
+        request_id="rid",
+        trusted=trusted,
+        has_body=False,
+        content_length=None,
+    )
+    args.update(kw)
+    return upstream_request_headers(CIMultiDict(incoming), **args)
+
+
+def test_hop_by_hop_and_connection_listed_fields_are_removed():
+    out = end_to_end(
+        CIMultiDict(
+            [
+                ("Connection", "keep-alive, X-Hop"),
+                ("Connection", "X-Other"),
+                ("X-Hop", "1"),
+                ("X-Other", "2"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Trailer", "X-T"),
+                ("Transfer-Encoding", "chunked"),
+                ("Upgrade", "h2c"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Proxy-Authorization", "Basic x"),
+                ("Accept", "*/*"),
+            ]
+        )
+    )
+    assert list(out.items()) == [("Accept", "*/*")]
+
+
+def test_connection_cannot_remove_fields_the_proxy_needs():
+    out = end_to_end(
+        CIMultiDict(
+            [
+                ("Connection", "Content-Length, Authorization"),
+                ("Content-Length", "3"),
+                ("Authorization", "Bearer t"),
+            ]
+        )
+    )
+    assert out["Content-Length"] == "3"
+    assert out["Authorization"] == "Bearer t"
+
+
+def test_duplicates_keep_their_order():
+    out = client_response_headers(
+        CIMultiDict([("Set-Cookie", "a=1"), ("X-A", "x"), ("Set-Cookie", "b=2")]), "rid"
+    )
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+
+
+def test_forwarded_headers_for_an_untrusted_peer():
+    out = _request_headers(
+        [
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "evil"),
+            ("Host", "files.example"),
+        ],
+        peer="203.0.113.9",
+    )
+    assert out["X-Forwarded-For"] == "1.2.3.4, 203.0.113.9"
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out["X-Forwarded-Host"] == "files.example"
+    assert "Host" not in out  # the client library sets the upstream's Host
+
+
+def test_forwarded_headers_from_a_trusted_proxy_are_kept():
+    out = _request_headers(
+        [
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "cdn.example"),
+        ]
+    )
+    assert out["X-Forwarded-For"] == "1.2.3.4, 127.0.0.1"
+    assert out["X-Forwarded-Proto"] == "https"
+    assert out["X-Forwarded-Host"] == "cdn.example"
+
+
+def test_several_x_forwarded_for_lines_are_joined():
+    out = _request_headers([("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2")])
+    assert out.getall("X-Forwarded-For") == ["1.1.1.1, 2.2.2.2, 127.0.0.1"]
+
+
+def test_framing_is_regenerated_not_copied():
+    out = _request_headers(
+        [("Content-Length", "5"), ("Transfer-Encoding", "chunked"), ("Expect", "100-continue")],
+        has_body=True,
+        content_length=5,
+    )
+    assert out["Content-Length"] == "5"
+    assert "Transfer-Encoding" not in out
+    assert "Expect" not in out
+
+
+def test_a_response_without_length_is_marked_unbuffered():
+    assert client_response_headers(CIMultiDict(), "r")["X-Accel-Buffering"] == "no"
+    with_length = client_response_headers(CIMultiDict([("Content-Length", "3")]), "r")
+    assert "X-Accel-Buffering" not in with_length
+    assert with_length["X-Request-ID"] == "r"

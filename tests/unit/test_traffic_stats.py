@@ -1,0 +1,61 @@
+import pytest
+
+from fileproxy.traffic_stats import LATENCY_BOUNDS_MS, TrafficStats
+
+
+def test_empty_window():
+    snap = TrafficStats(60, now=1000.0).snapshot(1000.5)
+    assert snap.requests_in_window == 0
+    assert snap.error_rate == 0.0
+    assert snap.p95_response_time_ms == 0.0
+    assert snap.throughput_mbps == 0.0
+
+
+def test_rates_and_percentiles_over_the_window():
+    stats = TrafficStats(10, now=0.0)
+    for i in range(100):
+        # 95 fast requests of 10 ms, 5 slow ones of 1 s; 3 failed
+        stats.record(
+            now=5.0, duration_s=1.0 if i >= 95 else 0.010, bytes_sent=125_000, failed=i < 3
+        )
+    snap = stats.snapshot(10.0)
+    assert snap.requests_in_window == 100
+    assert snap.error_rate == 0.03
+    assert snap.avg_response_time_ms == pytest.approx((95 * 10 + 5 * 1000) / 100)
+    # bucket upper bounds are ~12% apart
+    assert 10.0 <= snap.p50_response_time_ms <= 11.2
+    assert 10.0 <= snap.p95_response_time_ms <= 11.2
+    assert 1000.0 <= snap.p99_response_time_ms <= 1120.0
+    # 12.5 MB over 10 s = 10 Mbit/s
+    assert snap.throughput_mbps == pytest.approx(10.0)
+    assert stats.total_requests == 100 and stats.total_errors == 3
+
+
+def test_old_seconds_leave_the_window_but_totals_stay():
+    stats = TrafficStats(5, now=0.0)
+    stats.record(now=1.2, duration_s=0.5, bytes_sent=10, failed=True)
+    stats.record(now=7.0, duration_s=0.1, bytes_sent=10, failed=False)
+    snap = stats.snapshot(7.5)
+    assert snap.requests_in_window == 1
+    assert snap.error_rate == 0.0
+    assert stats.total_requests == 2 and stats.total_errors == 1
+
+
+def test_a_reused_bucket_is_reset():
+    stats = TrafficStats(2, now=0.0)
+    stats.record(now=0.5, duration_s=0.1, bytes_sent=1, failed=True)
+    stats.record(now=2.5, duration_s=0.1, bytes_sent=1, failed=False)  # same slot, 2 s later
+    assert stats.snapshot(2.6).errors_in_window == 0
+
+
+def test_young_window_rates_use_the_elapsed_time():
+    stats = TrafficStats(60, now=100.0)
+    for _ in range(20):
+        stats.record(now=101.0, duration_s=0.01, bytes_sent=0, failed=False)
+    assert stats.snapshot(102.0).requests_per_second == pytest.approx(10.0)
+
+
+def test_very_long_requests_land_in_the_last_bucket():
+    stats = TrafficStats(60, now=0.0)
+    stats.record(now=1.0, duration_s=10 * 3600, bytes_sent=0, failed=False)
+    assert stats.snapshot(1.0).p99_response_time_ms == LATENCY_BOUNDS_MS[-1]
