@@ -5,7 +5,8 @@
 #   ./run_optimized.sh --check         run `fileproxy check` and exit
 #
 # Variables already set in the environment win over the env file. Without
-# FILEPROXY_UPSTREAM the bundled sample backend is started on 127.0.0.1:27804.
+# FILEPROXY_UPSTREAM the bundled sample backend is started on 127.0.0.1:27804
+# (FILEPROXY_SAMPLE_BIND to change it) and proxied.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -82,7 +83,8 @@ fi
 
 bind=${FILEPROXY_BIND:-127.0.0.1:10080}
 if [ -z "${FILEPROXY_UPSTREAM:-}" ]; then
-    sample_bind=127.0.0.1:27804
+    sample_bind=${FILEPROXY_SAMPLE_BIND:-127.0.0.1:27804}
+    export FILEPROXY_UPSTREAM="http://$sample_bind"
     "$VENV/bin/fileproxy" sample-upstream --bind "$sample_bind" --exit-with-parent &
     log "no FILEPROXY_UPSTREAM set: started the sample backend on http://$sample_bind (pid $!)"
     case "$bind" in

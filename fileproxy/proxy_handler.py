@@ -44,7 +44,9 @@ class Exchange:
 
     @property
     def failed(self) -> bool:
-        return self.outcome in ("error", "upstream_aborted")
+        """Not delivered, or the upstream answered with a server error."""
+        upstream_error = self.upstream_status is not None and self.upstream_status >= 500
+        return upstream_error or self.outcome in ("error", "upstream_aborted")
 
 
 def request_id_for(request: web.BaseRequest) -> str:
@@ -103,6 +105,9 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
         has_body=has_body,
         content_length=content_length,
     )
+    if request.app[UPSTREAM].authorization is not None:
+        # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
+        headers["Authorization"] = request.app[UPSTREAM].authorization
     body_errors: list[BaseException] = []
     try:
         upstream_resp = await _send_upstream(request, headers, has_body, body_errors)
@@ -175,7 +180,6 @@ async def _send_upstream(
             headers=headers,
             data=request_body() if has_body else None,
             allow_redirects=False,
-            auth=upstream.auth,
         )
 
 

@@ -22,8 +22,8 @@ class UpstreamClient:
         self.last_failure_at: float | None = None
         self.last_failure: str | None = None
         self._prefix = upstream.raw_path.rstrip("/")
-        self.auth = (
-            aiohttp.BasicAuth(upstream.user or "", upstream.password or "")
+        self.authorization = (
+            aiohttp.BasicAuth(upstream.user or "", upstream.password or "").encode()
             if upstream.user is not None or upstream.password is not None
             else None
         )

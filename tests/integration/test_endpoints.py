@@ -1,0 +1,152 @@
+"""/health and /stats: their shapes, real figures, uvloop, Redis state, no secrets."""
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import free_port, get_json, require_binary, wait_for_port
+
+PASSWORD = "s3cret-pass-word"
+
+
+async def test_health_has_the_shape_operators_script_against(client, start_proxy, sample_upstream):
+    proxy = start_proxy(sample_upstream.url)
+    health = await get_json(client, f"{proxy.url}/health")
+    assert health["status"] == "ok"
+    assert health["performance_optimization"] == {
+        "uvloop_enabled": True,
+        "optimizer_enabled": False,
+        "optimization_level": 1,
+    }
+    assert health["config"]["HTTP_CONNECTOR_LIMIT"] == "200"
+    assert health["upstream"]["url"] == sample_upstream.url
+    assert health["state_store"] == {"kind": "embedded"}
+
+
+async def test_stats_report_real_figures(client, start_proxy, sample_upstream):
+    proxy = start_proxy(sample_upstream.url)
+    for _ in range(8):
+        async with client.get(f"{proxy.url}/files/1m.bin") as resp:
+            assert resp.status == 200
+            await resp.read()
+    for _ in range(2):
+        async with client.get(f"{proxy.url}/status/503") as resp:
+            assert resp.status == 503
+    stats = await get_json(client, f"{proxy.url}/stats")
+    optimizer = stats["performance_optimizer"]
+    metrics = optimizer["metrics"]
+    assert metrics["total_requests"] == 10
+    assert metrics["error_rate"] == 0.2
+    assert metrics["avg_response_time_ms"] > 0
+    assert metrics["p95_response_time_ms"] >= metrics["p50_response_time_ms"] > 0
+    assert metrics["total_bytes_sent"] >= 8 * 1024 * 1024
+    assert metrics["throughput_mbps"] > 0
+    assert metrics["uvloop_enabled"] is True
+    assert optimizer["current_rate_limit"] is None
+    assert optimizer["optimization_level"] == 1
+    assert stats["scope"] == "worker"
+    # the endpoints themselves are not proxied requests
+    again = await get_json(client, f"{proxy.url}/stats")
+    assert again["performance_optimizer"]["metrics"]["total_requests"] == 10
+
+
+async def test_without_uvloop_the_daemon_runs_and_says_so(
+    client, start_proxy, sample_upstream, tmp_dir: Path
+):
+    blocker = tmp_dir / "no-uvloop" / "uvloop"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('uvloop hidden by the test')\n")
+    proxy = start_proxy(sample_upstream.url, PYTHONPATH=str(blocker.parent))
+    health = await get_json(client, f"{proxy.url}/health")
+    assert health["performance_optimization"]["uvloop_enabled"] is False
+    assert health["performance_optimization"]["optimization_level"] == 0
+    async with client.get(f"{proxy.url}/files/64k.bin") as resp:
+        assert resp.status == 200
+        assert len(await resp.read()) == 65536
+    assert "uvloop not installed" in proxy.log_text()
+
+
+class RedisServer:
+    def __init__(self, tmp_dir: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                require_binary("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                PASSWORD,
+                "--dir",
+                str(tmp_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, process=self.process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+async def _wait_for(predicate, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+async def test_redis_state_in_health_and_no_secret_anywhere(
+    client, start_proxy, sample_upstream, tmp_dir: Path
+):
+    redis = RedisServer(tmp_dir)
+    try:
+        redis_url = f"redis://:{PASSWORD}@127.0.0.1:{redis.port}/0"
+        upstream = sample_upstream.url.replace("http://", f"http://operator:{PASSWORD}@")
+        proxy = start_proxy(upstream, REDIS_URL=redis_url)
+
+        async def redis_up():
+            health = await get_json(client, f"{proxy.url}/health")
+            return health if health["state_store"].get("state") == "up" else None
+
+        health = await _wait_for(redis_up)
+        assert health["status"] == "ok"
+        assert health["state_store"]["url"] == f"redis://***@127.0.0.1:{redis.port}/0"
+        assert health["state_store"]["pool_size"] == 150
+
+        async with client.get(
+            f"{proxy.url}/echo", headers={"Authorization": "Bearer from-the-client"}
+        ) as resp:
+            assert resp.status == 200
+            echoed = await resp.json()
+        assert ["Authorization", "Basic b3BlcmF0b3I6czNjcmV0LXBhc3Mtd29yZA=="] in echoed["headers"]
+
+        redis.stop()
+
+        async def degraded():
+            health = await get_json(client, f"{proxy.url}/health")
+            return health if health["status"] == "degraded" else None
+
+        health = await _wait_for(degraded)
+        assert health["state_store"]["state"] == "down"
+        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+            assert resp.status == 200  # serving goes on without Redis
+
+        seen = [
+            await (await client.get(f"{proxy.url}/{path}")).text() for path in ("health", "stats")
+        ]
+        for text in [*seen, proxy.log_text()]:
+            assert PASSWORD not in text
+    finally:
+        redis.stop()
