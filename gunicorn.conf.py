@@ -4,6 +4,7 @@ Everything comes from fileproxy's settings (environment variables); a bad value
 stops gunicorn here with one line naming the variable, exit code 2.
 """
 
+import math
 import sys
 
 from fileproxy.settings import ConfigError, Settings
@@ -26,9 +27,9 @@ bind = [str(_settings.bind)]
 workers = _settings.workers
 # Idle client connections: above nginx's upstream keepalive_timeout, or nginx may
 # reuse a connection we are closing (sporadic 502 "upstream prematurely closed").
-keepalive = _settings.client_keepalive_timeout
+keepalive = math.ceil(_settings.client_keepalive_timeout)
 # In-flight downloads get this long after SIGTERM / HUP before workers exit.
-graceful_timeout = _settings.graceful_timeout
+graceful_timeout = math.ceil(_settings.graceful_timeout)
 # Worker heartbeat: the aiohttp worker notifies the arbiter every second.
 timeout = 30
 # No periodic worker restarts: they would cut long downloads.

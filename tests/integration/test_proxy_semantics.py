@@ -603,66 +603,110 @@ async def test_absolute_form_target_is_refused(start_backend, start_proxy):
 LIMIT = 1 * MIB
 
 
-async def test_declared_body_above_limit_is_refused_without_calling_backend(
-    start_backend, start_proxy
-):
-    recorder = Recorder()
-    backend = await start_backend(recorder.app())
-    proxy = start_proxy(backend.url, FILEPROXY_MAX_BODY_SIZE=str(LIMIT))
-    # Only the head is sent: the answer must not wait for a body it will refuse anyway.
-    request = raw_request(
-        "POST",
-        "/upload",
-        [
-            ("Host", f"127.0.0.1:{proxy.port}"),
-            ("Content-Type", "application/octet-stream"),
-            ("Content-Length", str(LIMIT + 1)),
-        ],
-    )
-    resp = await raw_http(proxy.port, request)
-    assert resp.status == 413
-    assert (resp.get("Content-Type") or "").startswith("application/json")
-    assert json.loads(resp.body)["error"] == "body_too_large"
-    assert recorder.seen == []
+class SilentBackend:
+    """A raw TCP backend: records the bytes of each connection until EOF, never answers.
+
+    Unlike an aiohttp app it sees exactly what the proxy wrote, even a request cut short.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[bytearray] = []
+        self.ended = 0
+        self._changed = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentBackend:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        received = bytearray()
+        self.connections.append(received)
+        try:
+            while data := await reader.read(65536):
+                received += data
+        except ConnectionError:
+            pass
+        finally:
+            self.ended += 1
+            self._changed.set()
+            writer.close()
+
+    async def wait_all_ended(self, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.ended < len(self.connections):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def parse_chunked(body: bytes) -> tuple[bytes, bool]:
+    """The data of a chunked body and whether its last (zero-size) chunk arrived."""
+    data = bytearray()
+    pos = 0
+    while (eol := body.find(b"\r\n", pos)) != -1:
+        size = int(body[pos:eol].split(b";")[0], 16)
+        if size == 0:
+            return bytes(data), True
+        data += body[eol + 2 : eol + 2 + size]
+        pos = eol + 2 + size + 2
+    return bytes(data), False
+
+
+async def test_declared_body_above_limit_is_refused_without_calling_backend(start_proxy):
+    async with SilentBackend() as backend:
+        proxy = start_proxy(backend.url, FILEPROXY_MAX_BODY_SIZE=str(LIMIT))
+        # Only the head is sent: the answer must not wait for a body it will refuse anyway.
+        request = raw_request(
+            "POST",
+            "/upload",
+            [
+                ("Host", f"127.0.0.1:{proxy.port}"),
+                ("Content-Type", "application/octet-stream"),
+                ("Content-Length", str(LIMIT + 1)),
+            ],
+        )
+        resp = await raw_http(proxy.port, request)
+        assert resp.status == 413
+        assert (resp.get("Content-Type") or "").startswith("application/json")
+        assert json.loads(resp.body)["error"] == "body_too_large"
+        assert backend.connections == []
 
 
 async def test_chunked_body_above_limit_is_refused_and_never_completes_upstream(
-    start_backend, start_proxy, client
+    start_proxy, client
 ):
-    started = asyncio.Event()
-    finished = asyncio.Event()
-    outcome: dict[str, object] = {}
+    async with SilentBackend() as backend:
+        proxy = start_proxy(backend.url, FILEPROXY_MAX_BODY_SIZE=str(LIMIT))
 
-    async def upload(request: web.Request) -> web.Response:
-        started.set()
-        received = 0
-        try:
-            async for chunk in request.content.iter_any():
-                received += len(chunk)
-            outcome["complete"] = True
-        except BaseException as exc:
-            outcome["error"] = repr(exc)
-            raise
-        finally:
-            outcome["received"] = received
-            finished.set()
-        return web.Response(text="stored")
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(32):  # 2 MiB in 64 KiB chunks, no Content-Length
+                yield b"x" * 65536
 
-    app = web.Application(client_max_size=1 << 40)
-    app.router.add_route("*", "/{tail:.*}", upload)
-    backend = await start_backend(app)
-    proxy = start_proxy(backend.url, FILEPROXY_MAX_BODY_SIZE=str(LIMIT))
-
-    async def body() -> AsyncIterator[bytes]:
-        for _ in range(32):  # 2 MiB in 64 KiB chunks, no Content-Length
-            yield b"x" * 65536
-
-    async with client.post(f"{proxy.url}/upload", data=body()) as resp:
-        assert resp.status == 413, await resp.text()
-        assert resp.content_type == "application/json"
-        assert (await resp.json())["error"] == "body_too_large"
-    if started.is_set():
-        # the upstream request was cut: the backend's read must fail, not end cleanly
-        async with asyncio.timeout(5):
-            await finished.wait()
-    assert "complete" not in outcome, outcome
+        async with client.post(f"{proxy.url}/upload", data=body()) as resp:
+            assert resp.status == 413, await resp.text()
+            assert resp.content_type == "application/json"
+            assert (await resp.json())["error"] == "body_too_large"
+        # The proxy must cut the upstream request it had started: its connection ends
+        # (EOF) in the middle of the chunked body, never after the last chunk.
+        await backend.wait_all_ended()
+        for received in backend.connections:
+            head, sep, rest = bytes(received).partition(b"\r\n\r\n")
+            assert sep, f"incomplete request head upstream: {head[:200]!r}"
+            assert b"transfer-encoding: chunked" in head.lower(), head
+            data, complete = parse_chunked(rest)
+            assert not complete, "the backend received a complete request body"
+            assert len(data) <= LIMIT

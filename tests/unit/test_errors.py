@@ -1,5 +1,3 @@
-import asyncio
-
 import aiohttp
 import pytest
 
@@ -9,7 +7,7 @@ from fileproxy.errors import ClientRequestError, classify
 @pytest.mark.parametrize(
     ("exc", "status", "error"),
     [
-        (asyncio.TimeoutError(), 504, "upstream_timeout"),
+        (TimeoutError(), 504, "upstream_timeout"),
         (aiohttp.ConnectionTimeoutError(), 504, "upstream_timeout"),
         (aiohttp.SocketTimeoutError(), 504, "upstream_timeout"),
         (aiohttp.ServerDisconnectedError(), 502, "upstream_disconnected"),

@@ -1,0 +1,121 @@
+"""The production start: `gunicorn -c gunicorn.conf.py` and `./run_optimized.sh`."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fileproxy.sample_upstream import file_bytes
+from tests.conftest import ROOT, Process, free_port, get_json, wait_for_port
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
+    }
+    env.update(extra)
+    return env
+
+
+def _start(args: list[str], port: int, env: dict[str, str], log: Path) -> Process:
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    process = Process(popen, port, log)
+    try:
+        wait_for_port(port, timeout=60, process=popen)
+    except Exception:
+        process.stop()
+        raise AssertionError(f"did not start:\n{log.read_text()}") from None
+    return process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_dir):
+    port = free_port()
+    env = _env(
+        FILEPROXY_BIND=f"127.0.0.1:{port}",
+        FILEPROXY_UPSTREAM=sample_upstream.url,
+        FILEPROXY_WORKERS="2",
+    )
+    gunicorn = _start(
+        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], port, env, tmp_dir / "g.log"
+    )
+    try:
+        health = await get_json(client, f"{gunicorn.url}/health")
+        assert health["performance_optimization"]["uvloop_enabled"] is True
+        async with client.get(f"{gunicorn.url}/files/1m.bin") as resp:
+            assert resp.status == 200
+            body = await resp.read()
+        assert body == b"".join(file_bytes("1m.bin", 0, 1 << 20))
+    finally:
+        assert gunicorn.stop() == 0
+    log = gunicorn.log_text()
+    assert "GunicornUVLoopWebWorker" in log or "Booting worker" in log
+    assert "Traceback" not in log
+
+
+def test_gunicorn_refuses_a_bad_setting_with_one_line(tmp_dir):
+    result = subprocess.run(
+        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"],
+        env=_env(HTTP_TOTAL_TIMEOUT="forever"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fileproxy: invalid HTTP_TOTAL_TIMEOUT='forever': "
+        "expected a number of seconds from 0.05 to 86400"
+    ]
+
+
+async def test_run_optimized_starts_the_sample_backend_and_proxies_it(client, tmp_dir):
+    port, sample_port = free_port(), free_port()
+    env = _env(
+        FILEPROXY_VENV=str(VENV_BIN.parent),
+        FILEPROXY_BIND=f"127.0.0.1:{port}",
+        FILEPROXY_SAMPLE_BIND=f"127.0.0.1:{sample_port}",
+        FILEPROXY_WORKERS="1",
+    )
+    script = _start([str(ROOT / "run_optimized.sh")], port, env, tmp_dir / "run.log")
+    try:
+        wait_for_port(sample_port)
+        async with client.get(f"{script.url}/files/1m.bin") as resp:
+            assert resp.status == 200
+            digest = hashlib.sha256(await resp.read()).hexdigest()
+        expected = hashlib.sha256(b"".join(file_bytes("1m.bin", 0, 1 << 20))).hexdigest()
+        assert digest == expected
+        health = await get_json(client, f"{script.url}/health")
+        assert health["upstream"]["url"] == f"http://127.0.0.1:{sample_port}"
+        sample_pids = subprocess.run(
+            ["pgrep", "-f", f"sample-upstream --bind 127.0.0.1:{sample_port}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        assert len(sample_pids) == 1
+    finally:
+        # the script exec'd gunicorn: its PID is gunicorn's master, SIGTERM reaches it
+        script.popen.send_signal(signal.SIGTERM)
+        assert script.popen.wait(30) == 0
+    log = script.log_text()
+    assert "uvloop: active" in log
+    assert f"curl -s http://127.0.0.1:{port}/health" in log
+    # the sample backend stops with the daemon that started it
+    deadline = time.monotonic() + 10
+    while _pid_alive(int(sample_pids[0])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pid_alive(int(sample_pids[0]))
