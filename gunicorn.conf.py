@@ -36,3 +36,6 @@ timeout = 30
 max_requests = 0
 backlog = 2048
 proc_name = "fileproxy"
+# gunicorn >= 25 opens a control socket under $HOME; a sandboxed service has no
+# writable home, and several instances on one host would share the path.
+control_socket_disable = True

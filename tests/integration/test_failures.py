@@ -459,6 +459,7 @@ async def _assert_disconnect_accounted(
         if line.get("request_id") == request_id:
             assert line.get("level") not in ("warning", "error", "critical"), line
     assert "Traceback" not in proxy.log_text()
+    print("\nLOG for", request_id, [l for l in _log_lines(proxy) if l.get("request_id") == request_id])
     metrics = await metrics_of(client, proxy)
     assert metrics["client_aborts"] == aborts_before + 1, metrics
     assert metrics["in_flight"] == 0, metrics
@@ -504,6 +505,7 @@ async def test_client_disconnect_mid_stream_releases_the_upstream(
     closed_at = time.monotonic()
 
     how, when = await asyncio.wait_for(ended, 10)
+    print("\nHOW", how, when - closed_at)
     assert how in ("cancelled", "write failed")
     assert when - closed_at < 5, f"the upstream noticed only {when - closed_at:.2f}s later"
     await _assert_disconnect_accounted(client, proxy, request_id, aborts_before)
