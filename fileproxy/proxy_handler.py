@@ -159,7 +159,7 @@ async def _send_upstream(
     upstream = request.app[UPSTREAM]
     loop = asyncio.get_running_loop()
     start_deadline = None if has_body else loop.time() + settings.headers_timeout
-    async with asyncio.timeout(start_deadline) as deadline:
+    async with asyncio.timeout_at(start_deadline) as deadline:
 
         async def request_body() -> AsyncIterator[bytes]:
             received = 0
