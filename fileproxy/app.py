@@ -35,7 +35,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "max_line_size": settings.max_header_size,
         "max_field_size": settings.max_header_size,
         "access_log_class": logs.AccessLogger,
-        "access_log": logging.getLogger("fileproxy.access") if settings.access_log else None,
+        "access_log": logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
     }
 
 
@@ -80,5 +80,5 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def gunicorn_app() -> web.Application:
     """The app gunicorn's aiohttp worker runs (`gunicorn -c gunicorn.conf.py`)."""
     settings = Settings.from_env()  # already validated by gunicorn.conf.py
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, settings.log_dir)
     return create_app(settings)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import errors
 from .app_keys import REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
 from .settings import redact_url
 
@@ -80,8 +81,9 @@ async def stats(request: web.Request) -> web.Response:
                     "uvloop_enabled": runtime.uvloop_enabled,
                     **asdict(window),
                     "total_errors": traffic.total_errors,
-                    "total_bytes_sent": traffic.total_bytes_sent,
-                    "client_aborts": traffic.client_aborts,
+                    "total_bytes_sent": traffic.total_bytes_out,
+                    "total_bytes_received": traffic.total_bytes_in,
+                    "client_aborts": traffic.by_cause.get(errors.CLIENT_ABORT, 0),
                     "in_flight": traffic.in_flight,
                 },
                 "current_rate_limit": None,  # no admission limiter yet: nothing is limited

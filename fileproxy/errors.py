@@ -8,11 +8,20 @@ client connection (see proxy_handler), so a truncated body never looks complete.
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import web
+
+# Termination causes of a proxied request (access log, /stats, /metrics).
+OK = "ok"
+CLIENT_ABORT = "client_abort"  # the client went away or sent a broken body
+UPSTREAM_ERROR = "upstream_error"  # refused, reset, invalid response, broke mid-body
+TIMEOUT = "timeout"  # connect, response headers or idle read took too long
+REJECTED = "rejected"  # refused by the proxy itself (bad target, body too large, ...)
+CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED)
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,12 @@ class Failure:
     status: int
     error: str
     detail: str
+
+    @property
+    def cause(self) -> str:
+        if self.status == 504:
+            return TIMEOUT
+        return UPSTREAM_ERROR if self.status >= 500 else REJECTED
 
 
 class ClientRequestError(Exception):
@@ -37,11 +52,9 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return Failure(504, "upstream_timeout", _timeout_detail(exc))
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return Failure(
-            502,
-            "upstream_connect_failed",
-            f"cannot connect to upstream: {exc.os_error.strerror or type(exc.os_error).__name__}",
-        )
+        # errno name only: the OS message would show the upstream's address to the client
+        reason = errno.errorcode.get(exc.os_error.errno or 0, type(exc.os_error).__name__)
+        return Failure(502, "upstream_connect_failed", f"cannot connect to upstream ({reason})")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Failure(502, "upstream_disconnected", "upstream closed the connection early")
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):

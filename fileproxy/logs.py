@@ -1,8 +1,10 @@
-"""Logging: JSON lines (production) or text, and the access log."""
+"""Logging: JSON lines (production) or text; access log on stdout, the rest on stderr."""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 from typing import Any
 
@@ -10,9 +12,11 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .proxy_handler import EXCHANGE, Exchange
+from . import errors
+from .exchange import EXCHANGE, Exchange
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+ACCESS_LOGGER = "fileproxy.access"
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,40 +49,71 @@ class TextFormatter(logging.Formatter):
         return f"{text} {extras}" if extras else text
 
 
-def configure(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def configure(level: str, fmt: str, log_dir: str = "") -> None:
+    """Access lines to stdout, everything else to stderr; both also to files in log_dir."""
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    access_handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    error_handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        # WatchedFileHandler reopens the file after logrotate moves it.
+        access_handlers.append(logging.handlers.WatchedFileHandler(f"{log_dir}/access.log"))
+        error_handlers.append(logging.handlers.WatchedFileHandler(f"{log_dir}/error.log"))
+    for handler in (*access_handlers, *error_handlers):
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = error_handlers
     root.setLevel(level.upper())
-    # gunicorn's own loggers keep their handlers; aiohttp's go through ours.
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = access_handlers
+    access.propagate = False
+    access.setLevel(logging.INFO)
+    # aiohttp's own loggers go through ours.
     for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client"):
         logging.getLogger(name).handlers[:] = []
 
 
+def log_access(
+    logger: logging.Logger,
+    request: web.BaseRequest,
+    status: int,
+    response_bytes: int,
+    duration_s: float,
+) -> None:
+    """One access line: what the client asked, what it got, and what the proxy saw."""
+    exchange = request.get(EXCHANGE)
+    fields: dict[str, Any] = {
+        "remote": request.remote,
+        "method": request.method,
+        "path": request.raw_path,
+        "status": status,
+        "response_bytes": response_bytes,
+        "duration_ms": round(duration_s * 1000, 3),
+        "user_agent": request.headers.get("User-Agent"),
+    }
+    message = "request"
+    if isinstance(exchange, Exchange):
+        fields.update(
+            request_id=exchange.request_id,
+            upstream=exchange.upstream,
+            upstream_status=exchange.upstream_status,
+            ttfb_ms=None if exchange.ttfb_s is None else round(exchange.ttfb_s * 1000, 3),
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            cause=exchange.cause,
+        )
+        if exchange.error:
+            fields["error"] = exchange.error
+        if exchange.cause == errors.CLIENT_ABORT:
+            message = "client disconnected"
+    logger.info(message, extra=fields)
+
+
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, with what the proxy knows about it."""
+    """aiohttp's hook for finished requests; aborted ones are logged by the proxy handler."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        exchange = request.get(EXCHANGE)
-        fields: dict[str, Any] = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.raw_path,
-            "status": response.status,
-            "response_bytes": response.body_length,
-            "duration_ms": round(time_s * 1000, 3),
-            "user_agent": request.headers.get("User-Agent"),
-        }
-        if isinstance(exchange, Exchange):
-            fields.update(
-                request_id=exchange.request_id,
-                upstream_status=exchange.upstream_status,
-                outcome=exchange.outcome,
-            )
-            if exchange.error:
-                fields["error"] = exchange.error
-        self.logger.info("request", extra=fields)
+        log_access(self.logger, request, response.status, response.body_length, time_s)
 
     @property
     def enabled(self) -> bool:

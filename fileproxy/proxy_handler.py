@@ -16,37 +16,21 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import errors
+from . import errors, logs
 from .app_keys import SETTINGS, TRAFFIC, UPSTREAM
+from .exchange import EXCHANGE, Exchange
 from .headers import client_response_headers, upstream_request_headers
 
 log = logging.getLogger("fileproxy.proxy")
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-EXCHANGE = "fileproxy.exchange"  # request-scoped record read by the access log
-
-
-@dataclass
-class Exchange:
-    """What happened to one proxied request, for the stats and the access log."""
-
-    request_id: str
-    upstream_status: int | None = None
-    bytes_sent: int = 0
-    outcome: str = "ok"  # ok | error | upstream_aborted | client_aborted
-    error: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Not delivered, or the upstream answered with a server error."""
-        upstream_error = self.upstream_status is not None and self.upstream_status >= 500
-        return upstream_error or self.outcome in ("error", "upstream_aborted")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
 
 
 def request_id_for(request: web.BaseRequest) -> str:
@@ -57,29 +41,38 @@ def request_id_for(request: web.BaseRequest) -> str:
 async def proxy(request: web.Request) -> web.StreamResponse:
     traffic = request.app[TRAFFIC]
     started = time.monotonic()
-    exchange = Exchange(request_id_for(request))
+    exchange = Exchange(request_id_for(request), request.app[UPSTREAM].name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
+    status = 0
     try:
-        return await _proxy(request, exchange)
+        response = await _proxy(request, exchange, started)
+        status = response.status
+        return response
     except asyncio.CancelledError:
-        # handler_cancellation: the client went away while we waited on something.
-        exchange.outcome = "client_aborted"
+        # handler_cancellation: the client went away while we waited on something;
+        # aiohttp writes no access line for a cancelled handler, so we do.
+        exchange.cause = errors.CLIENT_ABORT
+        status = CLIENT_CLOSED_REQUEST
+        if request.app[SETTINGS].access_log:
+            logs.log_access(access_log, request, status, 0, time.monotonic() - started)
         raise
     finally:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         traffic.in_flight -= 1
-        if exchange.outcome == "client_aborted":
-            traffic.record_client_abort()
-            log.info(
-                "client disconnected",
-                extra={"request_id": exchange.request_id, "bytes_sent": exchange.bytes_sent},
-            )
         now = time.monotonic()
-        traffic.record(now, now - started, exchange.bytes_sent, exchange.failed)
+        traffic.record(
+            now,
+            duration_s=now - started,
+            status=status,
+            cause=exchange.cause,
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            failed=exchange.failed,
+        )
 
 
-async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+async def _proxy(request: web.Request, exchange: Exchange, started: float) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     target = request.raw_path
     if not target.startswith("/"):
@@ -105,12 +98,13 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
         has_body=has_body,
         content_length=content_length,
     )
-    if request.app[UPSTREAM].authorization is not None:
+    authorization = request.app[UPSTREAM].authorization
+    if authorization is not None:
         # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
-        headers["Authorization"] = request.app[UPSTREAM].authorization
+        headers["Authorization"] = authorization
     body_errors: list[BaseException] = []
     try:
-        upstream_resp = await _send_upstream(request, headers, has_body, body_errors)
+        upstream_resp = await _send_upstream(request, exchange, headers, has_body, body_errors)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not body_errors:
             failure = _fail(exchange, exc)
@@ -119,14 +113,16 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
         cause = body_errors[0]
         if isinstance(cause, errors.ClientRequestError):
             return _fail(exchange, cause)
-        exchange.outcome = "client_aborted"  # the client's body broke off or was malformed
-        return _fail(
+        failure = _fail(
             exchange,
             errors.ClientRequestError(
                 400, "bad_request_body", "request body ended early or was malformed"
             ),
         )
+        exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
+        return failure
 
+    exchange.ttfb_s = time.monotonic() - started
     request.app[UPSTREAM].mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
@@ -146,6 +142,7 @@ async def _proxy(request: web.Request, exchange: Exchange) -> web.StreamResponse
 
 async def _send_upstream(
     request: web.Request,
+    exchange: Exchange,
     headers: CIMultiDict[str],
     has_body: bool,
     body_errors: list[BaseException],
@@ -162,11 +159,10 @@ async def _send_upstream(
     async with asyncio.timeout_at(start_deadline) as deadline:
 
         async def request_body() -> AsyncIterator[bytes]:
-            received = 0
             try:
                 while chunk := await request.content.read(settings.chunk_size):
-                    received += len(chunk)
-                    if settings.max_body_size and received > settings.max_body_size:
+                    exchange.bytes_in += len(chunk)
+                    if settings.max_body_size and exchange.bytes_in > settings.max_body_size:
                         raise _too_large(settings.max_body_size)
                     yield chunk
             except Exception as exc:
@@ -196,13 +192,13 @@ async def _relay(
             chunk = await read(chunk_size)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = errors.classify(exc)
-            exchange.outcome, exchange.error = "upstream_aborted", failure.error
+            exchange.cause, exchange.error = failure.cause, failure.error
             log.warning(
                 "upstream failed mid-body, aborting client connection",
                 extra={
                     "request_id": exchange.request_id,
                     "error": failure.error,
-                    "bytes_sent": exchange.bytes_sent,
+                    "bytes_out": exchange.bytes_out,
                 },
             )
             upstream_resp.close()
@@ -214,14 +210,14 @@ async def _relay(
         try:
             await response.write(chunk)
         except ConnectionError:
-            exchange.outcome = "client_aborted"
+            exchange.cause = errors.CLIENT_ABORT
             upstream_resp.close()  # do not pool a half-read connection
             return
-        exchange.bytes_sent += len(chunk)
+        exchange.bytes_out += len(chunk)
     try:
         await response.write_eof()
     except ConnectionError:
-        exchange.outcome = "client_aborted"
+        exchange.cause = errors.CLIENT_ABORT
 
 
 def _too_large(limit: int) -> errors.ClientRequestError:
@@ -230,8 +226,7 @@ def _too_large(limit: int) -> errors.ClientRequestError:
 
 def _fail(exchange: Exchange, exc: BaseException) -> web.Response:
     failure = errors.classify(exc)
-    exchange.outcome = "error" if failure.status >= 500 else "rejected"
-    exchange.error = failure.error
+    exchange.cause, exchange.error = failure.cause, failure.error
     if failure.status >= 500:
         log.warning(
             "upstream request failed",

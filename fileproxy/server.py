@@ -24,7 +24,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(settings: Settings) -> None:
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, settings.log_dir)
     bind = settings.bind
     web.run_app(
         create_app(settings),

@@ -154,6 +154,32 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 _networks.allowed = "comma-separated CIDRs"  # type: ignore[attr-defined]
 
 
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+_text.allowed = "text"  # type: ignore[attr-defined]
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = []
+    for part in raw.replace(" ", "").split(","):
+        if not part:
+            continue
+        if part != "*":
+            url = URL(part)
+            if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+                raise ValueError(
+                    "expected * or comma-separated origins like https://app.example.com"
+                )
+            part = str(url.origin())
+        origins.append(part)
+    return tuple(origins)
+
+
+_origins.allowed = "* | comma-separated origins"  # type: ignore[attr-defined]
+
+
 def _workers(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return os.cpu_count() or 1
@@ -176,7 +202,8 @@ class SettingSpec:
     default: str
     parse: Callable[[str], Any]
     help: str
-    secret_url: bool = False
+    secret_url: bool = False  # a URL whose credentials are redacted when shown
+    secret: bool = False  # a value never shown at all
 
     @property
     def allowed(self) -> str:
@@ -261,6 +288,19 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "Peers whose X-Forwarded-Proto/-Host are kept (e.g. the fronting nginx); "
         "for others they are overwritten.",
     ),
+    SettingSpec(
+        "FILEPROXY_ADMIN_ALLOW", "admin_allow", "127.0.0.1/32,::1/128", _networks,
+        "Peers that may read /stats and /metrics (/health and /ready are open to all).",
+    ),
+    SettingSpec(
+        "FILEPROXY_ADMIN_TOKEN", "admin_token", "", _text,
+        "Bearer token that also opens /stats and /metrics (empty: peers only).",
+        secret=True,
+    ),
+    SettingSpec(
+        "FILEPROXY_CORS_ORIGINS", "cors_origins", "", _origins,
+        "Origins allowed to fetch across origins (* for any); empty: no CORS headers.",
+    ),
     # production process model
     SettingSpec(
         "FILEPROXY_WORKERS", "workers", "auto", _workers,
@@ -269,6 +309,11 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     SettingSpec(
         "FILEPROXY_GRACEFUL_TIMEOUT", "graceful_timeout", "300", _float(1, 86400),
         "Seconds in-flight downloads may run after SIGTERM / reload before workers exit.",
+    ),
+    SettingSpec(
+        "FILEPROXY_DRAIN_DELAY", "drain_delay", "2", _float(0, 300),
+        "Seconds between SIGTERM (/ready turns 503) and closing the listener, so load "
+        "balancers stop sending first.",
     ),
     # reporting
     SettingSpec(
@@ -286,7 +331,11 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "FILEPROXY_ACCESS_LOG", "access_log", "on", _bool,
-        "One log line per request.",
+        "One JSON line per request, on stdout (other logs go to stderr).",
+    ),
+    SettingSpec(
+        "FILEPROXY_LOG_DIR", "log_dir", "", _text,
+        "Also write access.log and error.log into this directory (reopened after rotation).",
     ),
 )  # fmt: skip
 
@@ -312,12 +361,17 @@ class Settings:
     max_body_size: int
     max_header_size: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    admin_token: str
+    cors_origins: tuple[str, ...]
     workers: int
     graceful_timeout: float
+    drain_delay: float
     stats_window: int
     log_level: str
     log_format: str
     access_log: bool
+    log_dir: str
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -334,7 +388,8 @@ class Settings:
             try:
                 values[spec.attr] = spec.parse(text)
             except ValueError as exc:
-                raise ConfigError(spec.env, redact_url_text(text), str(exc)) from None
+                shown = REDACTED if spec.secret else redact_url_text(text)
+                raise ConfigError(spec.env, shown, str(exc)) from None
         return cls(**values, sources=sources)
 
     def with_changes(self, **changes: Any) -> Settings:
@@ -342,7 +397,7 @@ class Settings:
 
     def public_items(self) -> list[tuple[SettingSpec, str]]:
         """(spec, value as text) for every setting, secrets redacted."""
-        return [(spec, display_value(getattr(self, spec.attr))) for spec in SETTINGS_TABLE]
+        return [(spec, _shown(spec, getattr(self, spec.attr))) for spec in SETTINGS_TABLE]
 
     def public_dict(self) -> dict[str, str]:
         return {spec.env: value for spec, value in self.public_items()}
@@ -364,6 +419,12 @@ def redact_url_text(text: str) -> str:
     if "@" in authority:
         authority = REDACTED + "@" + authority.rpartition("@")[2]
     return f"{scheme}{sep}{authority}{slash}{tail}"
+
+
+def _shown(spec: SettingSpec, value: Any) -> str:
+    if spec.secret and value:
+        return REDACTED
+    return display_value(value)
 
 
 def display_value(value: Any) -> str:

@@ -12,7 +12,14 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-# Latency histogram bounds in milliseconds: 0.1 ms .. ~3.3 h, ~12% apart; a longer
+# Cumulative latency histogram bounds for /metrics (Prometheus buckets, seconds): from
+# a cached 1 KiB answer to an hour-long download.
+CUMULATIVE_BOUNDS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+
+# Window latency histogram bounds in milliseconds: 0.1 ms .. ~3.3 h, ~12% apart; a longer
 # request counts in the last bucket.
 LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
     round(0.1 * 1.12**i, 4) for i in range(int(math.log(1.2e7 / 0.1, 1.12)) + 1)
@@ -25,12 +32,12 @@ class _Bucket:
     requests: int = 0
     errors: int = 0
     duration_ms_sum: float = 0.0
-    bytes_sent: int = 0
+    bytes_out: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
 
     def reset(self, second: int) -> None:
         self.second = second
-        self.requests = self.errors = self.bytes_sent = 0
+        self.requests = self.errors = self.bytes_out = 0
         self.duration_ms_sum = 0.0
         self.histogram = [0] * (len(LATENCY_BOUNDS_MS) + 1)
 
@@ -58,11 +65,16 @@ class TrafficStats:
         self.window = window
         self.started = now
         self._buckets = [_Bucket() for _ in range(window)]
+        self.in_flight = 0
+        # since start
         self.total_requests = 0
         self.total_errors = 0
-        self.total_bytes_sent = 0
-        self.client_aborts = 0
-        self.in_flight = 0
+        self.total_bytes_in = 0
+        self.total_bytes_out = 0
+        self.by_status_class: dict[str, int] = {}
+        self.by_cause: dict[str, int] = {}
+        self.duration_buckets = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)  # last: above all bounds
+        self.duration_sum_s = 0.0
 
     def _bucket(self, now: float) -> _Bucket:
         second = int(now)
@@ -71,28 +83,41 @@ class TrafficStats:
             bucket.reset(second)
         return bucket
 
-    def record(self, now: float, duration_s: float, bytes_sent: int, failed: bool) -> None:
-        """One finished proxied request; ``failed`` means the proxy could not deliver it."""
+    def record(
+        self,
+        now: float,
+        *,
+        duration_s: float,
+        status: int,
+        cause: str,
+        bytes_in: int,
+        bytes_out: int,
+        failed: bool,
+    ) -> None:
+        """One finished proxied request; ``failed`` means it was not delivered or got a 5xx."""
         bucket = self._bucket(now)
         duration_ms = duration_s * 1000.0
         bucket.requests += 1
         bucket.errors += failed
         bucket.duration_ms_sum += duration_ms
-        bucket.bytes_sent += bytes_sent
+        bucket.bytes_out += bytes_out
         bucket.histogram[bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)] += 1
         self.total_requests += 1
         self.total_errors += failed
-        self.total_bytes_sent += bytes_sent
-
-    def record_client_abort(self) -> None:
-        self.client_aborts += 1
+        self.total_bytes_in += bytes_in
+        self.total_bytes_out += bytes_out
+        status_class = f"{status // 100}xx"
+        self.by_status_class[status_class] = self.by_status_class.get(status_class, 0) + 1
+        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+        self.duration_buckets[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
+        self.duration_sum_s += duration_s
 
     def snapshot(self, now: float) -> StatsSnapshot:
         current = int(now)
         live = [b for b in self._buckets if current - self.window < b.second <= current]
         requests = sum(b.requests for b in live)
         errors = sum(b.errors for b in live)
-        sent = sum(b.bytes_sent for b in live)
+        sent = sum(b.bytes_out for b in live)
         merged = [sum(column) for column in zip(*(b.histogram for b in live), strict=True)]
         # A window that started less than `window` seconds ago covers only the time since start.
         span = max(1.0, min(float(self.window), now - self.started))

@@ -90,6 +90,14 @@ class Process:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Until ``text`` occurs ``count`` times in the log (e.g. every worker booted)."""
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(text) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged {count} times:\n{self.log_text()}")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 15.0) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)

@@ -52,6 +52,8 @@ async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_
     gunicorn = _start(
         [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], port, env, tmp_dir / "g.log"
     )
+    # gunicorn loses a SIGTERM that reaches a worker before it installed its handlers
+    gunicorn.wait_for_log("fileproxy worker started", count=2)
     try:
         health = await get_json(client, f"{gunicorn.url}/health")
         assert health["performance_optimization"]["uvloop_enabled"] is True
@@ -60,7 +62,7 @@ async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_
             body = await resp.read()
         assert body == b"".join(file_bytes("1m.bin", 0, 1 << 20))
     finally:
-        assert gunicorn.stop() == 0
+        assert gunicorn.stop() == 0, gunicorn.log_text()
     log = gunicorn.log_text()
     assert "GunicornUVLoopWebWorker" in log or "Booting worker" in log
     assert "Traceback" not in log
@@ -91,6 +93,7 @@ async def test_run_optimized_starts_the_sample_backend_and_proxies_it(client, tm
         FILEPROXY_WORKERS="1",
     )
     script = _start([str(ROOT / "run_optimized.sh")], port, env, tmp_dir / "run.log")
+    script.wait_for_log("fileproxy worker started")
     try:
         wait_for_port(sample_port)
         async with client.get(f"{script.url}/files/1m.bin") as resp:

@@ -58,6 +58,7 @@ class Recorder:
 
     seen: list[Seen] = field(default_factory=list)
     routes: dict[str, Responder] = field(default_factory=dict)
+    body_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         digest = hashlib.sha256()
@@ -65,6 +66,7 @@ class Recorder:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             length += len(chunk)
+            self.body_started.set()
         self.seen.append(
             Seen(
                 request.method,
@@ -104,12 +106,16 @@ class RawResponse:
         return values[0] if values else None
 
 
-def raw_request(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+def raw_request(
+    method: str, target: str, headers: list[tuple[str, str]], body: bytes = b""
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def raw_http(port: int, request: bytes, *, to_eof: bool = False, timeout: float = 5.0) -> RawResponse:
+async def raw_http(
+    port: int, request: bytes, *, to_eof: bool = False, timeout: float = 5.0
+) -> RawResponse:
     """Send bytes as they are; read one response.
 
     With ``to_eof`` everything after the header block up to EOF is the body (the request
@@ -176,17 +182,35 @@ async def test_every_method_reaches_the_backend_intact(start_backend, start_prox
     assert seen.body_sha256 == sha256(body)
 
 
+async def wait_for(event: asyncio.Event, what: str, timeout: float = 5.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        raise AssertionError(what) from None
+
+
 async def test_upload_with_content_length_streams_byte_exact(start_backend, start_proxy, client):
     recorder = Recorder()
     backend = await start_backend(recorder.app())
     proxy = start_proxy(backend.url)
     payload = os.urandom(20 * MIB)
-    async with client.put(f"{proxy.url}/upload", data=payload) as resp:
+
+    async def body() -> AsyncIterator[bytes]:
+        yield payload[:MIB]
+        # Streamed, not buffered: the backend reads the start before the client sends the rest.
+        await wait_for(recorder.body_started, "the proxy held back the start of the upload")
+        for start in range(MIB, len(payload), MIB):
+            yield payload[start : start + MIB]
+
+    headers = {"Content-Length": str(len(payload))}
+    async with client.put(f"{proxy.url}/upload", data=body(), headers=headers) as resp:
         assert resp.status == 200, await resp.text()
     seen = recorder.last
     assert seen.body_length == len(payload)
     assert seen.body_sha256 == sha256(payload)
     assert seen.get("Content-Length") == str(len(payload))
+    assert seen.get("Transfer-Encoding") is None
 
 
 async def test_chunked_upload_streams_byte_exact(start_backend, start_proxy, client):
@@ -197,8 +221,10 @@ async def test_chunked_upload_streams_byte_exact(start_backend, start_proxy, cli
     expected = b"".join(pieces)
 
     async def body() -> AsyncIterator[bytes]:
-        for piece in pieces:
+        for index, piece in enumerate(pieces):
             yield piece
+            if index == 2:
+                await wait_for(recorder.body_started, "the proxy held back the chunked upload")
 
     async with client.post(f"{proxy.url}/upload", data=body()) as resp:
         assert resp.status == 200, await resp.text()
@@ -258,6 +284,24 @@ async def test_accept_encoding_is_not_invented(start_backend, start_proxy, clien
     seen = recorder.last
     assert seen.get_all("Accept-Encoding") == [], seen.headers
     assert seen.get_all("User-Agent") == [], seen.headers
+
+
+async def test_no_request_header_is_invented(start_backend, start_proxy):
+    recorder = Recorder()
+    backend = await start_backend(recorder.app())
+    proxy = start_proxy(backend.url)
+    request = raw_request(
+        "POST",
+        "/bare",
+        [("Host", f"127.0.0.1:{proxy.port}"), ("Content-Length", "5"), ("Connection", "close")],
+        b"hello",
+    )
+    resp = await raw_http(proxy.port, request)
+    assert resp.status == 200, resp.body
+    seen = recorder.last
+    assert seen.body_sha256 == sha256(b"hello")
+    for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type", "Cookie"):
+        assert seen.get_all(name) == [], f"the proxy invented {name}: {seen.headers}"
 
 
 async def test_several_set_cookie_headers_stay_separate_and_ordered(
@@ -449,7 +493,9 @@ SAMPLE = "64k.bin"
 
 async def test_range_request_gets_206_with_exact_bytes(sample_upstream, start_proxy, client):
     proxy = start_proxy(sample_upstream.url)
-    async with client.get(f"{proxy.url}/files/{SAMPLE}", headers={"Range": "bytes=100-199"}) as resp:
+    async with client.get(
+        f"{proxy.url}/files/{SAMPLE}", headers={"Range": "bytes=100-199"}
+    ) as resp:
         assert resp.status == 206
         assert resp.headers["Content-Range"] == f"bytes 100-199/{FILES[SAMPLE]}"
         assert resp.headers["Content-Length"] == "100"

@@ -1,6 +1,18 @@
 import pytest
 
-from fileproxy.traffic_stats import LATENCY_BOUNDS_MS, TrafficStats
+from fileproxy.traffic_stats import CUMULATIVE_BOUNDS_S, LATENCY_BOUNDS_MS, TrafficStats
+
+
+def _record(stats, now, duration_s, bytes_sent, failed, status=200, cause="ok", bytes_in=0):
+    stats.record(
+        now,
+        duration_s=duration_s,
+        status=status,
+        cause=cause,
+        bytes_in=bytes_in,
+        bytes_out=bytes_sent,
+        failed=failed,
+    )
 
 
 def test_empty_window():
@@ -15,9 +27,7 @@ def test_rates_and_percentiles_over_the_window():
     stats = TrafficStats(10, now=0.0)
     for i in range(100):
         # 95 fast requests of 10 ms, 5 slow ones of 1 s; 3 failed
-        stats.record(
-            now=5.0, duration_s=1.0 if i >= 95 else 0.010, bytes_sent=125_000, failed=i < 3
-        )
+        _record(stats, 5.0, 1.0 if i >= 95 else 0.010, bytes_sent=125_000, failed=i < 3)
     snap = stats.snapshot(10.0)
     assert snap.requests_in_window == 100
     assert snap.error_rate == 0.03
@@ -33,8 +43,8 @@ def test_rates_and_percentiles_over_the_window():
 
 def test_old_seconds_leave_the_window_but_totals_stay():
     stats = TrafficStats(5, now=0.0)
-    stats.record(now=1.2, duration_s=0.5, bytes_sent=10, failed=True)
-    stats.record(now=7.0, duration_s=0.1, bytes_sent=10, failed=False)
+    _record(stats, now=1.2, duration_s=0.5, bytes_sent=10, failed=True)
+    _record(stats, now=7.0, duration_s=0.1, bytes_sent=10, failed=False)
     snap = stats.snapshot(7.5)
     assert snap.requests_in_window == 1
     assert snap.error_rate == 0.0
@@ -43,19 +53,34 @@ def test_old_seconds_leave_the_window_but_totals_stay():
 
 def test_a_reused_bucket_is_reset():
     stats = TrafficStats(2, now=0.0)
-    stats.record(now=0.5, duration_s=0.1, bytes_sent=1, failed=True)
-    stats.record(now=2.5, duration_s=0.1, bytes_sent=1, failed=False)  # same slot, 2 s later
+    _record(stats, now=0.5, duration_s=0.1, bytes_sent=1, failed=True)
+    _record(stats, now=2.5, duration_s=0.1, bytes_sent=1, failed=False)  # same slot, 2 s later
     assert stats.snapshot(2.6).errors_in_window == 0
 
 
 def test_young_window_rates_use_the_elapsed_time():
     stats = TrafficStats(60, now=100.0)
     for _ in range(20):
-        stats.record(now=101.0, duration_s=0.01, bytes_sent=0, failed=False)
+        _record(stats, now=101.0, duration_s=0.01, bytes_sent=0, failed=False)
     assert stats.snapshot(102.0).requests_per_second == pytest.approx(10.0)
 
 
 def test_very_long_requests_land_in_the_last_bucket():
     stats = TrafficStats(60, now=0.0)
-    stats.record(now=1.0, duration_s=10 * 3600, bytes_sent=0, failed=False)
+    _record(stats, now=1.0, duration_s=10 * 3600, bytes_sent=0, failed=False)
     assert stats.snapshot(1.0).p99_response_time_ms == LATENCY_BOUNDS_MS[-1]
+
+
+def test_cumulative_counters_for_metrics():
+    stats = TrafficStats(60, now=0.0)
+    _record(stats, 1.0, 0.003, 10, False, status=200, bytes_in=5)
+    _record(stats, 1.0, 0.2, 0, True, status=502, cause="upstream_error")
+    _record(stats, 1.0, 7200.0, 0, False, status=499, cause="client_abort")
+    assert stats.by_status_class == {"2xx": 1, "5xx": 1, "4xx": 1}
+    assert stats.by_cause == {"ok": 1, "upstream_error": 1, "client_abort": 1}
+    assert stats.total_bytes_in == 5 and stats.total_bytes_out == 10
+    assert sum(stats.duration_buckets) == 3
+    assert stats.duration_buckets[CUMULATIVE_BOUNDS_S.index(0.005)] == 1
+    assert stats.duration_buckets[CUMULATIVE_BOUNDS_S.index(0.25)] == 1
+    assert stats.duration_buckets[-1] == 1  # above the largest bound
+    assert stats.duration_sum_s == 0.003 + 0.2 + 7200.0

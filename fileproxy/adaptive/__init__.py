@@ -1,0 +1,46 @@
+"""Adaptive brains: pure decision logic, no I/O and no clock (time is passed in).
+
+- ``quality_classifier``: per-upstream network quality level (Chromium NQE style) and
+  the level -> profile tables (chunk size, timeouts).
+- ``aimd_limiter``: per-upstream AIMD controller of the admission rate.
+- ``gcra``: the admission itself (leaky bucket / GCRA).
+- ``tcp_info``: Linux TCP_INFO parsing for transport RTT observations.
+"""
+
+from fileproxy.adaptive.aimd_limiter import AimdLimiter, Decision, Growth, LimiterConfig, Outcome
+from fileproxy.adaptive.gcra import Gcra
+from fileproxy.adaptive.quality_classifier import (
+    LEVELS,
+    PROFILE_PRESETS,
+    ClassifierConfig,
+    Level,
+    LevelProfile,
+    QualityClassifier,
+    Transition,
+    parse_profile_table,
+    profile_table,
+    weighted_percentile,
+)
+from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info, read_tcp_info
+
+__all__ = [
+    "LEVELS",
+    "PROFILE_PRESETS",
+    "AimdLimiter",
+    "ClassifierConfig",
+    "Decision",
+    "Gcra",
+    "Growth",
+    "Level",
+    "LevelProfile",
+    "LimiterConfig",
+    "Outcome",
+    "QualityClassifier",
+    "TcpInfo",
+    "Transition",
+    "parse_profile_table",
+    "parse_tcp_info",
+    "profile_table",
+    "read_tcp_info",
+    "weighted_percentile",
+]

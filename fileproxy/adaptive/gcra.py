@@ -1,0 +1,68 @@
+"""GCRA admission (the leaky bucket of nginx ``limit_req``, a token bucket's twin); pure.
+
+State is one number, the theoretical arrival time (TAT). With emission interval
+``T = 1 / rate`` and tolerance ``tau = (burst - 1) * T``, a request at ``now`` is
+admitted when ``max(TAT, now) - now <= tau`` and then moves TAT on by ``T``: ``burst``
+requests pass at once from idle, after which they pass one per ``T``. A rejected
+request learns when the next one would pass: ``retry_after = max(TAT, now) - tau - now``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["Gcra"]
+
+
+class Gcra:
+    """``rate`` admissions per second with bursts of up to ``burst`` requests."""
+
+    def __init__(self, rate: float, burst: int = 1) -> None:
+        self._interval = 0.0
+        self._burst = 1
+        self._tat: float | None = None
+        self._last_now: float | None = None
+        self._set(rate, burst)
+
+    @property
+    def rate(self) -> float:
+        return 1.0 / self._interval
+
+    @property
+    def burst(self) -> int:
+        return self._burst
+
+    def _set(self, rate: float, burst: int) -> None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a positive number, got {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst!r}")
+        self._interval = 1.0 / rate
+        self._burst = burst
+
+    @property
+    def _tolerance(self) -> float:
+        return (self._burst - 1) * self._interval
+
+    def try_admit(self, now: float) -> tuple[bool, float]:
+        """``(True, 0.0)`` if admitted, else ``(False, seconds until one would be)``."""
+        self._last_now = now
+        tat = now if self._tat is None else max(self._tat, now)
+        wait = tat - now - self._tolerance
+        if wait > 0:
+            return False, wait
+        self._tat = tat + self._interval
+        return True, 0.0
+
+    def set_rate(self, rate: float, burst: int | None = None) -> None:
+        """Change the pace; the queued backlog is rescaled to the new interval.
+
+        The backlog (TAT ahead of the last seen ``now``) counts admissions not yet paid
+        for; it keeps its count, so a rate rise does not stall requests behind a TAT
+        computed at the old, slower pace, and a cut does not forgive the backlog.
+        """
+        old_interval = self._interval
+        self._set(rate, self._burst if burst is None else burst)
+        if self._tat is not None and self._last_now is not None:
+            backlog = max(0.0, self._tat - self._last_now)
+            self._tat = self._last_now + backlog * (self._interval / old_interval)
