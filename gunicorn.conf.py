@@ -18,9 +18,9 @@ except ConfigError as exc:
 try:
     import uvloop  # noqa: F401
 
-    worker_class = "aiohttp.GunicornUVLoopWebWorker"
+    worker_class = "fileproxy.gunicorn_worker.DrainingUVLoopWorker"
 except ImportError:  # the daemon still runs; /health reports uvloop_enabled: false
-    worker_class = "aiohttp.GunicornWebWorker"
+    worker_class = "fileproxy.gunicorn_worker.DrainingWorker"
 
 wsgi_app = "fileproxy.app:gunicorn_app"
 bind = [str(_settings.bind)]
@@ -28,8 +28,9 @@ workers = _settings.workers
 # Idle client connections: above nginx's upstream keepalive_timeout, or nginx may
 # reuse a connection we are closing (sporadic 502 "upstream prematurely closed").
 keepalive = math.ceil(_settings.client_keepalive_timeout)
-# In-flight downloads get this long after SIGTERM / HUP before workers exit.
-graceful_timeout = math.ceil(_settings.graceful_timeout)
+# After SIGTERM / HUP a worker drains (FILEPROXY_DRAIN_DELAY, /ready 503), then
+# in-flight downloads get FILEPROXY_GRACEFUL_TIMEOUT before it is killed.
+graceful_timeout = math.ceil(_settings.drain_delay + _settings.graceful_timeout)
 # Worker heartbeat: the aiohttp worker notifies the arbiter every second.
 timeout = 30
 # No periodic worker restarts: they would cut long downloads.

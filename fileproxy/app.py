@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
 
 from . import endpoints, logs
-from .app_keys import REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from .app_keys import LIFECYCLE, REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import proxy
 from .redis_health import RedisHealth
 from .runtime import Runtime, uvloop_active
@@ -22,7 +24,10 @@ from .upstream_client import UpstreamClient
 
 log = logging.getLogger("fileproxy")
 
-RESERVED_PATHS = ("/health", "/stats")
+CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+CORS_EXPOSE_HEADERS = (
+    "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified", "X-Request-ID",
+)  # fmt: skip
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -42,11 +47,32 @@ def server_options(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(handler_args=server_options(settings))
     app[SETTINGS] = settings
+    app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_get("/health", endpoints.health)
-    app.router.add_get("/stats", endpoints.stats)
+    app.router.add_get("/health", endpoints.health, allow_head=True)
+    app.router.add_get("/ready", endpoints.ready, allow_head=True)
+    app.router.add_get("/stats", endpoints.admin_only(endpoints.stats))
+    app.router.add_get("/metrics", endpoints.admin_only(endpoints.prometheus_metrics))
+    if settings.cors_origins:
+        add_cors_proxy_routes(app, settings.cors_origins)
+    # Every other path and method is proxied (after the CORS routes, when there are).
     app.router.add_route("*", "/{target:.*}", proxy)
     return app
+
+
+def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> None:
+    """aiohttp-cors on the proxy routes: preflights answered, the file headers exposed."""
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        allow_headers="*",
+        allow_methods=CORS_METHODS,
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    resource = app.router.add_resource("/{target:.*}")
+    for method in CORS_METHODS:
+        cors.add(resource.add_route(method, proxy))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -56,12 +82,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = upstream = UpstreamClient(settings)
     app[REDIS] = redis = RedisHealth(settings.redis_url, settings.redis_pool_size)
     redis.open()
-    watcher = asyncio.create_task(redis.watch()) if redis.configured else None
+    tasks = [asyncio.create_task(_watch_upstream(app))]
+    if redis.configured:
+        tasks.append(asyncio.create_task(redis.watch()))
     log.info(
         "fileproxy worker started",
         extra={
             "bind": str(settings.bind),
-            "upstream": app[UPSTREAM].name,
+            "upstream": upstream.name,
             "uvloop": app[RUNTIME].uvloop_enabled,
             "state_store": "redis" if redis.configured else "embedded",
         },
@@ -69,12 +97,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                await task
         await upstream.close()
         await redis.close()
+
+
+async def _watch_upstream(app: web.Application) -> None:
+    """Probe the upstream with a TCP connect when no response came lately (for /ready)."""
+    upstream, lifecycle = app[UPSTREAM], app[LIFECYCLE]
+    timeout = min(app[SETTINGS].connect_timeout, PROBE_INTERVAL_S)
+    while True:
+        if lifecycle.probe_due(time.time(), upstream.last_response_at):
+            lifecycle.record_probe(time.time(), await upstream.probe(timeout))
+        await asyncio.sleep(PROBE_INTERVAL_S)
 
 
 async def gunicorn_app() -> web.Application:

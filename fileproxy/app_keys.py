@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .lifecycle import Lifecycle
 from .redis_health import RedisHealth
 from .runtime import Runtime
 from .settings import Settings
@@ -15,3 +16,4 @@ RUNTIME = web.AppKey("runtime", Runtime)
 TRAFFIC = web.AppKey("traffic", TrafficStats)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 REDIS = web.AppKey("redis", RedisHealth)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

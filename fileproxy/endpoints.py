@@ -1,17 +1,27 @@
-"""/health and /stats: answered from in-memory snapshots, no I/O, no waiting."""
+"""/health, /ready, /stats, /metrics: answered from in-memory snapshots, no I/O, no waiting.
+
+/health and /ready are open to all; /stats and /metrics only to peers in
+FILEPROXY_ADMIN_ALLOW or requests bearing FILEPROXY_ADMIN_TOKEN.
+"""
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from . import errors
-from .app_keys import REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from . import errors, metrics
+from .app_keys import LIFECYCLE, REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from .headers import is_trusted
+from .proxy_handler import request_id_for
 from .settings import redact_url
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
@@ -39,9 +49,12 @@ async def health(request: web.Request) -> web.Response:
             last_error=redis.last_error,
         )
     degraded = redis.configured and redis.state == "down"
+    ready, reason = app[LIFECYCLE].readiness(now, upstream.last_response_at)
     return _json(
         {
             "status": "degraded" if degraded else "ok",
+            "ready": ready,
+            "ready_reason": reason,
             "version": runtime.version,
             "pid": runtime.pid,
             "uptime_seconds": round(now - runtime.started_wall, 3),
@@ -97,3 +110,38 @@ async def stats(request: web.Request) -> web.Response:
 
 def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(now - then, 3)
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    is_ready, reason = app[LIFECYCLE].readiness(time.time(), app[UPSTREAM].last_response_at)
+    return _json({"ready": is_ready, "reason": reason}, status=200 if is_ready else 503)
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=metrics.render(request.app),
+        headers={"Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store"},
+    )
+
+
+def admin_only(handler: Handler) -> Handler:
+    """Open to FILEPROXY_ADMIN_ALLOW peers or a matching bearer token; 403 JSON otherwise."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        settings = request.app[SETTINGS]
+        if is_trusted(request.remote, settings.admin_allow) or _token_ok(
+            request, settings.admin_token
+        ):
+            return await handler(request)
+        failure = errors.Failure(403, "forbidden", "this endpoint is for operators only")
+        return errors.error_response(failure, request_id_for(request))
+
+    return guarded
+
+
+def _token_ok(request: web.Request, token: str) -> bool:
+    if not token:
+        return False
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip(), token)

@@ -1,14 +1,17 @@
-"""`fileproxy serve`: one process, uvloop when installed."""
+"""`fileproxy serve`: one process, uvloop when installed, the same drain as under gunicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 
 from aiohttp import web
 
 from . import logs
 from .app import create_app
+from .app_keys import LIFECYCLE
 from .settings import Settings
 
 log = logging.getLogger("fileproxy")
@@ -18,23 +21,47 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:
-        logging.getLogger("fileproxy").warning("uvloop not installed: using asyncio's event loop")
+        log.warning("uvloop not installed: using asyncio's event loop")
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings) -> None:
-    logs.configure(settings.log_level, settings.log_format, settings.log_dir)
-    bind = settings.bind
-    web.run_app(
-        create_app(settings),
-        host=bind.host,
-        port=bind.port,
-        path=bind.path,
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
         keepalive_timeout=settings.client_keepalive_timeout,
         shutdown_timeout=settings.graceful_timeout,
-        backlog=1024,
-        print=None,
-        handle_signals=True,
-        loop=new_event_loop(),
+        handle_signals=False,
     )
+    await runner.setup()
+    bind = settings.bind
+    site: web.BaseSite
+    if bind.path is not None:
+        site = web.UnixSite(runner, bind.path, backlog=1024)
+    else:
+        site = web.TCPSite(runner, bind.host, bind.port, backlog=1024)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await site.start()
+        await stop.wait()
+        # Drain: /ready turns 503 while we still accept, then the listener closes and
+        # in-flight requests get the graceful timeout.
+        app[LIFECYCLE].start_draining(time.time())
+        log.info("draining", extra={"delay_s": settings.drain_delay})
+        await asyncio.sleep(settings.drain_delay)
+    finally:
+        await runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    logs.configure(settings.log_level, settings.log_format, settings.log_dir)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve(settings))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

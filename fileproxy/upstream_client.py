@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from yarl import URL
 
@@ -59,6 +61,16 @@ class UpstreamClient:
 
     def mark_failure(self, now: float, error: str) -> None:
         self.last_failure_at, self.last_failure = now, error
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether a TCP connection to the upstream opens within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(self.origin.host, self.origin.port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
 
     def pool_size(self) -> dict[str, int]:
         """Open upstream connections: in use and idle in the pool."""

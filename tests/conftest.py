@@ -145,6 +145,7 @@ def start_proxy(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
             "FILEPROXY_BIND": f"127.0.0.1:{port}",
             "FILEPROXY_UPSTREAM": upstream,
             "FILEPROXY_LOG_FORMAT": "json",
+            "FILEPROXY_DRAIN_DELAY": "0",  # tests of the drain set their own
             **{k: str(v) for k, v in env.items()},
         }
         process = _start([sys.executable, "-m", "fileproxy", "serve"], port, env, tmp_dir, "proxy")

@@ -199,9 +199,9 @@ class AimdLimiter:
         error_rate = self._errors / samples
         utilisation = self._admitted / (self._limit * elapsed)
         old = self._limit
-        new, reason = self._rule(now, old, error_rate, utilisation)
-        new = min(cfg.max_limit, max(cfg.min_limit, new))
-        if new != old and new in (cfg.min_limit, cfg.max_limit):
+        wanted, reason = self._rule(now, old, error_rate, utilisation)
+        new = min(cfg.max_limit, max(cfg.min_limit, wanted))
+        if new != wanted:
             reason += f" (clamped to {new:g})"
         self._limit = new
         decision = Decision(now, old, new, error_rate, samples, utilisation, reason)

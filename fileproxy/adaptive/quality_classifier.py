@@ -54,11 +54,11 @@ Hysteresis (``evaluate``, at most every ``evaluation_interval_s``)
       least good candidate seen in that period.
     * No move before ``min_dwell_s`` (5 s) in the current level.
 
-    With these numbers and 10 req/s (tests/unit/adaptive/test_quality_classifier.py):
-    a step 50 -> 250 ms is POOR after ~3 s (recent p50 past 187.5 ms twice), the return
-    to 50 ms is MEDIUM again after ~24 s (long p50 under 120 ms after ~14 s, then 10 s
-    sustained); a steady 100..180 ms link never leaves MEDIUM (its recent p50 cannot
-    reach 187.5 ms, its long p50 sits ~6 sigma below 150 ms).
+    With these numbers and 10 req/s (``tests/unit/adaptive/quality_sim.py``, 30 seeds):
+    a step 50 -> 250 ms is POOR after 3.4 s (recent p50 past 187.5 ms twice), the return
+    to 50 ms is MEDIUM again after 24.4..25.4 s (long p50 under 120 ms after ~14 s, then
+    10 s sustained); a steady 100..180 ms link never leaves MEDIUM in 5 minutes (its
+    recent p50 cannot reach 187.5 ms, its long p50 sits ~6 sigma below 150 ms).
 
 Boundaries are upper bounds: ``estimate < 50`` is GOOD, ``50 <= estimate < 150`` is
 MEDIUM, and so on (Chromium's ECT thresholds compare the same way).

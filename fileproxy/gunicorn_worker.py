@@ -1,0 +1,53 @@
+"""gunicorn workers that drain before they stop.
+
+On SIGTERM (a stop, or the old workers of a HUP reload) the worker first turns
+/ready to 503 and keeps serving for ``FILEPROXY_DRAIN_DELAY`` seconds, then
+closes its listener and lets in-flight downloads finish within the graceful
+timeout (aiohttp's runner shutdown), then exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from types import FrameType
+
+from aiohttp import web
+from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
+
+from .app_keys import LIFECYCLE, SETTINGS
+
+log = logging.getLogger("fileproxy")
+
+
+class _DrainingWorker(GunicornWebWorker):
+    _app: web.Application | None = None
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        factory: Callable[[], Awaitable[web.Application]] = self.wsgi  # type: ignore[has-type]
+
+        async def keep_app() -> web.Application:
+            self._app = app = await factory()
+            return app
+
+        self.wsgi = keep_app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self._app
+        if app is None or app[LIFECYCLE].draining:
+            super().handle_exit(sig, frame)
+            return
+        delay = app[SETTINGS].drain_delay
+        app[LIFECYCLE].start_draining(time.time())
+        log.info("draining: /ready is 503, closing the listener soon", extra={"delay_s": delay})
+        self.loop.call_later(delay, super().handle_exit, sig, frame)
+
+
+class DrainingWorker(_DrainingWorker):
+    """asyncio's event loop (uvloop not installed)."""
+
+
+class DrainingUVLoopWorker(_DrainingWorker, GunicornUVLoopWebWorker):
+    """uvloop's event loop."""

@@ -1,0 +1,129 @@
+"""/metrics: Prometheus text exposition, built at scrape time from the live counters.
+
+A custom collector reads the same objects /stats reads (TrafficStats, the
+upstream pool, Redis health), so there is one bookkeeping, not two. The scope is
+the worker that answers (label ``pid``); gunicorn runs several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from . import errors
+from .app_keys import LIFECYCLE, REDIS, RUNTIME, TRAFFIC, UPSTREAM
+from .traffic_stats import CUMULATIVE_BOUNDS_S
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class FileproxyCollector(Collector):
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(
+        self,
+    ) -> Iterator[
+        InfoMetricFamily | GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
+    ]:
+        app = self._app
+        traffic, upstream, runtime = app[TRAFFIC], app[UPSTREAM], app[RUNTIME]
+        pid = str(runtime.pid)
+        name = upstream.name
+
+        info = InfoMetricFamily("fileproxy", "fileproxy build and runtime", labels=["pid"])
+        info.add_metric([pid], {"version": runtime.version})
+        yield info
+
+        uvloop = GaugeMetricFamily(
+            "fileproxy_uvloop_enabled", "1 when uvloop runs the event loop", labels=["pid"]
+        )
+        uvloop.add_metric([pid], float(runtime.uvloop_enabled))
+        yield uvloop
+
+        requests = CounterMetricFamily(
+            "fileproxy_requests",
+            "Proxied requests by status class sent to the client",
+            labels=["pid", "upstream", "status_class"],
+        )
+        for status_class, count in sorted(traffic.by_status_class.items()):
+            requests.add_metric([pid, name, status_class], count)
+        yield requests
+
+        causes = CounterMetricFamily(
+            "fileproxy_request_terminations",
+            "Proxied requests by how they ended",
+            labels=["pid", "upstream", "cause"],
+        )
+        for cause in errors.CAUSES:
+            causes.add_metric([pid, name, cause], traffic.by_cause.get(cause, 0))
+        yield causes
+
+        histogram = HistogramMetricFamily(
+            "fileproxy_request_duration_seconds",
+            "Time from request to the end of the response",
+            labels=["pid", "upstream"],
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip(
+            (*(str(b) for b in CUMULATIVE_BOUNDS_S), "+Inf"), traffic.duration_buckets, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        histogram.add_metric([pid, name], buckets, traffic.duration_sum_s)
+        yield histogram
+
+        sent = CounterMetricFamily(
+            "fileproxy_response_bytes", "Response body bytes delivered", labels=["pid", "upstream"]
+        )
+        sent.add_metric([pid, name], traffic.total_bytes_out)
+        yield sent
+        received = CounterMetricFamily(
+            "fileproxy_request_bytes", "Request body bytes forwarded", labels=["pid", "upstream"]
+        )
+        received.add_metric([pid, name], traffic.total_bytes_in)
+        yield received
+
+        in_flight = GaugeMetricFamily(
+            "fileproxy_in_flight_requests", "Proxied requests in progress", labels=["pid"]
+        )
+        in_flight.add_metric([pid], traffic.in_flight)
+        yield in_flight
+
+        connections = GaugeMetricFamily(
+            "fileproxy_upstream_connections",
+            "Open upstream connections",
+            labels=["pid", "upstream", "state"],
+        )
+        for state, count in upstream.pool_size().items():
+            connections.add_metric([pid, name, state], count)
+        yield connections
+
+        draining = GaugeMetricFamily(
+            "fileproxy_draining", "1 while the worker drains before exit", labels=["pid"]
+        )
+        draining.add_metric([pid], float(app[LIFECYCLE].draining))
+        yield draining
+
+        redis = app[REDIS]
+        if redis.configured:
+            up = GaugeMetricFamily(
+                "fileproxy_redis_up", "1 when the last Redis PING answered", labels=["pid"]
+            )
+            up.add_metric([pid], float(redis.state == "up"))
+            yield up
+
+
+def render(app: web.Application) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FileproxyCollector(app))
+    return generate_latest(registry)
