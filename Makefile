@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # system programs the tests start for real, and the Debian package of each
-SYSTEM_DEPS := curl:curl redis-server:redis-server
+SYSTEM_DEPS := curl:curl redis-server:redis-server nginx:nginx chromium:chromium systemd-analyze:systemd
 
 .PHONY: test lint system-deps venv bench clean
 
