@@ -13,12 +13,23 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import endpoints, logs
-from .app_keys import LIFECYCLE, REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from .adaptation import UpstreamAdaptation
+from .app_keys import (
+    ADAPTATION,
+    LIFECYCLE,
+    LISTEN_SOCKETS,
+    REDIS,
+    RUNTIME,
+    SETTINGS,
+    TRAFFIC,
+    UPSTREAM,
+)
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import proxy
 from .redis_health import RedisHealth
 from .runtime import Runtime, uvloop_active
 from .settings import Settings
+from .tcp_options import ListenSockets
 from .traffic_stats import TrafficStats
 from .upstream_client import UpstreamClient
 
@@ -48,6 +59,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(handler_args=server_options(settings))
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
+    app[LISTEN_SOCKETS] = ListenSockets()
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)
@@ -77,9 +89,10 @@ def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> Non
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[RUNTIME] = Runtime(uvloop_enabled=uvloop_active(), optimizer_enabled=False)
+    app[RUNTIME] = Runtime(uvloop_enabled=uvloop_active(), optimizer_enabled=settings.optimizer)
     app[TRAFFIC] = TrafficStats(settings.stats_window, time.monotonic())
-    app[UPSTREAM] = upstream = UpstreamClient(settings)
+    app[ADAPTATION] = adaptation = UpstreamAdaptation(settings, time.monotonic())
+    app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
     app[REDIS] = redis = RedisHealth(settings.redis_url, settings.redis_pool_size)
     redis.open()
     tasks = [asyncio.create_task(_watch_upstream(app))]

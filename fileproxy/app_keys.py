@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .adaptation import UpstreamAdaptation
 from .lifecycle import Lifecycle
 from .redis_health import RedisHealth
 from .runtime import Runtime
 from .settings import Settings
+from .tcp_options import ListenSockets
 from .traffic_stats import TrafficStats
 from .upstream_client import UpstreamClient
 
@@ -17,3 +19,5 @@ TRAFFIC = web.AppKey("traffic", TrafficStats)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 REDIS = web.AppKey("redis", RedisHealth)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)
+LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)

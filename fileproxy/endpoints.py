@@ -7,6 +7,7 @@ FILEPROXY_ADMIN_ALLOW or requests bearing FILEPROXY_ADMIN_TOKEN.
 from __future__ import annotations
 
 import hmac
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -16,10 +17,20 @@ import orjson
 from aiohttp import web
 
 from . import errors, metrics
-from .app_keys import LIFECYCLE, REDIS, RUNTIME, SETTINGS, TRAFFIC, UPSTREAM
+from .app_keys import (
+    ADAPTATION,
+    LIFECYCLE,
+    LISTEN_SOCKETS,
+    REDIS,
+    RUNTIME,
+    SETTINGS,
+    TRAFFIC,
+    UPSTREAM,
+)
 from .headers import is_trusted
 from .proxy_handler import request_id_for
 from .settings import redact_url
+from .tcp_options import read_back
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,13 +85,14 @@ async def health(request: web.Request) -> web.Response:
             },
             "state_store": store,
             "in_flight": traffic.in_flight,
+            "tcp": _tcp_report(request),
         }
     )
 
 
 async def stats(request: web.Request) -> web.Response:
     app = request.app
-    runtime, traffic = app[RUNTIME], app[TRAFFIC]
+    runtime, traffic, adaptation = app[RUNTIME], app[TRAFFIC], app[ADAPTATION]
     window = traffic.snapshot(time.monotonic())
     return _json(
         {
@@ -99,13 +111,36 @@ async def stats(request: web.Request) -> web.Response:
                     "client_aborts": traffic.by_cause.get(errors.CLIENT_ABORT, 0),
                     "in_flight": traffic.in_flight,
                 },
-                "current_rate_limit": None,  # no admission limiter yet: nothing is limited
+                "current_rate_limit": adaptation.current_limit,
                 "optimization_level": runtime.optimization_level,
+                "quality_level": adaptation.classifier.level.value
+                if runtime.optimizer_enabled
+                else None,
             },
+            "upstreams": {app[UPSTREAM].name: adaptation.snapshot(time.monotonic())},
             "scope": "worker",
             "pid": runtime.pid,
         }
     )
+
+
+def _tcp_report(request: web.Request) -> dict[str, Any]:
+    """Options asked for, what the kernel refused, and what real sockets report."""
+    app = request.app
+    upstream = app[UPSTREAM]
+    transport = request.transport
+    client_sock = transport.get_extra_info("socket") if transport is not None else None
+    tcp_families = (socket.AF_INET, socket.AF_INET6)
+    client = None
+    if client_sock is not None and client_sock.family in tcp_families:
+        client = read_back(client_sock, upstream.socket_options)
+    return {
+        "options": {option.name: option.value for option in upstream.socket_options},
+        "listen_refused": app[LISTEN_SOCKETS].refused,
+        "upstream_refused": sorted(upstream.refused_options),
+        "client_socket": client,
+        "upstream_socket": upstream.idle_socket_options(),
+    }
 
 
 def _age(now: float, then: float | None) -> float | None:

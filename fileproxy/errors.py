@@ -72,7 +72,9 @@ def _timeout_detail(exc: BaseException) -> str:
     return "upstream did not send response headers in time"
 
 
-def error_response(failure: Failure, request_id: str) -> web.Response:
+def error_response(
+    failure: Failure, request_id: str, headers: dict[str, str] | None = None
+) -> web.Response:
     body = orjson.dumps(
         {"error": failure.error, "detail": failure.detail, "request_id": request_id}
     )
@@ -80,5 +82,5 @@ def error_response(failure: Failure, request_id: str) -> web.Response:
         status=failure.status,
         body=body,
         content_type="application/json",
-        headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
+        headers={"X-Request-ID": request_id, "Cache-Control": "no-store", **(headers or {})},
     )

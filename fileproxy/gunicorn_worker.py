@@ -16,7 +16,8 @@ from types import FrameType
 from aiohttp import web
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 
-from .app_keys import LIFECYCLE, SETTINGS
+from .app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
+from .tcp_options import apply_to_listeners
 
 log = logging.getLogger("fileproxy")
 
@@ -30,6 +31,7 @@ class _DrainingWorker(GunicornWebWorker):
 
         async def keep_app() -> web.Application:
             self._app = app = await factory()
+            apply_to_listeners(self.sockets, app[SETTINGS], app[LISTEN_SOCKETS])
             return app
 
         self.wsgi = keep_app

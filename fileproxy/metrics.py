@@ -20,7 +20,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import errors
-from .app_keys import LIFECYCLE, REDIS, RUNTIME, TRAFFIC, UPSTREAM
+from .adaptive import LEVELS
+from .app_keys import ADAPTATION, LIFECYCLE, REDIS, RUNTIME, TRAFFIC, UPSTREAM
 from .traffic_stats import CUMULATIVE_BOUNDS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -113,6 +114,30 @@ class FileproxyCollector(Collector):
         )
         draining.add_metric([pid], float(app[LIFECYCLE].draining))
         yield draining
+
+        adaptation = app[ADAPTATION]
+        if adaptation.enabled:
+            level = GaugeMetricFamily(
+                "fileproxy_quality_level",
+                "Network quality level of the upstream (0 good .. 3 very poor)",
+                labels=["pid", "upstream"],
+            )
+            level.add_metric([pid, name], LEVELS.index(adaptation.classifier.level))
+            yield level
+            limit = GaugeMetricFamily(
+                "fileproxy_rate_limit",
+                "Current admission rate limit (req/s)",
+                labels=["pid", "upstream"],
+            )
+            limit.add_metric([pid, name], adaptation.limiter.limit)
+            yield limit
+            rejected = CounterMetricFamily(
+                "fileproxy_rate_limited",
+                "Requests refused over the admission rate",
+                labels=["pid", "upstream"],
+            )
+            rejected.add_metric([pid, name], adaptation.rejected)
+            yield rejected
 
         redis = app[REDIS]
         if redis.configured:

@@ -11,7 +11,9 @@ them the client connection is aborted, so a short body never looks complete.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import re
 import time
 import uuid
@@ -22,9 +24,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import errors, logs
-from .app_keys import SETTINGS, TRAFFIC, UPSTREAM
+from .adaptive import LevelProfile
+from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
 from .exchange import EXCHANGE, Exchange
 from .headers import client_response_headers, upstream_request_headers
+from .upstream_client import response_tcp_info
 
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
@@ -45,8 +49,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
     status = 0
+    adaptation = request.app[ADAPTATION]
     try:
-        response = await _proxy(request, exchange, started)
+        admitted, retry_after = adaptation.admit(started)
+        if admitted:
+            response = await _proxy(request, exchange, started)
+        else:
+            response = _over_limit(request, exchange, retry_after)
         status = response.status
         return response
     except asyncio.CancelledError:
@@ -61,6 +70,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         traffic.in_flight -= 1
         now = time.monotonic()
+        adaptation.observe_exchange(now, exchange)
         traffic.record(
             now,
             duration_s=now - started,
@@ -102,9 +112,12 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
     if authorization is not None:
         # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
         headers["Authorization"] = authorization
+    profile = request.app[ADAPTATION].profile(started)
     body_errors: list[BaseException] = []
     try:
-        upstream_resp = await _send_upstream(request, exchange, headers, has_body, body_errors)
+        upstream_resp = await _send_upstream(
+            request, exchange, headers, has_body, body_errors, profile
+        )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not body_errors:
             failure = _fail(exchange, exc)
@@ -122,7 +135,9 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
         return failure
 
-    exchange.ttfb_s = time.monotonic() - started
+    now = time.monotonic()
+    exchange.ttfb_s = now - started
+    request.app[ADAPTATION].observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
     request.app[UPSTREAM].mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
@@ -134,7 +149,7 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         if request.transport is not None:
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
-        await _relay(request, response, upstream_resp, exchange, settings.chunk_size)
+        await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end
@@ -146,6 +161,7 @@ async def _send_upstream(
     headers: CIMultiDict[str],
     has_body: bool,
     body_errors: list[BaseException],
+    profile: LevelProfile,
 ) -> aiohttp.ClientResponse:
     """Send the request (streaming its body) and wait for the upstream's response headers.
 
@@ -155,12 +171,12 @@ async def _send_upstream(
     settings = request.app[SETTINGS]
     upstream = request.app[UPSTREAM]
     loop = asyncio.get_running_loop()
-    start_deadline = None if has_body else loop.time() + settings.headers_timeout
+    start_deadline = None if has_body else loop.time() + profile.headers_timeout_s
     async with asyncio.timeout_at(start_deadline) as deadline:
 
         async def request_body() -> AsyncIterator[bytes]:
             try:
-                while chunk := await request.content.read(settings.chunk_size):
+                while chunk := await request.content.read(profile.chunk_size):
                     exchange.bytes_in += len(chunk)
                     if settings.max_body_size and exchange.bytes_in > settings.max_body_size:
                         raise _too_large(settings.max_body_size)
@@ -168,7 +184,7 @@ async def _send_upstream(
             except Exception as exc:
                 body_errors.append(exc)
                 raise
-            deadline.reschedule(loop.time() + settings.headers_timeout)
+            deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
         return await upstream.session.request(
             request.method,
@@ -176,6 +192,7 @@ async def _send_upstream(
             headers=headers,
             data=request_body() if has_body else None,
             allow_redirects=False,
+            timeout=client_timeout(profile),
         )
 
 
@@ -218,6 +235,31 @@ async def _relay(
         await response.write_eof()
     except ConnectionError:
         exchange.cause = errors.CLIENT_ABORT
+
+
+@functools.cache
+def client_timeout(profile: LevelProfile) -> aiohttp.ClientTimeout:
+    """Connect and idle-read bounds of a profile; never a total that cuts a moving body."""
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=None,
+        sock_connect=profile.connect_timeout_s,
+        sock_read=profile.read_timeout_s,
+    )
+
+
+def _over_limit(request: web.Request, exchange: Exchange, retry_after: float) -> web.Response:
+    """Over the upstream's admission rate: 503 (or 429) with Retry-After, counted."""
+    settings = request.app[SETTINGS]
+    failure = errors.Failure(
+        int(settings.limit_status),
+        "rate_limited",
+        f"over the admission rate of {request.app[ADAPTATION].current_limit} req/s; retry later",
+    )
+    exchange.cause, exchange.error = errors.REJECTED, failure.error
+    return errors.error_response(
+        failure, exchange.request_id, {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    )
 
 
 def _too_large(limit: int) -> errors.ClientRequestError:

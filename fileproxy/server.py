@@ -11,8 +11,9 @@ from aiohttp import web
 
 from . import logs
 from .app import create_app
-from .app_keys import LIFECYCLE
+from .app_keys import LIFECYCLE, LISTEN_SOCKETS
 from .settings import Settings
+from .tcp_options import apply_to_listeners
 
 log = logging.getLogger("fileproxy")
 
@@ -47,6 +48,9 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await site.start()
+        server = getattr(site, "_server", None)
+        listeners = list(server.sockets) if server is not None else []
+        apply_to_listeners(listeners, settings, app[LISTEN_SOCKETS])
         await stop.wait()
         # Drain: /ready turns 503 while we still accept, then the listener closes and
         # in-flight requests get the graceful timeout.

@@ -180,6 +180,33 @@ def _origins(raw: str) -> tuple[str, ...]:
 _origins.allowed = "* | comma-separated origins"  # type: ignore[attr-defined]
 
 
+def _boundaries(raw: str) -> tuple[float, float, float]:
+    allowed = "expected three increasing milliseconds, like 50,150,300"
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError(allowed) from None
+    if len(values) != 3 or not 0 < values[0] < values[1] < values[2] < 1e6:
+        raise ValueError(allowed)
+    return values[0], values[1], values[2]
+
+
+_boundaries.allowed = "ms,ms,ms"  # type: ignore[attr-defined]
+
+
+def _profiles(raw: str) -> str:
+    from .adaptive.quality_classifier import PROFILE_PRESETS, profile_table
+
+    try:
+        profile_table(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; presets: {', '.join(PROFILE_PRESETS)}") from None
+    return raw.strip()
+
+
+_profiles.allowed = "preset | table"  # type: ignore[attr-defined]
+
+
 def _workers(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return os.cpu_count() or 1
@@ -301,6 +328,88 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "FILEPROXY_CORS_ORIGINS", "cors_origins", "", _origins,
         "Origins allowed to fetch across origins (* for any); empty: no CORS headers.",
     ),
+    # adaptation
+    SettingSpec(
+        "FILEPROXY_OPTIMIZER", "optimizer", "on", _bool,
+        "Adapt chunk sizes and timeouts to each upstream's network quality and its admission "
+        "rate to its errors; off: the static settings above, no admission limit.",
+    ),
+    SettingSpec(
+        "FILEPROXY_QUALITY_BOUNDARIES", "quality_boundaries_ms", "50,150,300", _boundaries,
+        "RTT boundaries (ms) between the levels good / medium / poor / very poor.",
+    ),
+    SettingSpec(
+        "FILEPROXY_PROFILES", "profiles", "throughput", _profiles,
+        "Chunk size and connect/headers/idle-read timeouts per level: a preset "
+        "(throughput, seed) or good=CHUNK:CONNECT:HEADERS:READ,medium=...,poor=...,very_poor=...",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_MIN", "limit_min", "10", _float(0.1, 1e7),
+        "Lowest admission rate (req/s per upstream and worker) the AIMD limiter may set.",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_MAX", "limit_max", "1000", _float(0.1, 1e7),
+        "Highest admission rate (req/s per upstream and worker).",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_INITIAL", "limit_initial", "100", _float(0.1, 1e7),
+        "Admission rate at start (req/s per upstream and worker).",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_WINDOW", "limit_window", "1", _float(0.05, 60),
+        "Seconds per AIMD decision window.",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_BURST", "limit_burst", "20", _int(1, 100000),
+        "Requests admitted at once above the rate (GCRA burst).",
+    ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_STATUS", "limit_status", "503", _choice("503", "429"),
+        "Status for requests over the admission rate (with Retry-After and a JSON body).",
+    ),
+    # TCP options: on the listening socket (inherited by accepted sockets) and on
+    # every upstream socket
+    SettingSpec(
+        "FILEPROXY_TCP_NODELAY", "tcp_nodelay", "on", _bool,
+        "TCP_NODELAY: send small writes at once (what nginx and Envoy do).",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_QUICKACK", "tcp_quickack", "off", _bool,
+        "TCP_QUICKACK at connect/accept; the kernel clears it after a few exchanges.",
+    ),
+    SettingSpec(
+        "FILEPROXY_SO_KEEPALIVE", "so_keepalive", "on", _bool,
+        "SO_KEEPALIVE: detect dead peers of idle connections.",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_KEEPIDLE", "tcp_keepidle", "60", _int(1, 32767),
+        "Seconds idle before the first keepalive probe (Linux default 7200).",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_KEEPINTVL", "tcp_keepintvl", "10", _int(1, 32767),
+        "Seconds between keepalive probes.",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_KEEPCNT", "tcp_keepcnt", "6", _int(1, 127),
+        "Unanswered keepalive probes before the connection is dropped.",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_USER_TIMEOUT", "tcp_user_timeout_ms", "0", _int(0, 1 << 31),
+        "TCP_USER_TIMEOUT in ms: drop a connection whose sent data stays unacknowledged "
+        "this long (0: kernel default).",
+    ),
+    SettingSpec(
+        "FILEPROXY_SO_SNDBUF", "so_sndbuf", "0", _int(0, 1 << 30),
+        "SO_SNDBUF bytes (0: kernel autotuning; a fixed size disables it).",
+    ),
+    SettingSpec(
+        "FILEPROXY_SO_RCVBUF", "so_rcvbuf", "0", _int(0, 1 << 30),
+        "SO_RCVBUF bytes (0: kernel autotuning; a fixed size disables it).",
+    ),
+    SettingSpec(
+        "FILEPROXY_TCP_NOTSENT_LOWAT", "tcp_notsent_lowat", "0", _int(0, 1 << 30),
+        "TCP_NOTSENT_LOWAT bytes: bound unsent data queued in the kernel (0: unset).",
+    ),
     # production process model
     SettingSpec(
         "FILEPROXY_WORKERS", "workers", "auto", _workers,
@@ -365,6 +474,25 @@ class Settings:
     admin_token: str
     cors_origins: tuple[str, ...]
     workers: int
+    optimizer: bool
+    quality_boundaries_ms: tuple[float, float, float]
+    profiles: str
+    limit_min: float
+    limit_max: float
+    limit_initial: float
+    limit_window: float
+    limit_burst: int
+    limit_status: str
+    tcp_nodelay: bool
+    tcp_quickack: bool
+    so_keepalive: bool
+    tcp_keepidle: int
+    tcp_keepintvl: int
+    tcp_keepcnt: int
+    tcp_user_timeout_ms: int
+    so_sndbuf: int
+    so_rcvbuf: int
+    tcp_notsent_lowat: int
     graceful_timeout: float
     drain_delay: float
     stats_window: int
@@ -390,6 +518,12 @@ class Settings:
             except ValueError as exc:
                 shown = REDACTED if spec.secret else redact_url_text(text)
                 raise ConfigError(spec.env, shown, str(exc)) from None
+        if not values["limit_min"] <= values["limit_initial"] <= values["limit_max"]:
+            raise ConfigError(
+                "FILEPROXY_LIMIT_INITIAL",
+                str(env.get("FILEPROXY_LIMIT_INITIAL", "100")),
+                "expected FILEPROXY_LIMIT_MIN <= FILEPROXY_LIMIT_INITIAL <= FILEPROXY_LIMIT_MAX",
+            )
         return cls(**values, sources=sources)
 
     def with_changes(self, **changes: Any) -> Settings:

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from . import tcp_options
+from .adaptive import TcpInfo, read_tcp_info
 from .settings import Settings
 
 # Headers aiohttp would invent that the real client never sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
+ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
+
 
 class UpstreamClient:
     """One pooled session to the configured upstream; ``url_for`` maps a raw request target."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_connect: ConnectObserver | None = None) -> None:
         upstream = settings.upstream
         self.origin = upstream.origin()
         self.name = f"{upstream.host}:{upstream.port}"
@@ -29,12 +38,16 @@ class UpstreamClient:
             if upstream.user is not None or upstream.password is not None
             else None
         )
+        self.socket_options = tcp_options.socket_options(settings)
+        self.refused_options: set[str] = set()
+        self._on_connect = on_connect
         connector = aiohttp.TCPConnector(
             limit=settings.connector_limit,
             limit_per_host=settings.connector_limit_per_host,
             keepalive_timeout=settings.keepalive_timeout,
             use_dns_cache=settings.dns_cache_ttl > 0,
             ttl_dns_cache=settings.dns_cache_ttl or None,
+            socket_factory=self._new_socket,
         )
         self.connector = connector
         self.session = aiohttp.ClientSession(
@@ -50,7 +63,30 @@ class UpstreamClient:
             read_bufsize=settings.buffer_size,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             trust_env=False,
+            trace_configs=[self._connect_timer()],
         )
+
+    def _new_socket(self, addr_info: Any) -> socket.socket:
+        family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        self.refused_options.update(tcp_options.apply(sock, self.socket_options))
+        return sock
+
+    def _connect_timer(self) -> aiohttp.TraceConfig:
+        """Time new upstream connections: a connect is about one network round trip."""
+        trace = aiohttp.TraceConfig()
+
+        async def started(_: Any, context: SimpleNamespace, __: Any) -> None:
+            context.connect_started = time.monotonic()
+
+        async def ended(_: Any, context: SimpleNamespace, __: Any) -> None:
+            if self._on_connect is not None:
+                now = time.monotonic()
+                self._on_connect(now, now - context.connect_started)
+
+        trace.on_connection_create_start.append(started)
+        trace.on_connection_create_end.append(ended)
+        return trace
 
     def url_for(self, raw_target: str) -> URL:
         """The upstream URL for a raw origin-form target, byte for byte (no decoding)."""
@@ -78,5 +114,22 @@ class UpstreamClient:
         idle = sum(len(conns) for conns in self.connector._conns.values())
         return {"in_use": acquired, "idle": idle}
 
+    def idle_socket_options(self) -> dict[str, int | None] | None:
+        """The options read back from a pooled upstream socket, if one is idle."""
+        for conns in self.connector._conns.values():
+            for protocol, _ in conns:
+                sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+                if sock is not None:
+                    return tcp_options.read_back(sock, self.socket_options)
+        return None
+
     async def close(self) -> None:
         await self.session.close()
+
+
+def response_tcp_info(response: aiohttp.ClientResponse) -> TcpInfo | None:
+    """TCP_INFO of the upstream socket that carried ``response``."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return read_tcp_info(sock) if sock is not None else None

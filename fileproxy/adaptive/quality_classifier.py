@@ -488,6 +488,11 @@ class QualityClassifier:
         return self._level
 
     @property
+    def estimated(self) -> bool:
+        """Whether the level comes from an estimate (False: still the initial level)."""
+        return self._estimated
+
+    @property
     def transitions(self) -> tuple[Transition, ...]:
         return tuple(self._transitions)
 

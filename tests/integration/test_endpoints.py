@@ -16,12 +16,27 @@ async def test_health_has_the_shape_operators_script_against(client, start_proxy
     assert health["status"] == "ok"
     assert health["performance_optimization"] == {
         "uvloop_enabled": True,
-        "optimizer_enabled": False,
-        "optimization_level": 1,
+        "optimizer_enabled": True,
+        "optimization_level": 2,
     }
     assert health["config"]["HTTP_CONNECTOR_LIMIT"] == "200"
     assert health["upstream"]["url"] == sample_upstream.url
     assert health["state_store"] == {"kind": "embedded"}
+
+
+async def test_optimizer_off_is_reported(client, start_proxy, sample_upstream):
+    proxy = start_proxy(sample_upstream.url, FILEPROXY_OPTIMIZER="off")
+    health = await get_json(client, f"{proxy.url}/health")
+    assert health["performance_optimization"] == {
+        "uvloop_enabled": True,
+        "optimizer_enabled": False,
+        "optimization_level": 1,
+    }
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["performance_optimizer"]["current_rate_limit"] is None
+    upstream = stats["upstreams"][sample_upstream.url.removeprefix("http://")]
+    assert upstream["profile"]["source"] == "static"
+    assert upstream["limiter"] is None
 
 
 async def test_stats_report_real_figures(client, start_proxy, sample_upstream):
@@ -43,8 +58,8 @@ async def test_stats_report_real_figures(client, start_proxy, sample_upstream):
     assert metrics["total_bytes_sent"] >= 8 * 1024 * 1024
     assert metrics["throughput_mbps"] > 0
     assert metrics["uvloop_enabled"] is True
-    assert optimizer["current_rate_limit"] is None
-    assert optimizer["optimization_level"] == 1
+    assert optimizer["current_rate_limit"] == 100.0  # FILEPROXY_LIMIT_INITIAL
+    assert optimizer["optimization_level"] == 2
     assert stats["scope"] == "worker"
     # the endpoints themselves are not proxied requests
     again = await get_json(client, f"{proxy.url}/stats")
@@ -60,7 +75,7 @@ async def test_without_uvloop_the_daemon_runs_and_says_so(
     proxy = start_proxy(sample_upstream.url, PYTHONPATH=str(blocker.parent))
     health = await get_json(client, f"{proxy.url}/health")
     assert health["performance_optimization"]["uvloop_enabled"] is False
-    assert health["performance_optimization"]["optimization_level"] == 0
+    assert health["performance_optimization"]["optimization_level"] == 1
     async with client.get(f"{proxy.url}/files/64k.bin") as resp:
         assert resp.status == 200
         assert len(await resp.read()) == 65536
