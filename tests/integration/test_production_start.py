@@ -57,6 +57,9 @@ async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_
     try:
         health = await get_json(client, f"{gunicorn.url}/health")
         assert health["performance_optimization"]["uvloop_enabled"] is True
+        # options set on gunicorn's listening socket reach the accepted socket
+        assert health["tcp"]["listen_refused"] == []
+        assert health["tcp"]["client_socket"]["TCP_KEEPIDLE"] == 60
         async with client.get(f"{gunicorn.url}/files/1m.bin") as resp:
             assert resp.status == 200
             body = await resp.read()
