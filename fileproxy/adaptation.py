@@ -86,10 +86,15 @@ class UpstreamAdaptation:
         return round(self.limiter.limit, 3) if self.enabled else None
 
     def profile(self, now: float) -> LevelProfile:
-        if not self.enabled:
+        """The profile for a request starting now (re-evaluates the level at most 1/s)."""
+        if self.enabled:
+            self.classifier.evaluate(now)
+        return self.current_profile()
+
+    def current_profile(self) -> LevelProfile:
+        if not self.enabled or not self.classifier.estimated:
             return self.static
-        level = self.classifier.evaluate(now)
-        return self.profiles[level] if self.classifier.estimated else self.static
+        return self.profiles[self.classifier.level]
 
     def admit(self, now: float) -> tuple[bool, float]:
         """(admitted, seconds until a request would be)."""
@@ -144,9 +149,9 @@ class UpstreamAdaptation:
         if self.enabled:
             self.classifier.observe_connect(now, connect_s * 1000.0)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """For /stats: level, the signals behind it, the profile in force, the limiter."""
-        profile = self.profile(now)
+        profile = self.current_profile()
         return {
             "optimizer_enabled": self.enabled,
             "quality": self.classifier.snapshot() if self.enabled else None,

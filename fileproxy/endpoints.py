@@ -117,7 +117,7 @@ async def stats(request: web.Request) -> web.Response:
                 if runtime.optimizer_enabled
                 else None,
             },
-            "upstreams": {app[UPSTREAM].name: adaptation.snapshot(time.monotonic())},
+            "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},
             "scope": "worker",
             "pid": runtime.pid,
         }

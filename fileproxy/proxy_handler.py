@@ -56,6 +56,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             response = await _proxy(request, exchange, started)
         else:
             response = _over_limit(request, exchange, retry_after)
+        if isinstance(response, web.Response) and request.method != "HEAD":
+            exchange.bytes_out = response.content_length or 0  # our own JSON error body
         status = response.status
         return response
     except asyncio.CancelledError:

@@ -56,7 +56,7 @@ async def test_backend_latency_moves_the_quality_level(start_backend, start_prox
         poor = await level_becomes("poor", within=20)
         transition = poor["quality"]["transitions"][-1]
         assert transition["to"] == "poor"
-        assert poor["profile"]["chunk_size"] == 32 * 1024  # the throughput preset's poor row
+        assert poor["profile"]["chunk_size"] == 64 * 1024  # the throughput preset's poor row
         assert poor["profile"]["headers_timeout_s"] == 90.0
     finally:
         stop.set()

@@ -513,9 +513,13 @@ def test_seed_preset_is_the_seed_table() -> None:
     assert [seed[level].connect_timeout_s for level in LEVELS] == [5.0, 10.0, 15.0, 20.0]
 
 
-def test_throughput_preset_uses_large_chunks_on_good_links() -> None:
+def test_throughput_preset_reads_64_kib_at_every_level() -> None:
     table = PROFILE_PRESETS["throughput"]
-    assert [table[level].chunk_size for level in LEVELS] == [64 * KIB, 64 * KIB, 32 * KIB, 16 * KIB]
+    assert [table[level].chunk_size for level in LEVELS] == [64 * KIB] * 4
+    seed = PROFILE_PRESETS["seed"]
+    assert [table[level].headers_timeout_s for level in LEVELS] == [
+        seed[level].headers_timeout_s for level in LEVELS
+    ]
 
 
 def test_presets_cover_every_level_and_are_read_only() -> None:
