@@ -46,7 +46,8 @@ system-deps:
 	fi
 
 bench: venv
-	$(PY) -m bench
+	$(PY) -m bench.chunk_sizes
+	$(PY) -m bench.adaptive_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

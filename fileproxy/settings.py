@@ -580,7 +580,8 @@ def markdown_table() -> str:
     lines = ["| Variable | Default | Allowed | Meaning |", "|---|---|---|---|"]
     for spec in SETTINGS_TABLE:
         default = f"`{spec.default}`" if spec.default else "(unset)"
-        lines.append(f"| `{spec.env}` | {default} | {spec.allowed} | {spec.help} |")
+        allowed = spec.allowed.replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| `{spec.env}` | {default} | {allowed} | {spec.help} |")
     return "\n".join(lines)
 
 

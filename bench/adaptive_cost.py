@@ -1,0 +1,58 @@
+"""CPU cost of the adaptive engine per request, as a share of one core at 1,000 req/s.
+
+Drives one upstream's UpstreamAdaptation exactly as the proxy handler does for
+each request (admission, profile, headers observation with a real TCP_INFO read
+from a live loopback socket, outcome), for N simulated requests spread over
+N / 1000 seconds of simulated time, and divides the CPU time used by the
+simulated duration.
+
+    .venv/bin/python -m bench.adaptive_cost [--requests 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import time
+
+from fileproxy.adaptation import UpstreamAdaptation
+from fileproxy.adaptive import read_tcp_info
+from fileproxy.exchange import Exchange
+from fileproxy.settings import Settings
+
+RATE = 1000.0  # req/s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    args = parser.parse_args()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    client.sendall(b"x" * 4096)
+    server.recv(4096)
+
+    adaptation = UpstreamAdaptation(Settings.from_env({}), now=0.0)
+    rng = random.Random(1)
+    started = time.process_time()
+    for i in range(args.requests):
+        now = i / RATE
+        admitted, _ = adaptation.admit(now)
+        adaptation.profile(now)
+        ttfb = 0.02 + rng.random() * 0.004
+        adaptation.observe_headers(now + ttfb, ttfb, read_tcp_info(client))
+        exchange = Exchange("r", "u", upstream_status=200, ttfb_s=ttfb)
+        adaptation.observe_exchange(now + ttfb, exchange)
+    cpu = time.process_time() - started
+    simulated = args.requests / RATE
+    per_request_us = cpu / args.requests * 1e6
+    print(
+        f"{args.requests} requests, {per_request_us:.1f} µs CPU each: "
+        f"{cpu / simulated * 100:.2f}% of one core at {RATE:.0f} req/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
