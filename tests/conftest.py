@@ -109,24 +109,35 @@ class Process:
         return self.popen.returncode
 
 
-def _start(args: list[str], port: int, env: dict[str, str], tmp: Path, name: str) -> Process:
-    log_path = tmp / f"{name}-{port}.log"
-    full_env = {
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without fileproxy's variables, plus ``extra``."""
+    env = {
         k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
     }
-    full_env.update(env)
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def start_process(
+    args: list[str], port: int, env: dict[str, str], log_path: Path, timeout: float = 15.0
+) -> Process:
+    """Start ``args`` (output to ``log_path``) and wait until it listens on ``port``."""
     with open(log_path, "wb") as log_file:
         popen = subprocess.Popen(
-            args, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
+            args, env=clean_env(**env), stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
         )
     process = Process(popen, port, log_path, env)
     try:
-        wait_for_port(port, process=popen)
+        wait_for_port(port, timeout=timeout, process=popen)
     except Exception:
         process.stop()
-        raise RuntimeError(f"{name} did not start:\n{process.log_text()}") from None
+        raise RuntimeError(f"{args[0]} did not start:\n{process.log_text()}") from None
     return process
+
+
+def _start(args: list[str], port: int, env: dict[str, str], tmp: Path, name: str) -> Process:
+    return start_process(args, port, env, tmp / f"{name}-{port}.log")
 
 
 @pytest.fixture

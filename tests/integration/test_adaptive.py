@@ -14,12 +14,25 @@ async def _upstream_stats(client, proxy) -> dict:
     return {"top": stats["performance_optimizer"], **upstream}
 
 
-async def _load(client, url: str, stop: asyncio.Event, statuses: list[int], pace: float) -> None:
-    while not stop.is_set():
-        async with client.get(url) as resp:
-            await resp.read()
-            statuses.append(resp.status)
-        await asyncio.sleep(pace)
+class Load:
+    """``workers`` clients requesting ``url`` in a loop, ``pace`` s apart, until stopped."""
+
+    def __init__(self, client, url: str, workers: int, pace: float) -> None:
+        self.statuses: list[int] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._run(client, url, pace)) for _ in range(workers)]
+
+    async def _run(self, client, url: str, pace: float) -> None:
+        while not self._stop.is_set():
+            async with client.get(url) as resp:
+                await resp.read()
+                self.statuses.append(resp.status)
+            await asyncio.sleep(pace)
+
+    async def stop(self) -> list[int]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.statuses
 
 
 async def test_backend_latency_moves_the_quality_level(start_backend, start_proxy, client):
@@ -33,11 +46,8 @@ async def test_backend_latency_moves_the_quality_level(start_backend, start_prox
     app.router.add_get("/item", answer)
     backend = await start_backend(app)
     proxy = start_proxy(backend.url)
-    stop, statuses = asyncio.Event(), []
-    loaders = [
-        asyncio.create_task(_load(client, f"{proxy.url}/item", stop, statuses, 0.05))
-        for _ in range(4)
-    ]
+    load = Load(client, f"{proxy.url}/item", workers=4, pace=0.05)
+    statuses = load.statuses
 
     async def level_becomes(expected: str, within: float) -> dict:
         deadline = time.monotonic() + within
@@ -59,8 +69,7 @@ async def test_backend_latency_moves_the_quality_level(start_backend, start_prox
         assert poor["profile"]["chunk_size"] == 64 * 1024  # the throughput preset's poor row
         assert poor["profile"]["headers_timeout_s"] == 90.0
     finally:
-        stop.set()
-        await asyncio.gather(*loaders)
+        await load.stop()
     assert set(statuses) == {200}  # adaptation never refused a healthy upstream
 
 
@@ -80,11 +89,8 @@ async def test_failing_backend_lowers_the_limit_and_recovery_raises_it(
     app.router.add_get("/item", answer)
     backend = await start_backend(app)
     proxy = start_proxy(backend.url)
-    stop, statuses = asyncio.Event(), []
-    loaders = [
-        asyncio.create_task(_load(client, f"{proxy.url}/item", stop, statuses, 0.005))
-        for _ in range(6)
-    ]
+    load = Load(client, f"{proxy.url}/item", workers=6, pace=0.005)
+    statuses = load.statuses
     try:
         await asyncio.sleep(2.5)
         healthy = await _upstream_stats(client, proxy)
@@ -116,8 +122,7 @@ async def test_failing_backend_lowers_the_limit_and_recovery_raises_it(
             await asyncio.sleep(0.25)
         assert recovered["top"]["current_rate_limit"] > lowest * 1.5, recovered["limiter"]
     finally:
-        stop.set()
-        await asyncio.gather(*loaders)
+        await load.stop()
 
     async with client.get(f"{proxy.url}/item") as resp:
         if resp.status == 503:
@@ -142,16 +147,12 @@ async def test_limit_status_can_be_429(start_backend, start_proxy, client):
         FILEPROXY_LIMIT_MIN="1",
         FILEPROXY_LIMIT_INITIAL="5",
     )
-    stop, statuses = asyncio.Event(), []
-    loaders = [
-        asyncio.create_task(_load(client, f"{proxy.url}/item", stop, statuses, 0.005))
-        for _ in range(4)
-    ]
+    load = Load(client, f"{proxy.url}/item", workers=4, pace=0.005)
+    statuses = load.statuses
     deadline = time.monotonic() + 20
     while 429 not in statuses and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    stop.set()
-    await asyncio.gather(*loaders)
+    await load.stop()
     assert 429 in statuses
     assert 503 not in statuses
 
@@ -164,14 +165,10 @@ async def test_optimizer_off_never_limits(start_backend, start_proxy, client):
     app.router.add_get("/item", broken)
     backend = await start_backend(app)
     proxy = start_proxy(backend.url, FILEPROXY_OPTIMIZER="off")
-    stop, statuses = asyncio.Event(), []
-    loaders = [
-        asyncio.create_task(_load(client, f"{proxy.url}/item", stop, statuses, 0.005))
-        for _ in range(4)
-    ]
+    load = Load(client, f"{proxy.url}/item", workers=4, pace=0.005)
+    statuses = load.statuses
     await asyncio.sleep(3)
-    stop.set()
-    await asyncio.gather(*loaders)
+    await load.stop()
     assert statuses and set(statuses) == {500}  # passed through, never refused
 
 

@@ -9,29 +9,9 @@ import time
 from pathlib import Path
 
 from fileproxy.sample_upstream import file_bytes
-from tests.conftest import ROOT, Process, free_port, get_json, wait_for_port
+from tests.conftest import ROOT, clean_env, free_port, get_json, start_process, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
-    }
-    env.update(extra)
-    return env
-
-
-def _start(args: list[str], port: int, env: dict[str, str], log: Path) -> Process:
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    process = Process(popen, port, log)
-    try:
-        wait_for_port(port, timeout=60, process=popen)
-    except Exception:
-        process.stop()
-        raise AssertionError(f"did not start:\n{log.read_text()}") from None
-    return process
 
 
 def _pid_alive(pid: int) -> bool:
@@ -44,13 +24,13 @@ def _pid_alive(pid: int) -> bool:
 
 async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_dir):
     port = free_port()
-    env = _env(
+    env = clean_env(
         FILEPROXY_BIND=f"127.0.0.1:{port}",
         FILEPROXY_UPSTREAM=sample_upstream.url,
         FILEPROXY_WORKERS="2",
     )
-    gunicorn = _start(
-        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], port, env, tmp_dir / "g.log"
+    gunicorn = start_process(
+        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], port, env, tmp_dir / "g.log", 60
     )
     # gunicorn loses a SIGTERM that reaches a worker before it installed its handlers
     gunicorn.wait_for_log("fileproxy worker started", count=2)
@@ -74,7 +54,7 @@ async def test_gunicorn_serves_with_uvloop_workers(client, sample_upstream, tmp_
 def test_gunicorn_refuses_a_bad_setting_with_one_line(tmp_dir):
     result = subprocess.run(
         [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"],
-        env=_env(HTTP_TOTAL_TIMEOUT="forever"),
+        env=clean_env(HTTP_TOTAL_TIMEOUT="forever"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,13 +69,15 @@ def test_gunicorn_refuses_a_bad_setting_with_one_line(tmp_dir):
 
 async def test_run_optimized_starts_the_sample_backend_and_proxies_it(client, tmp_dir):
     port, sample_port = free_port(), free_port()
-    env = _env(
+    env = clean_env(
         FILEPROXY_VENV=str(VENV_BIN.parent),
         FILEPROXY_BIND=f"127.0.0.1:{port}",
         FILEPROXY_SAMPLE_BIND=f"127.0.0.1:{sample_port}",
         FILEPROXY_WORKERS="1",
     )
-    script = _start([str(ROOT / "run_optimized.sh")], port, env, tmp_dir / "run.log")
+    script = start_process(
+        [str(ROOT / "run_optimized.sh")], port, env, tmp_dir / "run.log", timeout=60
+    )
     script.wait_for_log("fileproxy worker started")
     try:
         wait_for_port(sample_port)
