@@ -28,7 +28,7 @@ from .app_keys import (
     UPSTREAM,
 )
 from .headers import is_trusted
-from .proxy_handler import request_id_for
+from .proxy_handler import on_unix_socket, request_id_for
 from .settings import redact_url
 from .tcp_options import read_back
 
@@ -165,7 +165,8 @@ def admin_only(handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         settings = request.app[SETTINGS]
-        if is_trusted(request.remote, settings.admin_allow) or _token_ok(
+        local = on_unix_socket(request)
+        if is_trusted(request.remote, settings.admin_allow, local_socket=local) or _token_ok(
             request, settings.admin_token
         ):
             return await handler(request)

@@ -44,7 +44,11 @@ class _DrainingWorker(GunicornWebWorker):
         delay = app[SETTINGS].drain_delay
         app[LIFECYCLE].start_draining(time.time())
         log.info("draining: /ready is 503, closing the listener soon", extra={"delay_s": delay})
-        self.loop.call_later(delay, super().handle_exit, sig, frame)
+        self.loop.call_later(delay, self._stop, sig, frame)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._notify_waiter_done()  # wake the worker loop now, not at its next 1 s tick
 
 
 class DrainingWorker(_DrainingWorker):

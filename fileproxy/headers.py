@@ -64,7 +64,10 @@ def end_to_end(headers: Headers, also_drop: frozenset[istr] = frozenset()) -> CI
     return out
 
 
-def is_trusted(peer: str | None, trusted: Networks) -> bool:
+def is_trusted(peer: str | None, trusted: Networks, *, local_socket: bool = False) -> bool:
+    """Whether a peer is one of ``trusted``; a unix-socket peer is a local process: trusted."""
+    if local_socket:
+        return True
     if not peer:
         return False
     try:
@@ -82,6 +85,7 @@ def upstream_request_headers(
     host: str | None,
     request_id: str,
     trusted: Networks,
+    local_socket: bool = False,
     has_body: bool,
     content_length: int | None,
 ) -> CIMultiDict[str]:
@@ -94,7 +98,7 @@ def upstream_request_headers(
     if peer:
         previous = ", ".join(incoming.getall(X_FORWARDED_FOR, ()))
         out[X_FORWARDED_FOR] = f"{previous}, {peer}" if previous else peer
-    trusted_peer = is_trusted(peer, trusted)
+    trusted_peer = is_trusted(peer, trusted, local_socket=local_socket)
     if not (trusted_peer and X_FORWARDED_PROTO in incoming):
         out[X_FORWARDED_PROTO] = scheme
     if not (trusted_peer and X_FORWARDED_HOST in incoming) and host:

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +36,13 @@ access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
+
+
+def on_unix_socket(request: web.BaseRequest) -> bool:
+    """Whether the client came through a unix socket (a local process, e.g. nginx)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
 
 
 def request_id_for(request: web.BaseRequest) -> str:
@@ -107,6 +115,7 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         host=request.host if "Host" in request.headers else None,
         request_id=exchange.request_id,
         trusted=settings.trusted_proxies,
+        local_socket=on_unix_socket(request),
         has_body=has_body,
         content_length=content_length,
     )

@@ -114,3 +114,15 @@ def test_a_response_without_length_is_marked_unbuffered():
     with_length = client_response_headers(CIMultiDict([("Content-Length", "3")]), "r")
     assert "X-Accel-Buffering" not in with_length
     assert with_length["X-Request-ID"] == "r"
+
+
+def test_a_unix_socket_peer_is_a_trusted_local_process():
+    out = _request_headers(
+        [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "cdn.example")],
+        peer="",
+        trusted=(),
+        local_socket=True,
+    )
+    assert out["X-Forwarded-Proto"] == "https"
+    assert out["X-Forwarded-Host"] == "cdn.example"
+    assert "X-Forwarded-For" not in out  # no address to append
