@@ -29,7 +29,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from fileproxy.sample_upstream import file_bytes
-from tests.conftest import ROOT, Process, free_port, get_json, wait_for_port
+from tests.conftest import ROOT, Process, clean_env, free_port, get_json, stop_popen, wait_for_port
 
 ERROR_KEYS = {"error", "detail", "request_id"}
 ACCESS_FIELDS = {
@@ -167,14 +167,7 @@ class SplitDaemon:
         return line
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
+        return stop_popen(self.popen, timeout)
 
 
 @pytest.fixture
@@ -184,18 +177,12 @@ def start_split_proxy(tmp_dir: Path) -> Iterator[Callable[..., SplitDaemon]]:
 
     def start(upstream: str, **env: str) -> SplitDaemon:
         port = free_port()
-        full_env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
-        }
-        full_env.update(
-            {
+        full_env = clean_env(
+            **{
                 "FILEPROXY_BIND": f"127.0.0.1:{port}",
                 "FILEPROXY_UPSTREAM": upstream,
                 "FILEPROXY_LOG_FORMAT": "json",
                 "FILEPROXY_DRAIN_DELAY": "0",
-                "PYTHONUNBUFFERED": "1",
                 **{k: str(v) for k, v in env.items()},
             }
         )
