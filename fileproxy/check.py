@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -11,6 +12,7 @@ from importlib.metadata import version
 import aiohttp
 import redis.asyncio as aioredis
 
+from . import tcp_options
 from .errors import classify
 from .server import new_event_loop
 from .settings import Settings, redact_url
@@ -55,6 +57,20 @@ def check_open_files() -> CheckResult:
         "open files limit",
         f"{detail}; each stream needs two descriptors: raise to {RECOMMENDED_NOFILE}",
     )
+
+
+def check_socket_options(settings: Settings) -> CheckResult:
+    """Apply the configured options to a fresh TCP socket and read them back."""
+    options = tcp_options.socket_options(settings)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        refused = tcp_options.apply(sock, options)
+        values = tcp_options.read_back(sock, options)
+    shown = " ".join(f"{name}={value}" for name, value in values.items())
+    if refused:
+        return CheckResult(
+            "FAIL", "socket options", f"the kernel refused {', '.join(refused)}; unset them"
+        )
+    return CheckResult("PASS", "socket options", shown)
 
 
 async def check_upstream(settings: Settings) -> CheckResult:
@@ -110,6 +126,7 @@ def run_checks(settings: Settings) -> int:
         CheckResult("PASS", "configuration", "all variables valid"),
         check_uvloop(),
         check_open_files(),
+        check_socket_options(settings),
     ]
     loop = new_event_loop()
     try:

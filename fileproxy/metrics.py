@@ -72,15 +72,17 @@ class FileproxyCollector(Collector):
         histogram = HistogramMetricFamily(
             "fileproxy_request_duration_seconds",
             "Time from request to the end of the response",
-            labels=["pid", "upstream"],
+            labels=["pid", "upstream", "status_class"],
         )
-        cumulative, buckets = 0, []
-        for bound, count in zip(
-            (*(str(b) for b in CUMULATIVE_BOUNDS_S), "+Inf"), traffic.duration_buckets, strict=True
-        ):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        histogram.add_metric([pid, name], buckets, traffic.duration_sum_s)
+        bounds = (*(str(b) for b in CUMULATIVE_BOUNDS_S), "+Inf")
+        for status_class, counts in sorted(traffic.duration_buckets.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            histogram.add_metric(
+                [pid, name, status_class], buckets, traffic.duration_sum_s[status_class]
+            )
         yield histogram
 
         sent = CounterMetricFamily(

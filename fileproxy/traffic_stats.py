@@ -33,13 +33,30 @@ class _Bucket:
     errors: int = 0
     duration_ms_sum: float = 0.0
     bytes_out: int = 0
-    histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+    # latency histogram per status class ("2xx", ...), created on first use
+    histograms: dict[str, list[int]] = field(default_factory=dict)
 
     def reset(self, second: int) -> None:
         self.second = second
         self.requests = self.errors = self.bytes_out = 0
         self.duration_ms_sum = 0.0
-        self.histogram = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        self.histograms = {}
+
+
+def _new_histogram() -> list[int]:
+    return [0] * (len(LATENCY_BOUNDS_MS) + 1)
+
+
+def _merge(histograms: list[list[int]]) -> list[int]:
+    return [sum(column) for column in zip(*histograms, strict=True)] if histograms else []
+
+
+@dataclass(frozen=True)
+class ClassLatency:
+    requests: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class StatsSnapshot:
     p99_response_time_ms: float
     throughput_mbps: float
     requests_per_second: float
+    latency_by_status_class: dict[str, ClassLatency]
 
 
 class TrafficStats:
@@ -73,8 +91,9 @@ class TrafficStats:
         self.total_bytes_out = 0
         self.by_status_class: dict[str, int] = {}
         self.by_cause: dict[str, int] = {}
-        self.duration_buckets = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)  # last: above all bounds
-        self.duration_sum_s = 0.0
+        # cumulative duration histogram and sum per status class (last bucket: above all)
+        self.duration_buckets: dict[str, list[int]] = {}
+        self.duration_sum_s: dict[str, float] = {}
 
     def _bucket(self, now: float) -> _Bucket:
         second = int(now)
@@ -101,16 +120,22 @@ class TrafficStats:
         bucket.errors += failed
         bucket.duration_ms_sum += duration_ms
         bucket.bytes_out += bytes_out
-        bucket.histogram[bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)] += 1
+        status_class = f"{status // 100}xx"
+        histogram = bucket.histograms.get(status_class)
+        if histogram is None:
+            histogram = bucket.histograms[status_class] = _new_histogram()
+        histogram[bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)] += 1
         self.total_requests += 1
         self.total_errors += failed
         self.total_bytes_in += bytes_in
         self.total_bytes_out += bytes_out
-        status_class = f"{status // 100}xx"
         self.by_status_class[status_class] = self.by_status_class.get(status_class, 0) + 1
         self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
-        self.duration_buckets[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
-        self.duration_sum_s += duration_s
+        cumulative = self.duration_buckets.get(status_class)
+        if cumulative is None:
+            cumulative = self.duration_buckets[status_class] = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)
+        cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
+        self.duration_sum_s[status_class] = self.duration_sum_s.get(status_class, 0.0) + duration_s
 
     def snapshot(self, now: float) -> StatsSnapshot:
         current = int(now)
@@ -118,7 +143,11 @@ class TrafficStats:
         requests = sum(b.requests for b in live)
         errors = sum(b.errors for b in live)
         sent = sum(b.bytes_out for b in live)
-        merged = [sum(column) for column in zip(*(b.histogram for b in live), strict=True)]
+        classes = sorted({c for b in live for c in b.histograms})
+        per_class = {
+            c: _merge([b.histograms[c] for b in live if c in b.histograms]) for c in classes
+        }
+        merged = _merge(list(per_class.values()))
         # A window that started less than `window` seconds ago covers only the time since start.
         span = max(1.0, min(float(self.window), now - self.started))
         return StatsSnapshot(
@@ -134,6 +163,15 @@ class TrafficStats:
             p99_response_time_ms=_percentile(merged, 0.99),
             throughput_mbps=round(sent * 8 / span / 1e6, 3),
             requests_per_second=round(requests / span, 3),
+            latency_by_status_class={
+                c: ClassLatency(
+                    requests=sum(histogram),
+                    p50_ms=_percentile(histogram, 0.50),
+                    p95_ms=_percentile(histogram, 0.95),
+                    p99_ms=_percentile(histogram, 0.99),
+                )
+                for c, histogram in per_class.items()
+            },
         )
 
 

@@ -2,10 +2,11 @@
 
 import asyncio
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.conftest import free_port, get_json, require_binary, wait_for_port
+from tests.conftest import ROOT, clean_env, free_port, get_json, require_binary, wait_for_port
 
 PASSWORD = "s3cret-pass-word"
 
@@ -165,3 +166,30 @@ async def test_redis_state_in_health_and_no_secret_anywhere(
             assert PASSWORD not in text
     finally:
         redis.stop()
+
+
+def test_check_reports_each_item_and_fails_without_upstream(sample_upstream):
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fileproxy", "check"],
+            env=clean_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    ok = run(FILEPROXY_UPSTREAM=sample_upstream.url, FILEPROXY_TCP_KEEPIDLE="45")
+    assert ok.returncode == 0, ok.stdout
+    lines = ok.stdout.splitlines()
+    for item in ("configuration", "uvloop", "open files limit", "socket options", "upstream"):
+        assert any(line.split(":")[0].endswith(item) for line in lines), (item, lines)
+    assert "TCP_KEEPIDLE=45" in ok.stdout
+    assert "time to first byte" in ok.stdout
+    assert lines[-1] == "all checks passed"
+
+    down = run(FILEPROXY_UPSTREAM="http://127.0.0.1:1")
+    assert down.returncode == 1
+    assert "FAIL upstream: http://127.0.0.1:1: cannot connect to upstream (ECONNREFUSED)" in (
+        down.stdout
+    )

@@ -348,6 +348,14 @@ def value(family: Any, name: str, **labels: str) -> float:
     return float(found[0].value)
 
 
+def duration_counts(histogram: Any) -> dict[str, float]:
+    """Requests per status class in the duration histogram."""
+    return {
+        s.labels["status_class"]: s.value
+        for s in samples(histogram, "fileproxy_request_duration_seconds_count")
+    }
+
+
 async def scrape(session: aiohttp.ClientSession, base: str) -> tuple[str, dict[str, Any]]:
     async with session.get(f"{base}/metrics") as resp:
         text = await resp.text()
@@ -409,14 +417,22 @@ async def test_metrics_count_what_happened(client, start_proxy, sample_upstream)
 
     histogram = families["fileproxy_request_duration_seconds"]
     assert histogram.type == "histogram"
-    assert value(histogram, "fileproxy_request_duration_seconds_count") == total
-    buckets = samples(histogram, "fileproxy_request_duration_seconds_bucket")
-    assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == total
-    counts = [b.value for b in buckets]
-    assert counts == sorted(counts), counts
+    per_class = duration_counts(histogram)
+    assert sum(per_class.values()) == total
+    assert per_class["5xx"] == 4  # three upstream 502s and the 504
+    for status_class, count in per_class.items():
+        buckets = samples(
+            histogram, "fileproxy_request_duration_seconds_bucket", status_class=status_class
+        )
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == count
+        counts = [b.value for b in buckets]
+        assert counts == sorted(counts), counts
     # the 504 alone took the 1 s headers timeout
-    assert value(histogram, "fileproxy_request_duration_seconds_sum") >= 1.0
-    assert value(histogram, "fileproxy_request_duration_seconds_bucket", le="0.5") <= total - 1
+    assert value(histogram, "fileproxy_request_duration_seconds_sum", status_class="5xx") >= 1.0
+    fast_5xx = value(
+        histogram, "fileproxy_request_duration_seconds_bucket", status_class="5xx", le="0.5"
+    )
+    assert fast_5xx <= per_class["5xx"] - 1
 
     sent = families["fileproxy_response_bytes"]
     assert sent.type == "counter"
@@ -438,12 +454,7 @@ async def test_metrics_count_what_happened(client, start_proxy, sample_upstream)
 
     # scraping is not traffic: a second scrape counts the same
     _, again = await scrape(client, proxy.url)
-    assert (
-        value(
-            again["fileproxy_request_duration_seconds"], "fileproxy_request_duration_seconds_count"
-        )
-        == total
-    )
+    assert sum(duration_counts(again["fileproxy_request_duration_seconds"]).values()) == total
     assert "fileproxy_requests_total" in text
 
     # every response body byte the client received, the proxy's own JSON error bodies too

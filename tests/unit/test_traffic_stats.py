@@ -79,8 +79,21 @@ def test_cumulative_counters_for_metrics():
     assert stats.by_status_class == {"2xx": 1, "5xx": 1, "4xx": 1}
     assert stats.by_cause == {"ok": 1, "upstream_error": 1, "client_abort": 1}
     assert stats.total_bytes_in == 5 and stats.total_bytes_out == 10
-    assert sum(stats.duration_buckets) == 3
-    assert stats.duration_buckets[CUMULATIVE_BOUNDS_S.index(0.005)] == 1
-    assert stats.duration_buckets[CUMULATIVE_BOUNDS_S.index(0.25)] == 1
-    assert stats.duration_buckets[-1] == 1  # above the largest bound
-    assert stats.duration_sum_s == 0.003 + 0.2 + 7200.0
+    buckets = stats.duration_buckets
+    assert {c: sum(counts) for c, counts in buckets.items()} == {"2xx": 1, "5xx": 1, "4xx": 1}
+    assert buckets["2xx"][CUMULATIVE_BOUNDS_S.index(0.005)] == 1
+    assert buckets["5xx"][CUMULATIVE_BOUNDS_S.index(0.25)] == 1
+    assert buckets["4xx"][-1] == 1  # above the largest bound
+    assert stats.duration_sum_s == {"2xx": 0.003, "5xx": 0.2, "4xx": 7200.0}
+
+
+def test_latency_percentiles_per_status_class():
+    stats = TrafficStats(60, now=0.0)
+    for _ in range(10):
+        _record(stats, 1.0, 0.010, 0, False, status=200)
+    _record(stats, 1.0, 2.0, 0, True, status=504, cause="timeout")
+    snap = stats.snapshot(2.0)
+    ok, timeout = snap.latency_by_status_class["2xx"], snap.latency_by_status_class["5xx"]
+    assert ok.requests == 10 and 10.0 <= ok.p99_ms <= 11.2
+    assert timeout.requests == 1 and 2000.0 <= timeout.p50_ms <= 2240.0
+    assert 10.0 <= snap.p50_response_time_ms <= 11.2  # all classes together
