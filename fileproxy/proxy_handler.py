@@ -56,7 +56,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(request_id_for(request), request.app[UPSTREAM].name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
-    status = 0
+    status = 500  # what aiohttp answers should an unexpected exception escape
     adaptation = request.app[ADAPTATION]
     try:
         admitted, retry_after = adaptation.admit(started)
