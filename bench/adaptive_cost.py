@@ -39,7 +39,7 @@ def main() -> None:
     started = time.process_time()
     for i in range(args.requests):
         now = i / RATE
-        admitted, _ = adaptation.admit(now)
+        adaptation.admit(now)
         adaptation.profile(now)
         ttfb = 0.02 + rng.random() * 0.004
         adaptation.observe_headers(now + ttfb, ttfb, read_tcp_info(client))
