@@ -107,3 +107,29 @@ async def test_run_optimized_starts_the_sample_backend_and_proxies_it(client, tm
     while _pid_alive(int(sample_pids[0])) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _pid_alive(int(sample_pids[0]))
+
+
+def test_run_optimized_check_runs_fileproxy_check(sample_upstream, tmp_dir):
+    env_file = tmp_dir / "fileproxy.env"
+    env_file.write_text(f"# an operator's env file\nFILEPROXY_UPSTREAM={sample_upstream.url}\n")
+    result = subprocess.run(
+        [str(ROOT / "run_optimized.sh"), "--check", str(env_file)],
+        env=clean_env(FILEPROXY_VENV=str(VENV_BIN.parent)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"loaded {env_file}" in result.stderr
+    assert f"PASS upstream: {sample_upstream.url} answered" in result.stdout
+    assert result.stdout.splitlines()[-1] == "all checks passed"
+    # the environment wins over the file
+    overridden = subprocess.run(
+        [str(ROOT / "run_optimized.sh"), "--check", str(env_file)],
+        env=clean_env(FILEPROXY_VENV=str(VENV_BIN.parent), FILEPROXY_UPSTREAM="http://127.0.0.1:1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert overridden.returncode == 1
+    assert "FAIL upstream: http://127.0.0.1:1" in overridden.stdout
