@@ -24,6 +24,7 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
+from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import proxy
 from .redis_health import RedisHealth
@@ -50,13 +51,19 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "read_bufsize": settings.buffer_size,  # upload buffer before the client is paused
         "max_line_size": settings.max_header_size,
         "max_field_size": settings.max_header_size,
+        # read by edge.EdgeRequestHandler: slowloris bound and connection limit
+        "client_header_timeout": settings.client_header_timeout,
+        "max_connections": settings.max_connections,
         "access_log_class": logs.AccessLogger,
         "access_log": logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
     }
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(handler_args=server_options(settings))
+    app = EdgeApplication(
+        handler_args=server_options(settings),
+        middlewares=[refuse_what_a_reverse_proxy_must_not_serve],
+    )
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[LISTEN_SOCKETS] = ListenSockets()

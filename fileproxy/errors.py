@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 # Termination causes of a proxied request (access log, /stats, /metrics).
 OK = "ok"
@@ -61,6 +61,51 @@ def classify(exc: BaseException) -> Failure:
         return Failure(502, "upstream_bad_response", "upstream sent an invalid response")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return Failure(502, "upstream_failed", f"upstream connection failed ({type(exc).__name__})")
+    return Failure(500, "internal_error", "internal error")
+
+
+class RequestHeadTimeout(Exception):
+    """The client did not complete its request head within FILEPROXY_HEADER_TIMEOUT."""
+
+
+class TooManyConnections(Exception):
+    """The connection is over FILEPROXY_MAX_CONNECTIONS."""
+
+
+def classify_edge(status: int, exc: BaseException | None, *, in_request_line: bool) -> Failure:
+    """A failure met by the HTTP server itself, outside the proxy handler.
+
+    aiohttp's parser errors (always "400" there), the request head timeout, the
+    connection limit, and exceptions escaping a handler. The detail is a fixed text
+    per kind: the parser's own messages quote the client's bytes, never echoed back.
+    """
+    if isinstance(exc, RequestHeadTimeout):
+        return Failure(408, "request_timeout", "request head not received in time")
+    if isinstance(exc, TooManyConnections):
+        return Failure(503, "too_many_connections", "too many client connections; retry later")
+    if isinstance(exc, http_exceptions.LineTooLong):
+        if in_request_line:
+            return Failure(414, "uri_too_long", "request line too long")
+        return Failure(431, "header_too_large", "request header field too large")
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return Failure(400, "bad_method", "invalid request method")
+    if isinstance(exc, http_exceptions.BadStatusLine):
+        return Failure(400, "bad_request_line", "malformed request line")
+    if isinstance(exc, http_exceptions.InvalidURLError):
+        return Failure(400, "bad_target", "malformed request target")
+    if isinstance(exc, http_exceptions.InvalidHeader):
+        return Failure(400, "bad_header", "invalid request header")
+    if isinstance(exc, http_exceptions.HttpProcessingError):
+        message = exc.message
+        if message.startswith("Too many headers"):
+            return Failure(431, "too_many_headers", "too many request header fields")
+        if "Transfer-Encoding" in message or "Content-Length" in message or "chunk" in message:
+            return Failure(400, "bad_framing", "invalid request framing (length or chunking)")
+        return Failure(400, "bad_request", "malformed request")
+    if status == 504 or isinstance(exc, asyncio.TimeoutError):
+        return Failure(504, "timeout", "request timed out")
+    if 400 <= status < 500:
+        return Failure(status, "bad_request", "malformed request")
     return Failure(500, "internal_error", "internal error")
 
 

@@ -215,6 +215,21 @@ def _workers(raw: str) -> int:
 
 _workers.allowed = "auto | integer 1..1024"  # type: ignore[attr-defined]
 
+
+def _max_connections(raw: str) -> int:
+    """auto: half the open-files limit, since each proxied request also holds an upstream socket."""
+    if raw.strip().lower() == "auto":
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return max(16, (soft - 64) // 2)
+    return _int(1, 1 << 20)(raw)
+
+
+_max_connections.allowed = "auto | integer 1..1048576"  # type: ignore[attr-defined]
+
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
@@ -309,6 +324,16 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     SettingSpec(
         "FILEPROXY_MAX_HEADER_SIZE", "max_header_size", "8190", _int(256, 1 * MIB),
         "Longest request line and longest header field in bytes (then 414 / 431).",
+    ),
+    SettingSpec(
+        "FILEPROXY_HEADER_TIMEOUT", "client_header_timeout", "15", _float(0.05, 3600),
+        "Seconds a client may take to send a complete request head, counted from accept or "
+        "from its first byte on a kept-alive connection (then 408 and close; slowloris).",
+    ),
+    SettingSpec(
+        "FILEPROXY_MAX_CONNECTIONS", "max_connections", "auto", _max_connections,
+        "Client connections per worker; requests on connections beyond it get 503 and a close "
+        "(auto: half the open-files limit, each request also holds an upstream socket).",
     ),
     SettingSpec(
         "FILEPROXY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1/32,::1/128", _networks,
@@ -469,6 +494,8 @@ class Settings:
     client_keepalive_timeout: float
     max_body_size: int
     max_header_size: int
+    client_header_timeout: float
+    max_connections: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     admin_token: str

@@ -1,0 +1,224 @@
+"""The edge: aiohttp's per-connection HTTP protocol, hardened for the internet.
+
+aiohttp 3.14 has no hooks for three things a reverse proxy needs before a request
+reaches the application, so this module subclasses its ``RequestHandler`` (the
+protocol of one client connection) and ``Server`` (its factory):
+
+- Errors the server meets itself (parser errors, a handler's escaping
+  exception) are answered with the JSON error body of ``errors`` instead of
+  aiohttp's text/plain, with a fixed detail (the parser's messages quote the
+  client's bytes) and the right status: 414 for a long request line, 431 for a
+  long or too many header fields (aiohttp says 400 for all of them).
+- A request head must be complete within ``FILEPROXY_HEADER_TIMEOUT`` seconds of
+  accept, or of its first byte on a kept-alive connection (nginx's
+  client_header_timeout): else 408 and close. aiohttp itself only has the
+  keep-alive timeout, which a slowloris client never lets fire early.
+- Connections beyond ``FILEPROXY_MAX_CONNECTIONS`` per worker get 503 for their
+  request and are closed; the application never sees them.
+
+``EdgeApplication`` puts this in place wherever an ``AppRunner`` is built from the
+app (``fileproxy serve`` and gunicorn's aiohttp worker alike); the settings come
+in through ``handler_args`` (see ``app.server_options``).
+
+This leans on aiohttp internals (``_ErrInfo``, ``_messages``, ``_waiter``,
+``_close``); tests/reliability pins the behaviour, so an aiohttp upgrade that
+moves them fails there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_server import Server
+
+from . import errors
+from .proxy_handler import request_id_for
+
+log = logging.getLogger("fileproxy.edge")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def refuse_what_a_reverse_proxy_must_not_serve(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """CONNECT, HTTP versions other than 1.x, and targets no route takes: JSON errors.
+
+    Without this aiohttp's router answers ``CONNECT host:port`` (or ``OPTIONS *``)
+    with a text/plain 404 and keeps a CONNECT connection open as a tunnel.
+    Absolute-form targets reach the proxy handler, which refuses them (400).
+    """
+    failure = None
+    if request.method == "CONNECT":
+        failure = errors.Failure(405, "method_not_allowed", "CONNECT is not supported")
+    elif request.version.major != 1:
+        failure = errors.Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
+    if failure is None:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if isinstance(exc, web.HTTPNotFound):  # the catch-all route takes every "/..."
+                failure = errors.Failure(
+                    400, "bad_target", "only origin-form request targets are accepted"
+                )
+            else:
+                failure = errors.Failure(exc.status, "bad_request", exc.reason)
+    response = errors.error_response(failure, request_id_for(request))
+    response.force_close()
+    return response
+
+
+async def _reject_over_limit(request: web.BaseRequest) -> web.StreamResponse:
+    failure = errors.classify_edge(503, errors.TooManyConnections(), in_request_line=False)
+    response = errors.error_response(failure, request_id_for(request), {"Retry-After": "1"})
+    response.force_close()
+    return response
+
+
+class EdgeRequestHandler(RequestHandler):
+    """One client connection: aiohttp's protocol plus head timeout, limit and JSON errors."""
+
+    def __init__(
+        self,
+        manager: Server,
+        *,
+        client_header_timeout: float,
+        max_connections: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = client_header_timeout
+        self._max_connections = max_connections
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # bytes of the request head in progress
+        self._head_line_len: int | None = None  # length of its request line, once complete
+        self._body: StreamReader | None = None  # body of the last parsed request
+
+    # --- connection limit and head timer -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        if manager is not None and len(manager.connections) >= self._max_connections:
+            self._request_handler = _reject_over_limit
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        self._body = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not (self._close or self._force_close or self._upgraded):
+            if self._head_timer is None and (self._body is None or self._body.is_eof()):
+                self._start_head_timer()  # the first byte of a request head
+            if self._head_timer is not None:
+                if self._head_line_len is None and (end := data.find(b"\n")) >= 0:
+                    self._head_line_len = self._head_bytes + end
+                self._head_bytes += len(data)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # a head completed (or failed)
+            self._cancel_head_timer()
+            self._body = self._messages[-1][1] if self._messages else None
+
+    def _start_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_bytes, self._head_line_len = 0, None
+        self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._force_close or self._close or self.transport is None:
+            return
+        if self._head_bytes == 0:
+            self.force_close()  # nothing sent at all: close quietly, as nginx does
+            return
+        # Queue a 408 like aiohttp queues a parser error; parse nothing more.
+        exc = errors.RequestHeadTimeout()
+        self._messages.append((_ErrInfo(status=408, exc=exc, message=""), EMPTY_PAYLOAD))
+        self._request_count += 1
+        self._close = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- errors ----------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's hook for errors outside a handler's own response: a JSON error."""
+        line = self._head_line_len
+        in_request_line = line is None or line >= self.max_line_size
+        failure = errors.classify_edge(status, exc, in_request_line=in_request_line)
+        if failure.status >= 500 and failure.status != 503:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        elif not (self._request_count == 1 and isinstance(exc, BadHttpMethod)):
+            # bad input from the internet is routine: one line, no traceback
+            log.info(
+                "bad request",
+                extra={"peer": request.remote, "status": failure.status, "error": failure.error},
+            )
+        if request.writer.output_size > 0:  # headers already sent: only a close remains
+            raise ConnectionError("response already started, cannot send the error")
+        response = errors.error_response(failure, request_id_for(request))
+        response.force_close()
+        return response
+
+
+class EdgeServer(Server):
+    """aiohttp's protocol factory, making ``EdgeRequestHandler``s."""
+
+    def __call__(self) -> RequestHandler:
+        return EdgeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+with warnings.catch_warnings():
+    # aiohttp discourages subclassing Application; it is the one place that builds
+    # the Server under both AppRunner users (fileproxy serve and gunicorn's worker).
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    class EdgeApplication(web.Application):
+        """A web.Application whose server speaks through ``EdgeRequestHandler``."""
+
+        def _make_handler(
+            self,
+            *,
+            loop: asyncio.AbstractEventLoop | None = None,
+            access_log_class: type[AbstractAccessLogger] = AccessLogger,
+            **kwargs: Any,
+        ) -> Server:
+            server = super()._make_handler(loop=loop, access_log_class=access_log_class, **kwargs)
+            server.__class__ = EdgeServer  # same state, our protocol factory
+            return server
+
+
+__all__ = [
+    "EdgeApplication",
+    "EdgeRequestHandler",
+    "EdgeServer",
+    "refuse_what_a_reverse_proxy_must_not_serve",
+]
