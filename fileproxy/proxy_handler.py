@@ -135,16 +135,16 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
             request.app[UPSTREAM].mark_failure(time.time(), exchange.error or "")
             return failure
         cause = body_errors[0]
-        if isinstance(cause, errors.ClientRequestError):
-            return _fail(exchange, cause)
-        failure = _fail(
-            exchange,
-            errors.ClientRequestError(
+        broken = not isinstance(cause, errors.ClientRequestError)
+        if broken:
+            cause = errors.ClientRequestError(
                 400, "bad_request_body", "request body ended early or was malformed"
-            ),
-        )
-        exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
-        return failure
+            )
+        refusal = _fail(exchange, cause)
+        if broken:
+            exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
+        refusal.force_close()  # the rest of the body is not read
+        return refusal
 
     now = time.monotonic()
     exchange.ttfb_s = now - started
@@ -187,7 +187,7 @@ async def _send_upstream(
 
         async def request_body() -> AsyncIterator[bytes]:
             try:
-                while chunk := await request.content.read(profile.chunk_size):
+                while chunk := await _read_body(request, profile.chunk_size):
                     exchange.bytes_in += len(chunk)
                     if settings.max_body_size and exchange.bytes_in > settings.max_body_size:
                         raise _too_large(settings.max_body_size)
@@ -246,6 +246,18 @@ async def _relay(
         await response.write_eof()
     except ConnectionError:
         exchange.cause = errors.CLIENT_ABORT
+
+
+async def _read_body(request: web.Request, chunk_size: int) -> bytes:
+    """The next piece of the client's body; a client silent too long gets 408."""
+    timeout = request.app[SETTINGS].client_body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.content.read(chunk_size)
+    except TimeoutError:
+        raise errors.ClientRequestError(
+            408, "request_timeout", f"request body stalled for {timeout:g} s"
+        ) from None
 
 
 @functools.cache

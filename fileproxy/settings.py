@@ -331,6 +331,11 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "from its first byte on a kept-alive connection (then 408 and close; slowloris).",
     ),
     SettingSpec(
+        "FILEPROXY_BODY_TIMEOUT", "client_body_timeout", "60", _float(0.05, 86400),
+        "Seconds a client may stay silent between two reads of its request body "
+        "(then 408 and close, nginx's client_body_timeout).",
+    ),
+    SettingSpec(
         "FILEPROXY_MAX_CONNECTIONS", "max_connections", "auto", _max_connections,
         "Client connections per worker; requests on connections beyond it get 503 and a close "
         "(auto: half the open-files limit, each request also holds an upstream socket).",
@@ -495,6 +500,7 @@ class Settings:
     max_body_size: int
     max_header_size: int
     client_header_timeout: float
+    client_body_timeout: float
     max_connections: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

@@ -7,7 +7,10 @@ is proven in tests/integration/test_streaming.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+
+from aiohttp import web
 
 from tests.reliability.rawhttp import (
     RecordingBackend,
@@ -127,3 +130,44 @@ async def test_connections_beyond_the_limit_get_503_and_the_daemon_recovers(
     resp = parse_response(await exchange(proxy.port, NORMAL))
     assert resp.status == 200
     assert [path for _, path, _ in backend.seen] == ["/held", "/normal"]
+
+
+async def test_a_stalled_request_body_gets_408_and_the_upstream_request_is_cut(
+    start_backend, start_proxy
+):
+    seen: list[int] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        received = 0
+        try:
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+        finally:
+            seen.append(received)
+        return web.Response(text="stored")
+
+    app = web.Application()
+    app.router.add_post("/upload", upload)
+    backend = await start_backend(app)
+    proxy = start_proxy(backend.url, FILEPROXY_BODY_TIMEOUT="1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000
+    )
+    await writer.drain()  # then silence: 99,000 bytes never come
+    started = time.monotonic()
+    # the answer comes at once; the connection then lingers a little for the rest of the
+    # body (so the client reads the 408 rather than a reset), as nginx's lingering close
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    elapsed = time.monotonic() - started
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = await asyncio.wait_for(reader.readexactly(length), timeout=5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"] == "request_timeout"
+    assert 0.5 < elapsed < 6  # after FILEPROXY_BODY_TIMEOUT, not the keep-alive timeout
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert seen and seen[0] < 100000  # the upstream never got a complete body
