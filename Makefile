@@ -1,13 +1,16 @@
 # make test   - set up everything the tests need, then run lint, types and the whole suite
 # make lint   - ruff and mypy only
-# make bench  - benchmarks (see bench/README.md)
+# make bench  - benchmarks, as root (see bench/README.md): ~13 min; BENCH_FULL=1 make bench: ~40 min
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # system programs the tests start for real, and the Debian package of each
 SYSTEM_DEPS := curl:curl redis-server:redis-server nginx:nginx chromium:chromium systemd-analyze:systemd
+# what bench.run starts besides those (gcc builds netfilterqueue for the NFQUEUE delayer)
+BENCH_DEPS := wrk:wrk nginx:nginx curl:curl ping:iputils-ping ethtool:ethtool iptables:iptables tc:iproute2 ss:iproute2 gcc:gcc
+NFQUEUE_H := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 
-.PHONY: test lint system-deps venv bench clean
+.PHONY: test lint system-deps venv bench bench-deps clean
 
 test: system-deps venv lint
 	$(PY) -m pytest -q
@@ -45,9 +48,19 @@ system-deps:
 	  fi; \
 	fi
 
-bench: venv
+bench: bench-deps
 	$(PY) -m bench.chunk_sizes
 	$(PY) -m bench.adaptive_cost
+	$(PY) -m bench.run
+
+bench-deps: venv
+	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS="$(BENCH_DEPS)"
+	@[ -f $(NFQUEUE_H) ] || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnetfilter-queue-dev; \
+	  else echo "missing: sudo apt-get install -y libnetfilter-queue-dev"; exit 1; fi; }
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

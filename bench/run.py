@@ -1,0 +1,1110 @@
+"""The seed's three network scenarios, measured with wrk, side by side.
+
+    sudo .venv/bin/python -m bench.run                 # about 11 minutes
+    sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, plus 64 MiB files
+    .venv/bin/python -m bench.run --scenarios normal --workloads small --duration-scale 0.4
+
+Needs root (network namespaces, tc, iptables), wrk, nginx, curl, ping, ethtool,
+iptables and, on kernels without netem, the ``netfilterqueue`` package
+(``pip install -e '.[bench]'``; builds against Debian's libnetfilter-queue-dev).
+
+Setup (see bench/netem.py): a client and a server network namespace joined by
+a veth pair. The server namespace runs the backend (nginx, static files of
+1 KiB, 1 MiB and 64 MiB) and every contender, each with 2 worker processes:
+
+- ``direct``: wrk straight to the backend nginx (the limit);
+- ``nginx``: nginx ``proxy_pass`` (upstream keepalive, buffering on, 16 x 64k);
+- ``before``: the seed's plain aiohttp proxy with its original values
+  (bench/baseline_proxy.py, gunicorn + aiohttp.GunicornWebWorker);
+- ``fp_off``: fileproxy, ``FILEPROXY_OPTIMIZER=off``;
+- ``fp_on``: fileproxy, optimizer on
+  (both ``gunicorn -c gunicorn.conf.py``, FILEPROXY_WORKERS=2, access log off).
+
+The proxies reach the backend over the server namespace's loopback; the
+impaired link is the one between wrk and the contender. wrk runs in the
+client namespace. For each scenario the emulation is verified first (RTT,
+rate, loss counters), then every workload is measured for every contender in
+the order A B C D E E D C B A (drift on a shared machine cancels out), and
+the two runs of each contender are averaged.
+
+Output: a markdown table (printed, and ``bench/results/<date>.md``), the raw
+figures (``.json``) and a chart (``.png``, when matplotlib is importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.netem import (
+    SCENARIOS,
+    SERVER_IP,
+    Process,
+    Scenario,
+    Testbed,
+    netem_available,
+    write_file,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+PYTHON = sys.executable
+WORKERS = 2
+BACKEND_PORT = 8080
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_TIMEOUT_S = 30
+LONG_DOWNLOAD_BYTES = 8 << 20  # ~80 s on the very poor link: longer than the seed's 45 s total
+LINK_BOUND = 0.80  # goodput / link rate at or above which a row is marked link-bound
+PROBE_BOUND = 0.85  # ... or goodput / the verified rate probe (the emulation may cap below nominal)
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    port: int
+
+
+CONTENDERS = (
+    Contender("direct", "direct (nginx static)", BACKEND_PORT),
+    Contender("nginx", "nginx proxy_pass", 8081),
+    Contender("before", 'seed "before"', 8082),
+    Contender("fp_off", "fileproxy, optimizer off", 8083),
+    Contender("fp_on", "fileproxy, optimizer on", 8084),
+)
+FILEPROXY_KEYS = ("fp_off", "fp_on")
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str  # small | file | file64
+    path: str
+    connections: int
+    duration_s: int
+
+    @property
+    def label(self) -> str:
+        return {"small": "1 KiB", "file": "1 MiB", "file64": "64 MiB"}[self.key]
+
+
+def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
+    """Connections: the seed's 1000 / 500 / 100 for small responses; 16 / 4 / 2 for files.
+
+    1 MiB files need few connections on slow links (NOTES.md: at 16 connections
+    a 1 MiB file did not finish within 10 s on the poor link).
+    """
+    factor = (3.0 if full else 1.0) * scale
+    table: dict[str, list[tuple[str, str, int, float]]] = {
+        "clean": [("file", "/1m.bin", 16, 5)],
+        "normal": [("small", "/1k.bin", 1000, 5), ("file", "/1m.bin", 16, 5)],
+        "poor": [("small", "/1k.bin", 500, 8), ("file", "/1m.bin", 4, 10)],
+        "very_poor": [("small", "/1k.bin", 100, 10), ("file", "/1m.bin", 2, 10)],
+    }
+    # wrk takes whole seconds
+    rows = [Workload(k, p, c, max(1, round(d * factor))) for k, p, c, d in table[scenario]]
+    if full and scenario in ("clean", "normal"):
+        rows.append(Workload("file64", "/64m.bin", 4, max(1, round(15 * scale))))
+    return rows
+
+
+# -- processes -------------------------------------------------------------------
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in a process group."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        # fields[0] is state (field 3): pgrp is field 5, utime 14, stime 15
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def nginx_conf(root: Path, name: str, body: str) -> Path:
+    temp = root / f"{name}-temp"
+    temp.mkdir(exist_ok=True)
+    conf = root / f"{name}.conf"
+    conf.write_text(
+        f"""daemon off;
+user root;
+worker_processes {WORKERS};
+worker_rlimit_nofile 20000;
+pid {root}/{name}.pid;
+error_log {root}/{name}-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+{body}
+}}
+"""
+    )
+    return conf
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment without any fileproxy setting, plus `extra`."""
+    prefixes = ("FILEPROXY_", "HTTP_", "REDIS_", "BASELINE_")
+    names = {"STREAM_CHUNK_SIZE", "BUFFER_SIZE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in names}
+    env.update(extra)
+    return env
+
+
+class Bench:
+    def __init__(self, bed: Testbed, root: Path) -> None:
+        self.bed = bed
+        self.root = root
+        self.www = root / "www"
+        self.running: dict[str, Process] = {}
+        self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    def prepare_files(self) -> None:
+        self.www.mkdir(exist_ok=True)
+        write_file(self.www / "1k.bin", 1024)
+        write_file(self.www / "1m.bin", 1 << 20)
+        write_file(self.www / "64m.bin", 64 << 20)
+        write_file(self.www / "long.bin", LONG_DOWNLOAD_BYTES)
+
+    # contenders
+
+    def start_backend(self) -> None:
+        conf = nginx_conf(
+            self.root,
+            "backend",
+            f"    server {{ listen {BACKEND_PORT} backlog=4096; root {self.www}; }}",
+        )
+        self.running["direct"] = self.bed.spawn(
+            self.bed.server_ns, "backend", [self.nginx, "-c", str(conf), "-p", str(self.root)]
+        )
+
+    def start(self, key: str) -> None:
+        contender = next(c for c in CONTENDERS if c.key == key)
+        ns = self.bed.server_ns
+        port = contender.port
+        upstream = f"http://127.0.0.1:{BACKEND_PORT}"
+        if key == "direct":
+            return
+        if key == "nginx":
+            conf = nginx_conf(
+                self.root,
+                "nginx-proxy",
+                f"""    upstream backend {{
+        server 127.0.0.1:{BACKEND_PORT};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen {port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+            proxy_buffer_size 64k;
+            proxy_buffers 16 64k;
+            proxy_busy_buffers_size 128k;
+        }}
+    }}""",
+            )
+            argv = [self.nginx, "-c", str(conf), "-p", str(self.root)]
+            self.running[key] = self.bed.spawn(ns, "nginx-proxy", argv)
+        elif key == "before":
+            argv = [
+                PYTHON, "-m", "gunicorn", "bench.baseline_proxy:app",
+                "-k", "aiohttp.GunicornWebWorker", "-w", str(WORKERS),
+                "-b", f"0.0.0.0:{port}", "--backlog", "2048",
+                "--graceful-timeout", "3", "--log-level", "warning", "--no-control-socket",
+            ]  # fmt: skip
+            env = clean_env({"BASELINE_UPSTREAM": upstream})
+            self.running[key] = self.bed.spawn(ns, "before", argv, env=env)
+        else:
+            env = clean_env(
+                {
+                    "FILEPROXY_BIND": f"0.0.0.0:{port}",
+                    "FILEPROXY_UPSTREAM": upstream,
+                    "FILEPROXY_WORKERS": str(WORKERS),
+                    "FILEPROXY_ACCESS_LOG": "off",
+                    "FILEPROXY_OPTIMIZER": "on" if key == "fp_on" else "off",
+                    "FILEPROXY_DRAIN_DELAY": "0",
+                    "FILEPROXY_GRACEFUL_TIMEOUT": "3",
+                    "FILEPROXY_LOG_LEVEL": "warning",
+                }
+            )
+            argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+            self.running[key] = self.bed.spawn(ns, key, argv, env=env)
+
+    def stop(self, key: str) -> None:
+        process = self.running.pop(key, None)
+        if process is not None:
+            self.bed.stop(process)
+
+    def wait_ready(self, keys: list[str], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(keys)
+        while pending:
+            for key in list(pending):
+                process = self.running.get(key)
+                if process is not None and process.popen.poll() is not None:
+                    log = process.log.read_text()[-3000:] if process.log else ""
+                    raise RuntimeError(f"{key} exited at start:\n{log}")
+                port = next(c.port for c in CONTENDERS if c.key == key)
+                code = self.bed.sh(
+                    self.bed.server_ns, "curl", "-s", "-o", "/dev/null", "-m", "2",
+                    "-w", "%{http_code}", f"http://127.0.0.1:{port}/1k.bin",
+                    check=False,
+                )  # fmt: skip
+                if code.strip() == "200":
+                    pending.remove(key)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout:g} s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.2)
+
+    def check_bytes(self, keys: list[str]) -> dict[str, bool]:
+        """Each contender relays 1 MiB byte-exact (run on the clean link)."""
+        want = subprocess.run(
+            ["sha256sum", str(self.www / "1m.bin")], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        result = {}
+        for key in keys:
+            port = next(c.port for c in CONTENDERS if c.key == key)
+            out = self.bed.sh(
+                self.bed.client_ns, "sh", "-c",
+                f"curl -sS --fail -m 20 http://{SERVER_IP}:{port}/1m.bin | sha256sum",
+                check=False,
+            )  # fmt: skip
+            result[key] = out.split()[:1] == [want]
+        return result
+
+    def long_download(self, key: str, size: int) -> dict[str, Any]:
+        """One download of `size` bytes through a contender, checked byte for byte.
+
+        On the very poor link it lasts longer than the seed's 45 s *total*
+        timeout, which the "before" proxy still has.
+        """
+        port = next(c.port for c in CONTENDERS if c.key == key)
+        want = subprocess.run(
+            ["sha256sum", str(self.www / "long.bin")], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        target = self.root / f"long-{key}.bin"
+        started = time.monotonic()
+        out = self.bed.sh(
+            self.bed.client_ns, "curl", "-sS", "-o", str(target), "--max-time", "400",
+            "-w", "%{http_code} %{size_download} %{exitcode}",
+            f"http://{SERVER_IP}:{port}/long.bin", check=False, timeout=460,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        fields = out.split()
+        got = ""
+        if target.exists():
+            got = subprocess.run(
+                ["sha256sum", str(target)], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+            target.unlink()
+        return {
+            "contender": key,
+            "size": size,
+            "status": fields[0] if fields else None,
+            "bytes": int(fields[1]) if len(fields) > 1 else 0,
+            "curl_exit": int(fields[2]) if len(fields) > 2 else None,
+            "seconds": round(elapsed, 1),
+            "byte_exact": got == want,
+        }
+
+    def established(self, port: int) -> int:
+        out = self.bed.sh(
+            self.bed.server_ns, "ss", "-Htn", "state", "established",
+            f"( sport = :{port} ) and dst {SERVER_IP.rsplit('.', 1)[0]}.1",
+            check=False,
+        )  # fmt: skip
+        return len([line for line in out.splitlines() if line.strip()])
+
+    def wait_quiet(self, port: int, timeout: float) -> int:
+        """Wait until no client connection to `port` is established; those left after."""
+        deadline = time.monotonic() + timeout
+        while (left := self.established(port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
+    def fileproxy_stats(self, key: str) -> dict[str, Any]:
+        port = next(c.port for c in CONTENDERS if c.key == key)
+        out = self.bed.sh(
+            self.bed.server_ns, PYTHON, "-m", "bench.health_probe", "--port", str(port),
+            "--collect-stats", check=False,
+        )  # fmt: skip
+        try:
+            data: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+            return data
+        except (ValueError, IndexError):
+            return {"error": out[-500:]}
+
+    # measuring
+
+    def measure(
+        self, scenario: Scenario, workload: Workload, key: str, health: bool
+    ) -> dict[str, Any]:
+        contender = next(c for c in CONTENDERS if c.key == key)
+        threads = min(2, workload.connections)
+        url = f"http://{SERVER_IP}:{contender.port}{workload.path}"
+        argv = self.bed.ns_argv(
+            self.bed.client_ns,
+            [
+                "wrk", f"-t{threads}", f"-c{workload.connections}", f"-d{workload.duration_s}s",
+                "--timeout", f"{WRK_TIMEOUT_S}s", "-s", str(BENCH / "wrk_report.lua"), url,
+            ],
+        )  # fmt: skip
+        groups = {
+            "contender": self.running[key].pid,
+            "backend": self.running["direct"].pid,
+        }
+        if self.bed.delayer is not None:
+            groups["delayer"] = self.bed.delayer.pid
+        cpu_before = {name: group_cpu_seconds(pgid) for name, pgid in groups.items()}
+        wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy_before = host_busy_seconds()
+        loadavg = Path("/proc/loadavg").read_text().split()[0]
+        probe = None
+        if health:
+            probe = subprocess.Popen(
+                self.bed.ns_argv(
+                    self.bed.server_ns,
+                    [PYTHON, "-m", "bench.health_probe", "--port", str(contender.port),
+                     "--count", "200", "--interval-ms", "10", "--delay", "1.0"],
+                ),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            )  # fmt: skip
+        started = time.monotonic()
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=workload.duration_s + 60, check=False
+        )
+        elapsed = time.monotonic() - started
+        busy = host_busy_seconds() - busy_before
+        wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {
+            name: round(group_cpu_seconds(pgid) - cpu_before[name], 2)
+            for name, pgid in groups.items()
+        }
+        cpu["wrk"] = round(
+            (wrk_after.ru_utime - wrk_before.ru_utime) + (wrk_after.ru_stime - wrk_before.ru_stime),
+            2,
+        )
+        known = sum(v for k, v in cpu.items() if not (k == "backend" and key == "direct"))
+        # everything else: other users of the machine, and kernel network work (softirq)
+        # not charged to any of our processes
+        cpu["other"] = round(max(busy - known, 0.0), 2)
+        result: dict[str, Any] = {
+            "contender": key,
+            "scenario": scenario.name,
+            "workload": workload.key,
+            "connections": workload.connections,
+            "elapsed_s": round(elapsed, 2),
+            "loadavg_1m_before": float(loadavg),
+            "cpu_s": cpu,
+        }
+        match = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
+        if match is None:
+            result["error"] = (done.stdout + done.stderr)[-1000:]
+        else:
+            result["wrk"] = json.loads(match.group(1))
+        if probe is not None:
+            try:
+                out, _ = probe.communicate(timeout=60)
+                result["health"] = json.loads(out.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                probe.kill()
+                probe.wait()
+                result["health"] = {"error": str(exc)}
+        return result
+
+
+# -- report -----------------------------------------------------------------------
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(
+    runs: list[dict[str, Any]], scenario: Scenario, workload: Workload, probe_mbit: float | None
+) -> dict[str, Any]:
+    """Mean of one contender's runs (two: one per direction of the alternation).
+
+    Link-bound: goodput >= LINK_BOUND x the nominal rate, or >= PROBE_BOUND x what the
+    rate probe measured (on the 1 Gbit/s link the NFQUEUE delayer caps the
+    emulated link below its nominal rate).
+    """
+    ok = [r["wrk"] for r in runs if "wrk" in r]
+    lat = [w["latency_us"] for w in ok if w.get("latency_us")]
+    errors: dict[str, int] = {}
+    for w in ok:
+        for kind, count in w["errors"].items():
+            errors[kind] = errors.get(kind, 0) + int(count)
+    rps = [float(w["requests_per_s"]) for w in ok]
+    bps = [float(w["bytes_per_s"]) for w in ok]
+    row: dict[str, Any] = {
+        "runs": len(runs),
+        "failed_runs": len(runs) - len(ok),
+        "requests": sum(int(w["requests"]) for w in ok),
+        "requests_per_s": mean(rps),
+        "bytes_per_s": mean(bps),
+        "spread": (max(rps) - min(rps)) / mean(rps) if len(rps) > 1 and mean(rps) else None,
+        "errors": errors,
+        "errors_total": sum(errors.values()),
+    }
+    for p in ("p50", "p90", "p99", "p99_9"):
+        row[f"{p}_ms"] = mean([x[p] / 1000 for x in lat]) if lat else None
+    if (workload.key != "small" or scenario.name != "normal") and bps and scenario.rate_mbit:
+        goodput_mbit = sum(bps) / len(bps) * 8 / 1e6
+        row["utilisation"] = goodput_mbit / scenario.rate_mbit
+        row["link_bound"] = row["utilisation"] >= LINK_BOUND or (
+            probe_mbit is not None and goodput_mbit >= PROBE_BOUND * probe_mbit
+        )
+    cpu: dict[str, float] = {}
+    for r in runs:
+        for name, seconds in r["cpu_s"].items():
+            cpu[name] = cpu.get(name, 0.0) + seconds
+    total_s = sum(r["wrk"]["duration_s"] for r in runs if "wrk" in r) or 1.0
+    row["cpu_pct"] = {name: round(s / total_s * 100, 1) for name, s in cpu.items()}
+    health = [r["health"] for r in runs if "health" in r]
+    if health:
+        row["health"] = health
+    return row
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def throughput(row: dict[str, Any], workload_key: str) -> float | None:
+    value = row["requests_per_s"] if workload_key == "small" else row["bytes_per_s"]
+    return float(value) if value is not None else None
+
+
+def load_text(report: dict[str, Any]) -> str:
+    loads = [
+        r["loadavg_1m_before"]
+        for scen in report["scenarios"]
+        for wl in scen["workloads"]
+        for runs in wl["runs"].values()
+        for r in runs
+        if "loadavg_1m_before" in r
+    ]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "unknown"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# fileproxy benchmark, {env['date']}",
+        "",
+        f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; "
+        f"kernel {env['kernel']}; {env['os']}",
+        f"- impairment: {env['method']} ({env['method_detail']})",
+        f"- software: nginx {env['nginx']}, wrk {env['wrk']}, Python {env['python']}, "
+        f"aiohttp {env['aiohttp']}, gunicorn {env['gunicorn']}, uvloop {env['uvloop']}; "
+        f"TCP congestion control {env['congestion_control']}",
+        f"- every proxy has {WORKERS} worker processes; backend nginx {WORKERS} workers, "
+        "static files; wrk in the client namespace, `--timeout "
+        f"{WRK_TIMEOUT_S}s`; order A B C D E E D C B A, mean of the 2 runs",
+        f"- machine load (1-min load average before each run): {load_text(report)}; "
+        "the CPU column shows how much of it was not ours",
+        f"- run time {report['run_time_s'] / 60:.1f} min"
+        + (" (BENCH_FULL=1)" if report["full"] else ""),
+        "",
+        "Throughput is req/s for 1 KiB rows and MB/s for file rows; ratios compare "
+        'throughput and p99 with the seed\'s "before" proxy and with nginx proxy_pass, '
+        "measured in the same run. p99 ratio < 1 is better. util = goodput (HTTP bytes "
+        f"received) / nominal link rate; **LB** = link-bound (util >= {LINK_BOUND:.2f}, or "
+        f"goodput >= {PROBE_BOUND:.2f}x the verified rate probe): the link, not the proxy, "
+        "sets the "
+        "throughput there. CPU = % of one core during the "
+        "contender's runs: its processes (direct: the backend nginx) / the NFQUEUE delayer / "
+        "everything else on the machine (other users, kernel network work not charged to a "
+        "process); this VM is shared, so a high 'other' marks a disturbed row.",
+        "",
+    ]
+    for scen in report["scenarios"]:
+        v = scen["verification"]
+        lines.append(f"## {scen['title']}: {scen['describe']}")
+        lines.append("")
+        if v:
+            ping, conn, rate, drops = v["ping"], v["tcp_connect"], v["rate_probe"], v["drops"]
+            lines.append(
+                f"Emulation measured: ping {ping.get('min_ms')}/{ping.get('avg_ms')}/"
+                f"{ping.get('max_ms')} ms (min/avg/max), TCP connect median "
+                f"{conn['median_ms']} ms (max {conn['max_ms']}), rate probe "
+                f"{rate['goodput_mbit']} Mbit/s"
+                + (f" = {rate['of_nominal']:.2f}x nominal" if rate.get("of_nominal") else "")
+                + " (one download, slow start left out), drops "
+                + ", ".join(
+                    f"{side} {d['dropped']}/{d['arrived']} ({d['drop_pct']}%)"
+                    for side, d in drops.items()
+                )
+                + "; checks: "
+                + ", ".join(f"{k} {'ok' if ok else 'OFF'}" for k, ok in v["checks"].items())
+                + "."
+            )
+            lines.append("")
+        lines.append(
+            "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
+            "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
+            "| CPU % contender / delayer / other |"
+        )
+        lines.append("|" + "---|" * 14)
+        for wl in scen["workloads"]:
+            rows = wl["rows"]
+            before, anchor = rows.get("before"), rows.get("nginx")
+            for key, row in rows.items():
+                thr = throughput(row, wl["key"])
+                thr_text = (
+                    f"{fmt(thr)} req/s"
+                    if wl["key"] == "small"
+                    else f"{fmt(thr / 1e6 if thr is not None else None, 2)} MB/s"
+                )
+                util = row.get("utilisation")
+                util_text = "-" if util is None else f"{util:.2f}"
+                if row.get("link_bound"):
+                    util_text += " **LB**"
+                errs = row["errors_total"]
+                err_text = (
+                    "0"
+                    if not errs
+                    else f"{errs} ("
+                    + ", ".join(f"{k} {n}" for k, n in row["errors"].items() if n)
+                    + ")"
+                )
+                if row["failed_runs"]:
+                    err_text += f", {row['failed_runs']} run(s) failed"
+                pct = row["cpu_pct"]
+                cpu = (
+                    f"{fmt(pct.get('backend' if key == 'direct' else 'contender'))} / "
+                    f"{fmt(pct.get('delayer'))} / {fmt(pct.get('other'))}"
+                )
+                lines.append(
+                    f"| {wl['label']} | {wl['connections']} | {LABELS[key]} | {thr_text} "
+                    f"| {fmt(row['p50_ms'], 1)} | {fmt(row['p99_ms'], 1)} "
+                    f"| {fmt(row['p99_9_ms'], 1)} | {err_text} | {util_text} "
+                    f"| {ratio(thr, throughput(before, wl['key']) if before else None)} "
+                    f"| {ratio(thr, throughput(anchor, wl['key']) if anchor else None)} "
+                    f"| {ratio(row['p99_ms'], before['p99_ms'] if before else None)} "
+                    f"| {ratio(row['p99_ms'], anchor['p99_ms'] if anchor else None)} "
+                    f"| {cpu} |"
+                )
+        lines.append("")
+        extras = []
+        for wl in scen["workloads"]:
+            for key, row in wl["rows"].items():
+                for h in row.get("health", []):
+                    if "p50_ms" in h:
+                        extras.append(
+                            f"- `/health` of {LABELS[key]} during its {wl['label']} run "
+                            f"({wl['connections']} connections): p50 {h['p50_ms']} ms, "
+                            f"p99 {h['p99_ms']} ms, max {h['max_ms']} ms, "
+                            f"{h['ok']}/{h['count']} ok (new connection each, server namespace "
+                            "loopback)"
+                        )
+        for key, stats in scen.get("fileproxy_stats", {}).items():
+            if "error" in stats:
+                extras.append(f"- `/stats` of {LABELS[key]}: unavailable ({stats['error'][:80]})")
+                continue
+            extras.append(
+                f"- `/stats` of {LABELS[key]} after the scenario (both workers): "
+                f"requests {stats['total_requests']}, errors {stats['total_errors']}, "
+                f"client aborts {stats['client_aborts']}, rejected_total "
+                f"{stats['rejected_total']}, limiter enforcing {stats['enforcing'] or 'n/a'}, "
+                + (
+                    f"quality levels {stats['quality_levels']}"
+                    if any(stats["quality_levels"])
+                    else "no quality level (optimizer off)"
+                )
+            )
+        for item in scen.get("long_download", []):
+            verdict = "byte-exact" if item["byte_exact"] else "NOT complete"
+            extras.append(
+                f"- long download of {item['size'] >> 20} MiB through {LABELS[item['contender']]}: "
+                f"{verdict}, {item['bytes']} bytes in {item['seconds']} s, HTTP {item['status']}, "
+                f"curl exit {item['curl_exit']}"
+            )
+        delayer = scen.get("delayer")
+        if delayer:
+            extras.append(
+                f"- delayer: {delayer['packets']} packets, mean delay {delayer['mean_delay_ms']} "
+                f"ms (FIFO per flow), late by {delayer['mean_late_ms']} ms on average, "
+                f"max backlog {delayer['max_backlog']}, {delayer['cpu_s']} CPU s"
+            )
+        if extras:
+            lines.extend([*extras, ""])
+    lines.extend(report["notes"])
+    return "\n".join(lines) + "\n"
+
+
+LABELS = {c.key: c.label for c in CONTENDERS}
+
+
+def chart(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = [(s, w) for s in report["scenarios"] for w in s["workloads"]]
+    if not cases:
+        return False
+    width = max(3.2 * len(cases), 11.0)
+    fig, axes = plt.subplots(2, len(cases), figsize=(width, 7.0), squeeze=False)
+    colour = {"direct": "#7f7f7f", "nginx": "#2ca02c", "before": "#d62728",
+              "fp_off": "#9ecae1", "fp_on": "#1f77b4"}  # fmt: skip
+    for col, (scen, wl) in enumerate(cases):
+        keys = list(wl["rows"])
+        rows = [wl["rows"][k] for k in keys]
+        before = wl["rows"].get("before")
+        base = throughput(before, wl["key"]) if before else None
+        values = [throughput(r, wl["key"]) or 0.0 for r in rows]
+        norm = [v / base if base else 0.0 for v in values]
+        top, bottom = axes[0][col], axes[1][col]
+        bars = top.bar(range(len(keys)), norm, color=[colour[k] for k in keys])
+        top.axhline(1.0, color="black", linewidth=0.8)
+        top.set_title(f"{scen['title']}\n{wl['label']}, {wl['connections']} conns", fontsize=9)
+        top.set_xticks([])
+        for bar, value in zip(bars, values, strict=True):
+            if wl["key"] == "small":
+                text = f"{value:,.0f}"
+            else:
+                text = f"{value / 1e6:.1f}" if value >= 10e6 else f"{value / 1e6:.2f}"
+            top.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                         ha="center", va="bottom", fontsize=7)  # fmt: skip
+        p99 = [r["p99_ms"] for r in rows]
+        bars = bottom.bar(range(len(keys)), [v or 0.0 for v in p99],
+                          color=[colour[k] for k in keys])  # fmt: skip
+        bottom.set_xticks([])
+        bottom.set_ylim(bottom=0)
+        if not any(p99):
+            bottom.text(0.5, 0.5, "no response completed\nwithin a run", ha="center",
+                        va="center", transform=bottom.transAxes, fontsize=8)  # fmt: skip
+            bottom.set_yticks([])
+        for bar, value in zip(bars, p99, strict=True):
+            if value:
+                bottom.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
+                                                  bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)  # fmt: skip
+        if col == 0:
+            top.set_ylabel('throughput / "before"\n(labels: req/s or MB/s)')
+            bottom.set_ylabel("p99 latency, ms")
+    shown = [c for c in CONTENDERS if c.key in cases[0][1]["rows"]]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c.key]) for c in shown]
+    fig.legend(handles, [c.label for c in shown], loc="lower center", ncol=5, fontsize=9)
+    env = report["environment"]
+    fig.suptitle(
+        f"fileproxy bench {env['date']} — {env['cores']} cores, kernel {env['kernel']}, "
+        f"{env['method']}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def environment(method: str) -> dict[str, Any]:
+    def version(argv: list[str], pattern: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        found = re.search(pattern, done.stdout + done.stderr)
+        return found.group(1) if found else "?"
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    os_name = "?"
+    with contextlib.suppress(OSError):
+        found = re.search(r'PRETTY_NAME="([^"]+)"', Path("/etc/os-release").read_text())
+        os_name = found.group(1) if found else "?"
+    import aiohttp
+    import gunicorn
+
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    return {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "kernel": platform.release(),
+        "os": os_name,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "gunicorn": gunicorn.__version__,
+        "uvloop": uv,
+        "nginx": version(["nginx", "-v"], r"nginx/(\S+)"),
+        "wrk": version(["wrk", "-v"], r"wrk (\S+)"),
+        "congestion_control": Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip(),
+        "method": method,
+        "method_detail": (
+            "tc netem on both veth ends"
+            if method == "netem"
+            else "no netem qdisc on this kernel: tbf for rate on both veth ends, iptables "
+            "statistic random DROP on each side's INPUT for loss, NFQUEUE userspace delayer "
+            "(bench/delayer.py, FIFO per flow) on the client namespace's OUTPUT and INPUT "
+            "for delay and jitter"
+        ),
+    }
+
+
+NOTES = [
+    "Scaling to 2 cores: the seed's connection counts are kept (1000 / 500 / 100 for 1 KiB); "
+    "wrk, the backend, the contender and the NFQUEUE delayer share the 2 cores, so the "
+    "normal-scenario rows measure CPU cost per request on this machine, not network limits. "
+    "File rows use 16 / 4 / 2 connections (a 1 MiB file at 16 connections does not finish "
+    "within 10 s on the poor link). Each run lasts 5-10 s (x3 with BENCH_FULL=1).",
+    "",
+    "Without netem the 10 ms of the normal link come from the NFQUEUE delayer, a Python "
+    "process that forwards ~110k packets/s on one core: the normal link carries at most "
+    "~750-850 Mbit/s (its rate probe says how much), so normal 1 MiB rows are bound by the "
+    "emulation, and at 30-40k req/s the delayer takes a large share of the 2 cores. The "
+    '"clean" scenario (not one of the seed\'s: the bare veth pair, no delay, shaping or '
+    "loss) shows what each proxy relays on its own.",
+    "",
+    "The proxies reach the backend over the server namespace's loopback: the impaired link "
+    "is the client side. fileproxy's network-quality classifier watches its *upstream* "
+    "(time to headers, TCP_INFO of upstream sockets), so here its level reflects a loopback "
+    "upstream and the proxy's own load (slow time to headers when its event loop is "
+    "saturated), never the client link: the scenarios cannot judge the classifier.",
+    "",
+    "On the poor and very poor links wrk counts every byte read, also of responses the run "
+    "ended in the middle of, so goodput (and util) is meaningful even where few 1 MiB "
+    "responses complete within a run; latency percentiles there come from few samples.",
+]
+
+
+def collect_stats(bench: Bench, key: str) -> dict[str, Any]:
+    raw = bench.fileproxy_stats(key)
+    if "error" in raw:
+        return raw
+    workers = raw.get("workers", {})
+    out: dict[str, Any] = {
+        "workers": len(workers),
+        "total_requests": 0,
+        "total_errors": 0,
+        "client_aborts": 0,
+        "rejected_total": 0,
+        "enforcing": [],
+        "quality_levels": [],
+    }
+    for data in workers.values():
+        metrics = data["performance_optimizer"]["metrics"]
+        out["total_requests"] += metrics.get("total_requests", 0)
+        out["total_errors"] += metrics.get("total_errors", 0)
+        out["client_aborts"] += metrics.get("client_aborts", 0)
+        out["quality_levels"].append(data["performance_optimizer"].get("quality_level"))
+        for upstream in data.get("upstreams", {}).values():
+            limiter = upstream.get("limiter") or {}
+            out["rejected_total"] += limiter.get("rejected_total", 0)
+            if limiter:
+                out["enforcing"].append(limiter.get("enforcing"))
+    out["raw"] = raw
+    return out
+
+
+@dataclass
+class Options:
+    scenarios: list[str]
+    workloads: list[str]
+    contenders: list[str]
+    full: bool
+    scale: float
+    out_dir: Path
+    chart: bool = True
+    long_download: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run(options: Options) -> dict[str, Any]:
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="fpb-"))
+    bed = Testbed(workdir=root / "logs")
+    (root / "logs").mkdir()
+    bench = Bench(bed, root)
+    report: dict[str, Any] = {"full": options.full, "scenarios": [], "notes": NOTES}
+    proxies = [k for k in options.contenders if k != "direct"]
+    try:
+        print(f"setting up namespaces {bed.client_ns} / {bed.server_ns} in {root}", flush=True)
+        bed.setup()
+        report["environment"] = environment(bed.method)
+        bench.prepare_files()
+        bench.start_backend()
+        for key in proxies:
+            bench.start(key)
+        bench.wait_ready(["direct", *proxies])
+        report["byte_exact_1mib"] = bench.check_bytes(options.contenders)
+        print(f"byte-exact 1 MiB through each contender: {report['byte_exact_1mib']}", flush=True)
+        for name in options.scenarios:
+            scenario = SCENARIOS[name]
+            print(f"\n== {scenario.title}: {scenario.describe()} "
+                  f"[{(time.monotonic() - started) / 60:.1f} min]", flush=True)  # fmt: skip
+            scenario_started = time.monotonic()
+            # fresh proxies per scenario: no pool or optimizer state carried over
+            python_proxies = [k for k in proxies if k != "nginx"]
+            for key in python_proxies:
+                bench.stop(key)
+            bed.apply(scenario)
+            for key in python_proxies:
+                bench.start(key)
+            bench.wait_ready(python_proxies)
+            ready_s = time.monotonic() - scenario_started
+            verification = bed.verify(BACKEND_PORT, f"http://{SERVER_IP}:{BACKEND_PORT}/64m.bin")
+            verification["setup_s"] = round(ready_s, 1)
+            verification["verify_s"] = round(time.monotonic() - scenario_started - ready_s, 1)
+            scen: dict[str, Any] = {
+                "name": name,
+                "title": scenario.title,
+                "describe": scenario.describe(),
+                "config": asdict(scenario),
+                "verification": verification,
+                "workloads": [],
+            }
+            for workload in workloads_for(name, options.full, options.scale):
+                if workload.key not in options.workloads and not (
+                    workload.key == "file64" and "file" in options.workloads
+                ):
+                    continue
+                order = options.contenders + options.contenders[::-1]
+                runs: dict[str, list[dict[str, Any]]] = {k: [] for k in options.contenders}
+                for key in order:
+                    health = key in FILEPROXY_KEYS and name == "normal" and workload.key == "small"
+                    result = bench.measure(scenario, workload, key, health)
+                    runs[key].append(result)
+                    w = result.get("wrk")
+                    if w:
+                        p99 = (w["latency_us"] or {}).get("p99")
+                        summary = (
+                            f"{w['requests_per_s']:.0f} req/s, {w['bytes_per_s'] / 1e6:.2f} MB/s, "
+                            f"p99 {'-' if p99 is None else f'{p99 / 1000:.1f}'} ms, "
+                            f"errors {w['errors_total']}"
+                        )
+                    else:
+                        summary = f"FAILED: {result.get('error', '')[:200]}"
+                    if "health" in result:
+                        summary += f"; /health {result['health']}"
+                    print(
+                        f"  {workload.label} c={workload.connections} {key:7s} {summary}",
+                        flush=True,
+                    )
+                    port = next(c.port for c in CONTENDERS if c.key == key)
+                    quiet_started = time.monotonic()
+                    # connections of the last run still open on the server side (a lost RST
+                    # on a lossy link leaves some for a while): wait a little, then go on
+                    result["lingering"] = bench.wait_quiet(port, 3)
+                    result["quiet_wait_s"] = round(time.monotonic() - quiet_started, 2)
+                probe_mbit = verification["rate_probe"]["goodput_mbit"]
+                rows = {
+                    k: aggregate(runs[k], scenario, workload, probe_mbit)
+                    for k in options.contenders
+                }
+                scen["workloads"].append(
+                    {
+                        "key": workload.key,
+                        "label": workload.label,
+                        "connections": workload.connections,
+                        "duration_s": workload.duration_s,
+                        "rows": rows,
+                        "runs": runs,
+                    }
+                )
+            if name == "very_poor" and options.long_download:
+                scen["long_download"] = []
+                for key in [k for k in options.contenders if k != "direct"]:
+                    print(f"  long download, {LONG_DOWNLOAD_BYTES >> 20} MiB through {key} ...",
+                          flush=True)  # fmt: skip
+                    outcome = bench.long_download(key, LONG_DOWNLOAD_BYTES)
+                    print(f"    {outcome}", flush=True)
+                    scen["long_download"].append(outcome)
+            scen["fileproxy_stats"] = {
+                k: collect_stats(bench, k) for k in proxies if k in FILEPROXY_KEYS
+            }
+            scen["counters_after"] = bed.counters()
+            delayer = bed.delayer
+            bed.clear()
+            scen["delayer"] = bed.delayer_stats(delayer) if delayer is not None else None
+            report["scenarios"].append(scen)
+    finally:
+        bed.teardown()
+        shutil.rmtree(root, ignore_errors=True)
+    report["run_time_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def rerender(path: Path, with_chart: bool) -> None:
+    """Recompute the rows of a stored .json from its raw runs; rewrite .md (and .png)."""
+    report: dict[str, Any] = json.loads(path.read_text())
+    report["notes"] = NOTES
+    for scen in report["scenarios"]:
+        scenario = SCENARIOS[scen["name"]]
+        rate = (scen.get("verification") or {}).get("rate_probe", {})
+        probe = rate.get("goodput_mbit")
+        if probe is not None and "of_nominal" not in rate:
+            rate["of_nominal"] = (
+                round(probe / scenario.rate_mbit, 3) if scenario.rate_mbit else None
+            )
+        for wl in scen["workloads"]:
+            workload = Workload(wl["key"], "", wl["connections"], wl["duration_s"])
+            wl["rows"] = {
+                k: aggregate(runs, scenario, workload, probe) for k, runs in wl["runs"].items()
+            }
+    write_report(report, path.with_suffix(""), with_chart)
+
+
+def write_report(report: dict[str, Any], stem: Path, with_chart: bool) -> None:
+    text = markdown(report)
+    md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
+    if with_chart and chart(report, png_path):
+        text += f"\n![benchmark chart]({png_path.name})\n"
+    elif with_chart:
+        print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+    md_path.write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    print("\n" + text)
+    print(f"wrote {md_path}, {stem.with_suffix('.json')}" + (
+        f", {png_path}" if png_path.exists() else ""))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", default="clean,normal,poor,very_poor")
+    parser.add_argument("--workloads", default="small,file", help="small,file")
+    parser.add_argument("--contenders", default=",".join(c.key for c in CONTENDERS))
+    parser.add_argument(
+        "--duration-scale", type=float, default=1.0, help="multiply every run's duration"
+    )
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--long-download",
+        action="store_true",
+        help="on the very poor link, download 8 MiB (~80 s) through each proxy, byte-exact "
+        "(on by default with BENCH_FULL=1)",
+    )
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rebuild .md/.png from a stored .json"
+    )
+    args = parser.parse_args()
+    if args.render:
+        rerender(args.render, not args.no_chart)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("bench.run needs root (network namespaces, tc, iptables)")
+    missing = [p for p in ("wrk", "nginx", "curl", "ping", "ethtool", "iptables", "tc", "ss")
+               if shutil.which(p) is None]  # fmt: skip
+    if missing:
+        raise SystemExit(
+            f"missing programs: {' '.join(missing)}; on Debian: apt-get install -y wrk nginx "
+            "curl iputils-ping ethtool iptables iproute2"
+        )
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        if not netem_available():
+            raise SystemExit(
+                "this kernel has no netem qdisc and the NFQUEUE delayer needs the netfilterqueue "
+                "package: apt-get install -y gcc libnetfilter-queue-dev && "
+                ".venv/bin/pip install -e '.[bench]'"
+            ) from None
+    full = os.environ.get("BENCH_FULL", "") not in ("", "0")
+    options = Options(
+        scenarios=[s for s in args.scenarios.split(",") if s],
+        workloads=[w for w in args.workloads.split(",") if w],
+        contenders=[c for c in args.contenders.split(",") if c],
+        full=full,
+        scale=args.duration_scale,
+        out_dir=args.out_dir,
+        chart=not args.no_chart,
+        long_download=args.long_download or full,
+    )
+    unknown = set(options.scenarios) - set(SCENARIOS)
+    unknown |= set(options.contenders) - set(LABELS)
+    unknown |= set(options.workloads) - {"small", "file"}
+    if unknown:
+        raise SystemExit(f"unknown: {', '.join(sorted(unknown))}")
+    if "direct" not in options.contenders:
+        options.contenders.insert(0, "direct")  # the backend is always there
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    report = run(options)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    write_report(report, options.out_dir / stamp, options.chart)
+
+
+if __name__ == "__main__":
+    main()
