@@ -76,7 +76,7 @@ fi
 "$VENV/bin/fileproxy" config >/dev/null
 
 if "$VENV/bin/python" -c 'import uvloop' 2>/dev/null; then
-    log "uvloop: active (gunicorn worker aiohttp.GunicornUVLoopWebWorker)"
+    log "uvloop: active (gunicorn worker fileproxy.gunicorn_worker.DrainingUVLoopWorker)"
 else
     log "WARNING: uvloop not importable: running on asyncio's default loop"
 fi
