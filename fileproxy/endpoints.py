@@ -99,12 +99,9 @@ async def stats(request: web.Request) -> web.Response:
             "performance_optimizer": {
                 "metrics": {
                     "total_requests": traffic.total_requests,
-                    "error_rate": window.error_rate,
-                    "avg_response_time_ms": window.avg_response_time_ms,
-                    "p95_response_time_ms": window.p95_response_time_ms,
-                    "throughput_mbps": window.throughput_mbps,
-                    "uvloop_enabled": runtime.uvloop_enabled,
+                    # error_rate, avg/p95_response_time_ms, throughput_mbps and more
                     **asdict(window),
+                    "uvloop_enabled": runtime.uvloop_enabled,
                     "total_errors": traffic.total_errors,
                     "total_bytes_sent": traffic.total_bytes_out,
                     "total_bytes_received": traffic.total_bytes_in,

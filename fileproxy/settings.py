@@ -7,7 +7,6 @@ and the README table all come from that table; nothing else reads ``os.environ``
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -558,9 +557,6 @@ class Settings:
                 "expected FILEPROXY_LIMIT_MIN <= FILEPROXY_LIMIT_INITIAL <= FILEPROXY_LIMIT_MAX",
             )
         return cls(**values, sources=sources)
-
-    def with_changes(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
 
     def public_items(self) -> list[tuple[SettingSpec, str]]:
         """(spec, value as text) for every setting, secrets redacted."""
