@@ -5,6 +5,8 @@
 - ``start_backend(app)`` runs an aiohttp app written in a test, in the test's own loop.
 - ``sample_upstream`` runs ``fileproxy sample-upstream`` as a subprocess.
 - ``require_binary`` fails (never skips) with the install command when a tool is missing.
+- ``redis_server`` / ``redis_cluster`` / ``redis_backend``: real redis-server processes
+  (one node, or a 3-master Redis Cluster) from tests/redis_servers.py.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+if TYPE_CHECKING:
+    from tests.redis_servers import RedisBackend, RedisClusterServers, RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
-APT_PACKAGES = {"curl": "curl", "redis-server": "redis-server", "nginx": "nginx"}
+APT_PACKAGES = {
+    "curl": "curl",
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "nginx": "nginx",
+}
 
 
 def require_binary(name: str) -> str:
@@ -225,3 +236,45 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> dict:  # type: i
     async with session.get(url) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()  # type: ignore[no-any-return]
+
+
+# Real Redis for the shared state store. tests/redis_servers.py imports the helpers above,
+# so it is imported inside the fixtures, not at the top of this module.
+
+
+@pytest.fixture
+def redis_server(tmp_dir: Path) -> Iterator[RedisServer]:
+    """One redis-server with a password on a free loopback port; stopped at teardown."""
+    from tests.redis_servers import RedisServer
+
+    server = RedisServer(tmp_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_dir: Path) -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster with a password on free loopback ports; stopped at teardown."""
+    from tests.redis_servers import RedisClusterServers
+
+    cluster = RedisClusterServers(tmp_dir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_backend(request: pytest.FixtureRequest, tmp_dir: Path) -> Iterator[RedisBackend]:
+    """The same test against one node and against a 3-master cluster (``backend.cluster``)."""
+    from tests.redis_servers import RedisClusterServers, RedisServer
+
+    backend: RedisBackend = (
+        RedisServer(tmp_dir) if request.param == "single" else RedisClusterServers(tmp_dir)
+    )
+    try:
+        yield backend
+    finally:
+        backend.stop()
