@@ -1,22 +1,32 @@
-"""The adaptive state of one upstream: the shell around the pure brains.
+"""The adaptive state of one upstream: the shell around the pure brains and the store.
 
-It feeds the quality classifier and the AIMD limiter with what the proxy
-observes (time to response headers, connect times, the upstream socket's
-TCP_INFO, the outcome of every exchange), and answers the two questions the
-proxy asks per request: may it pass (GCRA at the current limit), and with which
-profile (chunk size and timeouts of the current quality level).
+It feeds the quality classifier with what the proxy observes (time to response
+headers, connect times, the upstream socket's TCP_INFO) and counts the outcome of
+every exchange for the limiter, and answers the two questions the proxy asks per
+request: may it pass (GCRA at the fleet's limit), and with which profile (chunk
+size and timeouts of the fleet's quality level).
 
-The limit is enforced only while the upstream needs protecting: from the first
-cut (error rate above 10%) until the limit has grown back to its maximum with
-errors below 2%. A healthy upstream is never throttled by a limit that is still
-ramping up from its start value — measured with wrk, enforcing from the start
-refused 47,325 of 48,500 requests to a healthy upstream in 8 s while the limit
-climbed from 100 to 358 req/s.
+The limiter is the fleet's (``state_store``): every ~100 ms ``sync`` adds this
+worker's counts to the shared window, and when the window has run its course one
+worker of the fleet gets the lease, decides with the pure rule and commits. While
+the store is unreachable the worker runs a ``LocalFallback``: its own limiter and
+GCRA at (last shared limit / live workers), enforcing as the fleet did.
+
+With FILEPROXY_LIMIT_ENFORCE=after-cut (the default) the limit is enforced only
+while the upstream needs protecting: from the first cut (error rate above 10%)
+until the limit has grown back to its maximum with errors below 2%. A healthy
+upstream is never throttled by a limit that is still ramping up from its start
+value — measured with wrk, enforcing from the start refused 47,325 of 48,500
+requests to a healthy upstream in 8 s while the limit climbed from 100 to 358
+req/s.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from .adaptive import (
@@ -24,16 +34,23 @@ from .adaptive import (
     ClassifierConfig,
     Decision,
     Gcra,
+    Level,
     LevelProfile,
     LimiterConfig,
+    LimiterState,
     Outcome,
     QualityClassifier,
     TcpInfo,
+    close_window,
+    enforcing_after,
     profile_table,
 )
 from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
 from .exchange import Exchange
+from .fleet_stats import FleetView, UpstreamReport
 from .settings import Settings
+from .state_store import SharedLimiter, StoreError, Tick, WindowCounts
+from .store_link import StoreLink
 
 log = logging.getLogger("fileproxy.adaptation")
 
@@ -60,30 +77,97 @@ def limiter_outcome(exchange: Exchange) -> Outcome | None:
     return Outcome.IGNORED if exchange.cause == CLIENT_ABORT else Outcome.SUCCESS
 
 
+def limiter_config(settings: Settings) -> LimiterConfig:
+    return LimiterConfig(
+        min_limit=settings.limit_min,
+        max_limit=settings.limit_max,
+        initial=settings.limit_initial,
+        window_s=settings.limit_window,
+    )
+
+
+class LocalFallback:
+    """This worker's own limiter while the store is away: its share of the last limit.
+
+    It starts at ``last limit / live workers`` and never grows above it (the fleet
+    never exceeds the limit it had), cuts on errors as the shared limiter would, and
+    starts without a burst credit, so the switch cannot let a burst through.
+    """
+
+    def __init__(
+        self, config: LimiterConfig, last: SharedLimiter, workers: int, burst: int, now: float
+    ) -> None:
+        share = last.state.limit / max(1, workers)
+        self.limiter = AimdLimiter(
+            replace(config, min_limit=min(config.min_limit, share), initial=share, max_limit=share)
+        )
+        self.limiter.decide(now)  # opens the first window
+        self.burst = max(1, burst // max(1, workers))
+        self.gcra = Gcra(share, self.burst)
+        self.gcra.try_admit(now)  # the bucket starts drained: no burst at the switch
+        self.gcra.set_rate(share)
+        self.enforcing = last.enforcing
+        self.always = False
+
+    def admit(self, now: float) -> tuple[bool, float]:
+        if not self.enforcing:
+            return True, 0.0
+        return self.gcra.try_admit(now)
+
+    def decide(self, now: float) -> Decision | None:
+        decision = self.limiter.decide(now)
+        if decision is not None:
+            self.gcra.set_rate(decision.new)
+            self.enforcing = self.always or enforcing_after(
+                self.limiter.config, decision, self.enforcing
+            )
+        return decision
+
+
 class UpstreamAdaptation:
-    def __init__(self, settings: Settings, now: float) -> None:
+    def __init__(self, settings: Settings, name: str, link: StoreLink) -> None:
         self.enabled = settings.optimizer
+        self.name = name
+        self.link = link
         self.static = static_profile(settings)
         self.profiles = profile_table(settings.profiles)
         self.classifier = QualityClassifier(
             ClassifierConfig(boundaries_ms=settings.quality_boundaries_ms)
         )
-        self.limiter = AimdLimiter(
-            LimiterConfig(
-                min_limit=settings.limit_min,
-                max_limit=settings.limit_max,
-                initial=settings.limit_initial,
-                window_s=settings.limit_window,
-            )
+        self.config = limiter_config(settings)
+        self.burst = settings.limit_burst
+        self.always_enforce = settings.limit_enforce == "always"
+        # the fleet's limiter as last seen in the store
+        self.limiter = SharedLimiter(
+            LimiterState(limit=float(settings.limit_initial)), enforcing=self.always_enforce
         )
-        self.gcra = Gcra(self.limiter.limit, settings.limit_burst)
-        self.enforcing = False
+        self.fallback: LocalFallback | None = None
+        self.fleet_level: Level | None = None
+        self.live_workers = 1
+        self.token = uuid.uuid4().hex  # names this worker's decision leases
+        self.decided_here: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self.rejected = 0
-        self.limiter.decide(now)  # opens the first window
+        self._successes = self._errors = self._admitted = 0
 
     @property
     def current_limit(self) -> float | None:
-        return round(self.limiter.limit, 3) if self.enabled else None
+        if not self.enabled:
+            return None
+        if self.fallback is not None:
+            return round(self.fallback.limiter.limit, 3)
+        return round(self.limiter.state.limit, 3)
+
+    @property
+    def enforcing(self) -> bool:
+        return self.fallback.enforcing if self.fallback is not None else self.limiter.enforcing
+
+    @property
+    def limiter_mode(self) -> str:
+        if not self.enabled:
+            return "off"
+        return "fallback" if self.fallback is not None else "shared"
+
+    # --- per request ---
 
     def profile(self, now: float) -> LevelProfile:
         """The profile for a request starting now (re-evaluates the level at most 1/s)."""
@@ -91,50 +175,54 @@ class UpstreamAdaptation:
             self.classifier.evaluate(now)
         return self.current_profile()
 
-    def current_profile(self) -> LevelProfile:
-        if not self.enabled or not self.classifier.estimated:
-            return self.static
-        return self.profiles[self.classifier.level]
+    def current_level(self) -> Level | None:
+        """The fleet's level; before any estimate, the level the fleet saved last."""
+        if not self.enabled:
+            return None
+        if self.fleet_level is not None and self.link.shared:
+            return self.fleet_level  # one worker alone is its own fleet, without the lag
+        if self.classifier.estimated:
+            return self.classifier.level
+        return Level(self.limiter.level) if self.limiter.level else None
 
-    def admit(self, now: float) -> tuple[bool, float]:
-        """(admitted, seconds until a request would be)."""
+    def current_profile(self) -> LevelProfile:
+        level = self.current_level()
+        return self.static if level is None else self.profiles[level]
+
+    async def admit(self, now: float) -> tuple[bool, float]:
+        """(admitted, seconds until a request would be); never waits on a broken store."""
         if not self.enabled:
             return True, 0.0
-        decision = self.limiter.decide(now)
-        if decision is not None:
-            self._after(decision)
-        if not self.enforcing:
+        if self.fallback is None and not self.limiter.enforcing:
             return True, 0.0
-        admitted, retry_after = self.gcra.try_admit(now)
+        if self.fallback is None and self.link.available:
+            limit = self.limiter.state.limit
+            try:
+                admitted, retry_after = await self.link.call(
+                    lambda: self.link.store.admit(self.name, limit, self.burst)
+                )
+            except StoreError:
+                admitted, retry_after = self._fallback(now).admit(now)
+        else:
+            admitted, retry_after = self._fallback(now).admit(now)
         if not admitted:
             self.rejected += 1
         return admitted, retry_after
-
-    def _after(self, decision: Decision) -> None:
-        config = self.limiter.config
-        if decision.new != decision.old:
-            self.gcra.set_rate(decision.new)
-        if not self.enforcing and decision.new < decision.old:
-            self.enforcing = True
-            log.warning("upstream errors: admission limit enforced", extra=decision.to_dict())
-        elif (
-            self.enforcing
-            and decision.new >= config.max_limit
-            and decision.error_rate < config.grow_threshold
-        ):
-            self.enforcing = False
-            log.info(
-                "upstream healthy at the maximum limit: admission open", extra=decision.to_dict()
-            )
-        elif decision.new != decision.old:
-            log.info("admission limit changed", extra=decision.to_dict())
 
     def observe_exchange(self, now: float, exchange: Exchange) -> None:
         if not self.enabled:
             return
         outcome = limiter_outcome(exchange)
-        if outcome is not None:
-            self.limiter.record(now, outcome)
+        if outcome is None:
+            return
+        if self.fallback is not None:
+            self.fallback.limiter.record(now, outcome)
+            return
+        self._admitted += 1
+        if outcome is Outcome.SUCCESS:
+            self._successes += 1
+        elif outcome is Outcome.ERROR:
+            self._errors += 1
 
     def observe_headers(self, now: float, ttfb_s: float, tcp_info: TcpInfo | None) -> None:
         if not self.enabled:
@@ -149,12 +237,116 @@ class UpstreamAdaptation:
         if self.enabled:
             self.classifier.observe_connect(now, connect_s * 1000.0)
 
+    # --- background: the store ---
+
+    async def sync(self, now: float) -> None:
+        """Add this worker's counts to the fleet's window; decide it when leased to us."""
+        if not self.enabled:
+            return
+        counts = self._take_counts()
+        try:
+            tick = await self.link.call(
+                lambda: self.link.store.tick(
+                    self.name,
+                    counts,
+                    token=self.token,
+                    window_s=self.config.window_s,
+                    initial=self.limiter,
+                ),
+                probe=True,
+            )
+        except StoreError:
+            self._fallback(now).decide(now)
+            return
+        if self.fallback is not None:
+            self.fallback = None
+            log.info("shared admission limit again", extra={"limit": tick.limiter.state.limit})
+        self.limiter = tick.limiter
+        if tick.lease:
+            await self._decide(tick)
+
+    def _take_counts(self) -> WindowCounts:
+        counts = WindowCounts(self._successes, self._errors, self._admitted)
+        self._successes = self._errors = self._admitted = 0
+        return counts
+
+    async def _decide(self, tick: Tick) -> None:
+        closed = close_window(self.config, tick.limiter.state, tick.now)
+        decision, enforcing = closed.decision, tick.limiter.enforcing
+        if decision is not None:
+            enforcing = self.always_enforce or enforcing_after(self.config, decision, enforcing)
+        level = self.current_level()
+        try:
+            applied = await self.link.call(
+                lambda: self.link.store.commit(
+                    self.name,
+                    token=self.token,
+                    seen=tick.limiter.counts(),
+                    closed=closed,
+                    enforcing=enforcing,
+                    level=level.value if level is not None else None,
+                )
+            )
+        except StoreError:
+            return  # the lease runs out and a later tick decides this window
+        if not applied or decision is None:
+            return
+        self.decided_here.append(decision)
+        self.limiter = replace(
+            tick.limiter,
+            state=closed.state,
+            enforcing=enforcing,
+            decisions=tick.limiter.decisions + 1,
+            last_decision=decision.to_dict(),
+        )
+        _log_decision(decision, tick.limiter.enforcing, enforcing)
+
+    def _fallback(self, now: float) -> LocalFallback:
+        if self.fallback is None:
+            self.fallback = LocalFallback(
+                self.config, self.limiter, self.live_workers, self.burst, now
+            )
+            self.fallback.always = self.always_enforce
+            log.warning(
+                "state store unreachable: local admission limit",
+                extra={
+                    "limit": round(self.fallback.limiter.limit, 3),
+                    "enforcing": self.fallback.enforcing,
+                    "live_workers": self.live_workers,
+                },
+            )
+        return self.fallback
+
+    def follow_fleet(self, fleet: FleetView | None) -> None:
+        """Take the fleet's level and size from its latest reports (None: store away)."""
+        self.fleet_level = fleet.level(self.name) if fleet is not None else None
+        if fleet is not None:
+            self.live_workers = max(1, fleet.live_workers)
+
+    def report(self) -> UpstreamReport:
+        level = self.classifier.level
+        return UpstreamReport(
+            level=level.value,
+            estimated=self.enabled and self.classifier.estimated,
+            samples=self.classifier.sample_count if self.enabled else 0,
+            limit=self.current_limit,
+            enforcing=self.enabled and self.enforcing,
+            rejected=self.rejected,
+            limiter_mode=self.limiter_mode,
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """For /stats: level, the signals behind it, the profile in force, the limiter."""
         profile = self.current_profile()
+        level = self.current_level()
         return {
             "optimizer_enabled": self.enabled,
-            "quality": self.classifier.snapshot() if self.enabled else None,
+            "quality": {
+                **self.classifier.snapshot(),
+                "fleet_level": level.value if level is not None else None,
+            }
+            if self.enabled
+            else None,
             "profile": {
                 "chunk_size": profile.chunk_size,
                 "connect_timeout_s": profile.connect_timeout_s,
@@ -162,11 +354,33 @@ class UpstreamAdaptation:
                 "read_timeout_s": profile.read_timeout_s,
                 "source": "level" if profile is not self.static else "static",
             },
-            "limiter": {
-                **self.limiter.snapshot(),
-                "enforcing": self.enforcing,
-                "rejected_total": self.rejected,
-            }
-            if self.enabled
-            else None,
+            "limiter": self._limiter_snapshot() if self.enabled else None,
         }
+
+    def _limiter_snapshot(self) -> dict[str, Any]:
+        state = self.limiter.state
+        snapshot: dict[str, Any] = {
+            "mode": self.limiter_mode,
+            "limit": self.current_limit,
+            "bounds": [self.config.min_limit, self.config.max_limit],
+            "enforce": "always" if self.always_enforce else "after-cut",
+            "enforcing": self.enforcing,
+            "rejected_total": self.rejected,
+            "window_start": state.window_start,
+            "cooldown_until": state.cooldown_until,
+            "decision_count": self.limiter.decisions,
+            "last_decision": self.limiter.last_decision,
+            "decisions": [d.to_dict() for d in self.decided_here],
+        }
+        if self.fallback is not None:
+            snapshot["fallback"] = self.fallback.limiter.snapshot()
+        return snapshot
+
+
+def _log_decision(decision: Decision, was_enforcing: bool, enforcing: bool) -> None:
+    if enforcing and not was_enforcing:
+        log.warning("upstream errors: admission limit enforced", extra=decision.to_dict())
+    elif was_enforcing and not enforcing:
+        log.info("upstream healthy at the maximum limit: admission open", extra=decision.to_dict())
+    elif decision.new != decision.old:
+        log.info("admission limit changed", extra=decision.to_dict())

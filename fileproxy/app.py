@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,27 +13,31 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from . import endpoints, logs
+from . import endpoints, logs, state_sync
 from .adaptation import UpstreamAdaptation
 from .app_keys import (
     ADAPTATION,
+    FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
-    REDIS,
     RUNTIME,
     SETTINGS,
+    STORE,
     TRAFFIC,
     UPSTREAM,
 )
 from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import proxy
-from .redis_health import RedisHealth
+from .redis_store import RedisStore
 from .runtime import Runtime, uvloop_active
 from .settings import Settings
+from .state_store import EmbeddedStore, StateStore
+from .state_sync import Fleet, instance_name
+from .store_link import StoreLink
 from .tcp_options import ListenSockets
 from .traffic_stats import TrafficStats
-from .upstream_client import UpstreamClient
+from .upstream_client import UpstreamClient, upstream_name
 
 log = logging.getLogger("fileproxy")
 
@@ -59,7 +64,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, instance_pid: int | None = None) -> web.Application:
+    """``instance_pid``: the process that stands for this instance (gunicorn's master)."""
     app = EdgeApplication(
         handler_args=server_options(settings),
         middlewares=[refuse_what_a_reverse_proxy_must_not_serve],
@@ -67,6 +73,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[LISTEN_SOCKETS] = ListenSockets()
+    app[FLEET] = Fleet(
+        worker=instance_name(os.getpid()), instance=instance_name(instance_pid or os.getpid())
+    )
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)
@@ -96,22 +105,28 @@ def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> Non
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[RUNTIME] = Runtime(uvloop_enabled=uvloop_active(), optimizer_enabled=settings.optimizer)
-    app[TRAFFIC] = TrafficStats(settings.stats_window, time.monotonic())
-    app[ADAPTATION] = adaptation = UpstreamAdaptation(settings, time.monotonic())
+    app[RUNTIME] = runtime = Runtime(
+        uvloop_enabled=uvloop_active(), optimizer_enabled=settings.optimizer
+    )
+    app[TRAFFIC] = traffic = TrafficStats(settings.stats_window, time.monotonic())
+    store: StateStore = RedisStore(settings) if settings.redis_url else EmbeddedStore()
+    app[STORE] = link = StoreLink(store)
+    name = upstream_name(settings.upstream)
+    app[ADAPTATION] = adaptation = UpstreamAdaptation(settings, name, link)
     app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
-    app[REDIS] = redis = RedisHealth(settings.redis_url, settings.redis_pool_size)
-    redis.open()
-    tasks = [asyncio.create_task(_watch_upstream(app))]
-    if redis.configured:
-        tasks.append(asyncio.create_task(redis.watch()))
+    tasks = [
+        asyncio.create_task(_watch_upstream(app)),
+        asyncio.create_task(
+            state_sync.run(link, app[FLEET], adaptation, traffic, runtime.pid, runtime.started_wall)
+        ),
+    ]
     log.info(
         "fileproxy worker started",
         extra={
             "bind": str(settings.bind),
             "upstream": upstream.name,
-            "uvloop": app[RUNTIME].uvloop_enabled,
-            "state_store": "redis" if redis.configured else "embedded",
+            "uvloop": runtime.uvloop_enabled,
+            "state_store": store.description,
         },
     )
     try:
@@ -123,7 +138,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await upstream.close()
-        await redis.close()
+        await store.close()
 
 
 async def _watch_upstream(app: web.Application) -> None:
@@ -140,4 +155,4 @@ async def gunicorn_app() -> web.Application:
     """The app gunicorn's aiohttp worker runs (`gunicorn -c gunicorn.conf.py`)."""
     settings = Settings.from_env()  # already validated by gunicorn.conf.py
     logs.configure(settings.log_level, settings.log_format, settings.log_dir)
-    return create_app(settings)
+    return create_app(settings, instance_pid=os.getppid())  # the gunicorn master

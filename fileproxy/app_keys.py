@@ -6,9 +6,10 @@ from aiohttp import web
 
 from .adaptation import UpstreamAdaptation
 from .lifecycle import Lifecycle
-from .redis_health import RedisHealth
 from .runtime import Runtime
 from .settings import Settings
+from .state_sync import Fleet
+from .store_link import StoreLink
 from .tcp_options import ListenSockets
 from .traffic_stats import TrafficStats
 from .upstream_client import UpstreamClient
@@ -17,7 +18,8 @@ SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 TRAFFIC = web.AppKey("traffic", TrafficStats)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
-REDIS = web.AppKey("redis", RedisHealth)
+STORE = web.AppKey("store", StoreLink)
+FLEET = web.AppKey("fleet", Fleet)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from . import tcp_options
 from .errors import classify
+from .redis_store import RedisStore, connect
 from .server import new_event_loop
 from .settings import Settings, redact_url
+from .state_store import StoreError
 
 RECOMMENDED_NOFILE = 65536
 MINIMUM_NOFILE = 4096
@@ -99,21 +100,19 @@ async def check_redis(settings: Settings) -> CheckResult:
     if settings.redis_url is None:
         return CheckResult("PASS", "redis", "not configured: state is kept in-process (embedded)")
     url = redact_url(settings.redis_url)
-    client = aioredis.Redis.from_url(
-        str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
-    )
+    store = RedisStore(settings, connect(settings, timeout_s=2.0))
     try:
         started = time.perf_counter()
-        await client.ping()
+        await store.ping()
         rtt_ms = (time.perf_counter() - started) * 1000
-    except (aioredis.RedisError, OSError) as exc:
+    except StoreError as exc:
         return CheckResult(
             "FAIL",
             "redis",
-            f"{url}: {type(exc).__name__}; check REDIS_URL and that redis-server runs",
+            f"{url}: {exc}; check REDIS_URL, FILEPROXY_REDIS_CLUSTER and that redis-server runs",
         )
     finally:
-        await client.aclose()
+        await store.close()
     return CheckResult("PASS", "redis", f"{url} answered PING in {rtt_ms:.2f} ms")
 
 

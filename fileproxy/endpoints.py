@@ -19,11 +19,12 @@ from aiohttp import web
 from . import errors, metrics
 from .app_keys import (
     ADAPTATION,
+    FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
-    REDIS,
     RUNTIME,
     SETTINGS,
+    STORE,
     TRAFFIC,
     UPSTREAM,
 )
@@ -46,20 +47,25 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     app = request.app
-    runtime, settings, redis = app[RUNTIME], app[SETTINGS], app[REDIS]
+    runtime, settings, link = app[RUNTIME], app[SETTINGS], app[STORE]
     upstream, traffic = app[UPSTREAM], app[TRAFFIC]
     now = time.time()
-    store: dict[str, Any] = {"kind": "redis" if redis.configured else "embedded"}
-    if redis.configured:
+    store: dict[str, Any] = {
+        "kind": "redis" if link.shared else "embedded",
+        "scope": link.store.scope,
+        "state": link.state,
+    }
+    if link.shared:
         store.update(
-            url=redact_url(redis.url) if redis.url else None,
-            state=redis.state,
-            since=round(redis.since, 3),
-            rtt_ms=redis.rtt_ms,
-            pool_size=redis.pool_size,
-            last_error=redis.last_error,
+            url=redact_url(settings.redis_url) if settings.redis_url else None,
+            cluster=settings.redis_cluster,
+            since=round(link.since, 3),
+            rtt_ms=link.rtt_ms,
+            pool_size=settings.redis_pool_size,
+            last_error=link.last_error,
+            limiter=app[ADAPTATION].limiter_mode,
         )
-    degraded = redis.configured and redis.state == "down"
+    degraded = link.state == "down"
     ready, reason = app[LIFECYCLE].readiness(now, upstream.last_response_at)
     return _json(
         {
@@ -91,34 +97,46 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    """The fleet's figures (scope ``cluster``) while its view is fresh, else this worker's."""
     app = request.app
     runtime, traffic, adaptation = app[RUNTIME], app[TRAFFIC], app[ADAPTATION]
-    window = traffic.snapshot(time.monotonic())
-    return _json(
-        {
-            "performance_optimizer": {
-                "metrics": {
-                    "total_requests": traffic.total_requests,
-                    # error_rate, avg/p95_response_time_ms, throughput_mbps and more
-                    **asdict(window),
-                    "uvloop_enabled": runtime.uvloop_enabled,
-                    "total_errors": traffic.total_errors,
-                    "total_bytes_sent": traffic.total_bytes_out,
-                    "total_bytes_received": traffic.total_bytes_in,
-                    "client_aborts": traffic.by_cause.get(errors.CLIENT_ABORT, 0),
-                    "in_flight": traffic.in_flight,
-                },
-                "current_rate_limit": adaptation.current_limit,
-                "optimization_level": runtime.optimization_level,
-                "quality_level": adaptation.classifier.level.value
-                if runtime.optimizer_enabled
-                else None,
+    now = time.monotonic()
+    fleet = app[FLEET].fresh(now) if app[STORE].shared else None
+    if fleet is not None:
+        counters, window = fleet.totals(), fleet.window()
+        rejected = fleet.rejected(adaptation.name)
+    else:
+        counters, window = traffic.counters(), traffic.window_parts(now)
+        rejected = adaptation.rejected
+    level = adaptation.current_level()
+    body: dict[str, Any] = {
+        "performance_optimizer": {
+            "metrics": {
+                "total_requests": counters.requests,
+                # error_rate, avg/p95_response_time_ms, throughput_mbps and more
+                **asdict(window.summary()),
+                "uvloop_enabled": runtime.uvloop_enabled,
+                "total_errors": counters.errors,
+                "total_bytes_sent": counters.bytes_out,
+                "total_bytes_received": counters.bytes_in,
+                "client_aborts": counters.by_cause.get(errors.CLIENT_ABORT, 0),
+                "rate_limited": rejected,
+                "in_flight": counters.in_flight,
             },
-            "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},
-            "scope": "worker",
-            "pid": runtime.pid,
-        }
-    )
+            "current_rate_limit": adaptation.current_limit,
+            "optimization_level": runtime.optimization_level,
+            "quality_level": level.value if level is not None else None,
+        },
+        "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},
+        "scope": "cluster" if fleet is not None else "worker",
+        "pid": runtime.pid,
+    }
+    if fleet is not None:
+        body["live_workers"] = fleet.live_workers
+        body["instances"] = fleet.instances()
+    elif app[STORE].shared:
+        body["scope_reason"] = "the state store is unreachable: this worker's figures only"
+    return _json(body)
 
 
 def _tcp_report(request: web.Request) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the worker that answers (label ``pid``); gunicorn runs several.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from aiohttp import web
@@ -21,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from . import errors
 from .adaptive import LEVELS
-from .app_keys import ADAPTATION, LIFECYCLE, REDIS, RUNTIME, TRAFFIC, UPSTREAM
+from .app_keys import ADAPTATION, FLEET, LIFECYCLE, RUNTIME, STORE, TRAFFIC, UPSTREAM
 from .traffic_stats import CUMULATIVE_BOUNDS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -121,17 +122,19 @@ class FileproxyCollector(Collector):
         if adaptation.enabled:
             level = GaugeMetricFamily(
                 "fileproxy_quality_level",
-                "Network quality level of the upstream (0 good .. 3 very poor)",
+                "Network quality level of the upstream the worker uses (0 good .. 3 very poor)",
                 labels=["pid", "upstream"],
             )
-            level.add_metric([pid, name], LEVELS.index(adaptation.classifier.level))
+            current = adaptation.current_level()
+            if current is not None:
+                level.add_metric([pid, name], LEVELS.index(current))
             yield level
             limit = GaugeMetricFamily(
                 "fileproxy_rate_limit",
-                "Current admission rate limit (req/s)",
-                labels=["pid", "upstream"],
+                "Current admission rate limit (req/s; the fleet's, or the local fallback's)",
+                labels=["pid", "upstream", "mode"],
             )
-            limit.add_metric([pid, name], adaptation.limiter.limit)
+            limit.add_metric([pid, name, adaptation.limiter_mode], adaptation.current_limit or 0)
             yield limit
             rejected = CounterMetricFamily(
                 "fileproxy_rate_limited",
@@ -140,14 +143,45 @@ class FileproxyCollector(Collector):
             )
             rejected.add_metric([pid, name], adaptation.rejected)
             yield rejected
-
-        redis = app[REDIS]
-        if redis.configured:
-            up = GaugeMetricFamily(
-                "fileproxy_redis_up", "1 when the last Redis PING answered", labels=["pid"]
+            decisions = CounterMetricFamily(
+                "fileproxy_limit_decisions",
+                "Window decisions of the fleet's limiter",
+                labels=["pid", "upstream"],
             )
-            up.add_metric([pid], float(redis.state == "up"))
+            decisions.add_metric([pid, name], adaptation.limiter.decisions)
+            yield decisions
+
+        link = app[STORE]
+        if link.shared:
+            up = GaugeMetricFamily(
+                "fileproxy_redis_up",
+                "1 while the shared state store answers (circuit breaker closed)",
+                labels=["pid"],
+            )
+            up.add_metric([pid], float(link.state == "up"))
             yield up
+            yield from _fleet_metrics(app)
+
+
+def _fleet_metrics(app: web.Application) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The fleet as this worker last saw it: one series per reporting worker."""
+    fleet = app[FLEET].fresh(time.monotonic())
+    if fleet is None:
+        return
+    workers = GaugeMetricFamily(
+        "fileproxy_fleet_workers", "Workers of the fleet reporting to the shared store"
+    )
+    workers.add_metric([], fleet.live_workers)
+    yield workers
+    requests = CounterMetricFamily(
+        "fileproxy_fleet_requests",
+        "Proxied requests of every worker of the fleet, by status class",
+        labels=["instance", "worker_pid", "status_class"],
+    )
+    for _, report in sorted(fleet.reports.values(), key=lambda r: r[1].worker):
+        for status_class, count in sorted(report.counters.by_status_class.items()):
+            requests.add_metric([report.instance, str(report.pid), status_class], count)
+    yield requests
 
 
 def render(app: web.Application) -> bytes:

@@ -160,6 +160,15 @@ def _text(raw: str) -> str:
 _text.allowed = "text"  # type: ignore[attr-defined]
 
 
+def _key_prefix(raw: str) -> str:
+    if not raw or any(c.isspace() or c in "{}" for c in raw):
+        raise ValueError("non-empty, without spaces or braces (braces make Cluster hash tags)")
+    return raw
+
+
+_key_prefix.allowed = "non-empty text without spaces or braces"  # type: ignore[attr-defined]
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     origins = []
     for part in raw.replace(" ", "").split(","):
@@ -271,6 +280,19 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     SettingSpec(
         "REDIS_POOL_SIZE", "redis_pool_size", "150", _int(1, 10000),
         "Maximum connections in the Redis connection pool of each worker.",
+    ),
+    SettingSpec(
+        "FILEPROXY_REDIS_CLUSTER", "redis_cluster", "off", _bool,
+        "on: REDIS_URL names a node of a Redis Cluster (redis-py's cluster client).",
+    ),
+    SettingSpec(
+        "FILEPROXY_REDIS_PREFIX", "redis_prefix", "fileproxy:", _key_prefix,
+        "Start of every Redis key, so several deployments can share one Redis.",
+    ),
+    SettingSpec(
+        "FILEPROXY_REDIS_TIMEOUT", "redis_timeout", "0.25", _float(0.01, 10),
+        "Seconds a Redis call may take (connect, pool slot, answer) before the local "
+        "fallback serves.",
     ),
     # upstream client (the seed's names and defaults)
     SettingSpec(
@@ -396,6 +418,12 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "FILEPROXY_LIMIT_STATUS", "limit_status", "503", _choice("503", "429"),
         "Status for requests over the admission rate (with Retry-After and a JSON body).",
     ),
+    SettingSpec(
+        "FILEPROXY_LIMIT_ENFORCE", "limit_enforce", "after-cut", _choice("after-cut", "always"),
+        "after-cut: the limit admits only from the first cut until it is back at the maximum "
+        "(a healthy upstream is never throttled); always: a fixed ceiling "
+        "(e.g. LIMIT_MIN = LIMIT_INITIAL = LIMIT_MAX).",
+    ),
     # TCP options: on the listening socket (inherited by accepted sockets) and on
     # every upstream socket
     SettingSpec(
@@ -486,6 +514,9 @@ class Settings:
     upstream: URL
     redis_url: URL | None
     redis_pool_size: int
+    redis_cluster: bool
+    redis_prefix: str
+    redis_timeout: float
     connector_limit: int
     connector_limit_per_host: int
     keepalive_timeout: float
@@ -515,6 +546,7 @@ class Settings:
     limit_window: float
     limit_burst: int
     limit_status: str
+    limit_enforce: str
     tcp_nodelay: bool
     tcp_quickack: bool
     so_keepalive: bool

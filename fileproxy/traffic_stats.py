@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 # Cumulative latency histogram bounds for /metrics (Prometheus buckets, seconds): from
 # a cached 1 KiB answer to an hour-long download.
@@ -137,32 +138,82 @@ class TrafficStats:
         cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
         self.duration_sum_s[status_class] = self.duration_sum_s.get(status_class, 0.0) + duration_s
 
-    def snapshot(self, now: float) -> StatsSnapshot:
+    def window_parts(self, now: float) -> WindowParts:
+        """The raw figures of the window, which add up across workers."""
         current = int(now)
         live = [b for b in self._buckets if current - self.window < b.second <= current]
-        requests = sum(b.requests for b in live)
-        errors = sum(b.errors for b in live)
-        sent = sum(b.bytes_out for b in live)
         classes = sorted({c for b in live for c in b.histograms})
-        per_class = {
-            c: _merge([b.histograms[c] for b in live if c in b.histograms]) for c in classes
-        }
-        merged = _merge(list(per_class.values()))
-        # A window that started less than `window` seconds ago covers only the time since start.
-        span = max(1.0, min(float(self.window), now - self.started))
-        return StatsSnapshot(
+        return WindowParts(
             window_seconds=self.window,
+            # A window that started less than `window` seconds ago covers only the time since start.
+            span_s=max(1.0, min(float(self.window), now - self.started)),
+            requests=sum(b.requests for b in live),
+            errors=sum(b.errors for b in live),
+            duration_ms_sum=sum(b.duration_ms_sum for b in live),
+            bytes_out=sum(b.bytes_out for b in live),
+            histograms={
+                c: _merge([b.histograms[c] for b in live if c in b.histograms]) for c in classes
+            },
+        )
+
+    def snapshot(self, now: float) -> StatsSnapshot:
+        return self.window_parts(now).summary()
+
+    def counters(self) -> Counters:
+        """Everything counted since start, ready to be added to another worker's."""
+        return Counters(
+            requests=self.total_requests,
+            errors=self.total_errors,
+            bytes_in=self.total_bytes_in,
+            bytes_out=self.total_bytes_out,
+            in_flight=self.in_flight,
+            by_status_class=dict(self.by_status_class),
+            by_cause=dict(self.by_cause),
+            duration_buckets={c: list(b) for c, b in self.duration_buckets.items()},
+            duration_sum_s=dict(self.duration_sum_s),
+        )
+
+
+@dataclass(frozen=True)
+class WindowParts:
+    window_seconds: int
+    span_s: float
+    requests: int
+    errors: int
+    duration_ms_sum: float
+    bytes_out: int
+    histograms: dict[str, list[int]]  # per status class, LATENCY_BOUNDS_MS buckets
+
+    @classmethod
+    def combine(cls, parts: list[WindowParts]) -> WindowParts:
+        """Several workers' windows as one (their spans overlap: the longest counts)."""
+        classes = sorted({c for p in parts for c in p.histograms})
+        return cls(
+            window_seconds=max((p.window_seconds for p in parts), default=1),
+            span_s=max((p.span_s for p in parts), default=1.0),
+            requests=sum(p.requests for p in parts),
+            errors=sum(p.errors for p in parts),
+            duration_ms_sum=sum(p.duration_ms_sum for p in parts),
+            bytes_out=sum(p.bytes_out for p in parts),
+            histograms={
+                c: _merge([p.histograms[c] for p in parts if c in p.histograms]) for c in classes
+            },
+        )
+
+    def summary(self) -> StatsSnapshot:
+        requests, errors = self.requests, self.errors
+        merged = _merge(list(self.histograms.values()))
+        return StatsSnapshot(
+            window_seconds=self.window_seconds,
             requests_in_window=requests,
             errors_in_window=errors,
             error_rate=round(errors / requests, 6) if requests else 0.0,
-            avg_response_time_ms=round(sum(b.duration_ms_sum for b in live) / requests, 3)
-            if requests
-            else 0.0,
+            avg_response_time_ms=round(self.duration_ms_sum / requests, 3) if requests else 0.0,
             p50_response_time_ms=_percentile(merged, 0.50),
             p95_response_time_ms=_percentile(merged, 0.95),
             p99_response_time_ms=_percentile(merged, 0.99),
-            throughput_mbps=round(sent * 8 / span / 1e6, 3),
-            requests_per_second=round(requests / span, 3),
+            throughput_mbps=round(self.bytes_out * 8 / self.span_s / 1e6, 3),
+            requests_per_second=round(requests / self.span_s, 3),
             latency_by_status_class={
                 c: ClassLatency(
                     requests=sum(histogram),
@@ -170,8 +221,46 @@ class TrafficStats:
                     p95_ms=_percentile(histogram, 0.95),
                     p99_ms=_percentile(histogram, 0.99),
                 )
-                for c, histogram in per_class.items()
+                for c, histogram in self.histograms.items()
             },
+        )
+
+
+@dataclass(frozen=True)
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    in_flight: int = 0
+    by_status_class: dict[str, int] = field(default_factory=dict)
+    by_cause: dict[str, int] = field(default_factory=dict)
+    duration_buckets: dict[str, list[int]] = field(default_factory=dict)
+    duration_sum_s: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def combine(cls, parts: list[Counters]) -> Counters:
+        def add(maps: list[dict[str, int]] | list[dict[str, float]]) -> dict[str, Any]:
+            total: dict[str, Any] = {}
+            for m in maps:
+                for k, v in m.items():
+                    total[k] = total.get(k, 0) + v
+            return dict(sorted(total.items()))
+
+        classes = sorted({c for p in parts for c in p.duration_buckets})
+        return cls(
+            requests=sum(p.requests for p in parts),
+            errors=sum(p.errors for p in parts),
+            bytes_in=sum(p.bytes_in for p in parts),
+            bytes_out=sum(p.bytes_out for p in parts),
+            in_flight=sum(p.in_flight for p in parts),
+            by_status_class=add([p.by_status_class for p in parts]),
+            by_cause=add([p.by_cause for p in parts]),
+            duration_buckets={
+                c: _merge([p.duration_buckets[c] for p in parts if c in p.duration_buckets])
+                for c in classes
+            },
+            duration_sum_s=add([p.duration_sum_s for p in parts]),
         )
 
 

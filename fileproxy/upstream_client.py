@@ -22,13 +22,18 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
 
 
+def upstream_name(upstream: URL) -> str:
+    """How the upstream is named in /stats, metrics and the shared store's keys."""
+    return f"{upstream.host}:{upstream.port}"
+
+
 class UpstreamClient:
     """One pooled session to the configured upstream; ``url_for`` maps a raw request target."""
 
     def __init__(self, settings: Settings, on_connect: ConnectObserver | None = None) -> None:
         upstream = settings.upstream
         self.origin = upstream.origin()
-        self.name = f"{upstream.host}:{upstream.port}"
+        self.name = upstream_name(upstream)
         self.last_response_at: float | None = None  # wall clock of the last response headers
         self.last_failure_at: float | None = None
         self.last_failure: str | None = None

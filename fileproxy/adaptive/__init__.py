@@ -4,10 +4,23 @@
   the level -> profile tables (chunk size, timeouts).
 - ``aimd_limiter``: per-upstream AIMD controller of the admission rate.
 - ``gcra``: the admission itself (leaky bucket / GCRA).
+- ``circuit_breaker``: when to stop calling the shared store and when to try again.
 - ``tcp_info``: Linux TCP_INFO parsing for transport RTT observations.
 """
 
-from fileproxy.adaptive.aimd_limiter import AimdLimiter, Decision, Growth, LimiterConfig, Outcome
+from fileproxy.adaptive.aimd_limiter import (
+    AimdLimiter,
+    Decision,
+    Growth,
+    LimiterConfig,
+    LimiterState,
+    Outcome,
+    WindowClose,
+    WindowOutcome,
+    close_window,
+    enforcing_after,
+)
+from fileproxy.adaptive.circuit_breaker import CircuitBreaker
 from fileproxy.adaptive.gcra import Gcra
 from fileproxy.adaptive.quality_classifier import (
     LEVELS,
@@ -27,6 +40,7 @@ __all__ = [
     "LEVELS",
     "PROFILE_PRESETS",
     "AimdLimiter",
+    "CircuitBreaker",
     "ClassifierConfig",
     "Decision",
     "Gcra",
@@ -34,10 +48,15 @@ __all__ = [
     "Level",
     "LevelProfile",
     "LimiterConfig",
+    "LimiterState",
     "Outcome",
     "QualityClassifier",
     "TcpInfo",
     "Transition",
+    "WindowClose",
+    "WindowOutcome",
+    "close_window",
+    "enforcing_after",
     "parse_profile_table",
     "parse_tcp_info",
     "profile_table",

@@ -11,7 +11,7 @@ Outcomes
     says nothing about the upstream. The limiter's own rejections are not recorded.
     Record when the verdict is known: at response headers, or at the failure.
 
-Rules, applied when a window closes (``_rule``; one exact test per rule)
+Rules, applied when a window closes (``close_window``; one exact test per rule)
     * fewer than ``min_samples`` samples: no decision, the counts carry into the next
       window (skipping such windows could freeze the limit at low rates); a carry older
       than ``max_carry_windows`` windows is dropped as stale;
@@ -61,10 +61,21 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
-__all__ = ["AimdLimiter", "Decision", "Growth", "LimiterConfig", "Outcome"]
+__all__ = [
+    "AimdLimiter",
+    "Decision",
+    "Growth",
+    "LimiterConfig",
+    "LimiterState",
+    "Outcome",
+    "WindowClose",
+    "WindowOutcome",
+    "close_window",
+    "enforcing_after",
+]
 
 
 class Outcome(Enum):
@@ -143,24 +154,123 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class LimiterState:
+    """What a window decision depends on: the limit, the open window's counts, the cooldown.
+
+    The same record whether one worker keeps it (``AimdLimiter``) or a shared store does
+    for the whole fleet (one per upstream, the counts summed over every worker).
+    """
+
+    limit: float
+    window_start: float | None = None
+    successes: int = 0
+    errors: int = 0
+    admitted: int = 0
+    cooldown_until: float | None = None
+    carried: int = 0
+
+
+class WindowOutcome(Enum):
+    OPEN = "open"  # window_s has not passed yet (or the first window just opened)
+    CARRIED = "carried"  # too few samples: the counts carry into the next window
+    STALE = "stale"  # carried for too long: the counts are dropped
+    DECIDED = "decided"  # a decision: limit and cooldown updated, counts reset
+
+    @property
+    def resets_counts(self) -> bool:
+        return self in (WindowOutcome.STALE, WindowOutcome.DECIDED)
+
+
+@dataclass(frozen=True)
+class WindowClose:
+    outcome: WindowOutcome
+    state: LimiterState
+    decision: Decision | None = None
+
+
+def close_window(config: LimiterConfig, state: LimiterState, now: float) -> WindowClose:
+    """Close the window if ``window_s`` passed since ``state.window_start``; pure.
+
+    The one implementation of the rules in the module docstring, for a worker's own
+    limiter and for the fleet's shared one alike.
+    """
+    start = state.window_start
+    if start is None:
+        return WindowClose(WindowOutcome.OPEN, replace(state, window_start=now))
+    elapsed = now - start
+    if elapsed < config.window_s:
+        return WindowClose(WindowOutcome.OPEN, state)
+    samples = state.successes + state.errors
+    if samples < config.min_samples:
+        if elapsed >= config.max_carry_windows * config.window_s:
+            return WindowClose(WindowOutcome.STALE, _reset(state, now))
+        return WindowClose(WindowOutcome.CARRIED, replace(state, carried=state.carried + 1))
+    error_rate = state.errors / samples
+    utilisation = state.admitted / (state.limit * elapsed)
+    old = state.limit
+    wanted, reason, cooldown_until = _rule(config, state, now, error_rate, utilisation)
+    new = min(config.max_limit, max(config.min_limit, wanted))
+    if new != wanted:
+        reason += f" (clamped to {new:g})"
+    decision = Decision(now, old, new, error_rate, samples, utilisation, reason)
+    after = replace(_reset(state, now), limit=new, cooldown_until=cooldown_until)
+    return WindowClose(WindowOutcome.DECIDED, after, decision)
+
+
+def _rule(
+    cfg: LimiterConfig, state: LimiterState, now: float, error_rate: float, utilisation: float
+) -> tuple[float, str, float | None]:
+    """(wanted limit, reason, cooldown end) for a closed window."""
+    limit, cooldown_until = state.limit, state.cooldown_until
+    # A cut starts a cooldown: no increase in windows closing within ``cooldown_windows``
+    # windows of time (counted in time, not decisions, so windows carried at low rates
+    # count too; the half window of slack absorbs windows closed a little late).
+    cut_cooldown = now + (cfg.cooldown_windows + 0.5) * cfg.window_s
+    if error_rate >= cfg.severe_threshold:
+        return limit * cfg.severe_factor, "severe cut", cut_cooldown
+    if error_rate > cfg.cut_threshold:
+        return limit * cfg.cut_factor, "cut", cut_cooldown
+    if cooldown_until is not None and now < cooldown_until:
+        return limit, "hold: cooldown", cooldown_until
+    if error_rate >= cfg.grow_threshold:
+        return limit, "hold: errors in tolerance band", cooldown_until
+    if utilisation < cfg.utilisation_to_grow:
+        return limit, "hold: limit underused", cooldown_until
+    return cfg.growth.apply(limit), "grow", cooldown_until
+
+
+def _reset(state: LimiterState, now: float) -> LimiterState:
+    return replace(state, window_start=now, successes=0, errors=0, admitted=0, carried=0)
+
+
+def enforcing_after(config: LimiterConfig, decision: Decision, enforcing: bool) -> bool:
+    """Whether the limit is enforced after ``decision``; pure.
+
+    Enforced from the first cut until the limit has grown back to its maximum with
+    errors under ``grow_threshold``: a healthy upstream is never throttled by a limit
+    still ramping up from its start value.
+    """
+    if not enforcing:
+        return decision.new < decision.old
+    return not (decision.new >= config.max_limit and decision.error_rate < config.grow_threshold)
+
+
 class AimdLimiter:
-    """Admission rate of one upstream from its error rate; see the module docstring."""
+    """One worker's limiter: ``LimiterState`` plus the counters of the open window."""
 
     def __init__(self, config: LimiterConfig | None = None) -> None:
         self.config = config or LimiterConfig()
-        self._limit = float(self.config.initial)
-        self._window_start: float | None = None
+        self._state = LimiterState(limit=float(self.config.initial))
         self._successes = 0
         self._errors = 0
         self._admitted = 0
-        self._cooldown_until: float | None = None
-        self._carried = 0
         self._decisions: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self._totals = {"success": 0, "error": 0, "ignored": 0, "windows": 0, "stale": 0}
 
     @property
     def limit(self) -> float:
-        return self._limit
+        return self._state.limit
 
     @property
     def decisions(self) -> tuple[Decision, ...]:
@@ -168,8 +278,8 @@ class AimdLimiter:
 
     def record(self, now: float, outcome: Outcome) -> None:
         """Count one admitted request's outcome in the current window."""
-        if self._window_start is None:
-            self._window_start = now
+        if self._state.window_start is None:
+            self._state = replace(self._state, window_start=now)
         self._admitted += 1
         if outcome is Outcome.SUCCESS:
             self._successes += 1
@@ -179,80 +289,37 @@ class AimdLimiter:
 
     def decide(self, now: float) -> Decision | None:
         """Close the window if ``window_s`` passed; ``None`` if no decision was made."""
-        cfg = self.config
-        start = self._window_start
-        if start is None:
-            self._window_start = now
+        if self._state.window_start is None:
+            self._state = replace(self._state, window_start=now)
             return None
-        elapsed = now - start
-        if elapsed < cfg.window_s:
+        state = replace(
+            self._state, successes=self._successes, errors=self._errors, admitted=self._admitted
+        )
+        closed = close_window(self.config, state, now)
+        if closed.outcome is WindowOutcome.OPEN:
             return None
         self._totals["windows"] += 1
-        samples = self._successes + self._errors
-        if samples < cfg.min_samples:
-            if elapsed >= cfg.max_carry_windows * cfg.window_s:
-                self._totals["stale"] += 1
-                self._reset(now)
-            else:
-                self._carried += 1
-            return None
-        error_rate = self._errors / samples
-        utilisation = self._admitted / (self._limit * elapsed)
-        old = self._limit
-        wanted, reason = self._rule(now, old, error_rate, utilisation)
-        new = min(cfg.max_limit, max(cfg.min_limit, wanted))
-        if new != wanted:
-            reason += f" (clamped to {new:g})"
-        self._limit = new
-        decision = Decision(now, old, new, error_rate, samples, utilisation, reason)
-        self._decisions.append(decision)
-        self._reset(now)
-        return decision
-
-    def _rule(
-        self, now: float, limit: float, error_rate: float, utilisation: float
-    ) -> tuple[float, str]:
-        cfg = self.config
-        if error_rate >= cfg.severe_threshold:
-            self._start_cooldown(now)
-            return limit * cfg.severe_factor, "severe cut"
-        if error_rate > cfg.cut_threshold:
-            self._start_cooldown(now)
-            return limit * cfg.cut_factor, "cut"
-        if self._cooldown_until is not None and now < self._cooldown_until:
-            return limit, "hold: cooldown"
-        if error_rate >= cfg.grow_threshold:
-            return limit, "hold: errors in tolerance band"
-        if utilisation < cfg.utilisation_to_grow:
-            return limit, "hold: limit underused"
-        return cfg.growth.apply(limit), "grow"
-
-    def _start_cooldown(self, now: float) -> None:
-        """No increase in windows closing within ``cooldown_windows`` windows of time.
-
-        Counted in time, not decisions, so windows carried at low rates count too; the
-        half window of slack absorbs windows closed a little late by the shell.
-        """
-        self._cooldown_until = now + (self.config.cooldown_windows + 0.5) * self.config.window_s
-
-    def _reset(self, now: float) -> None:
-        self._window_start = now
-        self._successes = self._errors = self._admitted = 0
-        self._carried = 0
+        self._totals["stale"] += closed.outcome is WindowOutcome.STALE
+        self._state = closed.state
+        if closed.outcome.resets_counts:
+            self._successes = self._errors = self._admitted = 0
+        if closed.decision is not None:
+            self._decisions.append(closed.decision)
+        return closed.decision
 
     def snapshot(self) -> dict[str, object]:
         """JSON-ready state for /stats."""
         return {
-            "limit": round(self._limit, 3),
+            "limit": round(self._state.limit, 3),
             "bounds": [self.config.min_limit, self.config.max_limit],
-            "window_start": self._window_start,
+            "window_start": self._state.window_start,
             "window": {
                 "successes": self._successes,
                 "errors": self._errors,
                 "admitted": self._admitted,
-                "carried_windows": self._carried,
+                "carried_windows": self._state.carried,
             },
-            "cooldown_until": self._cooldown_until,
+            "cooldown_until": self._state.cooldown_until,
             "totals": dict(self._totals),
             "decisions": [d.to_dict() for d in self._decisions],
         }

@@ -496,6 +496,11 @@ class QualityClassifier:
         return self._estimated
 
     @property
+    def sample_count(self) -> int:
+        """RTT samples held (HTTP and transport): the weight of this estimate in a fleet."""
+        return len(self._http.samples) + len(self._transport.samples)
+
+    @property
     def transitions(self) -> tuple[Transition, ...]:
         return tuple(self._transitions)
 

@@ -22,7 +22,7 @@ async def test_health_has_the_shape_operators_script_against(client, start_proxy
     }
     assert health["config"]["HTTP_CONNECTOR_LIMIT"] == "200"
     assert health["upstream"]["url"] == sample_upstream.url
-    assert health["state_store"] == {"kind": "embedded"}
+    assert health["state_store"] == {"kind": "embedded", "scope": "worker", "state": "embedded"}
 
 
 async def test_optimizer_off_is_reported(client, start_proxy, sample_upstream):

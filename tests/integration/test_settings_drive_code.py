@@ -5,7 +5,7 @@ import time
 
 from aiohttp import web
 
-from fileproxy.redis_health import RedisHealth
+from fileproxy.redis_store import RedisStore
 from fileproxy.settings import Settings
 from fileproxy.upstream_client import UpstreamClient
 from tests.conftest import get_json
@@ -184,11 +184,20 @@ async def test_dns_cache_ttl_and_pool_settings_reach_the_connector():
         await no_cache.close()
 
 
-async def test_redis_pool_size_sizes_the_pool():
-    health = RedisHealth(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0"}).redis_url, 7)
-    health.open()
+async def test_redis_settings_shape_the_client():
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "REDIS_POOL_SIZE": "7",
+            "FILEPROXY_REDIS_TIMEOUT": "0.3",
+        }
+    )
+    store = RedisStore(settings)
     try:
-        assert health.client is not None
-        assert health.client.connection_pool.max_connections == 7
+        pool = store.client.connection_pool
+        assert pool.max_connections == 7
+        assert pool.timeout == 0.3  # a full pool makes a caller wait this long, not forever
+        assert pool.connection_kwargs["socket_timeout"] == 0.3
+        assert pool.connection_kwargs["socket_connect_timeout"] == 0.3
     finally:
-        await health.close()
+        await store.close()
