@@ -83,9 +83,10 @@ COMMIT = """
 local key = KEYS[1]
 if redis.call('HGET', key, 'lease') ~= ARGV[1] then return 0 end
 if ARGV[2] == '1' then
-  redis.call('HINCRBY', key, 'successes', -tonumber(ARGV[3]))
-  redis.call('HINCRBY', key, 'errors', -tonumber(ARGV[4]))
-  redis.call('HINCRBY', key, 'admitted', -tonumber(ARGV[5]))
+  local names = {'successes', 'errors', 'admitted'}
+  for i = 1, 3 do  -- ARGV holds what the decider saw; what came since stays
+    if ARGV[i + 2] ~= '0' then redis.call('HINCRBY', key, names[i], '-' .. ARGV[i + 2]) end
+  end
 end
 redis.call('HSET', key, 'limit', ARGV[6], 'window_start', ARGV[7], 'carried', ARGV[9],
            'enforcing', ARGV[10])
@@ -178,6 +179,7 @@ def connect(settings: Settings, timeout_s: float | None = None) -> Any:
 
 class RedisStore:
     scope = "cluster"
+    report_age_out_s = REPORT_AGE_OUT_S
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         assert settings.redis_url is not None
@@ -287,7 +289,7 @@ class RedisStore:
         reply = await self._call(
             self._publish,
             list(report_keys(self.prefix)),
-            [worker, payload, _ms(REPORT_AGE_OUT_S), REPORTS_TTL_S],
+            [worker, payload, _ms(self.report_age_out_s), REPORTS_TTL_S],
         )
         now, rest = reply[0], reply[1:]
         reports = [

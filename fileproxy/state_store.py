@@ -85,6 +85,7 @@ class Report:
 class StateStore(Protocol):
     scope: str  # "worker" or "cluster"
     description: str  # for /health and logs; never holds a password
+    report_age_out_s: float
 
     async def tick(
         self,
@@ -149,6 +150,7 @@ class EmbeddedStore:
     clock: Callable[[], float] = time.time
     scope: str = "worker"
     description: str = "embedded (in-process, one worker)"
+    report_age_out_s: float = REPORT_AGE_OUT_S
     _limiters: dict[str, SharedLimiter] = field(default_factory=dict)
     _leases: dict[str, tuple[str, float]] = field(default_factory=dict)
     _admission: dict[str, _Gcra] = field(default_factory=dict)
@@ -239,7 +241,8 @@ class EmbeddedStore:
     async def publish(self, worker: str, payload: bytes) -> tuple[float, list[Report]]:
         now = self.clock()
         self._reports[worker] = Report(worker, now, payload)
-        for stale in [w for w, r in self._reports.items() if now - r.at > REPORT_AGE_OUT_S]:
+        age_out = self.report_age_out_s
+        for stale in [w for w, r in self._reports.items() if now - r.at > age_out]:
             del self._reports[stale]
         return now, list(self._reports.values())
 
