@@ -104,8 +104,7 @@ class LocalFallback:
         self.limiter.decide(now)  # opens the first window
         self.burst = max(1, burst // max(1, workers))
         self.gcra = Gcra(share, self.burst)
-        self.gcra.try_admit(now)  # the bucket starts drained: no burst at the switch
-        self.gcra.set_rate(share)
+        self.gcra.start_drained(now)  # no burst at the switch
         self.enforcing = last.enforcing
         self.always = False
 

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from .adaptive import Decision, LimiterState, WindowClose
 from .settings import Settings, redact_url
 from .state_store import (
+    ADMISSION_KEEP_S,
     LEASE_S,
     REPORT_AGE_OUT_S,
     REPORTS_TTL_S,
@@ -102,17 +103,19 @@ redis.call('EXPIRE', key, ARGV[14])
 return 1
 """
 
-#: KEYS[1] theoretical arrival time. ARGV: interval_ms tolerance_ms.
-#: Returns {1, '0'} when admitted, {0, wait_ms} when not.
+#: KEYS[1] theoretical arrival time. ARGV: interval_ms tolerance_ms keep_ms.
+#: A new clock starts drained (no burst credit). Returns {1, '0'} when admitted,
+#: {0, wait_ms} when not.
 ADMIT = (
     _NOW
     + """
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or fmt(now + tolerance))
 if tat < now then tat = now end
-local wait = tat - now - tonumber(ARGV[2])
-if wait > 0 then return {0, fmt(wait)} end
+local wait = tat - now - tolerance
+if wait > 0.001 then return {0, fmt(wait)} end  -- past the rounding of fmt
 local after = tat + tonumber(ARGV[1])
-redis.call('SET', KEYS[1], fmt(after), 'PX', math.ceil(after - now) + 1000)
+redis.call('SET', KEYS[1], fmt(after), 'PX', math.ceil(after - now + tonumber(ARGV[3])))
 return {1, '0'}
 """
 )
@@ -281,7 +284,7 @@ class RedisStore:
         admitted, wait_ms = await self._call(
             self._admit,
             [admission_key(self.prefix, upstream)],
-            [f"{interval_ms:.3f}", f"{(burst - 1) * interval_ms:.3f}"],
+            [f"{interval_ms:.3f}", f"{(burst - 1) * interval_ms:.3f}", _ms(ADMISSION_KEEP_S)],
         )
         return admitted == 1, float(wait_ms) / 1000
 

@@ -33,6 +33,9 @@ from .adaptive import LimiterState, WindowClose
 LEASE_S = 2.0
 #: Limiter state and saved level: kept across restarts of the fleet, gone after a day idle.
 STATE_TTL_S = 86400
+#: An admission clock is kept this long past its last use; a new one starts drained, so
+#: a Redis that restarted empty (or a first cut) lets no burst through.
+ADMISSION_KEEP_S = 60.0
 #: A worker that published no report for this long is no longer part of the fleet.
 REPORT_AGE_OUT_S = 5.0
 #: The reports themselves disappear this long after the last worker published.
@@ -229,11 +232,14 @@ class EmbeddedStore:
 
     async def admit(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
         now = self.clock()
-        gcra = self._admission.setdefault(upstream, _Gcra())
         interval = 1.0 / rate
+        tolerance = (burst - 1) * interval
+        gcra = self._admission.get(upstream)
+        if gcra is None or now - gcra.tat > ADMISSION_KEEP_S:
+            gcra = self._admission[upstream] = _Gcra(tat=now + tolerance)
         tat = max(gcra.tat, now)
-        wait = tat - now - (burst - 1) * interval
-        if wait > 0:
+        wait = tat - now - tolerance
+        if wait > 1e-6:  # float noise: (now + tolerance) - now - tolerance, now ~ 1.8e9
             return False, wait
         gcra.tat = tat + interval
         return True, 0.0

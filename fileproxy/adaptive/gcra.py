@@ -13,6 +13,9 @@ import math
 
 __all__ = ["Gcra"]
 
+#: float noise: ``(now + tau) - now - tau`` is not always 0.0 (a microsecond is plenty)
+_EPSILON_S = 1e-6
+
 
 class Gcra:
     """``rate`` admissions per second with bursts of up to ``burst`` requests."""
@@ -49,10 +52,15 @@ class Gcra:
         self._last_now = now
         tat = now if self._tat is None else max(self._tat, now)
         wait = tat - now - self._tolerance
-        if wait > 0:
+        if wait > _EPSILON_S:
             return False, wait
         self._tat = tat + self._interval
         return True, 0.0
+
+    def start_drained(self, now: float) -> None:
+        """No burst credit: one request passes now, the next ones at the rate."""
+        self._tat = now + self._tolerance
+        self._last_now = now
 
     def set_rate(self, rate: float, burst: int | None = None) -> None:
         """Change the pace; the queued backlog is rescaled to the new interval.
