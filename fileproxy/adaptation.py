@@ -49,10 +49,15 @@ from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
 from .exchange import Exchange
 from .fleet_stats import FleetView, UpstreamReport
 from .settings import Settings
-from .state_store import SharedLimiter, StoreError, Tick, WindowCounts
-from .store_link import StoreLink
+from .state_store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
+from .store_link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
 
 log = logging.getLogger("fileproxy.adaptation")
+
+#: After the store is back, every worker has probed it within a jittered probe interval
+#: (plus a sync tick); until then a worker's fallback share stays its ceiling, so the
+#: workers still in their fallback and those back in shared mode add up to the limit.
+RECOVERY_GRACE_S = PROBE_INTERVAL_S * (1 + PROBE_JITTER) + 0.3
 
 
 def static_profile(settings: Settings) -> LevelProfile:
@@ -124,7 +129,9 @@ class LocalFallback:
 
 
 class UpstreamAdaptation:
-    def __init__(self, settings: Settings, name: str, link: StoreLink) -> None:
+    def __init__(
+        self, settings: Settings, name: str, link: StoreLink, local_workers: int = 1
+    ) -> None:
         self.enabled = settings.optimizer
         self.name = name
         self.link = link
@@ -141,8 +148,11 @@ class UpstreamAdaptation:
             LimiterState(limit=float(settings.limit_initial)), enforcing=self.always_enforce
         )
         self.fallback: LocalFallback | None = None
+        self.recovery: tuple[LocalFallback, float] | None = None  # (ceiling, until)
         self.fleet_level: Level | None = None
-        self.live_workers = 1
+        # until the fleet's reports say how many (Redis down at start: this host's)
+        self.live_workers = local_workers
+        self._sizes: deque[tuple[float, int]] = deque()  # (when, workers reporting)
         self.token = uuid.uuid4().hex  # names this worker's decision leases
         self.decided_here: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self.rejected = 0
@@ -195,6 +205,10 @@ class UpstreamAdaptation:
         if self.fallback is None and not self.limiter.enforcing:
             return True, 0.0
         if self.fallback is None and self.link.available:
+            ceiling = self._recovery_ceiling(now)
+            if ceiling is not None and not (admitted_locally := ceiling.admit(now))[0]:
+                self.rejected += 1
+                return admitted_locally
             limit = self.limiter.state.limit
             try:
                 admitted, retry_after = await self.link.call(
@@ -258,6 +272,9 @@ class UpstreamAdaptation:
             self._fallback(now).decide(now)
             return
         if self.fallback is not None:
+            # Other workers may still be in their fallback for up to a probe interval:
+            # this worker's share stays its ceiling until they have all come back.
+            self.recovery = (self.fallback, now + RECOVERY_GRACE_S)
             self.fallback = None
             log.info("shared admission limit again", extra={"limit": tick.limiter.state.limit})
         self.limiter = tick.limiter
@@ -300,6 +317,15 @@ class UpstreamAdaptation:
         )
         _log_decision(decision, tick.limiter.enforcing, enforcing)
 
+    def _recovery_ceiling(self, now: float) -> LocalFallback | None:
+        if self.recovery is None:
+            return None
+        ceiling, until = self.recovery
+        if now >= until:
+            self.recovery = None
+            return None
+        return ceiling
+
     def _fallback(self, now: float) -> LocalFallback:
         if self.fallback is None:
             self.fallback = LocalFallback(
@@ -316,11 +342,20 @@ class UpstreamAdaptation:
             )
         return self.fallback
 
-    def follow_fleet(self, fleet: FleetView | None) -> None:
-        """Take the fleet's level and size from its latest reports (None: store away)."""
+    def follow_fleet(self, fleet: FleetView | None, now: float) -> None:
+        """Take the fleet's level and size from its latest reports (None: store away).
+
+        The size is the largest seen over the last report age-out: a store that has
+        just come back (empty) holds only the reports of the first workers to publish,
+        and a fallback sized on those would give each worker too large a share.
+        """
         self.fleet_level = fleet.level(self.name) if fleet is not None else None
-        if fleet is not None:
-            self.live_workers = max(1, fleet.live_workers)
+        if fleet is None:
+            return
+        self._sizes.append((now, max(1, fleet.live_workers)))
+        while self._sizes[0][0] < now - REPORT_AGE_OUT_S:
+            self._sizes.popleft()
+        self.live_workers = max(size for _, size in self._sizes)
 
     def report(self) -> UpstreamReport:
         level = self.classifier.level

@@ -64,8 +64,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings, instance_pid: int | None = None) -> web.Application:
-    """``instance_pid``: the process that stands for this instance (gunicorn's master)."""
+def create_app(
+    settings: Settings, instance_pid: int | None = None, workers: int = 1
+) -> web.Application:
+    """``instance_pid``: the process that stands for this instance (gunicorn's master);
+    ``workers``: how many workers it runs."""
     app = EdgeApplication(
         handler_args=server_options(settings),
         middlewares=[refuse_what_a_reverse_proxy_must_not_serve],
@@ -74,7 +77,9 @@ def create_app(settings: Settings, instance_pid: int | None = None) -> web.Appli
     app[LIFECYCLE] = Lifecycle()
     app[LISTEN_SOCKETS] = ListenSockets()
     app[FLEET] = Fleet(
-        worker=instance_name(os.getpid()), instance=instance_name(instance_pid or os.getpid())
+        worker=instance_name(os.getpid()),
+        instance=instance_name(instance_pid or os.getpid()),
+        local_workers=workers,
     )
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health", endpoints.health, allow_head=True)
@@ -112,7 +117,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store: StateStore = RedisStore(settings) if settings.redis_url else EmbeddedStore()
     app[STORE] = link = StoreLink(store)
     name = upstream_name(settings.upstream)
-    app[ADAPTATION] = adaptation = UpstreamAdaptation(settings, name, link)
+    app[ADAPTATION] = adaptation = UpstreamAdaptation(
+        settings, name, link, local_workers=app[FLEET].local_workers
+    )
     app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
     tasks = [
         asyncio.create_task(_watch_upstream(app)),
@@ -155,4 +162,5 @@ async def gunicorn_app() -> web.Application:
     """The app gunicorn's aiohttp worker runs (`gunicorn -c gunicorn.conf.py`)."""
     settings = Settings.from_env()  # already validated by gunicorn.conf.py
     logs.configure(settings.log_level, settings.log_format, settings.log_dir)
-    return create_app(settings, instance_pid=os.getppid())  # the gunicorn master
+    # gunicorn's master stands for the instance
+    return create_app(settings, instance_pid=os.getppid(), workers=settings.workers)

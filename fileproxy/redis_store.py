@@ -15,6 +15,7 @@ a failure means.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .adaptive import Decision, LimiterState, WindowClose
 from .settings import Settings, redact_url
@@ -41,6 +42,8 @@ from .state_store import (
     limiter_key,
     report_keys,
 )
+
+log = logging.getLogger("fileproxy.state")
 
 _NOW = """
 local function fmt(x) return string.format('%.3f', x) end
@@ -148,7 +151,8 @@ return out
 """
 )
 
-_STORE_FAILURES = (RedisError, OSError, TimeoutError)
+# RedisClusterException (e.g. no node reachable) is not a RedisError
+_STORE_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def _ms(value: float | None) -> str:
@@ -199,6 +203,10 @@ class RedisStore:
         try:
             return await script(keys=keys, args=args)
         except _STORE_FAILURES as exc:
+            raise StoreError(type(exc).__name__) from exc
+        except Exception as exc:
+            # whatever else goes wrong with the store, the requests go on without it
+            log.exception("unexpected state store failure")
             raise StoreError(type(exc).__name__) from exc
 
     async def tick(

@@ -41,6 +41,7 @@ class Fleet:
 
     worker: str
     instance: str
+    local_workers: int = 1  # workers of this instance
     view: FleetView | None = None
     received: float | None = None  # monotonic
 
@@ -82,11 +83,11 @@ async def publish(
         at, reports = await link.call(lambda: link.store.publish(fleet.worker, payload))
     except StoreError:
         fleet.view = None
-        adaptation.follow_fleet(None)
+        adaptation.follow_fleet(None, time.monotonic())
         return
     fleet.view = FleetView(at, _parse(reports))
     fleet.received = time.monotonic()
-    adaptation.follow_fleet(fleet.view)
+    adaptation.follow_fleet(fleet.view, fleet.received)
 
 
 async def run(
