@@ -100,7 +100,13 @@ class LocalFallback:
     """
 
     def __init__(
-        self, config: LimiterConfig, last: SharedLimiter, workers: int, burst: int, now: float
+        self,
+        config: LimiterConfig,
+        last: SharedLimiter,
+        workers: int,
+        burst: int,
+        always_enforce: bool,
+        now: float,
     ) -> None:
         share = last.state.limit / max(1, workers)
         self.limiter = AimdLimiter(
@@ -111,7 +117,7 @@ class LocalFallback:
         self.gcra = Gcra(share, self.burst)
         self.gcra.start_drained(now)  # no burst at the switch
         self.enforcing = last.enforcing
-        self.always = False
+        self.always_enforce = always_enforce
 
     def admit(self, now: float) -> tuple[bool, float]:
         if not self.enforcing:
@@ -122,7 +128,7 @@ class LocalFallback:
         decision = self.limiter.decide(now)
         if decision is not None:
             self.gcra.set_rate(decision.new)
-            self.enforcing = self.always or enforcing_after(
+            self.enforcing = self.always_enforce or enforcing_after(
                 self.limiter.config, decision, self.enforcing
             )
         return decision
@@ -200,27 +206,26 @@ class UpstreamAdaptation:
 
     async def admit(self, now: float) -> tuple[bool, float]:
         """(admitted, seconds until a request would be); never waits on a broken store."""
-        if not self.enabled:
+        if not self.enabled or (self.fallback is None and not self.limiter.enforcing):
             return True, 0.0
-        if self.fallback is None and not self.limiter.enforcing:
-            return True, 0.0
-        if self.fallback is None and self.link.available:
-            ceiling = self._recovery_ceiling(now)
-            if ceiling is not None and not (admitted_locally := ceiling.admit(now))[0]:
-                self.rejected += 1
-                return admitted_locally
-            limit = self.limiter.state.limit
-            try:
-                admitted, retry_after = await self.link.call(
-                    lambda: self.link.store.admit(self.name, limit, self.burst)
-                )
-            except StoreError:
-                admitted, retry_after = self._fallback(now).admit(now)
-        else:
-            admitted, retry_after = self._fallback(now).admit(now)
+        admitted, retry_after = await self._admit(now)
         if not admitted:
             self.rejected += 1
         return admitted, retry_after
+
+    async def _admit(self, now: float) -> tuple[bool, float]:
+        if self.fallback is not None or not self.link.available:
+            return self._fallback(now).admit(now)
+        ceiling = self._recovery_ceiling(now)
+        if ceiling is not None:
+            admitted, retry_after = ceiling.admit(now)
+            if not admitted:
+                return admitted, retry_after
+        limit = self.limiter.state.limit
+        try:
+            return await self.link.call(lambda: self.link.store.admit(self.name, limit, self.burst))
+        except StoreError:
+            return self._fallback(now).admit(now)
 
     def observe_exchange(self, now: float, exchange: Exchange) -> None:
         if not self.enabled:
@@ -329,9 +334,8 @@ class UpstreamAdaptation:
     def _fallback(self, now: float) -> LocalFallback:
         if self.fallback is None:
             self.fallback = LocalFallback(
-                self.config, self.limiter, self.live_workers, self.burst, now
+                self.config, self.limiter, self.live_workers, self.burst, self.always_enforce, now
             )
-            self.fallback.always = self.always_enforce
             log.warning(
                 "state store unreachable: local admission limit",
                 extra={

@@ -261,3 +261,39 @@ async def poll_every_worker(
                 reached[pid] = health
         await asyncio.sleep(0.05)
     return reached
+
+
+async def test_redis_down_at_start_then_shared_when_it_comes(
+    redis_server, start_proxy, sample_upstream, client
+):
+    redis_server.kill()  # the port and password are known, nothing listens there yet
+    env = {**fleet_settings(redis_server), "FILEPROXY_LIMIT_MIN": "20"}
+    env.update(FILEPROXY_LIMIT_INITIAL="20", FILEPROXY_LIMIT_MAX="20")
+    proxy = start_proxy(sample_upstream.url, **env)
+
+    async def health() -> dict[str, Any]:
+        async with client.get(f"{proxy.url}/health") as resp:
+            return await resp.json()
+
+    deadline = time.monotonic() + 5
+    while (await health())["status"] != "degraded":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    statuses = Counter()
+    for _ in range(60):  # as fast as one client goes: the local limit still holds
+        async with client.get(f"{proxy.url}{PATH}") as resp:
+            await resp.read()
+            statuses[resp.status] += 1
+    assert set(statuses) == {200, 429} and statuses[200] <= 20 + 5, statuses  # never unlimited
+    assert (await health())["state_store"]["limiter"] == "fallback"
+    async with client.get(f"{proxy.url}/ready") as resp:
+        assert resp.status == 200
+
+    await asyncio.to_thread(redis_server.restart)
+    answering = time.time()
+    deadline = time.monotonic() + 5
+    while (current := await health())["state_store"]["state"] != "up":
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.1)
+    assert current["status"] == "ok" and current["state_store"]["limiter"] == "shared"
+    assert current["state_store"]["since"] - answering <= 2.0
