@@ -337,7 +337,7 @@ class UpstreamAdaptation:
                 self.config, self.limiter, self.live_workers, self.burst, self.always_enforce, now
             )
             log.warning(
-                "state store unreachable: local admission limit",
+                "local admission limit until the state store answers",
                 extra={
                     "limit": round(self.fallback.limiter.limit, 3),
                     "enforcing": self.fallback.enforcing,

@@ -297,3 +297,28 @@ async def test_redis_down_at_start_then_shared_when_it_comes(
         await asyncio.sleep(0.1)
     assert current["status"] == "ok" and current["state_store"]["limiter"] == "shared"
     assert current["state_store"]["since"] - answering <= 2.0
+
+
+async def test_with_the_optimizer_off_the_fleet_stats_still_recover(
+    redis_server, start_proxy, sample_upstream, client
+):
+    """Nothing ticks the limiter then: the reports alone must probe Redis again."""
+    proxy = start_proxy(sample_upstream.url, REDIS_URL=redis_server.url, FILEPROXY_OPTIMIZER="off")
+
+    async def state() -> str:
+        async with client.get(f"{proxy.url}/health") as resp:
+            return (await resp.json())["state_store"]["state"]
+
+    async def becomes(expected: str) -> None:
+        deadline = time.monotonic() + 10
+        while await state() != expected:
+            assert time.monotonic() < deadline, expected
+            await asyncio.sleep(0.1)
+
+    await becomes("up")
+    await asyncio.to_thread(redis_server.kill)
+    await becomes("down")
+    await asyncio.to_thread(redis_server.restart)
+    await becomes("up")
+    async with client.get(f"{proxy.url}/stats") as resp:
+        assert (await resp.json())["scope"] == "cluster"
