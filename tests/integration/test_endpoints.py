@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, clean_env, free_port, get_json, require_binary, wait_for_port
+from tests.conftest import ROOT, clean_env, get_json
+from tests.redis_servers import RedisServer
 
 PASSWORD = "s3cret-pass-word"
 
@@ -83,36 +84,6 @@ async def test_without_uvloop_the_daemon_runs_and_says_so(
     assert "uvloop not installed" in proxy.log_text()
 
 
-class RedisServer:
-    def __init__(self, tmp_dir: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [
-                require_binary("redis-server"),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                PASSWORD,
-                "--dir",
-                str(tmp_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, process=self.process)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 async def _wait_for(predicate, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,48 +95,42 @@ async def _wait_for(predicate, timeout: float = 15.0):
 
 
 async def test_redis_state_in_health_and_no_secret_anywhere(
-    client, start_proxy, sample_upstream, tmp_dir: Path
+    client, start_proxy, sample_upstream, redis_server: RedisServer
 ):
-    redis = RedisServer(tmp_dir)
-    try:
-        redis_url = f"redis://:{PASSWORD}@127.0.0.1:{redis.port}/0"
-        upstream = sample_upstream.url.replace("http://", f"http://operator:{PASSWORD}@")
-        proxy = start_proxy(upstream, REDIS_URL=redis_url)
+    upstream = sample_upstream.url.replace("http://", f"http://operator:{PASSWORD}@")
+    proxy = start_proxy(upstream, REDIS_URL=redis_server.url)
 
-        async def redis_up():
-            health = await get_json(client, f"{proxy.url}/health")
-            return health if health["state_store"].get("state") == "up" else None
+    async def redis_up():
+        health = await get_json(client, f"{proxy.url}/health")
+        return health if health["state_store"].get("state") == "up" else None
 
-        health = await _wait_for(redis_up)
-        assert health["status"] == "ok"
-        assert health["state_store"]["url"] == f"redis://***@127.0.0.1:{redis.port}/0"
-        assert health["state_store"]["pool_size"] == 150
+    health = await _wait_for(redis_up)
+    assert health["status"] == "ok"
+    assert health["state_store"]["url"] == f"redis://***@127.0.0.1:{redis_server.port}/0"
+    assert redis_server.password not in str(health)
+    assert health["state_store"]["pool_size"] == 150
 
-        async with client.get(
-            f"{proxy.url}/echo", headers={"Authorization": "Bearer from-the-client"}
-        ) as resp:
-            assert resp.status == 200
-            echoed = await resp.json()
-        assert ["Authorization", "Basic b3BlcmF0b3I6czNjcmV0LXBhc3Mtd29yZA=="] in echoed["headers"]
+    async with client.get(
+        f"{proxy.url}/echo", headers={"Authorization": "Bearer from-the-client"}
+    ) as resp:
+        assert resp.status == 200
+        echoed = await resp.json()
+    assert ["Authorization", "Basic b3BlcmF0b3I6czNjcmV0LXBhc3Mtd29yZA=="] in echoed["headers"]
 
-        redis.stop()
+    redis_server.stop()
 
-        async def degraded():
-            health = await get_json(client, f"{proxy.url}/health")
-            return health if health["status"] == "degraded" else None
+    async def degraded():
+        health = await get_json(client, f"{proxy.url}/health")
+        return health if health["status"] == "degraded" else None
 
-        health = await _wait_for(degraded)
-        assert health["state_store"]["state"] == "down"
-        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
-            assert resp.status == 200  # serving goes on without Redis
+    health = await _wait_for(degraded)
+    assert health["state_store"]["state"] == "down"
+    async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+        assert resp.status == 200  # serving goes on without Redis
 
-        seen = [
-            await (await client.get(f"{proxy.url}/{path}")).text() for path in ("health", "stats")
-        ]
-        for text in [*seen, proxy.log_text()]:
-            assert PASSWORD not in text
-    finally:
-        redis.stop()
+    seen = [await (await client.get(f"{proxy.url}/{path}")).text() for path in ("health", "stats")]
+    for text in [*seen, proxy.log_text()]:
+        assert PASSWORD not in text and redis_server.password not in text
 
 
 def test_check_reports_each_item_and_fails_without_upstream(sample_upstream):
