@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fileproxy.state_store import limiter_key
 from tests.conftest import Process, clean_env
@@ -162,6 +163,12 @@ async def test_one_limit_and_one_stats_for_the_whole_fleet(
             stats["upstreams"][sample_upstream.url.removeprefix("http://")]["limiter"]["mode"]
             == "shared"
         )
+    # /metrics too: one series per worker of the fleet, adding up to what was sent
+    async with client.get(f"{fleet[1].url}/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+    assert families["fileproxy_fleet_workers"].samples[0].value == 4
+    fleet_requests = families["fileproxy_fleet_requests"].samples
+    assert sum(s.value for s in fleet_requests if s.name.endswith("_total")) == len(outcomes)
     levels = {
         s["performance_optimizer"]["quality_level"]
         for s in (await every_worker(client, fleet, "/stats")).values()
