@@ -129,7 +129,8 @@ def staircase(bench: Any, scenario: Scenario, key: str, step_s: int) -> dict[str
         if step["error_rate"] > STAIR_ERROR_RATE:
             reasons.append(f"error rate {step['error_rate']:.1%} > {STAIR_ERROR_RATE:.0%}")
         if step["p99_ms"] is None or step["p99_ms"] > STAIR_P99_MS:
-            reasons.append(f"p99 {step['p99_ms']} ms > {STAIR_P99_MS:g} ms")
+            p99 = "-" if step["p99_ms"] is None else f"{step['p99_ms']:.0f}"
+            reasons.append(f"p99 {p99} ms > {STAIR_P99_MS:g} ms")
         if step["peak_rss_mib"] > start_rss + STAIR_RSS_MIB:
             reasons.append(
                 f"RSS {step['peak_rss_mib']:.0f} MiB > start {start_rss:.0f} + {STAIR_RSS_MIB:g}"
@@ -168,15 +169,30 @@ def paced_soak(
 ) -> dict[str, Any]:
     """Paced 1 KiB load at SOAK_FRACTION of the knee's throughput for `seconds`.
 
-    wrk's delay() has 1 ms resolution, so the connection count is chosen for a
-    mean think time of ~25 ms or more: C = max(64, target x 0.025).
+    Each of C connections waits an exponential think time of mean T before each
+    request, so the rate is C / (T + response time). C = max(64, target x 0.1)
+    (T ~100 ms: wrk's delay() has 1 ms resolution, and the response time stays a
+    small part of the cycle). A calibration run (5 s) measures the response time
+    at that load; T is then set to C / target - response time.
     """
     target = SOAK_FRACTION * knee["requests_per_s"]
-    conns = min(4096, max(64, math.ceil(target * 0.025)))
+    conns = min(4096, max(64, math.ceil(target * 0.1)))
     mean_ms = max(1.0, conns * 1000 / target)
+    calibration = bench.measure(
+        scenario,
+        bench.workload("paced", "/1k.bin", conns, 5, (f"{mean_ms:.3f}", "2")),
+        key,
+        False,
+    )
+    cw = calibration.get("wrk") or {}
+    calibrated = {"mean_think_ms": round(mean_ms, 3), "requests_per_s": cw.get("requests_per_s")}
+    if cw.get("requests_per_s"):
+        response_ms = max(0.0, conns * 1000 / cw["requests_per_s"] - mean_ms)
+        mean_ms = max(1.0, conns * 1000 / target - response_ms)
+        calibrated["response_ms"] = round(response_ms, 3)
+    bench.wait_quiet(bench.port(key), 3)
     workload = bench.workload("paced", "/1k.bin", conns, seconds, (f"{mean_ms:.3f}", "1"))
-    with PeakMemory(bench.pgid(key), period=1.0) as memory:
-        result = bench.measure(scenario, workload, key, False)
+    result = bench.measure(scenario, workload, key, False)
     w = result.get("wrk") or {}
     return {
         "contender": key,
@@ -185,6 +201,7 @@ def paced_soak(
         "target_requests_per_s": round(target, 1),
         "connections": conns,
         "mean_think_ms": round(mean_ms, 3),
+        "calibration": calibrated,
         "requests_per_s": w.get("requests_per_s"),
         "of_knee": round(w["requests_per_s"] / knee["requests_per_s"], 3) if w else None,
         "requests": w.get("requests"),
@@ -194,7 +211,7 @@ def paced_soak(
         "p99_ms": _p(w, "p99"),
         "p99_9_ms": _p(w, "p99_9"),
         "max_ms": _p(w, "max"),
-        "memory": memory.result(),
+        "memory": result["memory"],
         "cpu_s": result["cpu_s"],
         "error": result.get("error"),
     }
@@ -461,3 +478,276 @@ def run_extras(
     # back in front of the static backend for the next scenarios
     restart_in_front_of(bench, proxies, backend_port)
     return out
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float | int):
+        return f"{value:,.{digits}f}" if digits else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """The sections of the extra workloads (appended to bench.run's report)."""
+    p = ex["plan"]
+    lines: list[str] = []
+    stair = ex.get("stair") or {}
+    if stair:
+        keys = list(stair)
+        lines += [
+            f"## Staircase (clean link, 1 KiB, wrk -t2, {p['stair_step_s']} s per step)",
+            "",
+            "Connections doubled from 16 to 2,048, each contender on its own (fresh processes, "
+            f"the steps in a row). Stop at error rate > {STAIR_ERROR_RATE:.0%}, p99 > "
+            f"{STAIR_P99_MS:g} ms, peak RSS > start + {STAIR_RSS_MIB:g} MiB, or throughput < "
+            f"{STAIR_DROP}x the best for two steps in a row. Knee = the step of highest "
+            "throughput before the stop. Short steps on a shared 2-core machine (wrk and the "
+            "contender share the cores) make single steps noisy: read the knee as a region.",
+            "",
+            "| contender | knee: conns | knee: req/s | knee: p99 ms | stopped at | why "
+            "| RSS start -> peak MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key in keys:
+            r = stair[key]
+            knee = r["knee"] or {}
+            peak = max((st["peak_rss_mib"] for st in r["steps"]), default=None)
+            lines.append(
+                f"| {labels.get(key, key)} | {_f(knee.get('connections'), 0)} "
+                f"| {_f(knee.get('requests_per_s'), 0)} | {_f(knee.get('p99_ms'))} "
+                f"| {_f(r['stopped_at'], 0)} | {r['stop']} | {_f(r['start_rss_mib'])} -> "
+                f"{_f(peak)} |"
+            )
+        lines += [
+            "",
+            "Every step (req/s, p99 ms, errors); a blank cell: the staircase had stopped.",
+            "",
+            "| conns | " + " | ".join(labels.get(k, k) for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for conns in STAIR_STEPS:
+            cells = []
+            for key in keys:
+                st = next((x for x in stair[key]["steps"] if x["connections"] == conns), None)
+                if st is None:
+                    cells.append("")
+                elif "requests_per_s" not in st:
+                    cells.append("wrk failed")
+                else:
+                    mark = " **stop**" if st.get("stop") else ""
+                    cells.append(
+                        f"{_f(st['requests_per_s'], 0)} / {_f(st['p99_ms'])} / {st['errors']}{mark}"
+                    )
+            lines.append(f"| {conns} | " + " | ".join(cells) + " |")
+        lines.append("")
+    soak = ex.get("soak") or {}
+    if soak:
+        lines += [
+            "## Soak at 80% of the knee (clean link, 1 KiB, paced)",
+            "",
+            "wrk with bench/wrk_paced.lua: before each request a connection waits an "
+            "exponentially distributed think time (mean = connections / target rate), so the "
+            "offered load is about the target, not a closed loop. Zero errors expected.",
+            "",
+            "| contender | seconds | knee req/s | target | achieved (of knee) | conns "
+            "| errors | p50 / p99 / p99.9 / max ms | RSS start / peak / end MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, r in soak.items():
+            if "error" in r and r.get("requests_per_s") is None:
+                lines.append(f"| {labels.get(key, key)} | failed: {r['error']} |||||||")
+                continue
+            m = r["memory"]
+            errs = r["errors_total"]
+            err_text = str(errs) + (
+                " (" + ", ".join(f"{k} {v}" for k, v in (r["errors"] or {}).items() if v) + ")"
+                if errs
+                else ""
+            )
+            lines.append(
+                f"| {labels.get(key, key)} | {r['seconds']} | {_f(r['knee_requests_per_s'], 0)} "
+                f"| {_f(r['target_requests_per_s'], 0)} | {_f(r['requests_per_s'], 0)} "
+                f"({_f(r['of_knee'], 2)}) | {r['connections']} | {err_text} "
+                f"| {_f(r['p50_ms'])} / {_f(r['p99_ms'])} / {_f(r['p99_9_ms'])} / "
+                f"{_f(r['max_ms'])} | {m['start_mib']} / {m['peak_mib']} / {m['end_mib']} |"
+            )
+        lines.append("")
+    sse = ex.get("sse") or []
+    sse_labels = {**labels, "direct": "direct (SSE backend)"}
+    if sse:
+        lines += [
+            f"## SSE streams (clean link, one event every {p['sse_interval_ms']} ms per stream)",
+            "",
+            "bench/sse_backend.py (aiohttp, 2 gunicorn workers) behind each contender (direct: "
+            "the SSE backend itself); bench/sse_client.py in the client namespace opens the "
+            "streams at once (2,000/s) and keeps each open for "
+            f"{_f(p['sse_s'])} s from its own start. ttfe = time to first event from before "
+            "connect(); delivered = events received / events the backend's schedule promised; "
+            "delay = receive time - the backend's timestamp in the event. nginx proxy_pass "
+            "relays each event at once (the backend sends X-Accel-Buffering: no). Peak RSS and "
+            "CPU: the contender's processes (direct: the SSE backend).",
+            "",
+            "| streams | contender | ok | errors | ttfe p50 / p99 / max ms | events/s "
+            "| delivered | delay p50 / p99 ms | CPU % | RSS start -> peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in sse:
+            c = row.get("client")
+            if not c:
+                lines.append(
+                    f"| {row['streams']} | {sse_labels.get(row['contender'], row['contender'])} "
+                    f"| failed: {row.get('error', '')[-120:]!r} ||||||||"
+                )
+                continue
+            t, d, m = c["ttfe_ms"], c["delay_ms"], row["memory"]
+            errs = c["errors_total"]
+            err_text = str(errs) + (
+                " (" + ", ".join(f"{k} {v}" for k, v in c["errors"].items()) + ")" if errs else ""
+            )
+            lines.append(
+                f"| {row['streams']} | {sse_labels.get(row['contender'], row['contender'])} "
+                f"| {c['ok']}/{c['streams']} | {err_text} | {_f(t['p50'])} / {_f(t['p99'])} / "
+                f"{_f(t['max'])} | {_f(c['events_per_s'], 0)} | {_f(c['delivered_fraction'], 3)} "
+                f"| {_f(d['p50'])} / {_f(d['p99'])} | {_f(row['cpu_pct'], 0)} "
+                f"| {m['start_mib']} -> {m['peak_mib']} |"
+            )
+        lines.append("")
+    soak_sse = ex.get("sse_soak")
+    if soak_sse:
+        s = soak_sse
+        env = ", ".join(f"{k}={v}" for k, v in s.get("env", {}).items())
+        base = s["baseline"]
+        lines += [
+            f"## SSE soak: {s['streams']:,} streams through {labels.get(s['contender'])}, "
+            f"{s['cycles']} identical cycles",
+            "",
+            f"Each cycle opens {s['streams']:,} streams (2,000/s; one event every "
+            f"{s['interval_ms'] / 1000:g} s), waits for every first event, holds "
+            f"{s['hold_s']:g} s, closes them all and waits {s['settle_s']:g} s. Memory = "
+            "fileproxy's processes (gunicorn master + 2 workers) summed: RSS (pages shared "
+            "by the forked workers counted in each) and PSS (shared pages divided). Started "
+            f"with {env} (fileproxy's default pools, 200 / 50 per host per worker, would "
+            "queue all but 100 streams: see the SSE streams rows). Baseline before the first "
+            f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
+            f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
+            "",
+            "| cycle | streams ok | errors | open s | RSS open | RSS end of hold "
+            "| RSS after close | KiB per stream (RSS) | KiB per stream (PSS) | per process "
+            "RSS when open |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in s["per_cycle"]:
+            opened = next(
+                x for x in s["samples"] if x["phase"] == "opened" and x["cycle"] == c["cycle"]
+            )
+            lines.append(
+                f"| {c['cycle']} | {c['ok']:,} | {c['errors'] or 0} | {c['open_s']} "
+                f"| {c['rss_opened_mib']} | {c['rss_held_mib']} | {c['rss_closed_mib']} "
+                f"| {c['kib_per_stream']} | {c['kib_per_stream_pss']} "
+                f"| {opened['memory']['per_process_rss_mib']} |"
+            )
+        per_stream = [c["kib_per_stream"] for c in s["per_cycle"] if c["kib_per_stream"]]
+        lines += [
+            "",
+            f"- RSS per open stream (over the baseline): {', '.join(map(str, per_stream))} KiB "
+            f"by cycle; the issue's target is <= 30 KiB with 10,000 streams over 2 workers.",
+            f"- RSS after close, change from each cycle to the next: "
+            f"{s['closed_steps_mib']} MiB (first to last {s['closed_rise_mib']} MiB). A leak "
+            "shows as a rise on every identical cycle; memory kept after the first cycle and "
+            "reused is the allocator, not a leak.",
+        ]
+        if s.get("error"):
+            lines.append(f"- the client ended with an error: {s['error'][-300:]!r}")
+        lines.append("")
+    return lines
+
+
+def chart(ex: dict[str, Any], path: Path, labels: dict[str, str], title: str) -> bool:
+    """Staircase (req/s and p99 by connections), SSE time to first event, SSE soak RSS."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    stair, sse, soak = ex.get("stair") or {}, ex.get("sse") or [], ex.get("sse_soak")
+    if not (stair or sse or soak):
+        return False
+    colour = {"direct": "#7f7f7f", "nginx": "#2ca02c", "before": "#d62728",
+              "fp_off": "#9ecae1", "fp_on": "#1f77b4"}  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (a_rps, a_p99), (a_sse, a_soak) = axes
+    for key, r in stair.items():
+        steps = [st for st in r["steps"] if "requests_per_s" in st]
+        xs = [st["connections"] for st in steps]
+        a_rps.plot(xs, [st["requests_per_s"] for st in steps], "o-", color=colour.get(key),
+                   label=labels.get(key, key))  # fmt: skip
+        a_p99.plot(xs, [st["p99_ms"] or 0 for st in steps], "o-", color=colour.get(key),
+                   label=labels.get(key, key))  # fmt: skip
+        if r["knee"]:
+            a_rps.plot([r["knee"]["connections"]], [r["knee"]["requests_per_s"]], "k*",
+                       markersize=12)  # fmt: skip
+    for ax, name in ((a_rps, "req/s (* = knee)"), (a_p99, "p99 ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connections")
+        ax.set_ylabel(name)
+        ax.set_title(f"staircase, 1 KiB, clean link: {name}", fontsize=9)
+        ax.legend(fontsize=7)
+    a_p99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
+    a_p99.set_yscale("log")
+    if sse:
+        sizes = sorted({row["streams"] for row in sse})
+        keys = list(dict.fromkeys(row["contender"] for row in sse))
+        width = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            values = []
+            for n in sizes:
+                row = next((x for x in sse if x["contender"] == key and x["streams"] == n), None)
+                c = (row or {}).get("client") or {}
+                values.append((c.get("ttfe_ms") or {}).get("p99") or 0)
+            xs = [j + i * width for j in range(len(sizes))]
+            label = "direct (SSE backend)" if key == "direct" else labels.get(key, key)
+            a_sse.bar(xs, values, width, color=colour.get(key), label=label)
+        a_sse.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(sizes))])
+        a_sse.set_xticklabels([f"{n} streams" for n in sizes])
+        a_sse.set_yscale("log")
+        a_sse.set_ylabel("time to first event, p99 ms")
+        a_sse.set_title("SSE streams: time to first event (p99)", fontsize=9)
+        a_sse.legend(fontsize=7)
+    else:
+        a_sse.set_axis_off()
+    if soak:
+        xs, rss, pss, names = (
+            [0],
+            [soak["baseline"]["rss_mib"]],
+            [soak["baseline"]["pss_mib"]],
+            ["start"],
+        )
+        for sample in soak["samples"]:
+            xs.append(len(xs))
+            rss.append(sample["memory"]["rss_mib"])
+            pss.append(sample["memory"]["pss_mib"])
+            names.append(f"{sample['cycle']}:{sample['phase']}")
+        a_soak.plot(xs, rss, "o-", label="RSS, summed", color="#1f77b4")
+        a_soak.plot(xs, pss, "s--", label="PSS, summed", color="#9ecae1")
+        a_soak.set_xticks(xs)
+        a_soak.set_xticklabels(names, rotation=45, fontsize=7, ha="right")
+        a_soak.set_ylabel("MiB")
+        a_soak.set_title(
+            f"SSE soak: {soak['streams']:,} streams x {soak['cycles']} cycles, "
+            f"{labels.get(soak['contender'])}",
+            fontsize=9,
+        )
+        a_soak.legend(fontsize=7)
+    else:
+        a_soak.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

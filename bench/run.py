@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import extras
+from bench import extras as extra_workloads
 from bench.netem import (
     SCENARIOS,
     SERVER_IP,
@@ -731,6 +731,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
         if extras:
             lines.extend([*extras, ""])
+    if report.get("extras"):
+        lines.extend(extra_workloads.markdown(report["extras"], LABELS))
     lines.extend(report["notes"])
     return "\n".join(lines) + "\n"
 
@@ -1033,7 +1035,7 @@ def run(options: Options) -> dict[str, Any]:
                 k: collect_stats(bench, k) for k in proxies if k in FILEPROXY_KEYS
             }
             if name == "clean" and any(w in EXTRA_WORKLOADS for w in options.workloads):
-                report["extras"] = extras.run_extras(
+                report["extras"] = extra_workloads.run_extras(
                     bench, scenario, options, options.contenders, BACKEND_PORT
                 )
                 report["extras"]["run_time_s"] = round(time.monotonic() - scenario_started, 1)
@@ -1072,10 +1074,19 @@ def rerender(path: Path, with_chart: bool) -> None:
 def write_report(report: dict[str, Any], stem: Path, with_chart: bool) -> None:
     text = markdown(report)
     md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
+    extra_png = stem.with_name(stem.name + "-extras.png")
     if with_chart and chart(report, png_path):
         text += f"\n![benchmark chart]({png_path.name})\n"
     elif with_chart:
-        print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+        print("no table chart: no table rows, or matplotlib is missing (pip install -e '.[bench]')")
+    if with_chart and report.get("extras"):
+        env = report["environment"]
+        title = (
+            f"fileproxy bench {env['date']}, extra workloads — {env['cpu']}, {env['cores']} "
+            f"cores, kernel {env['kernel']}"
+        )
+        if extra_workloads.chart(report["extras"], extra_png, LABELS, title):
+            text += f"\n![extra workloads]({extra_png.name})\n"
     md_path.write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     print("\n" + text)

@@ -135,6 +135,8 @@ async def one_stream(
                 if len(fields) >= 2 and len(tally.delays_ms) < MAX_DELAY_SAMPLES:
                     with contextlib.suppress(ValueError):
                         tally.delays_ms.append(now_ms - int(fields[1]))
+        if not got_first:  # the stream's time ran out before its first event
+            tally.error("no_first_event")
     except asyncio.CancelledError:
         pass
     finally:
