@@ -69,7 +69,7 @@ def plan(full: bool, scale: float, soak_streams: int | None = None) -> Plan:
     if full:
         base = Plan(5, 300, (32, 256, 1024), 15.0, 100, 10_000, 3, 30.0, 10.0, 5000)
     else:
-        base = Plan(2, 60, (32, 256), 4.0, 100, 1000, 2, 5.0, 3.0, 5000)
+        base = Plan(1, 60, (32, 256), 3.0, 100, 1000, 2, 5.0, 3.0, 5000)
     return Plan(
         stair_step_s=max(1, round(base.stair_step_s * scale)),
         soak_s=max(5, round(base.soak_s * scale)),
@@ -349,6 +349,8 @@ def sse_soak(bench: Any, key: str, p: Plan) -> dict[str, Any]:
                 time.sleep(p.soak_settle_s)
             info["memory"] = sample()
             info["established"] = bench.established(bench.port(key))
+            info["upstream_established"] = upstream_connections(bench)
+            info["netstat"] = listen_counters(bench)
             out["samples"].append(info)
             print(f"    sse soak {key}: {json.dumps(info)}", flush=True)
             client.stdin.write("go\n")
@@ -361,6 +363,34 @@ def sse_soak(bench: Any, key: str, p: Plan) -> dict[str, Any]:
     if client.returncode:
         out["error"] = (client.stderr.read() if client.stderr else "")[-800:]
     out.update(soak_verdict(out))
+    return out
+
+
+def upstream_connections(bench: Any) -> int:
+    """TCP connections to the SSE backend in the server namespace, by state (proxy side)."""
+    text = bench.bed.sh(
+        bench.bed.server_ns, "ss", "-Htn", "state", "established", f"( dport = :{SSE_PORT} )",
+        check=False,
+    )  # fmt: skip
+    return len([line for line in text.splitlines() if line.strip()])
+
+
+def listen_counters(bench: Any) -> dict[str, int]:
+    """The server namespace's accept-queue overflows and drops (/proc/net/netstat)."""
+    text = bench.bed.sh(bench.bed.server_ns, "cat", "/proc/net/netstat", check=False)
+    lines = text.splitlines()
+    out = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            for name in (
+                "ListenOverflows",
+                "ListenDrops",
+                "TCPReqQFullDrop",
+                "TCPTimeWaitOverflow",
+            ):
+                if name in table:
+                    out[name] = int(table[name])
     return out
 
 

@@ -137,9 +137,9 @@ def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
     if full and scenario in ("clean", "normal"):
         rows.append(Workload("file64", "/64m.bin", 4, max(1, round(15 * scale))))
     # random byte ranges of the 64 MiB file (each response checked: 206, Content-Range,
-    # length); 3 s runs by default, on the normal link too with BENCH_FULL=1
+    # length); 2 s runs by default, on the normal link too with BENCH_FULL=1
     if scenario == "clean" or (full and scenario == "normal"):
-        rows.append(Workload("range", "/64m.bin", 16, max(1, round(3 * factor))))
+        rows.append(Workload("range", "/64m.bin", 16, max(1, round(2 * factor))))
     return rows
 
 

@@ -13,10 +13,11 @@ delivery delay. The soft RLIMIT_NOFILE is raised to the hard limit.
 
 ``streams``: open N streams (ramped at --ramp-per-s), keep each open for
 --duration seconds from its own start, then close. One JSON line (prefix
-``SSE_JSON``): streams ok, errors by kind (connect, status, no_first_event,
-closed_early), time to first event p50/p99/max (ms, from before connect()),
-events delivered and events/s over the window, the fraction of the events the
-backend's schedule promised, delivery delay p50/p99/max.
+``SSE_JSON``): streams ok, errors by kind (connect_timeout, connect_<OSError>,
+headers_timeout, headers_closed, status_N, no_first_event, closed_early), time to
+first event p50/p99/max (ms, from before connect()), events delivered and
+events/s over the window, the fraction of the events the backend's schedule
+promised, delivery delay p50/p99/max.
 
 ``soak``: --cycles times: open N streams, print ``PHASE {"phase": "opened"...}``
 and wait for a line on stdin (the caller measures memory), hold --hold
@@ -89,10 +90,20 @@ async def one_stream(
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(target.host, target.port), timeout
             )
+        except TimeoutError:
+            tally.error("connect_timeout")
+            return
+        except OSError as exc:
+            tally.error(f"connect_{type(exc).__name__}")
+            return
+        try:
             writer.write(target.request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            tally.error("connect")
+        except TimeoutError:
+            tally.error("headers_timeout")
+            return
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            tally.error("headers_closed")
             return
         try:
             status = int(head.split(b" ", 2)[1])
