@@ -327,7 +327,7 @@ def sse_soak(bench: Any, key: str, p: Plan) -> dict[str, Any]:
         "hold_s": p.soak_hold_s,
         "settle_s": p.soak_settle_s,
         "interval_ms": p.soak_interval_ms,
-        "baseline": sample(),
+        "baseline": {**sample(), "netstat": listen_counters(bench)},
         "samples": [],
     }
     client = subprocess.Popen(
@@ -661,22 +661,34 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             "fileproxy's processes (gunicorn master + 2 workers) summed: RSS (pages shared "
             "by the forked workers counted in each) and PSS (shared pages divided). Started "
             f"with {env} (fileproxy's default pools, 200 / 50 per host per worker, would "
-            "queue all but 100 streams: see the SSE streams rows). Baseline before the first "
+            "queue all but 100 streams: see the SSE streams rows). Listen overflows = the "
+            "server namespace's TcpExt ListenOverflows during the opening (accept queues of "
+            "fileproxy, backlog 2048, and of the SSE backend, backlog 4096; the client's SYN "
+            "is retransmitted after 1, 3, 7, 15 s ...). Baseline before the first "
             f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
             f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
             "",
-            "| cycle | streams ok | errors | open s | RSS open | RSS end of hold "
-            "| RSS after close | KiB per stream (RSS) | KiB per stream (PSS) | per process "
-            "RSS when open |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| cycle | streams ok | errors | open s | listen overflows | RSS open "
+            "| RSS end of hold | RSS after close | KiB per stream (RSS) | KiB per stream (PSS) "
+            "| per process RSS when open |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        previous = s["baseline"].get("netstat", {})
         for c in s["per_cycle"]:
             opened = next(
                 x for x in s["samples"] if x["phase"] == "opened" and x["cycle"] == c["cycle"]
             )
+            counters = opened.get("netstat", {})
+            overflows = (
+                counters["ListenOverflows"] - previous.get("ListenOverflows", 0)
+                if "ListenOverflows" in counters
+                else None
+            )
+            previous = counters or previous
             lines.append(
                 f"| {c['cycle']} | {c['ok']:,} | {c['errors'] or 0} | {c['open_s']} "
-                f"| {c['rss_opened_mib']} | {c['rss_held_mib']} | {c['rss_closed_mib']} "
+                f"| {_f(overflows, 0)} | {c['rss_opened_mib']} | {c['rss_held_mib']} "
+                f"| {c['rss_closed_mib']} "
                 f"| {c['kib_per_stream']} | {c['kib_per_stream_pss']} "
                 f"| {opened['memory']['per_process_rss_mib']} |"
             )
