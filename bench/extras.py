@@ -46,6 +46,8 @@ STAIR_P99_MS = 250.0
 STAIR_RSS_MIB = 256.0
 STAIR_DROP = 0.9
 SOAK_FRACTION = 0.8
+RATE_STEPS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # x the knee of the connection staircase
+PACED_SHORT = 0.8  # the paced staircase stops when achieved < this x offered
 SOAK_CONTENDERS = ("fp_on",)
 
 
@@ -92,6 +94,99 @@ def _p(w: dict[str, Any], key: str) -> float | None:
 # -- staircase ---------------------------------------------------------------------
 
 
+def judge(
+    step: dict[str, Any], start_rss: float, best: dict[str, Any] | None, below: int
+) -> tuple[list[str], int]:
+    """The stop conditions that fire at `step`; `below` counts steps under 0.9x the best."""
+    reasons = []
+    if step["error_rate"] > STAIR_ERROR_RATE:
+        reasons.append(f"error rate {step['error_rate']:.1%} > {STAIR_ERROR_RATE:.0%}")
+    if step["p99_ms"] is None or step["p99_ms"] > STAIR_P99_MS:
+        p99 = "-" if step["p99_ms"] is None else f"{step['p99_ms']:.0f}"
+        reasons.append(f"p99 {p99} ms > {STAIR_P99_MS:g} ms")
+    if step["peak_rss_mib"] > start_rss + STAIR_RSS_MIB:
+        reasons.append(
+            f"RSS {step['peak_rss_mib']:.0f} MiB > start {start_rss:.0f} + {STAIR_RSS_MIB:g}"
+        )
+    if best is not None and step["requests_per_s"] < STAIR_DROP * best["requests_per_s"]:
+        below += 1
+        if below >= 2:
+            reasons.append(f"throughput < {STAIR_DROP}x the best for 2 steps")
+    else:
+        below = 0
+    return reasons, below
+
+
+def rate_staircase(
+    bench: Any, scenario: Scenario, key: str, knee_rps: float, step_s: int
+) -> dict[str, Any]:
+    """Paced 1 KiB load at RATE_STEPS x the knee's req/s, fixed connections; same stops.
+
+    C = max(32, 2% of the highest rate, at most 2,048) connections, so the mean
+    think time (C / rate) stays >= ~13 ms at the top step (wrk's delay() counts
+    whole ms). Offered = the rate asked for; achieved = what wrk completed (the
+    response time adds to each connection's cycle, so achieved runs a little
+    under offered even below the knee). One more stop condition here: achieved
+    < PACED_SHORT x offered (the contender no longer keeps up).
+    """
+    conns = min(2048, max(32, math.ceil(knee_rps * RATE_STEPS[-1] * 0.02)))
+    start_rss = group_memory(bench.pgid(key))["rss"] / MIB
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    below = 0
+    stop = None
+    for i, fraction in enumerate(RATE_STEPS):
+        offered = fraction * knee_rps
+        mean_ms = conns * 1000 / offered
+        workload = bench.workload("paced", "/1k.bin", conns, step_s, (f"{mean_ms:.3f}", str(i)))
+        result = bench.measure(scenario, workload, key, False)
+        bench.wait_quiet(bench.port(key), 3)
+        w = result.get("wrk")
+        step: dict[str, Any] = {
+            "fraction": fraction,
+            "offered_per_s": round(offered, 1),
+            "mean_think_ms": round(mean_ms, 3),
+            "peak_rss_mib": result["memory"]["peak_mib"],
+        }
+        steps.append(step)
+        if not w:
+            step["error"] = result.get("error", "")[-300:]
+            stop = "wrk failed"
+            break
+        errors = int(w["errors_total"])
+        step.update(
+            requests_per_s=float(w["requests_per_s"]),
+            errors=errors,
+            error_rate=errors / max(int(w["requests"]) + errors, 1),
+            p50_ms=_p(w, "p50"),
+            p99_ms=_p(w, "p99"),
+        )
+        reasons, below = judge(step, start_rss, best, below)
+        if step["requests_per_s"] < PACED_SHORT * offered:
+            reasons.append(f"achieved < {PACED_SHORT}x offered")
+        if reasons:
+            stop = "; ".join(reasons)
+            step["stop"] = stop
+            break
+        if best is None or step["requests_per_s"] > best["requests_per_s"]:
+            best = step
+    return {
+        "contender": key,
+        "connections": conns,
+        "step_s": step_s,
+        "knee_requests_per_s": knee_rps,
+        "steps": steps,
+        "best": None
+        if best is None
+        else {
+            "offered_per_s": best["offered_per_s"],
+            "requests_per_s": best["requests_per_s"],
+            "p99_ms": best["p99_ms"],
+        },
+        "stop": stop or f"no stop condition up to {RATE_STEPS[-1]}x the knee",
+    }
+
+
 def staircase(bench: Any, scenario: Scenario, key: str, step_s: int) -> dict[str, Any]:
     """Connections doubled step by step, 1 KiB, until a stop condition; the knee."""
     start_rss = group_memory(bench.pgid(key))["rss"] / MIB
@@ -125,22 +220,7 @@ def staircase(bench: Any, scenario: Scenario, key: str, step_s: int) -> dict[str
             p50_ms=_p(w, "p50"),
             p99_ms=_p(w, "p99"),
         )
-        reasons = []
-        if step["error_rate"] > STAIR_ERROR_RATE:
-            reasons.append(f"error rate {step['error_rate']:.1%} > {STAIR_ERROR_RATE:.0%}")
-        if step["p99_ms"] is None or step["p99_ms"] > STAIR_P99_MS:
-            p99 = "-" if step["p99_ms"] is None else f"{step['p99_ms']:.0f}"
-            reasons.append(f"p99 {p99} ms > {STAIR_P99_MS:g} ms")
-        if step["peak_rss_mib"] > start_rss + STAIR_RSS_MIB:
-            reasons.append(
-                f"RSS {step['peak_rss_mib']:.0f} MiB > start {start_rss:.0f} + {STAIR_RSS_MIB:g}"
-            )
-        if best is not None and step["requests_per_s"] < STAIR_DROP * best["requests_per_s"]:
-            below += 1
-            if below >= 2:
-                reasons.append(f"throughput < {STAIR_DROP}x the best for 2 steps")
-        else:
-            below = 0
+        reasons, below = judge(step, start_rss, best, below)
         if reasons:
             stop = "; ".join(reasons)
             step["stop"] = stop
@@ -440,19 +520,21 @@ def run_extras(
 ) -> dict[str, Any]:
     """Every selected extra workload, in the clean scenario; proxies restored after."""
     p = plan(options.full, options.scale, options.extra.get("soak_streams"))
-    selected = [w for w in ("stair", "soak", "sse", "sse_soak") if w in options.workloads]
+    selected = [
+        w for w in ("stair", "stair_rate", "soak", "sse", "sse_soak") if w in options.workloads
+    ]
     out: dict[str, Any] = {"plan": p.__dict__, "selected": selected}
     proxies = [k for k in contenders if k != "direct"]
 
     def stamp(text: str) -> None:
         print(f"  [{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
-    if "stair" in selected or "soak" in selected:
+    if {"stair", "stair_rate", "soak"} & set(selected):
         # fresh proxies: no pool or optimizer state from the table's rows
         restart_in_front_of(bench, proxies, backend_port)
         out["stair"] = {}
         soak_keys = [k for k in SOAK_CONTENDERS if k in contenders] if "soak" in selected else []
-        stair_keys = contenders if "stair" in selected else soak_keys
+        stair_keys = contenders if {"stair", "stair_rate"} & set(selected) else soak_keys
         for key in stair_keys:
             stamp(f"staircase {key} ({p.stair_step_s} s steps)")
             result = staircase(bench, scenario, key, p.stair_step_s)
@@ -463,6 +545,20 @@ def run_extras(
                       f"rss {step['peak_rss_mib']} MiB {step.get('stop', '')}",
                       flush=True)  # fmt: skip
             stamp(f"  knee {result['knee']}; stop: {result['stop']}")
+        if "stair_rate" in selected:
+            out["stair_rate"] = {}
+            for key in stair_keys:
+                knee = out["stair"][key]["knee"]
+                if not knee:
+                    continue
+                restart_in_front_of(bench, [key], backend_port)
+                stamp(f"paced staircase {key}: {RATE_STEPS} x {knee['requests_per_s']:.0f} req/s")
+                r = rate_staircase(bench, scenario, key, knee["requests_per_s"], p.stair_step_s)
+                out["stair_rate"][key] = r
+                for st in r["steps"]:
+                    print(f"    {st['fraction']:4}x offered {st['offered_per_s']:9.0f} achieved "
+                          f"{st.get('requests_per_s', 0):9.0f} p99 {st.get('p99_ms')} ms errors "
+                          f"{st.get('errors')} {st.get('stop', '')}", flush=True)  # fmt: skip
         if soak_keys:
             out["soak"] = {}
             for key in soak_keys:
@@ -573,6 +669,42 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
                         f"{_f(st['requests_per_s'], 0)} / {_f(st['p99_ms'])} / {st['errors']}{mark}"
                     )
             lines.append(f"| {conns} | " + " | ".join(cells) + " |")
+        lines.append("")
+    rate = ex.get("stair_rate") or {}
+    if rate:
+        lines += [
+            f"## Paced staircase (clean link, 1 KiB, {p['stair_step_s']} s per step)",
+            "",
+            "Fixed connections per contender, each waiting an exponential think time before "
+            "each request (bench/wrk_paced.lua), the offered rate stepped through "
+            + ", ".join(f"{f:g}" for f in RATE_STEPS)
+            + " x the knee of the connection staircase; same stop conditions, plus achieved < "
+            f"{PACED_SHORT}x offered. Cells: achieved req/s / p99 ms / errors.",
+            "",
+            "| contender | conns | "
+            + " | ".join(f"{f:g}x" for f in RATE_STEPS)
+            + " | best achieved | stop |",
+            "|---|---|" + "---|" * (len(RATE_STEPS) + 2),
+        ]
+        for key, r in rate.items():
+            cells = []
+            for f in RATE_STEPS:
+                st = next((x for x in r["steps"] if x["fraction"] == f), None)
+                if st is None:
+                    cells.append("")
+                elif "requests_per_s" not in st:
+                    cells.append("wrk failed")
+                else:
+                    cells.append(
+                        f"{_f(st['requests_per_s'], 0)} / {_f(st['p99_ms'])} / {st['errors']}"
+                        + (" **stop**" if st.get("stop") else "")
+                    )
+            best = r["best"] or {}
+            lines.append(
+                f"| {labels.get(key, key)} | {r['connections']} | "
+                + " | ".join(cells)
+                + f" | {_f(best.get('requests_per_s'), 0)} | {r['stop']} |"
+            )
         lines.append("")
     soak = ex.get("soak") or {}
     if soak:

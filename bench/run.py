@@ -114,9 +114,9 @@ WORKLOAD_LABELS = {
     "paced": "1 KiB paced",
 }
 # the wrk workloads of the per-scenario table, and the extra ones (bench/extras.py,
-# on the clean link); "soak" runs by default only with BENCH_FULL=1
+# on the clean link); "soak" and "stair_rate" run by default only with BENCH_FULL=1
 TABLE_WORKLOADS = ("small", "file", "range")
-EXTRA_WORKLOADS = ("stair", "sse", "sse_soak", "soak")
+EXTRA_WORKLOADS = ("stair", "sse", "sse_soak", "soak", "stair_rate")
 
 
 def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
@@ -590,6 +590,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# fileproxy benchmark, {env['date']}",
         "",
+        f"- command: `{report.get('command', 'not recorded')}`",
         f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; "
         f"kernel {env['kernel']}; {env['os']}",
         f"- impairment: {env['method']} ({env['method_detail']})",
@@ -1103,7 +1104,7 @@ def main() -> None:
         "--workloads",
         default=None,
         help="any of " + ",".join(TABLE_WORKLOADS + EXTRA_WORKLOADS) + " (default: all but "
-        "soak; with BENCH_FULL=1 all); stair, soak, sse and sse_soak run on the clean link",
+        "soak and stair_rate; with BENCH_FULL=1 all); the extra ones run on the clean link",
     )
     parser.add_argument(
         "--soak-streams", type=int, default=None,
@@ -1150,6 +1151,7 @@ def main() -> None:
     default_workloads = [*TABLE_WORKLOADS, *EXTRA_WORKLOADS]
     if not full:
         default_workloads.remove("soak")
+        default_workloads.remove("stair_rate")
     workloads = args.workloads.split(",") if args.workloads else default_workloads
     options = Options(
         scenarios=[s for s in args.scenarios.split(",") if s],
@@ -1178,6 +1180,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     report = run(options)
+    report["command"] = ("BENCH_FULL=1 " if full else "") + " ".join(
+        ["python -m bench.run", *sys.argv[1:]]
+    )
     options.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     write_report(report, options.out_dir / stamp, options.chart)

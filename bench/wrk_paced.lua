@@ -25,6 +25,7 @@ init = function(args)
    math.randomseed((tonumber(args[2]) or 1) * 104729 + id)
 end
 
+-- wrk takes whole milliseconds (it truncates): round, so the mean stays MEAN_MS
 delay = function()
-   return -mean_ms * math.log(1 - math.random())
+   return math.floor(-mean_ms * math.log(1 - math.random()) + 0.5)
 end
