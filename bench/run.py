@@ -1069,6 +1069,9 @@ def rerender(path: Path, with_chart: bool) -> None:
             wl["rows"] = {
                 k: aggregate(runs, scenario, workload, probe) for k, runs in wl["runs"].items()
             }
+    soak = (report.get("extras") or {}).get("sse_soak")
+    if soak:
+        soak.update(extra_workloads.soak_verdict(soak))
     write_report(report, path.with_suffix(""), with_chart)
 
 
