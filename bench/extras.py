@@ -303,10 +303,8 @@ def paced_soak(
 
 def start_sse_backend(bench: Any) -> None:
     argv = [
-        PYTHON, "-m", "gunicorn", "bench.sse_backend:app",
-        "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", "2",
-        "-b", f"0.0.0.0:{SSE_PORT}", "--backlog", "4096",
-        "--graceful-timeout", "1", "--log-level", "warning", "--no-control-socket",
+        PYTHON, "-m", "bench.sse_backend", "--bind", f"0.0.0.0:{SSE_PORT}", "--workers", "2",
+        "--backlog", "4096",
     ]  # fmt: skip
     bench.running["sse"] = bench.bed.spawn(bench.bed.server_ns, "sse-backend", argv)
     deadline = time.monotonic() + 30
@@ -788,7 +786,8 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
         lines += [
             f"## SSE streams (clean link, one event every {p['sse_interval_ms']} ms per stream)",
             "",
-            "bench/sse_backend.py (aiohttp, 2 gunicorn workers) behind each contender (direct: "
+            "bench/sse_backend.py (aiohttp, 2 worker processes, SO_REUSEPORT, backlog 4096) "
+            "behind each contender (direct: "
             "the SSE backend itself); bench/sse_client.py in the client namespace opens the "
             "streams at once (2,000/s) and keeps each open for "
             f"{_f(p['sse_s'])} s from its own start. ttfe = time to first event from before "
@@ -838,9 +837,11 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             "by the forked workers counted in each) and PSS (shared pages divided). Started "
             f"with {env} (fileproxy's default pools, 200 / 50 per host per worker, would "
             "queue all but 100 streams: see the SSE streams rows). Listen overflows = the "
-            "server namespace's TcpExt ListenOverflows during the opening (accept queues of "
-            "fileproxy, backlog 2048, and of the SSE backend, backlog 4096; the client's SYN "
-            "is retransmitted after 1, 3, 7, 15 s ...). Baseline before the first "
+            "server namespace's TcpExt ListenOverflows during the opening; the last column "
+            "puts them on a listener: its longest accept queue (ss Recv-Q, polled every "
+            "0.1 s) and its backlog (fileproxy asks gunicorn for 2048, but aiohttp's gunicorn "
+            "worker listens again with aiohttp's default, 128; a full queue drops the SYN, "
+            "which the client sends again after 1, 3, 7, 15 s ...). Baseline before the first "
             f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
             f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
             "",

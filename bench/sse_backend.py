@@ -1,6 +1,12 @@
 """A bench-only server-sent-events backend: one event every N ms per stream.
 
-    gunicorn bench.sse_backend:app -k aiohttp.GunicornUVLoopWebWorker -w 2 -b 127.0.0.1:8090
+    python -m bench.sse_backend --bind 0.0.0.0:8090 --workers 2 --backlog 4096
+
+Each worker is a forked process with its own uvloop event loop and its own
+listening socket (SO_REUSEPORT: the kernel spreads connections evenly), with
+the backlog asked for. Not gunicorn's aiohttp worker: that one listens again
+with aiohttp's default backlog of 128 (whatever gunicorn's --backlog says),
+and the backend's accept queue would overflow in the SSE soak.
 
 ``GET /sse?interval_ms=100&count=0&pad=0``: ``text/event-stream``, chunked, with
 ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` (so nginx relays each
@@ -15,7 +21,12 @@ short body (the readiness check of bench.run asks for /1k.bin).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import os
+import resource
+import signal
 import time
 
 from aiohttp import web
@@ -69,3 +80,58 @@ def make_app() -> web.Application:
 
 
 app = make_app()
+
+
+def serve(host: str, port: int, backlog: int) -> None:
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    web.run_app(
+        make_app(), host=host, port=port, backlog=backlog, reuse_port=True, access_log=None,
+        print=None, loop=loop, shutdown_timeout=1,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bind", default="127.0.0.1:8090")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backlog", type=int, default=4096)
+    args = parser.parse_args()
+    host, _, port = args.bind.rpartition(":")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    children = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                serve(host, int(port), args.backlog)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # SIGTERM / SIGINT to this parent stops the workers too (aiohttp shuts down)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for pid in children:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+
+
+if __name__ == "__main__":
+    main()
