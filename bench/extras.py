@@ -251,13 +251,14 @@ def paced_soak(
     """Paced 1 KiB load at SOAK_FRACTION of the knee's throughput for `seconds`.
 
     Each of C connections waits an exponential think time of mean T before each
-    request, so the rate is C / (T + response time). C = max(64, target x 0.1)
-    (T ~100 ms: wrk's delay() has 1 ms resolution, and the response time stays a
-    small part of the cycle). A calibration run (5 s) measures the response time
-    at that load; T is then set to C / target - response time.
+    request, so the rate is C / (T + response time). C = max(32, target x 0.02)
+    (T ~20 ms, the same as the paced staircase: wrk's delay() has 1 ms resolution;
+    more connections cost fileproxy throughput, see the staircase). A calibration
+    run (5 s) measures the response time at that load; T is then set to
+    C / target - response time.
     """
     target = SOAK_FRACTION * knee["requests_per_s"]
-    conns = min(4096, max(64, math.ceil(target * 0.1)))
+    conns = min(4096, max(32, math.ceil(target * 0.02)))
     mean_ms = max(1.0, conns * 1000 / target)
     calibration = bench.measure(
         scenario,
