@@ -652,6 +652,13 @@ def run_extras(
 # -- report --------------------------------------------------------------------------
 
 
+def cpu_text(cpu_s: dict[str, float], seconds: float) -> str:
+    """CPU seconds as % of one core: the contender / wrk / the rest of the machine."""
+    return " / ".join(
+        f"{cpu_s.get(k, 0) / max(seconds, 1e-9) * 100:.0f}" for k in ("contender", "wrk", "other")
+    )
+
+
 def _f(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -756,11 +763,16 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             "",
             "wrk with bench/wrk_paced.lua: before each request a connection waits an "
             "exponentially distributed think time (mean = connections / target rate), so the "
-            "offered load is about the target, not a closed loop. Zero errors expected.",
+            "offered load is about the target, not a closed loop. Zero errors expected. "
+            "CPU: % of one core (2 cores = 200%): fileproxy's processes / wrk / everything else "
+            "(other users of this shared machine, and kernel network work not charged to a "
+            "process); when the three add up to ~200% the machine, not only the contender, "
+            "set the rate that was reached.",
             "",
             "| contender | seconds | knee req/s | target | achieved (of knee) | conns "
-            "| errors | p50 / p99 / p99.9 / max ms | RSS start / peak / end MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| errors | p50 / p99 / p99.9 / max ms | RSS start / peak / end MiB "
+            "| CPU % contender / wrk / other |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, r in soak.items():
             if "error" in r and r.get("requests_per_s") is None:
@@ -778,7 +790,8 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
                 f"| {_f(r['target_requests_per_s'], 0)} | {_f(r['requests_per_s'], 0)} "
                 f"({_f(r['of_knee'], 2)}) | {r['connections']} | {err_text} "
                 f"| {_f(r['p50_ms'])} / {_f(r['p99_ms'])} / {_f(r['p99_9_ms'])} / "
-                f"{_f(r['max_ms'])} | {m['start_mib']} / {m['peak_mib']} / {m['end_mib']} |"
+                f"{_f(r['max_ms'])} | {m['start_mib']} / {m['peak_mib']} / {m['end_mib']} "
+                f"| {cpu_text(r['cpu_s'], r['seconds'])} |"
             )
         lines.append("")
     sse = ex.get("sse") or []

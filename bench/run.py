@@ -643,12 +643,15 @@ def markdown(report: dict[str, Any]) -> str:
                 + "."
             )
             lines.append("")
-        lines.append(
-            "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
-            "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
-            "| CPU % contender / delayer / other | peak RSS MiB |"
-        )
-        lines.append("|" + "---|" * 15)
+        if scen["workloads"]:
+            lines.append(
+                "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
+                "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
+                "| CPU % contender / delayer / other | peak RSS MiB |"
+            )
+            lines.append("|" + "---|" * 15)
+        else:
+            lines.append("(no table workloads selected in this run)")
         for wl in scen["workloads"]:
             rows = wl["rows"]
             before, anchor = rows.get("before"), rows.get("nginx")
