@@ -1,8 +1,13 @@
 """The seed's three network scenarios, measured with wrk, side by side.
 
-    sudo .venv/bin/python -m bench.run                 # about 11 minutes
-    sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, plus 64 MiB files
+    sudo .venv/bin/python -m bench.run                 # about 13 minutes
+    sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, 64 MiB files, soaks
     .venv/bin/python -m bench.run --scenarios normal --workloads small --duration-scale 0.4
+    .venv/bin/python -m bench.run --workloads range,stair,sse,sse_soak --duration-scale 0.2
+
+Besides the per-scenario table (1 KiB, 1 MiB, Range requests) the clean link
+carries the extra workloads of bench/extras.py: the staircase (knee per
+contender), the paced staircase and soak, SSE streams and the SSE soak.
 
 Needs root (network namespaces, tc, iptables), wrk, nginx, curl, ping, ethtool,
 iptables and, on kernels without netem, the ``netfilterqueue`` package
