@@ -915,12 +915,33 @@ def chart(ex: dict[str, Any], path: Path, labels: dict[str, str], title: str) ->
     except ImportError:
         return False
     stair, sse, soak = ex.get("stair") or {}, ex.get("sse") or [], ex.get("sse_soak")
+    rate = ex.get("stair_rate") or {}
     if not (stair or sse or soak):
         return False
     colour = {"direct": "#7f7f7f", "nginx": "#2ca02c", "before": "#d62728",
               "fp_off": "#9ecae1", "fp_on": "#1f77b4"}  # fmt: skip
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    (a_rps, a_p99), (a_sse, a_soak) = axes
+    rows = 3 if rate else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.25 * rows), squeeze=False)
+    (a_rps, a_p99), (a_sse, a_soak) = axes[0], axes[1]
+    if rate:
+        a_ach, a_rp99 = axes[2]
+        for key, r in rate.items():
+            steps = [st for st in r["steps"] if "requests_per_s" in st]
+            xs = [st["offered_per_s"] for st in steps]
+            kw = {"color": colour.get(key), "label": labels.get(key, key)}
+            a_ach.plot(xs, [st["requests_per_s"] for st in steps], "o-", **kw)
+            a_rp99.plot(xs, [st["p99_ms"] or 0 for st in steps], "o-", **kw)
+        top = max((st["offered_per_s"] for r in rate.values() for st in r["steps"]), default=1)
+        a_ach.plot([0, top], [0, top], color="black", linewidth=0.8, linestyle=":")
+        for ax, name in ((a_ach, "achieved req/s (dotted: = offered)"), (a_rp99, "p99 ms")):
+            ax.set_xscale("log")
+            ax.set_xlabel("offered req/s (paced, exponential think time)")
+            ax.set_ylabel(name)
+            ax.set_title(f"paced staircase, 1 KiB, clean link: {name}", fontsize=9)
+            ax.legend(fontsize=7)
+        a_ach.set_yscale("log")
+        a_rp99.set_yscale("log")
+        a_rp99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
     for key, r in stair.items():
         steps = [st for st in r["steps"] if "requests_per_s" in st]
         xs = [st["connections"] for st in steps]
