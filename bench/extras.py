@@ -39,6 +39,12 @@ from bench.procs import PeakMemory, group_cpu_seconds, group_memory
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SSE_PORT = 8090
+SSE_BACKEND = "aiohttp, 2 forked uvloop worker processes, SO_REUSEPORT, backlog 4096"
+# what the runs before 2026-11-30 01:23 UTC used (their .json has no "sse_backend")
+SSE_BACKEND_BEFORE = (
+    "aiohttp under gunicorn -k aiohttp.GunicornUVLoopWebWorker -w 2, whose listener "
+    "has aiohttp's default backlog of 128"
+)
 MIB = 1 << 20
 
 STAIR_STEPS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -616,6 +622,7 @@ def run_extras(
                       f"{s['errors_total']}, p99 {s['p99_ms']} ms, RSS {s['memory']}")  # fmt: skip
     if "sse" in selected or "sse_soak" in selected:
         start_sse_backend(bench)
+        out["sse_backend"] = SSE_BACKEND
         try:
             if "sse" in selected:
                 restart_in_front_of(bench, proxies, SSE_PORT)
@@ -800,7 +807,7 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
         lines += [
             f"## SSE streams (clean link, one event every {p['sse_interval_ms']} ms per stream)",
             "",
-            "bench/sse_backend.py (aiohttp, 2 worker processes, SO_REUSEPORT, backlog 4096) "
+            f"bench/sse_backend.py ({ex.get('sse_backend', SSE_BACKEND_BEFORE)}) "
             "behind each contender (direct: "
             "the SSE backend itself); bench/sse_client.py in the client namespace opens the "
             "streams at once (2,000/s) and keeps each open for "
@@ -855,7 +862,8 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             "puts them on a listener: its longest accept queue (ss Recv-Q, polled every "
             "0.1 s) and its backlog (fileproxy asks gunicorn for 2048, but aiohttp's gunicorn "
             "worker listens again with aiohttp's default, 128; a full queue drops the SYN, "
-            "which the client sends again after 1, 3, 7, 15 s ...). Baseline before the first "
+            "which the client sends again after 1, 3, 7, 15 s ...). The SSE backend: "
+            f"{ex.get('sse_backend', SSE_BACKEND_BEFORE)}. Baseline before the first "
             f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
             f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
             "",
@@ -953,13 +961,17 @@ def chart(ex: dict[str, Any], path: Path, labels: dict[str, str], title: str) ->
             a_rps.plot([r["knee"]["connections"]], [r["knee"]["requests_per_s"]], "k*",
                        markersize=12)  # fmt: skip
     for ax, name in ((a_rps, "req/s (* = knee)"), (a_p99, "p99 ms")):
+        if not stair:
+            ax.set_axis_off()
+            continue
         ax.set_xscale("log", base=2)
         ax.set_xlabel("connections")
         ax.set_ylabel(name)
         ax.set_title(f"staircase, 1 KiB, clean link: {name}", fontsize=9)
         ax.legend(fontsize=7)
-    a_p99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
-    a_p99.set_yscale("log")
+    if stair:
+        a_p99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
+        a_p99.set_yscale("log")
     if sse:
         sizes = sorted({row["streams"] for row in sse})
         keys = list(dict.fromkeys(row["contender"] for row in sse))
