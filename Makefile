@@ -1,6 +1,6 @@
 # make test   - set up everything the tests need, then run lint, types and the whole suite
 # make lint   - ruff and mypy only
-# make bench  - benchmarks, as root (see bench/README.md): ~13 min; BENCH_FULL=1 make bench: ~40 min
+# make bench  - benchmarks, as root (see bench/README.md): ~14 min; BENCH_FULL=1 make bench: ~60 min
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

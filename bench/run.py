@@ -1,8 +1,13 @@
 """The seed's three network scenarios, measured with wrk, side by side.
 
-    sudo .venv/bin/python -m bench.run                 # about 11 minutes
-    sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, plus 64 MiB files
+    sudo .venv/bin/python -m bench.run                 # about 13 minutes
+    sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, 64 MiB files, soaks
     .venv/bin/python -m bench.run --scenarios normal --workloads small --duration-scale 0.4
+    .venv/bin/python -m bench.run --workloads range,stair,sse,sse_soak --duration-scale 0.2
+
+Besides the per-scenario table (1 KiB, 1 MiB, Range requests) the clean link
+carries the extra workloads of bench/extras.py: the staircase (knee per
+contender), the paced staircase and soak, SSE streams and the SSE soak.
 
 Needs root (network namespaces, tc, iptables), wrk, nginx, curl, ping, ethtool,
 iptables and, on kernels without netem, the ``netfilterqueue`` package
@@ -51,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import extras as extra_workloads
 from bench.netem import (
     SCENARIOS,
     SERVER_IP,
@@ -60,6 +66,7 @@ from bench.netem import (
     netem_available,
     write_file,
 )
+from bench.procs import PeakMemory, group_cpu_seconds, host_busy_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -67,7 +74,6 @@ RESULTS = BENCH / "results"
 PYTHON = sys.executable
 WORKERS = 2
 BACKEND_PORT = 8080
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WRK_TIMEOUT_S = 30
 LONG_DOWNLOAD_BYTES = 8 << 20  # ~80 s on the very poor link: longer than the seed's 45 s total
 LINK_BOUND = 0.80  # goodput / link rate at or above which a row is marked link-bound
@@ -93,14 +99,29 @@ FILEPROXY_KEYS = ("fp_off", "fp_on")
 
 @dataclass(frozen=True)
 class Workload:
-    key: str  # small | file | file64
+    key: str  # small | file | file64 | range
     path: str
     connections: int
     duration_s: int
+    script_args: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        return {"small": "1 KiB", "file": "1 MiB", "file64": "64 MiB"}[self.key]
+        return WORKLOAD_LABELS[self.key]
+
+
+RANGE_MAX_LEN = 256 * 1024  # a Range request asks for 1 B .. 256 KiB of the 64 MiB file
+WORKLOAD_LABELS = {
+    "small": "1 KiB",
+    "file": "1 MiB",
+    "file64": "64 MiB",
+    "range": "Range <=256 KiB of 64 MiB",
+    "paced": "1 KiB paced",
+}
+# the wrk workloads of the per-scenario table, and the extra ones (bench/extras.py,
+# on the clean link); "soak" and "stair_rate" run by default only with BENCH_FULL=1
+TABLE_WORKLOADS = ("small", "file", "range")
+EXTRA_WORKLOADS = ("stair", "sse", "sse_soak", "soak", "stair_rate")
 
 
 def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
@@ -120,34 +141,14 @@ def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
     rows = [Workload(k, p, c, max(1, round(d * factor))) for k, p, c, d in table[scenario]]
     if full and scenario in ("clean", "normal"):
         rows.append(Workload("file64", "/64m.bin", 4, max(1, round(15 * scale))))
+    # random byte ranges of the 64 MiB file (each response checked: 206, Content-Range,
+    # length); 2 s runs by default, on the normal link too with BENCH_FULL=1
+    if scenario == "clean" or (full and scenario == "normal"):
+        rows.append(Workload("range", "/64m.bin", 16, max(1, round(2 * factor))))
     return rows
 
 
 # -- processes -------------------------------------------------------------------
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime of every live process in a process group."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        # fields[0] is state (field 3): pgrp is field 5, utime 14, stime 15
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def host_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
 
 
 def nginx_conf(root: Path, name: str, body: str) -> Path:
@@ -218,11 +219,18 @@ class Bench:
             self.bed.server_ns, "backend", [self.nginx, "-c", str(conf), "-p", str(self.root)]
         )
 
-    def start(self, key: str) -> None:
+    def start(
+        self, key: str, backend_port: int = BACKEND_PORT, env_extra: dict[str, str] | None = None
+    ) -> None:
+        """Start a contender in front of `backend_port` (the SSE workloads use another backend).
+
+        `env_extra`: settings added to a fileproxy contender's environment (the SSE
+        soak raises the upstream pool limits); the rows say so.
+        """
         contender = next(c for c in CONTENDERS if c.key == key)
         ns = self.bed.server_ns
         port = contender.port
-        upstream = f"http://127.0.0.1:{BACKEND_PORT}"
+        upstream = f"http://127.0.0.1:{backend_port}"
         if key == "direct":
             return
         if key == "nginx":
@@ -230,7 +238,7 @@ class Bench:
                 self.root,
                 "nginx-proxy",
                 f"""    upstream backend {{
-        server 127.0.0.1:{BACKEND_PORT};
+        server 127.0.0.1:{backend_port};
         keepalive 256;
         keepalive_requests 1000000;
         keepalive_timeout 60s;
@@ -270,6 +278,7 @@ class Bench:
                     "FILEPROXY_DRAIN_DELAY": "0",
                     "FILEPROXY_GRACEFUL_TIMEOUT": "3",
                     "FILEPROXY_LOG_LEVEL": "warning",
+                    **(env_extra or {}),
                 }
             )
             argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
@@ -279,6 +288,19 @@ class Bench:
         process = self.running.pop(key, None)
         if process is not None:
             self.bed.stop(process)
+
+    def pgid(self, key: str) -> int:
+        return self.running[key].pid
+
+    @staticmethod
+    def port(key: str) -> int:
+        return next(c.port for c in CONTENDERS if c.key == key)
+
+    @staticmethod
+    def workload(
+        key: str, path: str, connections: int, duration_s: int, script_args: tuple[str, ...] = ()
+    ) -> Workload:
+        return Workload(key, path, connections, max(1, duration_s), script_args)
 
     def wait_ready(self, keys: list[str], timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -388,11 +410,18 @@ class Bench:
         contender = next(c for c in CONTENDERS if c.key == key)
         threads = min(2, workload.connections)
         url = f"http://{SERVER_IP}:{contender.port}{workload.path}"
+        script, script_args = "wrk_report.lua", []
+        if workload.key == "range":
+            script = "wrk_range.lua"
+            size = (self.www / workload.path.lstrip("/")).stat().st_size
+            script_args = ["--", str(size), str(RANGE_MAX_LEN), str(len(self.running))]
+        elif workload.key == "paced":
+            script, script_args = "wrk_paced.lua", ["--", *workload.script_args]
         argv = self.bed.ns_argv(
             self.bed.client_ns,
             [
                 "wrk", f"-t{threads}", f"-c{workload.connections}", f"-d{workload.duration_s}s",
-                "--timeout", f"{WRK_TIMEOUT_S}s", "-s", str(BENCH / "wrk_report.lua"), url,
+                "--timeout", f"{WRK_TIMEOUT_S}s", "-s", str(BENCH / script), url, *script_args,
             ],
         )  # fmt: skip
         groups = {
@@ -416,9 +445,11 @@ class Bench:
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             )  # fmt: skip
         started = time.monotonic()
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=workload.duration_s + 60, check=False
-        )
+        memory_group = self.running["direct" if key == "direct" else key].pid
+        with PeakMemory(memory_group) as memory:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=workload.duration_s + 60, check=False
+            )
         elapsed = time.monotonic() - started
         busy = host_busy_seconds() - busy_before
         wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -442,7 +473,12 @@ class Bench:
             "elapsed_s": round(elapsed, 2),
             "loadavg_1m_before": float(loadavg),
             "cpu_s": cpu,
+            # the contender's processes (direct: the backend nginx), RSS summed, MiB
+            "memory": memory.result(),
         }
+        found = re.search(r"^RANGE_JSON (.*)$", done.stdout, re.MULTILINE)
+        if found:
+            result["range"] = json.loads(found.group(1))
         match = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
         if match is None:
             result["error"] = (done.stdout + done.stderr)[-1000:]
@@ -481,6 +517,11 @@ def aggregate(
     for w in ok:
         for kind, count in w["errors"].items():
             errors[kind] = errors.get(kind, 0) + int(count)
+    for r in runs:
+        # Range responses that were not 206, or whose Content-Range / length were wrong
+        for kind in ("not_206", "bad_range", "bad_length"):
+            if "range" in r:
+                errors[kind] = errors.get(kind, 0) + int(r["range"][kind])
     rps = [float(w["requests_per_s"]) for w in ok]
     bps = [float(w["bytes_per_s"]) for w in ok]
     row: dict[str, Any] = {
@@ -510,6 +551,11 @@ def aggregate(
     health = [r["health"] for r in runs if "health" in r]
     if health:
         row["health"] = health
+    peaks = [r["memory"]["peak_mib"] for r in runs if "memory" in r]
+    row["peak_rss_mib"] = max(peaks) if peaks else None
+    ranges = [r["range"] for r in runs if "range" in r]
+    if ranges:
+        row["range_good"] = sum(x["good"] for x in ranges)
     return row
 
 
@@ -549,6 +595,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# fileproxy benchmark, {env['date']}",
         "",
+        f"- command: `{report.get('command', 'not recorded')}`",
         f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; "
         f"kernel {env['kernel']}; {env['os']}",
         f"- impairment: {env['method']} ({env['method_detail']})",
@@ -569,7 +616,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"received) / nominal link rate; **LB** = link-bound (util >= {LINK_BOUND:.2f}, or "
         f"goodput >= {PROBE_BOUND:.2f}x the verified rate probe): the link, not the proxy, "
         "sets the "
-        "throughput there. CPU = % of one core during the "
+        "throughput there. Range rows: MB/s of 206 bodies; not_206 / bad_range / bad_length in "
+        "the errors column are responses wrk did not count as errors but bench/wrk_range.lua "
+        "found wrong. Peak RSS = the contender's processes (direct: the backend nginx), RSS "
+        "summed, the highest of samples every 0.25 s during its runs. CPU = % of one core "
+        "during the "
         "contender's runs: its processes (direct: the backend nginx) / the NFQUEUE delayer / "
         "everything else on the machine (other users, kernel network work not charged to a "
         "process); this VM is shared, so a high 'other' marks a disturbed row.",
@@ -597,12 +648,15 @@ def markdown(report: dict[str, Any]) -> str:
                 + "."
             )
             lines.append("")
-        lines.append(
-            "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
-            "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
-            "| CPU % contender / delayer / other |"
-        )
-        lines.append("|" + "---|" * 14)
+        if scen["workloads"]:
+            lines.append(
+                "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
+                "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
+                "| CPU % contender / delayer / other | peak RSS MiB |"
+            )
+            lines.append("|" + "---|" * 15)
+        else:
+            lines.append("(no table workloads selected in this run)")
         for wl in scen["workloads"]:
             rows = wl["rows"]
             before, anchor = rows.get("before"), rows.get("nginx")
@@ -640,7 +694,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {ratio(thr, throughput(anchor, wl['key']) if anchor else None)} "
                     f"| {ratio(row['p99_ms'], before['p99_ms'] if before else None)} "
                     f"| {ratio(row['p99_ms'], anchor['p99_ms'] if anchor else None)} "
-                    f"| {cpu} |"
+                    f"| {cpu} | {fmt(row.get('peak_rss_mib'), 1)} |"
                 )
         lines.append("")
         extras = []
@@ -686,6 +740,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
         if extras:
             lines.extend([*extras, ""])
+    if report.get("extras"):
+        lines.extend(extra_workloads.markdown(report["extras"], LABELS))
     lines.extend(report["notes"])
     return "\n".join(lines) + "\n"
 
@@ -987,6 +1043,11 @@ def run(options: Options) -> dict[str, Any]:
             scen["fileproxy_stats"] = {
                 k: collect_stats(bench, k) for k in proxies if k in FILEPROXY_KEYS
             }
+            if name == "clean" and any(w in EXTRA_WORKLOADS for w in options.workloads):
+                report["extras"] = extra_workloads.run_extras(
+                    bench, scenario, options, options.contenders, BACKEND_PORT
+                )
+                report["extras"]["run_time_s"] = round(time.monotonic() - scenario_started, 1)
             scen["counters_after"] = bed.counters()
             delayer = bed.delayer
             bed.clear()
@@ -1016,16 +1077,28 @@ def rerender(path: Path, with_chart: bool) -> None:
             wl["rows"] = {
                 k: aggregate(runs, scenario, workload, probe) for k, runs in wl["runs"].items()
             }
+    soak = (report.get("extras") or {}).get("sse_soak")
+    if soak:
+        soak.update(extra_workloads.soak_verdict(soak))
     write_report(report, path.with_suffix(""), with_chart)
 
 
 def write_report(report: dict[str, Any], stem: Path, with_chart: bool) -> None:
     text = markdown(report)
     md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
+    extra_png = stem.with_name(stem.name + "-extras.png")
     if with_chart and chart(report, png_path):
         text += f"\n![benchmark chart]({png_path.name})\n"
     elif with_chart:
-        print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+        print("no table chart: no table rows, or matplotlib is missing (pip install -e '.[bench]')")
+    if with_chart and report.get("extras"):
+        env = report["environment"]
+        title = (
+            f"fileproxy bench {env['date']}, extra workloads — {env['cpu']}, {env['cores']} "
+            f"cores, kernel {env['kernel']}"
+        )
+        if extra_workloads.chart(report["extras"], extra_png, LABELS, title):
+            text += f"\n![extra workloads]({extra_png.name})\n"
     md_path.write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     print("\n" + text)
@@ -1038,7 +1111,16 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenarios", default="clean,normal,poor,very_poor")
-    parser.add_argument("--workloads", default="small,file", help="small,file")
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="any of " + ",".join(TABLE_WORKLOADS + EXTRA_WORKLOADS) + " (default: all but "
+        "soak and stair_rate; with BENCH_FULL=1 all); the extra ones run on the clean link",
+    )
+    parser.add_argument(
+        "--soak-streams", type=int, default=None,
+        help="streams of the SSE soak (default 1000; 10000 with BENCH_FULL=1)",
+    )  # fmt: skip
     parser.add_argument("--contenders", default=",".join(c.key for c in CONTENDERS))
     parser.add_argument(
         "--duration-scale", type=float, default=1.0, help="multiply every run's duration"
@@ -1077,21 +1159,29 @@ def main() -> None:
                 ".venv/bin/pip install -e '.[bench]'"
             ) from None
     full = os.environ.get("BENCH_FULL", "") not in ("", "0")
+    default_workloads = [*TABLE_WORKLOADS, *EXTRA_WORKLOADS]
+    if not full:
+        default_workloads.remove("soak")
+        default_workloads.remove("stair_rate")
+    workloads = args.workloads.split(",") if args.workloads else default_workloads
     options = Options(
         scenarios=[s for s in args.scenarios.split(",") if s],
-        workloads=[w for w in args.workloads.split(",") if w],
+        workloads=[w for w in workloads if w],
         contenders=[c for c in args.contenders.split(",") if c],
         full=full,
         scale=args.duration_scale,
         out_dir=args.out_dir,
         chart=not args.no_chart,
         long_download=args.long_download or full,
+        extra={"soak_streams": args.soak_streams},
     )
     unknown = set(options.scenarios) - set(SCENARIOS)
     unknown |= set(options.contenders) - set(LABELS)
-    unknown |= set(options.workloads) - {"small", "file"}
+    unknown |= set(options.workloads) - set(TABLE_WORKLOADS + EXTRA_WORKLOADS)
     if unknown:
         raise SystemExit(f"unknown: {', '.join(sorted(unknown))}")
+    if "clean" not in options.scenarios and set(options.workloads) & set(EXTRA_WORKLOADS):
+        options.scenarios.insert(0, "clean")  # the extra workloads run on the clean link
     if "direct" not in options.contenders:
         options.contenders.insert(0, "direct")  # the backend is always there
 
@@ -1101,6 +1191,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     report = run(options)
+    report["command"] = ("BENCH_FULL=1 " if full else "") + " ".join(
+        ["python -m bench.run", *sys.argv[1:]]
+    )
     options.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     write_report(report, options.out_dir / stamp, options.chart)
