@@ -21,7 +21,11 @@ wrk itself and the backend share the 2 cores with the contender.
 
     .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32]
                                        [--contenders direct,nginx,before,fp_off,fp_on]
-                                       [--health]
+                                       [--ref DIR] [--health]
+
+``--ref DIR`` adds the contender ``ref``: fileproxy (optimizer on) run from another
+source tree, e.g. ``git archive`` of an earlier commit unpacked in DIR, for an
+A/B measurement of a change alternated with the same backend.
 
 ``--health`` also samples ``GET /health`` of fp_on while wrk saturates it (new
 connection each, 10 ms apart) and prints p50/p99/max.
@@ -56,6 +60,7 @@ LABELS = {
     "fp_off": "fileproxy, optimizer off",
     "fp_on": "fileproxy, optimizer on",
     "fp_log": "fileproxy, optimizer on, access log on",
+    "ref": "fileproxy at --ref, optimizer on",
 }
 DEFAULT_CONTENDERS = "direct,nginx,before,fp_off,fp_on"
 
@@ -131,8 +136,9 @@ class Contender:
 
 
 class Bench:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ref: Path | None = None) -> None:
         self.root = root
+        self.ref = ref
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.backend_port = free_port()
         (root / "www").mkdir()
@@ -149,7 +155,7 @@ class Bench:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
             argv,
-            cwd=REPO,
+            cwd=self.ref if name == "ref" and self.ref is not None else REPO,
             env=env or clean_env({}),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -200,6 +206,9 @@ class Bench:
                     "FILEPROXY_LOG_LEVEL": "warning",
                 }
             )
+            if key == "ref":
+                assert self.ref is not None
+                env["PYTHONPATH"] = str(self.ref)  # its fileproxy, not the installed one
             argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
             popen = self._spawn(key, argv, env)
         return Contender(key, port, popen)
@@ -371,9 +380,14 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS)
+    parser.add_argument("--ref", type=Path, help="source tree of fileproxy for contender ref")
     parser.add_argument("--health", action="store_true", help="probe /health of fp_on under load")
     args = parser.parse_args()
     keys = [k for k in args.contenders.split(",") if k]
+    if args.ref is not None and "ref" not in keys:
+        keys.append("ref")
+    if "ref" in keys and args.ref is None:
+        parser.error("contender ref needs --ref DIR")
     unknown = set(keys) - set(LABELS)
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
@@ -381,7 +395,7 @@ def main() -> None:
         if shutil.which(program) is None and not Path(f"/usr/sbin/{program}").exists():
             sys.exit(f"missing {program}: apt-get install -y {program}")
     with tempfile.TemporaryDirectory(prefix="fileproxy-hot-path-") as tmp:
-        bench = Bench(Path(tmp))
+        bench = Bench(Path(tmp), args.ref.resolve() if args.ref else None)
         contenders: list[Contender] = []
         try:
             time.sleep(0.3)
