@@ -14,10 +14,10 @@ import asyncio
 import functools
 import logging
 import math
+import random
 import re
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -46,8 +46,13 @@ def on_unix_socket(request: web.BaseRequest) -> bool:
 
 
 def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-ID when it is sane, else 32 random hex digits.
+
+    An id needs to be unique, not secret: ``random`` (reseeded in every forked
+    worker) instead of ``uuid4``, which reads the kernel's entropy on every request.
+    """
     incoming = request.headers.get("X-Request-ID", "")
-    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    return incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -108,14 +113,16 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         return _fail(exchange, _too_large(settings.max_body_size))
 
     has_body = request.body_exists
+    peer = request.remote
     headers = upstream_request_headers(
         request.headers,
-        peer=request.remote,
+        peer=peer,
         scheme=request.scheme,
         host=request.host if "Host" in request.headers else None,
         request_id=exchange.request_id,
         trusted=settings.trusted_proxies,
-        local_socket=on_unix_socket(request),
+        # a TCP client always has an address: only a peer without one can be on a unix socket
+        local_socket=not peer and on_unix_socket(request),
         has_body=has_body,
         content_length=content_length,
     )
@@ -152,11 +159,11 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
     request.app[UPSTREAM].mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
-        response = web.StreamResponse(
-            status=upstream_resp.status,
-            reason=upstream_resp.reason,
-            headers=client_response_headers(upstream_resp.headers, exchange.request_id),
-        )
+        # The whole body already arrived (a small file): its response head goes out in
+        # the same write as the body. Else the head goes out at once (streams, SSE).
+        response_class = _WholeResponse if upstream_resp.content.is_eof() else web.StreamResponse
+        response = response_class(status=upstream_resp.status, reason=upstream_resp.reason)
+        client_response_headers(upstream_resp.headers, exchange.request_id, response.headers)
         if request.transport is not None:
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
@@ -164,6 +171,12 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end
+
+
+class _WholeResponse(web.StreamResponse):
+    """A response whose head is sent with its first body bytes, not on its own."""
+
+    _send_headers_immediately = False
 
 
 async def _send_upstream(
