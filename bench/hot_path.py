@@ -21,7 +21,7 @@ wrk itself and the backend share the 2 cores with the contender.
 
     .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32]
                                        [--contenders direct,nginx,before,fp_off,fp_on]
-                                       [--ref DIR] [--health]
+                                       [--ref DIR] [--access-log] [--health]
 
 ``--ref DIR`` adds the contender ``ref``: fileproxy (optimizer on) run from another
 source tree, e.g. ``git archive`` of an earlier commit unpacked in DIR, for an
@@ -136,9 +136,10 @@ class Contender:
 
 
 class Bench:
-    def __init__(self, root: Path, ref: Path | None = None) -> None:
+    def __init__(self, root: Path, ref: Path | None = None, access_log: bool = False) -> None:
         self.root = root
         self.ref = ref
+        self.access_log = access_log  # on for every fileproxy contender, not only fp_log
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.backend_port = free_port()
         (root / "www").mkdir()
@@ -193,13 +194,14 @@ class Bench:
             ]  # fmt: skip
             popen = self._spawn(key, argv, clean_env({"BASELINE_UPSTREAM": upstream}))
         else:
+            logged = key == "fp_log" or self.access_log
             env = clean_env(
                 {
                     "FILEPROXY_BIND": f"127.0.0.1:{port}",
                     "FILEPROXY_UPSTREAM": upstream,
                     "FILEPROXY_WORKERS": "1",
-                    "FILEPROXY_ACCESS_LOG": "on" if key == "fp_log" else "off",
-                    "FILEPROXY_LOG_DIR": str(self.root / key) if key == "fp_log" else "",
+                    "FILEPROXY_ACCESS_LOG": "on" if logged else "off",
+                    "FILEPROXY_LOG_DIR": str(self.root / key) if logged else "",
                     "FILEPROXY_OPTIMIZER": "off" if key == "fp_off" else "on",
                     "FILEPROXY_DRAIN_DELAY": "0",
                     "FILEPROXY_GRACEFUL_TIMEOUT": "3",
@@ -381,6 +383,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS)
     parser.add_argument("--ref", type=Path, help="source tree of fileproxy for contender ref")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="access log on (stdout and FILEPROXY_LOG_DIR) for every fileproxy contender",
+    )
     parser.add_argument("--health", action="store_true", help="probe /health of fp_on under load")
     args = parser.parse_args()
     keys = [k for k in args.contenders.split(",") if k]
@@ -395,7 +402,7 @@ def main() -> None:
         if shutil.which(program) is None and not Path(f"/usr/sbin/{program}").exists():
             sys.exit(f"missing {program}: apt-get install -y {program}")
     with tempfile.TemporaryDirectory(prefix="fileproxy-hot-path-") as tmp:
-        bench = Bench(Path(tmp), args.ref.resolve() if args.ref else None)
+        bench = Bench(Path(tmp), args.ref.resolve() if args.ref else None, args.access_log)
         contenders: list[Contender] = []
         try:
             time.sleep(0.3)
