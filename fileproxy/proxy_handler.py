@@ -29,7 +29,8 @@ from .adaptive import LevelProfile
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
 from .exchange import EXCHANGE, Exchange
 from .headers import client_response_headers, upstream_request_headers
-from .upstream_client import response_tcp_info
+from .settings import Settings
+from .upstream_client import UpstreamClient, response_tcp_info
 
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
@@ -56,13 +57,14 @@ def request_id_for(request: web.BaseRequest) -> str:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    traffic = request.app[TRAFFIC]
+    app = request.app
+    traffic = app[TRAFFIC]
     started = time.monotonic()
-    exchange = Exchange(request_id_for(request), request.app[UPSTREAM].name)
+    exchange = Exchange(request_id_for(request), app[UPSTREAM].name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
     status = 500  # what aiohttp answers should an unexpected exception escape
-    adaptation = request.app[ADAPTATION]
+    adaptation = app[ADAPTATION]
     try:
         admitted, retry_after = adaptation.admit(started)
         if admitted:
@@ -78,7 +80,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # aiohttp writes no access line for a cancelled handler, so we do.
         exchange.cause = errors.CLIENT_ABORT
         status = CLIENT_CLOSED_REQUEST
-        if request.app[SETTINGS].access_log:
+        if app[SETTINGS].access_log:
             logs.log_access(access_log, request, status, 0, time.monotonic() - started)
         raise
     finally:
@@ -98,7 +100,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _proxy(request: web.Request, exchange: Exchange, started: float) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
+    upstream = app[UPSTREAM]
+    adaptation = app[ADAPTATION]
     target = request.raw_path
     if not target.startswith("/"):
         # absolute-form or authority-form: we are a reverse proxy, not an open one
@@ -126,20 +131,20 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         has_body=has_body,
         content_length=content_length,
     )
-    authorization = request.app[UPSTREAM].authorization
+    authorization = upstream.authorization
     if authorization is not None:
         # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
         headers["Authorization"] = authorization
-    profile = request.app[ADAPTATION].profile(started)
+    profile = adaptation.profile(started)
     body_errors: list[BaseException] = []
     try:
         upstream_resp = await _send_upstream(
-            request, exchange, headers, has_body, body_errors, profile
+            request, exchange, headers, has_body, body_errors, profile, upstream, settings
         )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not body_errors:
             failure = _fail(exchange, exc)
-            request.app[UPSTREAM].mark_failure(time.time(), exchange.error or "")
+            upstream.mark_failure(time.time(), exchange.error or "")
             return failure
         cause = body_errors[0]
         broken = not isinstance(cause, errors.ClientRequestError)
@@ -155,8 +160,8 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
 
     now = time.monotonic()
     exchange.ttfb_s = now - started
-    request.app[ADAPTATION].observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
-    request.app[UPSTREAM].mark_response(time.time())
+    adaptation.observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
+    upstream.mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
         # The whole body already arrived (a small file): its response head goes out in
@@ -186,14 +191,14 @@ async def _send_upstream(
     has_body: bool,
     body_errors: list[BaseException],
     profile: LevelProfile,
+    upstream: UpstreamClient,
+    settings: Settings,
 ) -> aiohttp.ClientResponse:
     """Send the request (streaming its body) and wait for the upstream's response headers.
 
     The headers timeout starts once the request body has been sent, so a long
     upload is not cut; it also bounds the wait for a free pooled connection.
     """
-    settings = request.app[SETTINGS]
-    upstream = request.app[UPSTREAM]
     loop = asyncio.get_running_loop()
     start_deadline = None if has_body else loop.time() + profile.headers_timeout_s
     async with asyncio.timeout_at(start_deadline) as deadline:
