@@ -10,7 +10,10 @@ contenders, each with one worker process, are
   ``gunicorn -k aiohttp.GunicornUVLoopWebWorker -w 1``,
 - ``fp_off`` / ``fp_on``: fileproxy (``gunicorn -c gunicorn.conf.py``,
   ``FILEPROXY_WORKERS=1``), optimizer off / on, access log off (as bench.run),
-- ``fp_log``: fileproxy, optimizer on, access log on (JSON lines to a file).
+- ``fp_log``: fileproxy, optimizer on, access log on (JSON lines to a file),
+- ``aiohttp``: not a proxy: an aiohttp server answering 1 KiB from memory (same
+  gunicorn worker class as "before"), the ceiling of any proxy built on
+  aiohttp's server in one process.
 
 Every contender is measured with ``wrk -t1 -c32 -d5s`` (by default) in rounds,
 the order reversed every other round (A B C C B A A B C ...) so drift on a
@@ -50,6 +53,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiohttp import web
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -61,8 +66,18 @@ LABELS = {
     "fp_on": "fileproxy, optimizer on",
     "fp_log": "fileproxy, optimizer on, access log on",
     "ref": "fileproxy at --ref, optimizer on",
+    "aiohttp": "aiohttp server alone, 1 KiB from memory",
 }
 DEFAULT_CONTENDERS = "direct,nginx,before,fp_off,fp_on"
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.Response(body=HELLO_BODY, content_type="application/octet-stream")
+
+
+HELLO_BODY = b"x" * 1024
+hello_app = web.Application()  # the "aiohttp" contender: gunicorn bench.hot_path:hello_app
+hello_app.router.add_get("/{tail:.*}", _hello)
 
 
 def free_port() -> int:
@@ -186,9 +201,10 @@ class Bench:
     }}"""
             conf = nginx_conf(self.root, "nginx-proxy", body)
             popen = self._spawn(key, [self.nginx, "-c", str(conf)])
-        elif key == "before":
+        elif key in ("before", "aiohttp"):
+            app = "bench.baseline_proxy:app" if key == "before" else "bench.hot_path:hello_app"
             argv = [
-                PYTHON, "-m", "gunicorn", "bench.baseline_proxy:app",
+                PYTHON, "-m", "gunicorn", app,
                 "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", "1",
                 "-b", f"127.0.0.1:{port}", "--log-level", "warning", "--no-control-socket",
             ]  # fmt: skip
