@@ -215,13 +215,12 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        return await upstream.session.request(
+        return await upstream.send(
             request.method,
             upstream.url_for(request.raw_path),
-            headers=headers,
-            data=request_body() if has_body else None,
-            allow_redirects=False,
-            timeout=client_timeout(profile),
+            headers,
+            request_body() if has_body else None,
+            client_timeout(profile),
         )
 
 
