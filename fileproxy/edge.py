@@ -122,10 +122,13 @@ class EdgeRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        starting = False  # the first bytes of a request head are in ``data``
         if data and not (self._close or self._force_close or self._upgraded):
-            if self._head_timer is None and (self._body is None or self._body.is_eof()):
-                self._start_head_timer()  # the first byte of a request head
-            if self._head_timer is not None:
+            timing = self._head_timer is not None
+            if not timing and (self._body is None or self._body.is_eof()):
+                starting = timing = True
+                self._head_bytes, self._head_line_len = 0, None
+            if timing:
                 if self._head_line_len is None and (end := data.find(b"\n")) >= 0:
                     self._head_line_len = self._head_bytes + end
                 self._head_bytes += len(data)
@@ -134,6 +137,10 @@ class EdgeRequestHandler(RequestHandler):
         if self._request_count != count:  # a head completed (or failed)
             self._cancel_head_timer()
             self._body = self._messages[-1][1] if self._messages else None
+        elif starting:
+            # The head is still incomplete: time it from now. A head that arrives
+            # whole (the usual case) never costs a timer.
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
 
     def _start_head_timer(self) -> None:
         self._cancel_head_timer()

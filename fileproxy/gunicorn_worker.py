@@ -36,6 +36,20 @@ class _DrainingWorker(GunicornWebWorker):
 
         self.wsgi = keep_app
 
+    def notify(self) -> None:
+        """The heartbeat (every second, the first time just after the listeners start).
+
+        aiohttp's worker starts its listeners with ``SockSite``'s default backlog of
+        128, which lowers the listen() backlog gunicorn set (``backlog`` in
+        gunicorn.conf.py): a burst of new connections (a restart, a load balancer
+        reconnecting) then overflows the accept queue and its SYNs are retried after
+        1 s, 3 s, ... Listening again with gunicorn's value raises it back; it is
+        idempotent, and the listener is the one all workers share.
+        """
+        for sock in self.sockets:
+            sock.listen(self.cfg.backlog)
+        super().notify()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self._app
         if app is None or app[LIFECYCLE].draining:

@@ -55,13 +55,31 @@ def connection_listed(headers: Headers) -> frozenset[istr]:
     return frozenset(names - _PROTECTED)
 
 
-def end_to_end(headers: Headers, also_drop: frozenset[istr] = frozenset()) -> CIMultiDict[str]:
-    """A copy without hop-by-hop fields, keeping duplicates (e.g. several Set-Cookie) in order."""
-    drop = HOP_BY_HOP | connection_listed(headers) | also_drop
-    out: CIMultiDict[str] = CIMultiDict()
+@functools.lru_cache(maxsize=64)
+def _dropped(also_drop: frozenset[istr]) -> frozenset[istr]:
+    """Hop-by-hop fields plus ``also_drop``: the set of a message without a Connection list."""
+    return HOP_BY_HOP | also_drop
+
+
+def end_to_end(
+    headers: Headers,
+    also_drop: frozenset[istr] = frozenset(),
+    out: CIMultiDict[str] | None = None,
+) -> CIMultiDict[str]:
+    """A copy without hop-by-hop fields, keeping duplicates (e.g. several Set-Cookie) in order.
+
+    The fields are added to ``out`` when given (e.g. a response's own, still empty,
+    headers: one copy instead of two), else to a new CIMultiDict; it is returned.
+    """
+    drop = _dropped(also_drop)
+    if "Connection" in headers:
+        drop = drop | connection_listed(headers)
+    if out is None:
+        out = CIMultiDict()
+    add = out.add
     for name, value in headers.items():
         if name not in drop:
-            out.add(name, value)
+            add(name, value)
     return out
 
 
@@ -116,15 +134,17 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: Headers, request_id: str) -> CIMultiDict[str]:
-    """Headers to send to the client for an upstream response.
+def client_response_headers(
+    upstream: Headers, request_id: str, out: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """Headers to send to the client for an upstream response (added to ``out`` if given).
 
     Content-Length is kept (aiohttp then enforces it: a short body can never look
     complete); Transfer-Encoding is regenerated. A response without a length is a
     stream (SSE, live logs): ``X-Accel-Buffering: no`` tells a fronting nginx not to
     buffer it.
     """
-    out = end_to_end(upstream)
+    out = end_to_end(upstream, out=out)
     if "Content-Length" not in out:
         out[X_ACCEL_BUFFERING] = "no"
     out[X_REQUEST_ID] = request_id

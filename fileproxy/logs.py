@@ -19,33 +19,57 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 ACCESS_LOGGER = "fileproxy.access"
 
 
-class JsonFormatter(logging.Formatter):
+class _FormatOnce(logging.Formatter):
+    """A formatter that formats a record once, however many handlers write it.
+
+    The access line goes to stdout and, with FILEPROXY_LOG_DIR, to a file too: two
+    handlers sharing this formatter. The text is kept on the record under a "_" name,
+    which neither format outputs.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
+        cached = record.__dict__.get("_formatted")
+        if cached is not None and cached[0] is self:
+            text: str = cached[1]
+            return text
+        text = self.format_record(record)
+        record._formatted = (self, text)
+        return text
+
+    def format_record(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields passed with ``extra=``, in their order."""
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
+
+
+class JsonFormatter(_FormatOnce):
+    def format_record(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                line[key] = value
+        line.update(_extras(record))
         if record.exc_info and record.levelno >= logging.ERROR:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_FormatOnce):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(
-            f"{k}={v}"
-            for k, v in vars(record).items()
-            if k not in _STANDARD and not k.startswith("_")
-        )
-        text = super().format(record)
+    def format_record(self, record: logging.LogRecord) -> str:
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        text = super().format_record(record)
         return f"{text} {extras}" if extras else text
 
 
@@ -106,7 +130,12 @@ def log_access(
             fields["error"] = exchange.error
         if exchange.cause == errors.CLIENT_ABORT:
             message = "client disconnected"
-    logger.info(message, extra=fields)
+    if logger.isEnabledFor(logging.INFO):
+        # logger.info() would also look up the caller's file and line in the stack,
+        # which no access line shows.
+        logger.handle(
+            logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None, extra=fields)
+        )
 
 
 class AccessLogger(AbstractAccessLogger):

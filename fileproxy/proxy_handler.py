@@ -14,10 +14,10 @@ import asyncio
 import functools
 import logging
 import math
+import random
 import re
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -29,7 +29,8 @@ from .adaptive import LevelProfile
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
 from .exchange import EXCHANGE, Exchange
 from .headers import client_response_headers, upstream_request_headers
-from .upstream_client import response_tcp_info
+from .settings import Settings
+from .upstream_client import UpstreamClient, response_tcp_info
 
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
@@ -46,18 +47,24 @@ def on_unix_socket(request: web.BaseRequest) -> bool:
 
 
 def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-ID when it is sane, else 32 random hex digits.
+
+    An id needs to be unique, not secret: ``random`` (reseeded in every forked
+    worker) instead of ``uuid4``, which reads the kernel's entropy on every request.
+    """
     incoming = request.headers.get("X-Request-ID", "")
-    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    return incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    traffic = request.app[TRAFFIC]
+    app = request.app
+    traffic = app[TRAFFIC]
     started = time.monotonic()
-    exchange = Exchange(request_id_for(request), request.app[UPSTREAM].name)
+    exchange = Exchange(request_id_for(request), app[UPSTREAM].name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
     status = 500  # what aiohttp answers should an unexpected exception escape
-    adaptation = request.app[ADAPTATION]
+    adaptation = app[ADAPTATION]
     try:
         admitted, retry_after = await adaptation.admit(started)
         if admitted:
@@ -73,7 +80,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # aiohttp writes no access line for a cancelled handler, so we do.
         exchange.cause = errors.CLIENT_ABORT
         status = CLIENT_CLOSED_REQUEST
-        if request.app[SETTINGS].access_log:
+        if app[SETTINGS].access_log:
             logs.log_access(access_log, request, status, 0, time.monotonic() - started)
         raise
     finally:
@@ -93,7 +100,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _proxy(request: web.Request, exchange: Exchange, started: float) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
+    upstream = app[UPSTREAM]
+    adaptation = app[ADAPTATION]
     target = request.raw_path
     if not target.startswith("/"):
         # absolute-form or authority-form: we are a reverse proxy, not an open one
@@ -108,31 +118,33 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         return _fail(exchange, _too_large(settings.max_body_size))
 
     has_body = request.body_exists
+    peer = request.remote
     headers = upstream_request_headers(
         request.headers,
-        peer=request.remote,
+        peer=peer,
         scheme=request.scheme,
         host=request.host if "Host" in request.headers else None,
         request_id=exchange.request_id,
         trusted=settings.trusted_proxies,
-        local_socket=on_unix_socket(request),
+        # a TCP client always has an address: only a peer without one can be on a unix socket
+        local_socket=not peer and on_unix_socket(request),
         has_body=has_body,
         content_length=content_length,
     )
-    authorization = request.app[UPSTREAM].authorization
+    authorization = upstream.authorization
     if authorization is not None:
         # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
         headers["Authorization"] = authorization
-    profile = request.app[ADAPTATION].profile(started)
+    profile = adaptation.profile(started)
     body_errors: list[BaseException] = []
     try:
         upstream_resp = await _send_upstream(
-            request, exchange, headers, has_body, body_errors, profile
+            request, exchange, headers, has_body, body_errors, profile, upstream, settings
         )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not body_errors:
             failure = _fail(exchange, exc)
-            request.app[UPSTREAM].mark_failure(time.time(), exchange.error or "")
+            upstream.mark_failure(time.time(), exchange.error or "")
             return failure
         cause = body_errors[0]
         broken = not isinstance(cause, errors.ClientRequestError)
@@ -148,15 +160,15 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
 
     now = time.monotonic()
     exchange.ttfb_s = now - started
-    request.app[ADAPTATION].observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
-    request.app[UPSTREAM].mark_response(time.time())
+    adaptation.observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
+    upstream.mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
-        response = web.StreamResponse(
-            status=upstream_resp.status,
-            reason=upstream_resp.reason,
-            headers=client_response_headers(upstream_resp.headers, exchange.request_id),
-        )
+        # The whole body already arrived (a small file): its response head goes out in
+        # the same write as the body. Else the head goes out at once (streams, SSE).
+        response_class = _WholeResponse if upstream_resp.content.is_eof() else web.StreamResponse
+        response = response_class(status=upstream_resp.status, reason=upstream_resp.reason)
+        client_response_headers(upstream_resp.headers, exchange.request_id, response.headers)
         if request.transport is not None:
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
@@ -166,6 +178,12 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         upstream_resp.release()  # back to the pool only if the body was read to its end
 
 
+class _WholeResponse(web.StreamResponse):
+    """A response whose head is sent with its first body bytes, not on its own."""
+
+    _send_headers_immediately = False
+
+
 async def _send_upstream(
     request: web.Request,
     exchange: Exchange,
@@ -173,14 +191,14 @@ async def _send_upstream(
     has_body: bool,
     body_errors: list[BaseException],
     profile: LevelProfile,
+    upstream: UpstreamClient,
+    settings: Settings,
 ) -> aiohttp.ClientResponse:
     """Send the request (streaming its body) and wait for the upstream's response headers.
 
     The headers timeout starts once the request body has been sent, so a long
     upload is not cut; it also bounds the wait for a free pooled connection.
     """
-    settings = request.app[SETTINGS]
-    upstream = request.app[UPSTREAM]
     loop = asyncio.get_running_loop()
     start_deadline = None if has_body else loop.time() + profile.headers_timeout_s
     async with asyncio.timeout_at(start_deadline) as deadline:
@@ -197,13 +215,12 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        return await upstream.session.request(
+        return await upstream.send(
             request.method,
             upstream.url_for(request.raw_path),
-            headers=headers,
-            data=request_body() if has_body else None,
-            allow_redirects=False,
-            timeout=client_timeout(profile),
+            headers,
+            request_body() if has_body else None,
+            client_timeout(profile),
         )
 
 

@@ -215,3 +215,23 @@ async def test_default_tcp_options_leave_buffers_to_autotuning(
         "TCP_KEEPCNT": 6,
     }
     assert tcp["client_socket"]["TCP_KEEPIDLE"] == 60
+
+
+async def test_new_upstream_connections_are_timed_pooled_ones_are_not(
+    start_backend, start_proxy, client
+):
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/item", answer)
+    backend = await start_backend(app)
+    proxy = start_proxy(backend.url)
+    for _ in range(5):  # sequential: one pooled upstream connection serves them all
+        async with client.get(f"{proxy.url}/item") as resp:
+            assert resp.status == 200
+            await resp.read()
+    upstream = await _upstream_stats(client, proxy)
+    samples = upstream["quality"]["samples"]
+    assert samples["connect_total"] == 1
+    assert samples["http_total"] == 5

@@ -6,6 +6,9 @@ gunicorn's worker builds its own AppRunner from the app; the JSON parser errors,
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 from tests.integration.test_deployment import start_gunicorn
@@ -38,5 +41,25 @@ async def test_edge_errors_and_head_timeout_under_gunicorn(start_backend, tmp_di
         assert backend.seen == []
         raw = b"GET /ok HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
         assert parse_response(await exchange(gunicorn.port, raw)).status == 200
+    finally:
+        gunicorn.stop()
+
+
+def test_listener_keeps_the_backlog_of_gunicorn_conf(start_backend, tmp_dir: Path):
+    """aiohttp's worker listens with a backlog of 128; gunicorn.conf.py asks for 2048."""
+    ss = shutil.which("ss") or "/usr/sbin/ss"
+    assert Path(ss).exists(), "ss is missing: apt-get install -y iproute2"
+    gunicorn = start_gunicorn(tmp_dir, "http://127.0.0.1:9")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            out = subprocess.run(
+                [ss, "-ltnH", f"sport = :{gunicorn.port}"], capture_output=True, text=True
+            ).stdout.split()
+            backlog = int(out[2])  # State Recv-Q Send-Q ...: Send-Q of a listener is its backlog
+            if backlog == 2048 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert backlog == 2048
     finally:
         gunicorn.stop()

@@ -121,3 +121,30 @@ async def test_pool_returns_to_baseline_after_a_burst_of_faults(start_proxy, cli
     after = await upstream_connections(client, proxy)
     assert after["in_use"] == baseline["in_use"] == 0, (baseline, after)
     server.close()
+
+
+async def test_pooled_connection_closed_by_the_backend_is_retried_for_a_get(
+    start_proxy,
+    client,
+    raw_backend,  # noqa: F811
+):
+    """A kept-alive upstream connection the backend closes as it is reused: a GET is
+    sent again on a new connection (as aiohttp's client does for idempotent methods),
+    the client sees 200, never a 502."""
+    dropped = []
+
+    async def answer_then_drop_the_next(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # kept alive
+        await writer.drain()
+        dropped.append(await reader.readuntil(b"\r\n\r\n"))  # the next request: no answer
+
+    backend = await raw_backend(answer_then_drop_the_next)
+    proxy = start_proxy(backend.url)
+    for path in ("/first", "/second"):
+        async with client.get(f"{proxy.url}{path}") as resp:
+            assert resp.status == 200, await resp.text()
+            assert await resp.read() == b"ok"
+    assert [head.split(b" ", 2)[1] for head in dropped] == [b"/second"]
+    assert backend.hits == 2  # connections: /first (then /second, dropped); /second again

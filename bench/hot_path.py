@@ -1,0 +1,446 @@
+"""The small-response hot path on loopback: req/s and CPU per request, one worker each.
+
+No namespaces, no root needed: every process listens on an ephemeral 127.0.0.1
+port. The backend is nginx (1 worker) serving a 1 KiB static file; the
+contenders, each with one worker process, are
+
+- ``direct``: wrk straight to the backend (the limit),
+- ``nginx``: nginx ``proxy_pass`` with upstream keepalive, 1 worker,
+- ``before``: the seed's plain aiohttp proxy (``bench/baseline_proxy.py``) under
+  ``gunicorn -k aiohttp.GunicornUVLoopWebWorker -w 1``,
+- ``fp_off`` / ``fp_on``: fileproxy (``gunicorn -c gunicorn.conf.py``,
+  ``FILEPROXY_WORKERS=1``), optimizer off / on, access log off (as bench.run),
+- ``fp_log``: fileproxy, optimizer on, access log on (JSON lines to a file),
+- ``aiohttp``: not a proxy: an aiohttp server answering 1 KiB from memory (same
+  gunicorn worker class as "before"), the ceiling of any proxy built on
+  aiohttp's server in one process.
+
+Every contender is measured with ``wrk -t1 -c32 -d5s`` (by default) in rounds,
+the order reversed every other round (A B C C B A A B C ...) so drift on a
+shared machine spreads over all of them; the table gives the median req/s of
+the runs, the min-max, the median p50/p99 and the CPU the contender's processes
+used per request (utime + stime of its process group over the run / requests).
+wrk itself and the backend share the 2 cores with the contender.
+
+    .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32]
+                                       [--contenders direct,nginx,before,fp_off,fp_on]
+                                       [--ref DIR] [--access-log] [--health]
+
+``--ref DIR`` adds the contender ``ref``: fileproxy (optimizer on) run from another
+source tree, e.g. ``git archive`` of an earlier commit unpacked in DIR, for an
+A/B measurement of a change alternated with the same backend.
+
+``--health`` also samples ``GET /health`` of fp_on while wrk saturates it (new
+connection each, 10 ms apart) and prints p50/p99/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LABELS = {
+    "direct": "direct (nginx static)",
+    "nginx": "nginx proxy_pass",
+    "before": 'seed "before"',
+    "fp_off": "fileproxy, optimizer off",
+    "fp_on": "fileproxy, optimizer on",
+    "fp_log": "fileproxy, optimizer on, access log on",
+    "ref": "fileproxy at --ref, optimizer on",
+    "aiohttp": "aiohttp server alone, 1 KiB from memory",
+}
+DEFAULT_CONTENDERS = "direct,nginx,before,fp_off,fp_on"
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.Response(body=HELLO_BODY, content_type="application/octet-stream")
+
+
+HELLO_BODY = b"x" * 1024
+hello_app = web.Application()  # the "aiohttp" contender: gunicorn bench.hot_path:hello_app
+hello_app.router.add_get("/{tail:.*}", _hello)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def nginx_conf(root: Path, name: str, body: str) -> Path:
+    temp = root / f"{name}-temp"
+    temp.mkdir(exist_ok=True)
+    conf = root / f"{name}.conf"
+    conf.write_text(
+        f"""daemon off;
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {root}/{name}.pid;
+error_log {root}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+{body}
+}}
+"""
+    )
+    return conf
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    prefixes = ("FILEPROXY_", "HTTP_", "REDIS_", "BASELINE_")
+    names = {"STREAM_CHUNK_SIZE", "BUFFER_SIZE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in names}
+    env.update(extra)
+    return env
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in a process group."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+@dataclass
+class Contender:
+    key: str
+    port: int
+    popen: subprocess.Popen[bytes] | None = None
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, root: Path, ref: Path | None = None, access_log: bool = False) -> None:
+        self.root = root
+        self.ref = ref
+        self.access_log = access_log  # on for every fileproxy contender, not only fp_log
+        self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.backend_port = free_port()
+        (root / "www").mkdir()
+        (root / "www" / "1k.bin").write_bytes(os.urandom(1024))
+        self.backend = self._spawn("backend", [self.nginx, "-c", str(self._backend_conf())])
+
+    def _backend_conf(self) -> Path:
+        body = f"    server {{ listen 127.0.0.1:{self.backend_port}; root {self.root}/www; }}"
+        return nginx_conf(self.root, "backend", body)
+
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(
+            argv,
+            cwd=self.ref if name == "ref" and self.ref is not None else REPO,
+            env=env or clean_env({}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: CPU accounting, clean stop
+        )
+
+    def start(self, key: str) -> Contender:
+        if key == "direct":
+            return Contender(key, self.backend_port, self.backend)
+        port = free_port()
+        upstream = f"http://127.0.0.1:{self.backend_port}"
+        if key == "nginx":
+            body = f"""    upstream backend {{
+        server 127.0.0.1:{self.backend_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}"""
+            conf = nginx_conf(self.root, "nginx-proxy", body)
+            popen = self._spawn(key, [self.nginx, "-c", str(conf)])
+        elif key in ("before", "aiohttp"):
+            app = "bench.baseline_proxy:app" if key == "before" else "bench.hot_path:hello_app"
+            argv = [
+                PYTHON, "-m", "gunicorn", app,
+                "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", "1",
+                "-b", f"127.0.0.1:{port}", "--log-level", "warning", "--no-control-socket",
+            ]  # fmt: skip
+            popen = self._spawn(key, argv, clean_env({"BASELINE_UPSTREAM": upstream}))
+        else:
+            logged = key == "fp_log" or self.access_log
+            env = clean_env(
+                {
+                    "FILEPROXY_BIND": f"127.0.0.1:{port}",
+                    "FILEPROXY_UPSTREAM": upstream,
+                    "FILEPROXY_WORKERS": "1",
+                    "FILEPROXY_ACCESS_LOG": "on" if logged else "off",
+                    "FILEPROXY_LOG_DIR": str(self.root / key) if logged else "",
+                    "FILEPROXY_OPTIMIZER": "off" if key == "fp_off" else "on",
+                    "FILEPROXY_DRAIN_DELAY": "0",
+                    "FILEPROXY_GRACEFUL_TIMEOUT": "3",
+                    "FILEPROXY_LOG_LEVEL": "warning",
+                }
+            )
+            if key == "ref":
+                assert self.ref is not None
+                env["PYTHONPATH"] = str(self.ref)  # its fileproxy, not the installed one
+            argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+            popen = self._spawn(key, argv, env)
+        return Contender(key, port, popen)
+
+    def wait_ready(self, contender: Contender, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if contender.popen is not None and contender.popen.poll() is not None:
+                log = (self.root / f"{contender.key}.log").read_text()[-3000:]
+                raise RuntimeError(f"{contender.key} exited at start:\n{log}")
+            try:
+                if get(contender.port, "/1k.bin")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{contender.key} not ready within {timeout} s")
+            time.sleep(0.2)
+
+    def stop(self, popen: subprocess.Popen[bytes] | None) -> None:
+        if popen is None or popen.poll() is not None:
+            return
+        os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, float]:
+    """(status, ms) of one GET on a new connection (Connection: close)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    elapsed = (time.perf_counter() - started) * 1000
+    head = b"".join(chunks)[:16]
+    return (int(head.split()[1]) if head.startswith(b"HTTP/") else 0), elapsed
+
+
+def wrk(port: int, connections: int, duration: int) -> dict[str, float]:
+    argv = [
+        "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+        "-s", str(REPO / "bench" / "wrk_report.lua"), f"http://127.0.0.1:{port}/1k.bin",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    latency = data["latency_us"] or {}
+    return {
+        "rps": data["requests_per_s"],
+        "requests": data["requests"],
+        "errors": data["errors_total"],
+        "p50_ms": (latency.get("p50") or 0) / 1000,
+        "p99_ms": (latency.get("p99") or 0) / 1000,
+    }
+
+
+def health_probe(port: int, stop: threading.Event, out: list[float]) -> None:
+    time.sleep(1.0)  # let wrk reach its steady state
+    while not stop.is_set():
+        try:
+            status, ms = get(port, "/health", timeout=10)
+            if status == 200:
+                out.append(ms)
+        except OSError:
+            pass
+        time.sleep(0.01)
+
+
+def measure(
+    bench: Bench, contender: Contender, connections: int, duration: int, health: bool
+) -> None:
+    pgid = contender.popen.pid if contender.popen is not None else 0
+    samples: list[float] = []
+    stop = threading.Event()
+    prober = None
+    if health:
+        prober = threading.Thread(target=health_probe, args=(contender.port, stop, samples))
+        prober.start()
+    cpu0 = group_cpu_seconds(pgid)
+    result = wrk(contender.port, connections, duration)
+    cpu1 = group_cpu_seconds(pgid)
+    stop.set()
+    if prober is not None:
+        prober.join()
+    result["cpu_us_per_req"] = (cpu1 - cpu0) / max(1.0, result["requests"]) * 1e6
+    result["cpu_pct"] = (cpu1 - cpu0) / duration * 100
+    if samples:
+        samples.sort()
+        result["health_p50_ms"] = samples[len(samples) // 2]
+        result["health_p99_ms"] = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        result["health_max_ms"] = samples[-1]
+        result["health_n"] = len(samples)
+    contender.runs.append(result)
+    print(
+        f"  {contender.key:7} {result['rps']:9.0f} req/s  p99 {result['p99_ms']:6.2f} ms  "
+        f"cpu {result['cpu_us_per_req']:6.1f} us/req  errors {result['errors']:.0f}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def table(contenders: list[Contender], args: argparse.Namespace) -> str:
+    import aiohttp
+
+    med = {c.key: statistics.median(r["rps"] for r in c.runs) for c in contenders}
+    lines = [
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; commit {git_commit()}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, kernel {platform.release()}; "
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}",
+        f"- `wrk -t1 -c{args.connections} -d{args.duration}s` on 127.0.0.1, 1 KiB static file "
+        f"from nginx (1 worker); one worker per contender; {args.runs} runs each, alternating",
+        "",
+        "| contender | req/s (median) | min-max | p50 ms | p99 ms | CPU us/req | CPU % "
+        "| vs before | vs nginx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in contenders:
+        runs = c.runs
+        rps = [r["rps"] for r in runs]
+        vs_before = f"{med[c.key] / med['before']:.2f}x" if "before" in med else "-"
+        vs_nginx = f"{med[c.key] / med['nginx']:.2f}x" if "nginx" in med else "-"
+        lines.append(
+            f"| {LABELS[c.key]} | {med[c.key]:,.0f} | {min(rps):,.0f}-{max(rps):,.0f} "
+            f"| {statistics.median(r['p50_ms'] for r in runs):.2f} "
+            f"| {statistics.median(r['p99_ms'] for r in runs):.2f} "
+            f"| {statistics.median(r['cpu_us_per_req'] for r in runs):.0f} "
+            f"| {statistics.median(r['cpu_pct'] for r in runs):.0f} "
+            f"| {vs_before} | {vs_nginx} |"
+        )
+    health = [r for c in contenders for r in c.runs if "health_p99_ms" in r]
+    if health:
+        lines.append("")
+        for c in contenders:
+            for r in c.runs:
+                if "health_p99_ms" in r:
+                    lines.append(
+                        f"- /health of {c.key} under load: {r['health_n']:.0f} samples, "
+                        f"p50 {r['health_p50_ms']:.2f} ms, p99 {r['health_p99_ms']:.2f} ms, "
+                        f"max {r['health_max_ms']:.2f} ms"
+                    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--contenders", default=DEFAULT_CONTENDERS)
+    parser.add_argument("--ref", type=Path, help="source tree of fileproxy for contender ref")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="access log on (stdout and FILEPROXY_LOG_DIR) for every fileproxy contender",
+    )
+    parser.add_argument("--health", action="store_true", help="probe /health of fp_on under load")
+    args = parser.parse_args()
+    keys = [k for k in args.contenders.split(",") if k]
+    if args.ref is not None and "ref" not in keys:
+        keys.append("ref")
+    if "ref" in keys and args.ref is None:
+        parser.error("contender ref needs --ref DIR")
+    unknown = set(keys) - set(LABELS)
+    if unknown:
+        parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+    for program in ("wrk", "nginx"):
+        if shutil.which(program) is None and not Path(f"/usr/sbin/{program}").exists():
+            sys.exit(f"missing {program}: apt-get install -y {program}")
+    with tempfile.TemporaryDirectory(prefix="fileproxy-hot-path-") as tmp:
+        bench = Bench(Path(tmp), args.ref.resolve() if args.ref else None, args.access_log)
+        contenders: list[Contender] = []
+        try:
+            time.sleep(0.3)
+            for key in keys:
+                contenders.append(bench.start(key))
+            for contender in contenders:
+                bench.wait_ready(contender)
+            for contender in contenders:  # warm up: pools, caches, the JIT-less interpreter
+                wrk(contender.port, args.connections, 1)
+            for round_ in range(args.runs):
+                order = contenders if round_ % 2 == 0 else contenders[::-1]
+                print(f"round {round_ + 1}/{args.runs}", file=sys.stderr, flush=True)
+                for contender in order:
+                    probe = args.health and contender.key == "fp_on"
+                    measure(bench, contender, args.connections, args.duration, probe)
+        finally:
+            for contender in contenders:
+                if contender.key != "direct":
+                    bench.stop(contender.popen)
+            bench.stop(bench.backend)
+    print(table(contenders, args))
+
+
+if __name__ == "__main__":
+    main()
