@@ -11,6 +11,11 @@ contenders, each with one worker process, are
 - ``fp_off`` / ``fp_on``: fileproxy (``gunicorn -c gunicorn.conf.py``,
   ``FILEPROXY_WORKERS=1``), optimizer off / on, access log off (as bench.run),
 - ``fp_log``: fileproxy, optimizer on, access log on (JSON lines to a file),
+- ``fp_redis``: fileproxy, optimizer on, shared state in a redis-server the bench
+  starts (loopback, a password): the 100 ms ticks and 1 s reports, no Redis call
+  per request while the limit is not enforced,
+- ``fp_redis_limit``: the same with ``FILEPROXY_LIMIT_ENFORCE=always`` at a limit of
+  1,000,000 req/s that never refuses: one Lua script (the fleet's GCRA) per request,
 - ``aiohttp``: not a proxy: an aiohttp server answering 1 KiB from memory (same
   gunicorn worker class as "before"), the ceiling of any proxy built on
   aiohttp's server in one process.
@@ -65,6 +70,8 @@ LABELS = {
     "fp_off": "fileproxy, optimizer off",
     "fp_on": "fileproxy, optimizer on",
     "fp_log": "fileproxy, optimizer on, access log on",
+    "fp_redis": "fileproxy, optimizer on, shared state in Redis",
+    "fp_redis_limit": "fileproxy, Redis, limit enforced (a Lua call per request)",
     "ref": "fileproxy at --ref, optimizer on",
     "aiohttp": "aiohttp server alone, 1 KiB from memory",
 }
@@ -160,6 +167,22 @@ class Bench:
         (root / "www").mkdir()
         (root / "www" / "1k.bin").write_bytes(os.urandom(1024))
         self.backend = self._spawn("backend", [self.nginx, "-c", str(self._backend_conf())])
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis_url = ""
+
+    def _start_redis(self) -> str:
+        """A redis-server of the bench's own (free port, password), started once."""
+        if self.redis is None:
+            server = shutil.which("redis-server")
+            if server is None:
+                raise SystemExit("redis-server is required: apt-get install -y redis-server")
+            port, password = free_port(), os.urandom(8).hex()
+            argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
+                    password, "--save", "", "--appendonly", "no",
+                    "--dir", str(self.root)]  # fmt: skip
+            self.redis = self._spawn("redis", argv)
+            self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
+        return self.redis_url
 
     def _backend_conf(self) -> Path:
         body = f"    server {{ listen 127.0.0.1:{self.backend_port}; root {self.root}/www; }}"
@@ -224,6 +247,12 @@ class Bench:
                     "FILEPROXY_LOG_LEVEL": "warning",
                 }
             )
+            if key in ("fp_redis", "fp_redis_limit"):
+                env["REDIS_URL"] = self._start_redis()
+            if key == "fp_redis_limit":
+                for name in ("MIN", "INITIAL", "MAX"):
+                    env[f"FILEPROXY_LIMIT_{name}"] = "1000000"
+                env["FILEPROXY_LIMIT_ENFORCE"] = "always"
             if key == "ref":
                 assert self.ref is not None
                 env["PYTHONPATH"] = str(self.ref)  # its fileproxy, not the installed one
@@ -439,6 +468,7 @@ def main() -> None:
                 if contender.key != "direct":
                     bench.stop(contender.popen)
             bench.stop(bench.backend)
+            bench.stop(bench.redis)
     print(table(contenders, args))
 
 
