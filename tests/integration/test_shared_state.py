@@ -112,8 +112,10 @@ async def wait_until_shared(session: aiohttp.ClientSession, instances: list[Proc
 @pytest.fixture
 def fleet(redis_backend, sample_upstream, tmp_dir: Path):
     env = fleet_settings(redis_backend)
-    instances = [start_gunicorn(tmp_dir, sample_upstream.url, **env) for _ in range(2)]
+    instances: list[Process] = []
     try:
+        for _ in range(2):  # one by one: the first is stopped even if the second fails
+            instances.append(start_gunicorn(tmp_dir, sample_upstream.url, **env))
         yield instances
     finally:
         for instance in instances:
