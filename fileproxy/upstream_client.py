@@ -25,9 +25,11 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
 
-# The aiohttp versions whose ClientSession._request the bodyless path below mirrors
-# (it uses the session's internals); any other version takes session.request().
-LEAN_PATH_VERSIONS = ("3.14.",)
+# The aiohttp releases whose ClientSession._request the bodyless path below was
+# checked against (it uses the session's internals, which a patch release may
+# change); any other version, newer patch releases included, takes
+# session.request(): slower, never wrong.
+LEAN_PATH_VERSIONS = frozenset({"3.14.5"})
 
 
 class TimedConnector(aiohttp.TCPConnector):
@@ -101,7 +103,7 @@ class UpstreamClient:
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             trust_env=False,
         )
-        self._lean = aiohttp.__version__.startswith(LEAN_PATH_VERSIONS)
+        self._lean = aiohttp.__version__ in LEAN_PATH_VERSIONS
 
     def _new_socket(self, addr_info: Any) -> socket.socket:
         family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
