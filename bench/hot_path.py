@@ -249,6 +249,10 @@ class Bench:
             )
             if key in ("fp_redis", "fp_redis_limit"):
                 env["REDIS_URL"] = self._start_redis()
+                # one fleet per contender: with one prefix the two would share (and
+                # fight over) one limiter, as two deployments with different settings
+                # on one Redis would
+                env["FILEPROXY_REDIS_PREFIX"] = f"{key}:"
             if key == "fp_redis_limit":
                 for name in ("MIN", "INITIAL", "MAX"):
                     env[f"FILEPROXY_LIMIT_{name}"] = "1000000"
