@@ -60,9 +60,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bench.procs import group_cpu_seconds
+from bench.run import clean_env, nginx_conf
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LABELS = {
     "direct": "direct (nginx static)",
     "nginx": "nginx proxy_pass",
@@ -92,61 +94,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def nginx_conf(root: Path, name: str, body: str) -> Path:
-    temp = root / f"{name}-temp"
-    temp.mkdir(exist_ok=True)
-    conf = root / f"{name}.conf"
-    conf.write_text(
-        f"""daemon off;
-{"user root;" if os.geteuid() == 0 else ""}
-worker_processes 1;
-pid {root}/{name}.pid;
-error_log {root}/{name}-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-{body}
-}}
-"""
-    )
-    return conf
-
-
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    prefixes = ("FILEPROXY_", "HTTP_", "REDIS_", "BASELINE_")
-    names = {"STREAM_CHUNK_SIZE", "BUFFER_SIZE"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in names}
-    env.update(extra)
-    return env
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime of every live process in a process group."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
 
 
 @dataclass
@@ -186,7 +133,7 @@ class Bench:
 
     def _backend_conf(self) -> Path:
         body = f"    server {{ listen 127.0.0.1:{self.backend_port}; root {self.root}/www; }}"
-        return nginx_conf(self.root, "backend", body)
+        return nginx_conf(self.root, "backend", body, workers=1)
 
     def _spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None
@@ -222,7 +169,7 @@ class Bench:
             proxy_buffering on;
         }}
     }}"""
-            conf = nginx_conf(self.root, "nginx-proxy", body)
+            conf = nginx_conf(self.root, "nginx-proxy", body, workers=1)
             popen = self._spawn(key, [self.nginx, "-c", str(conf)])
         elif key in ("before", "aiohttp"):
             app = "bench.baseline_proxy:app" if key == "before" else "bench.hot_path:hello_app"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime of every live process in a process group."""
-    total = 0
+def _group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/pid/stat fields after the command) of every live process in a group."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -23,8 +23,13 @@ def group_cpu_seconds(pgid: int) -> float:
         fields = text.rsplit(")", 1)[1].split()
         # fields[0] is state (field 3): pgrp is field 5, utime 14, stime 15
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            yield int(entry.name), fields
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in a process group."""
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in _group_stats(pgid))
+    return ticks / CLK_TCK
 
 
 def host_busy_seconds() -> float:
@@ -35,17 +40,7 @@ def host_busy_seconds() -> float:
 
 
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        if int(text.rsplit(")", 1)[1].split()[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, _ in _group_stats(pgid)]
 
 
 def group_memory(pgid: int, pss: bool = False) -> dict[str, Any]:

@@ -151,14 +151,14 @@ def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
 # -- processes -------------------------------------------------------------------
 
 
-def nginx_conf(root: Path, name: str, body: str) -> Path:
+def nginx_conf(root: Path, name: str, body: str, workers: int = WORKERS) -> Path:
     temp = root / f"{name}-temp"
     temp.mkdir(exist_ok=True)
     conf = root / f"{name}.conf"
     conf.write_text(
         f"""daemon off;
-user root;
-worker_processes {WORKERS};
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {root}/{name}.pid;
 error_log {root}/{name}-error.log warn;
