@@ -41,6 +41,8 @@ from .upstream_client import UpstreamClient, upstream_name
 
 log = logging.getLogger("fileproxy")
 
+STOP_TIMEOUT_S = 2.0  # closing the state store's connections at exit
+
 CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 CORS_EXPOSE_HEADERS = (
     "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified", "X-Request-ID",
@@ -139,13 +141,28 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(tasks)
         await upstream.close()
-        await store.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await store.close()
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the background tasks until they have ended.
+
+    One cancel() is not always enough: a cancellation that lands as a timeout inside
+    a Redis call expires can come back as that timeout, which the sync loop takes
+    for a Redis failure and carries on. Seen as gunicorn workers that never exited
+    after a stop with Redis killed and restarted under load.
+    """
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
 
 async def _watch_upstream(app: web.Application) -> None:
