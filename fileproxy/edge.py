@@ -35,7 +35,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http import HttpVersion, RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -136,11 +137,27 @@ class EdgeRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != count:  # a head completed (or failed)
             self._cancel_head_timer()
+            self._refuse_http09()
             self._body = self._messages[-1][1] if self._messages else None
         elif starting:
             # The head is still incomplete: time it from now. A head that arrives
             # whole (the usual case) never costs a timer.
             self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _refuse_http09(self) -> None:
+        """A request line without a version is a bad request line, never HTTP/0.9.
+
+        aiohttp's C parser (llhttp) takes ``METHOD target`` with no version as an
+        HTTP/0.9 request (its Python parser says BadStatusLine); ``CONNECT`` and
+        spaces then left the connection open with no answer at all (found by the
+        fuzzer). Queued as the parser error it should have been: 400 and close.
+        """
+        for index, (message, _) in enumerate(self._messages):
+            if isinstance(message, RawRequestMessage) and message.version == HttpVersion(0, 9):
+                exc = BadStatusLine("request line without an HTTP version")
+                self._messages[index] = (_ErrInfo(status=400, exc=exc, message=""), EMPTY_PAYLOAD)
+                self._upgraded = False
+                self._close = True
 
     def _start_head_timer(self) -> None:
         self._cancel_head_timer()

@@ -24,6 +24,9 @@ SMUGGLED = b"GET /smuggled HTTP/1.1\r\n" + H + b"\r\n"
 MALFORMED = [
     ("no-target", b"GET\r\n" + H + b"\r\n", 400),
     ("bad-version", b"GET / HTTX/1.1\r\n" + H + b"\r\n", 400),
+    # llhttp reads a line without a version as HTTP/0.9; CONNECT so got no answer at all
+    ("no-version", b"GET /a\r\n\r\n", 400),
+    ("connect-without-version", b"CONNECT   \r\n\r\n", 400),
     ("http-2-line", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("junk-after-version", b"GET / HTTP/1.1 junk\r\n" + H + b"\r\n", 400),
     ("space-in-target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
