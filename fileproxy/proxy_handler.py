@@ -11,7 +11,6 @@ them the client connection is aborted, so a short body never looks complete.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import random
@@ -30,7 +29,7 @@ from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
 from .exchange import EXCHANGE, Exchange
 from .headers import client_response_headers, upstream_request_headers
 from .settings import Settings
-from .upstream_client import UpstreamClient, response_tcp_info
+from .upstream_client import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
@@ -160,7 +159,7 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
 
     now = time.monotonic()
     exchange.ttfb_s = now - started
-    adaptation.observe_headers(now, exchange.ttfb_s, response_tcp_info(upstream_resp))
+    adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info())
     upstream.mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status
@@ -193,7 +192,7 @@ async def _send_upstream(
     profile: LevelProfile,
     upstream: UpstreamClient,
     settings: Settings,
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """Send the request (streaming its body) and wait for the upstream's response headers.
 
     The headers timeout starts once the request body has been sent, so a long
@@ -217,17 +216,18 @@ async def _send_upstream(
 
         return await upstream.send(
             request.method,
-            upstream.url_for(request.raw_path),
+            request.raw_path,
             headers,
             request_body() if has_body else None,
-            client_timeout(profile),
+            connect_timeout=profile.connect_timeout_s,
+            read_timeout=profile.read_timeout_s,
         )
 
 
 async def _relay(
     request: web.Request,
     response: web.StreamResponse,
-    upstream_resp: aiohttp.ClientResponse,
+    upstream_resp: UpstreamResponse,
     exchange: Exchange,
     chunk_size: int,
 ) -> None:
@@ -275,17 +275,6 @@ async def _read_body(request: web.Request, chunk_size: int) -> bytes:
         raise errors.ClientRequestError(
             408, "request_timeout", f"request body stalled for {timeout:g} s"
         ) from None
-
-
-@functools.cache
-def client_timeout(profile: LevelProfile) -> aiohttp.ClientTimeout:
-    """Connect and idle-read bounds of a profile; never a total that cuts a moving body."""
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=None,
-        sock_connect=profile.connect_timeout_s,
-        sock_read=profile.read_timeout_s,
-    )
 
 
 def _over_limit(request: web.Request, exchange: Exchange, retry_after: float) -> web.Response:

@@ -1,59 +1,48 @@
-"""The pooled HTTP client that talks to the upstream, built from the settings."""
+"""The HTTP/1.1 client that talks to the upstream over a pool of keep-alive connections.
+
+One request is one write of its head (and its body, streamed after it), then
+aiohttp's response protocol parses the answer: the same llhttp parser, idle-read
+timeout, flow control and exceptions as ``aiohttp.ClientSession``, without the
+session's per-request object graph (``ClientRequest``, ``ClientResponse``,
+``Connection``, timer contexts, auto headers, cookie, redirect, trace and
+middleware machinery), which cost about a third of the proxy's CPU per small
+request (``bench.hot_path``). Nothing here follows redirects, decodes bodies,
+keeps cookies or adds headers the client did not send, besides ``Host`` and the
+framing.
+
+This uses aiohttp internals (``ResponseHandler``, ``http_writer._serialize_headers``)
+of the release pinned in pyproject.toml; tests/integration pins the behaviour.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import Callable
+import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp.client import IDEMPOTENT_METHODS
+from aiohttp import http_exceptions
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import EMPTY_BODY_METHODS, TimeoutHandle
-from aiohttp.tracing import Trace
-from multidict import CIMultiDict
+from aiohttp.client_reqrep import RequestInfo
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import tcp_options
 from .adaptive import TcpInfo, read_tcp_info
 from .settings import Settings
+from .upstream_pool import ConnectionPool, ConnectObserver
 
-# Headers aiohttp would invent that the real client never sent.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
-
-# The aiohttp releases whose ClientSession._request the bodyless path below was
-# checked against (it uses the session's internals, which a patch release may
-# change); any other version, newer patch releases included, takes
-# session.request(): slower, never wrong.
-LEAN_PATH_VERSIONS = frozenset({"3.14.5"})
-
-
-class TimedConnector(aiohttp.TCPConnector):
-    """A TCPConnector that reports how long each new connection took to open.
-
-    A connect is about one network round trip. Timed here rather than with an
-    aiohttp ``TraceConfig``: a trace config makes the client build and send a dozen
-    signals on every request, pooled or not; this costs nothing on a reused
-    connection.
-    """
-
-    def __init__(self, *, on_connect: ConnectObserver | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._on_connect = on_connect
-
-    async def _create_connection(
-        self, req: aiohttp.ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
-    ) -> ResponseHandler:
-        started = time.monotonic()
-        protocol = await super()._create_connection(req, traces, timeout)
-        if self._on_connect is not None:
-            now = time.monotonic()
-            self._on_connect(now, now - started)
-        return protocol
+# Methods a request may be retried with when a pooled connection turned out closed
+# before it answered (RFC 9110 9.2.2), as aiohttp and nginx do.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Without a body these still say so (Content-Length: 0), as aiohttp's client does.
+_BODYLESS_BY_NATURE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_MAX_LINE_SIZE = _MAX_FIELD_SIZE = 8190  # aiohttp's client defaults
+_MAX_HEADERS = 128
 
 
 def upstream_name(upstream: URL) -> str:
@@ -61,8 +50,54 @@ def upstream_name(upstream: URL) -> str:
     return f"{upstream.host}:{upstream.port}"
 
 
+class UpstreamResponse:
+    """The head of an upstream response and its body (``content``) as it arrives.
+
+    Owns its connection until ``release`` (back to the pool when the body was read
+    to its end) or ``close`` (never reused); after either, both are no-ops.
+    """
+
+    __slots__ = ("_body_writer", "_pool", "_protocol", "content", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        protocol: ResponseHandler,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+        body_writer: asyncio.Task[None] | None,
+    ) -> None:
+        self._pool, self._protocol, self._body_writer = pool, protocol, body_writer
+        self.status, self.reason, self.headers, self.content = status, reason, headers, content
+
+    def tcp_info(self) -> TcpInfo | None:
+        """TCP_INFO of the upstream socket that carries this response."""
+        transport = self._protocol.transport if self._protocol is not None else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return read_tcp_info(sock) if sock is not None else None
+
+    def release(self) -> None:
+        writer = self._body_writer
+        body_sent = writer is None or (writer.done() and not writer.cancelled())
+        self._give_back(body_sent and self.content.is_eof())
+
+    def close(self) -> None:
+        self._give_back(False)
+
+    def _give_back(self, reusable: bool) -> None:
+        protocol, self._protocol = self._protocol, None  # type: ignore[assignment]
+        if protocol is None:
+            return
+        if self._body_writer is not None and not self._body_writer.done():
+            self._body_writer.cancel()
+            reusable = False
+        self._pool.release(protocol, reusable)
+
+
 class UpstreamClient:
-    """One pooled session to the configured upstream; ``url_for`` maps a raw request target."""
+    """Requests to the configured upstream; ``send`` takes a raw origin-form target."""
 
     def __init__(self, settings: Settings, on_connect: ConnectObserver | None = None) -> None:
         upstream = settings.upstream
@@ -72,6 +107,7 @@ class UpstreamClient:
         self.last_failure_at: float | None = None
         self.last_failure: str | None = None
         self._prefix = upstream.raw_path.rstrip("/")
+        self._host_header = upstream.host_port_subcomponent or ""
         self.authorization = (
             aiohttp.BasicAuth(upstream.user or "", upstream.password or "").encode()
             if upstream.user is not None or upstream.password is not None
@@ -79,31 +115,18 @@ class UpstreamClient:
         )
         self.socket_options = tcp_options.socket_options(settings)
         self.refused_options: set[str] = set()
-        connector = TimedConnector(
-            on_connect=on_connect,
-            limit=settings.connector_limit,
-            limit_per_host=settings.connector_limit_per_host,
+        self.read_bufsize = settings.buffer_size
+        limits = [n for n in (settings.connector_limit, settings.connector_limit_per_host) if n]
+        self.pool = ConnectionPool(
+            upstream.host or "",
+            upstream.port or 80,
+            limit=min(limits) if limits else 0,
             keepalive_timeout=settings.keepalive_timeout,
-            use_dns_cache=settings.dns_cache_ttl > 0,
-            ttl_dns_cache=settings.dns_cache_ttl or None,
-            socket_factory=self._new_socket,
+            dns_ttl=settings.dns_cache_ttl,
+            new_socket=self._new_socket,
+            on_connect=on_connect,
+            tls=ssl.create_default_context() if upstream.scheme == "https" else None,
         )
-        self.connector = connector
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,  # a download that keeps moving is never cut
-                connect=None,  # waiting for a pool slot is bounded by the headers timeout
-                sock_connect=settings.connect_timeout,
-                sock_read=settings.read_timeout,  # idle time between two reads
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            read_bufsize=settings.buffer_size,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            trust_env=False,
-        )
-        self._lean = aiohttp.__version__ in LEAN_PATH_VERSIONS
 
     def _new_socket(self, addr_info: Any) -> socket.socket:
         family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
@@ -114,140 +137,94 @@ class UpstreamClient:
     async def send(
         self,
         method: str,
-        url: URL,
+        raw_target: str,
         headers: CIMultiDict[str],
-        data: Any,
-        timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
+        body: AsyncIterator[bytes] | None,
+        *,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
         """Send a request upstream and return once its response headers arrived.
 
-        Redirects are never followed. A request without a body (most of them: GET,
-        HEAD) takes ``_send_bodyless``, which skips ``ClientSession.request``'s
-        generality; with a body, or on an aiohttp version it was not written
-        against, ``session.request`` itself.
+        ``headers`` (the proxy's own copy) gets Host and the framing. The body, if
+        any, streams after the head, chunked unless ``headers`` has a Content-Length;
+        the idle-read timeout starts once it was sent. A request without a body and
+        with an idempotent method is sent once more, on another connection, when a
+        pooled connection turned out closed before answering.
         """
-        if data is not None or not self._lean:
-            return await self.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
-            )
-        return await self._send_bodyless(method, url, headers, timeout)
-
-    async def _send_bodyless(
-        self, method: str, url: URL, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        """``ClientSession._request`` of aiohttp 3.14 for this session and no body.
-
-        The same steps in the same order, without what this session never uses
-        (cookies: a DummyCookieJar; auth, proxies, netrc: trust_env=False; traces,
-        client middlewares, redirects, raise_for_status, a total timeout; default
-        headers): connect (pool), send, read the response head, and one retry on a
-        new connection when a pooled connection turned out closed (idempotent
-        methods, as aiohttp does). Errors are aiohttp's own, as from
-        ``session.request``.
-        """
-        session = self.session
-        if session.closed:
-            raise RuntimeError("Session is closed")
-        method = method.upper()
-        loop = session._loop
-        tm = TimeoutHandle(loop, timeout.total, ceil_threshold=timeout.ceil_threshold)
-        handle = tm.start()
-        retry = session._retry_connection and method in IDEMPOTENT_METHODS
-        req: aiohttp.ClientRequest | None = None
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            with tm.timer() as timer:
-                while True:
-                    req = session._request_class(
-                        method,
-                        url,
-                        headers=headers,
-                        skip_auto_headers=session._skip_auto_headers,
-                        data=None,
-                        version=session._version,
-                        loop=loop,
-                        response_class=session._response_class,
-                        timer=timer,
-                        session=session,
-                        ssl=True,
-                        traces=[],
-                        trust_env=False,
-                    )
-                    try:
-                        resp = await self._connect_and_send(req, timer, timeout)
-                    except (
-                        aiohttp.ConnectionTimeoutError,
-                        aiohttp.ClientConnectorError,
-                        aiohttp.ClientConnectorCertificateError,
-                        aiohttp.ClientConnectorSSLError,
-                    ):
-                        raise
-                    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-                        if not retry:
-                            raise
-                        retry = False
-                        continue
-                    except aiohttp.ClientError:
-                        raise
-                    except OSError as exc:
-                        if exc.errno is None and isinstance(exc, TimeoutError):
-                            raise
-                        raise aiohttp.ClientOSError(*exc.args) from exc
-                    break
-            if req._body is not None:
-                await req._body.close()
-            if handle is not None:
-                if resp.connection is not None:
-                    resp.connection.add_callback(handle.cancel)
-                else:
-                    handle.cancel()
-            return resp
-        except BaseException:
-            tm.close()
-            if handle:
-                handle.cancel()
-            if resp is not None:
-                resp.close()
-            if req is not None and req._body is not None:
-                await req._body.close()
-            raise
-
-    async def _connect_and_send(
-        self, req: aiohttp.ClientRequest, timer: Any, timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        session = self.session
-        try:
-            conn = await self.connector.connect(req, traces=[], timeout=timeout)
-        except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError on 3.11+
-            raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {req.url}") from exc
-        assert conn.protocol is not None
-        conn.protocol.set_response_params(
-            timer=timer,
-            skip_payload=req.method in EMPTY_BODY_METHODS,
-            read_until_eof=True,
-            auto_decompress=session._auto_decompress,
-            read_timeout=timeout.sock_read,
-            read_bufsize=session._read_bufsize,
-            timeout_ceil_threshold=self.connector._timeout_ceil_threshold,
-            max_line_size=session._max_line_size,
-            max_field_size=session._max_field_size,
-            max_headers=session._max_headers,
-        )
-        try:
-            resp = await req.send(conn)
+        target = f"{self._prefix}{raw_target}"
+        headers["Host"] = self._host_header
+        chunked = body is not None and "Content-Length" not in headers
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        elif body is None and method not in _BODYLESS_BY_NATURE:
+            headers["Content-Length"] = "0"
+        head = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+        retry = body is None and method in IDEMPOTENT_METHODS
+        pool = self.pool
+        while True:
+            protocol, reused = await pool.acquire(connect_timeout)
             try:
-                await resp.start(conn)
+                return await self._exchange(protocol, method, head, body, chunked, read_timeout)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                pool.release(protocol, False)
+                if not (retry and reused):
+                    raise
+                retry = False
             except BaseException:
-                resp.close()
+                pool.release(protocol, False)
                 raise
-        except BaseException:
-            conn.close()
-            raise
-        return resp
 
-    def url_for(self, raw_target: str) -> URL:
-        """The upstream URL for a raw origin-form target, byte for byte (no decoding)."""
-        return URL(f"{self.origin}{self._prefix}{raw_target}", encoded=True)
+    async def _exchange(
+        self,
+        protocol: ResponseHandler,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise aiohttp.ServerDisconnectedError()
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,  # a response without a length ends with the connection
+            auto_decompress=False,
+            read_timeout=read_timeout,
+            read_bufsize=self.read_bufsize,
+            max_line_size=_MAX_LINE_SIZE,
+            max_field_size=_MAX_FIELD_SIZE,
+            max_headers=_MAX_HEADERS,
+        )
+        transport.write(head)
+        writer = None
+        if body is None:
+            protocol.start_timeout()
+        else:
+            writer = asyncio.create_task(_write_body(protocol, body, chunked))
+        try:
+            while True:
+                try:
+                    message, payload = await protocol.read()
+                except http_exceptions.HttpProcessingError as exc:
+                    raise aiohttp.ClientResponseError(
+                        RequestInfo(self.origin, method, CIMultiDictProxy(CIMultiDict())),
+                        (),
+                        status=exc.code,
+                        message=exc.message,
+                        headers=exc.headers,
+                    ) from exc
+                # 1xx (103 Early Hints, a stray 100) precede the real response; 101 is one
+                if not 100 <= message.code <= 199 or message.code == 101:
+                    break
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            raise
+        return UpstreamResponse(
+            self.pool, protocol, message.code, message.reason, message.headers, payload, writer
+        )
 
     def mark_response(self, now: float) -> None:
         self.last_response_at = now
@@ -267,26 +244,48 @@ class UpstreamClient:
 
     def pool_size(self) -> dict[str, int]:
         """Open upstream connections: in use and idle in the pool."""
-        acquired = len(self.connector._acquired)
-        idle = sum(len(conns) for conns in self.connector._conns.values())
-        return {"in_use": acquired, "idle": idle}
+        return {"in_use": self.pool.in_use, "idle": self.pool.idle}
 
     def idle_socket_options(self) -> dict[str, int | None] | None:
         """The options read back from a pooled upstream socket, if one is idle."""
-        for conns in self.connector._conns.values():
-            for protocol, _ in conns:
-                sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
-                if sock is not None:
-                    return tcp_options.read_back(sock, self.socket_options)
+        for protocol in self.pool.idle_protocols():
+            transport = protocol.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                return tcp_options.read_back(sock, self.socket_options)
         return None
 
     async def close(self) -> None:
-        await self.session.close()
+        self.pool.close()
 
 
-def response_tcp_info(response: aiohttp.ClientResponse) -> TcpInfo | None:
-    """TCP_INFO of the upstream socket that carried ``response``."""
-    connection = response.connection
-    transport = connection.transport if connection is not None else None
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    return read_tcp_info(sock) if sock is not None else None
+async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Stream a request body after its head; a failure fails the response read.
+
+    As aiohttp's client does: the error is set on the protocol (its connection is
+    then never reused), and the idle-read timeout starts only once the whole body
+    was sent, so a long upload is not cut while the upstream waits for it.
+    """
+    transport = protocol.transport
+    assert transport is not None
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            await protocol._drain_helper()
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+    except OSError as exc:
+        failure = aiohttp.ClientOSError(exc.errno, "cannot write the request body")
+        protocol.set_exception(failure, exc)
+        return
+    except Exception as exc:
+        protocol.set_exception(
+            aiohttp.ClientConnectionError(f"request body failed: {type(exc).__name__}"), exc
+        )
+        return
+    protocol.start_timeout()

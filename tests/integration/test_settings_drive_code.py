@@ -167,21 +167,31 @@ async def test_buffer_size_bounds_what_is_buffered_per_stream(start_backend, sta
     assert large - small > 24 * 1024 * 1024
 
 
-async def test_dns_cache_ttl_and_pool_settings_reach_the_connector():
-    settings = Settings.from_env({"HTTP_DNS_CACHE_TTL": "123", "BUFFER_SIZE": "65536"})
+async def test_dns_cache_ttl_and_pool_settings_reach_the_pool():
+    settings = Settings.from_env(
+        {
+            "HTTP_DNS_CACHE_TTL": "123",
+            "BUFFER_SIZE": "65536",
+            "HTTP_CONNECTOR_LIMIT": "7",
+            "HTTP_CONNECTOR_LIMIT_PER_HOST": "5",
+            "HTTP_KEEPALIVE_TIMEOUT": "9",
+        }
+    )
     upstream = UpstreamClient(settings)
     try:
-        assert upstream.connector.use_dns_cache
-        assert upstream.connector._cached_hosts._ttl == 123
-        assert upstream.session._read_bufsize == 65536
-        assert upstream.session.timeout.total is None
+        assert upstream.pool._dns_ttl == 123
+        assert upstream.pool._limit == 5  # one upstream host: the smaller of the two
+        assert upstream.pool._keepalive == 9
+        assert upstream.read_bufsize == 65536
     finally:
         await upstream.close()
-    no_cache = UpstreamClient(Settings.from_env({"HTTP_DNS_CACHE_TTL": "0"}))
+    unlimited_per_host = UpstreamClient(
+        Settings.from_env({"HTTP_CONNECTOR_LIMIT": "7", "HTTP_CONNECTOR_LIMIT_PER_HOST": "0"})
+    )
     try:
-        assert not no_cache.connector.use_dns_cache
+        assert unlimited_per_host.pool._limit == 7
     finally:
-        await no_cache.close()
+        await unlimited_per_host.close()
 
 
 async def test_redis_settings_shape_the_client():
