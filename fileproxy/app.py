@@ -26,7 +26,11 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
+from .edge import (
+    EdgeApplication,
+    leave_gate_on_prepare,
+    refuse_what_a_reverse_proxy_must_not_serve,
+)
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import proxy
 from .redis_store import RedisStore
@@ -61,6 +65,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # read by edge.EdgeRequestHandler: slowloris bound and connection limit
         "client_header_timeout": settings.client_header_timeout,
         "max_connections": settings.max_connections,
+        "active_requests": settings.active_requests,
         "access_log_class": logs.AccessLogger,
         "access_log": logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
     }
@@ -84,6 +89,7 @@ def create_app(
         local_workers=workers,
     )
     app.cleanup_ctx.append(_lifecycle)
+    app.on_response_prepare.append(leave_gate_on_prepare)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)
     app.router.add_get("/stats", endpoints.admin_only(endpoints.stats))

@@ -15,6 +15,12 @@ protocol of one client connection) and ``Server`` (its factory):
   keep-alive timeout, which a slowloris client never lets fire early.
 - Connections beyond ``FILEPROXY_MAX_CONNECTIONS`` per worker get 503 for their
   request and are closed; the application never sees them.
+- At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are worked on at once
+  (``ActiveRequestGate``); the next requests wait, in arrival order, with their
+  connections paused, and ``/health`` and ``/ready`` go first. Without it a worker
+  with a thousand connections reads every request at once, each loop iteration
+  serves a slice of all of them, and a request (and the health check) waits behind
+  the whole slice: more CPU per request, a long tail, a slow ``/health``.
 
 ``EdgeApplication`` puts this in place wherever an ``AppRunner`` is built from the
 app (``fileproxy serve`` and gunicorn's aiohttp worker alike); the settings come
@@ -28,6 +34,8 @@ moves them fails there.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
@@ -89,8 +97,62 @@ async def _reject_over_limit(request: web.BaseRequest) -> web.StreamResponse:
     return response
 
 
+# Liveness and readiness probes never wait behind the proxied requests.
+_PROBE_PATHS = frozenset({"/health", "/ready"})
+_MAX_HELD = 8  # requests a pipelining client may have waiting before it is paused
+
+
+class ActiveRequestGate:
+    """At most ``limit`` requests of one worker active at once; the next wait, FIFO.
+
+    A request is active from its complete head until its response head is sent (or
+    it ends without one): the part that costs CPU. A response being relayed (a
+    large file, an SSE stream) no longer counts, so streams never starve the gate.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiting: collections.deque[EdgeRequestHandler] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def enter(self) -> bool:
+        if self.active < self.limit:
+            self.active += 1
+            return True
+        return False
+
+    def wait(self, connection: EdgeRequestHandler) -> None:
+        self._waiting.append(connection)
+
+    def forget(self, connection: EdgeRequestHandler) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(connection)
+
+    def leave(self) -> None:
+        self.active -= 1
+        while self._waiting and self.active < self.limit:
+            self.active += 1
+            if not self._waiting.popleft().admit():
+                self.active -= 1  # its connection is gone
+
+
+def _gate_of(manager: Server, limit: int) -> ActiveRequestGate | None:
+    """The worker's one gate (kept on its ``Server``), or None when unlimited."""
+    if not limit:
+        return None
+    gate: ActiveRequestGate | None = getattr(manager, "_fileproxy_gate", None)
+    if gate is None:
+        gate = ActiveRequestGate(limit)
+        manager._fileproxy_gate = gate  # type: ignore[attr-defined]
+    return gate
+
+
 class EdgeRequestHandler(RequestHandler):
-    """One client connection: aiohttp's protocol plus head timeout, limit and JSON errors."""
+    """One client connection: aiohttp's protocol plus head timeout, limits and JSON errors."""
 
     def __init__(
         self,
@@ -98,11 +160,17 @@ class EdgeRequestHandler(RequestHandler):
         *,
         client_header_timeout: float,
         max_connections: int,
+        active_requests: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = client_header_timeout
         self._max_connections = max_connections
+        self._gate = _gate_of(manager, active_requests)
+        self._in_gate = False  # this connection's request holds one of the gate's places
+        self._held = False  # its parsed requests wait for a place, reading paused
+        self._held_messages: list[Any] = []
+        self._paused_by_gate = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes of the request head in progress
         self._head_line_len: int | None = None  # length of its request line, once complete
@@ -120,9 +188,102 @@ class EdgeRequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
         self._body = None
+        if self._held and self._gate is not None:
+            self._held = False
+            self._held_messages.clear()
+            self._gate.forget(self)
+        self.leave_gate()
         super().connection_lost(exc)
 
+    # --- the active-request gate ---------------------------------------------------
+
     def data_received(self, data: bytes) -> None:
+        gate = self._gate
+        if gate is None:
+            self._receive(data)
+            return
+        # Requests parsed now are not handed to the connection's task before the gate
+        # lets them in; they may arrive while it still finishes the previous one.
+        queued = len(self._messages)
+        waiter, self._waiter = self._waiter, None
+        try:
+            self._receive(data)
+        finally:
+            self._waiter = waiter
+        new = len(self._messages) - queued
+        if new and (self._held or not (self._in_gate or self._is_probe(queued))):
+            if self._held or not gate.enter():
+                self._hold(new, gate)
+                return
+            self._in_gate = True
+        if self._messages:
+            self._wake()
+
+    def _hold(self, new: int, gate: ActiveRequestGate) -> None:
+        """Keep the ``new`` requests just parsed back until the gate admits them.
+
+        The connection keeps being read: a held request's body is bounded by the
+        parser's own buffer limit, and a client that pipelines more than
+        ``_MAX_HELD`` requests is paused until they are admitted.
+        """
+        held = [self._messages.pop() for _ in range(new)]
+        self._held_messages[:0] = reversed(held)
+        if len(self._held_messages) >= _MAX_HELD and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused_by_gate = True
+        if self._held:
+            return
+        self._held = True
+        if self._keepalive_handle is not None:  # the wait is ours, not an idle client's
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        gate.wait(self)
+
+    @property
+    def gate(self) -> ActiveRequestGate | None:
+        return self._gate
+
+    def admit(self) -> bool:
+        """The gate's turn for this connection's request; False if the connection is gone."""
+        if not self._held or self.transport is None:
+            return False
+        self._held = False
+        self._in_gate = True
+        self._messages.extend(self._held_messages)
+        self._held_messages.clear()
+        if self._paused_by_gate:
+            self._paused_by_gate = False
+            self.transport.resume_reading()
+        self._wake()
+        return True
+
+    def leave_gate(self) -> None:
+        """This connection's request no longer needs its place (response head sent)."""
+        if self._in_gate:
+            self._in_gate = False
+            assert self._gate is not None
+            self._gate.leave()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        self.leave_gate()  # error responses do not pass on_response_prepare
+        return await super().finish_response(request, resp, start_time)
+
+    def _is_probe(self, index: int) -> bool:
+        message = self._messages[index][0]
+        return isinstance(message, RawRequestMessage) and (
+            message.path.partition("?")[0] in _PROBE_PATHS
+        )
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- request head timer -----------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
         starting = False  # the first bytes of a request head are in ``data``
         if data and not (self._close or self._force_close or self._upgraded):
             timing = self._head_timer is not None
@@ -213,6 +374,13 @@ class EdgeRequestHandler(RequestHandler):
         return response
 
 
+async def leave_gate_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a request whose response head goes out leaves the gate."""
+    protocol = request.protocol
+    if isinstance(protocol, EdgeRequestHandler):
+        protocol.leave_gate()
+
+
 class EdgeServer(Server):
     """aiohttp's protocol factory, making ``EdgeRequestHandler``s."""
 
@@ -241,8 +409,10 @@ with warnings.catch_warnings():
 
 
 __all__ = [
+    "ActiveRequestGate",
     "EdgeApplication",
     "EdgeRequestHandler",
     "EdgeServer",
+    "leave_gate_on_prepare",
     "refuse_what_a_reverse_proxy_must_not_serve",
 ]

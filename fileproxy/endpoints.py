@@ -28,6 +28,7 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
+from .edge import EdgeRequestHandler
 from .headers import is_trusted
 from .proxy_handler import on_unix_socket, request_id_for
 from .settings import redact_url
@@ -91,9 +92,19 @@ async def health(request: web.Request) -> web.Response:
             },
             "state_store": store,
             "in_flight": traffic.in_flight,
+            "active_requests": _gate_report(request),
             "tcp": _tcp_report(request),
         }
     )
+
+
+def _gate_report(request: web.Request) -> dict[str, int] | None:
+    """This worker's active-request gate (FILEPROXY_ACTIVE_REQUESTS), None when unlimited."""
+    protocol = request.protocol
+    gate = protocol.gate if isinstance(protocol, EdgeRequestHandler) else None
+    if gate is None:
+        return None
+    return {"limit": gate.limit, "active": gate.active, "waiting": gate.waiting}
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -362,6 +362,12 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "(auto: half the open-files limit, each request also holds an upstream socket).",
     ),
     SettingSpec(
+        "FILEPROXY_ACTIVE_REQUESTS", "active_requests", "16", _int(0, 1048576),
+        "Requests one worker works on at once, each until its response head is sent (a "
+        "relayed stream no longer counts); the next wait in arrival order, unread, and "
+        "/health and /ready go first (0: no limit).",
+    ),
+    SettingSpec(
         "FILEPROXY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1/32,::1/128", _networks,
         "Peers whose X-Forwarded-Proto/-Host are kept (e.g. the fronting nginx); "
         "for others they are overwritten.",
@@ -532,6 +538,7 @@ class Settings:
     client_header_timeout: float
     client_body_timeout: float
     max_connections: int
+    active_requests: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     admin_token: str
