@@ -7,6 +7,7 @@ and the README table all come from that table; nothing else reads ``os.environ``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -602,6 +603,11 @@ class Settings:
         return [(spec, _shown(spec, getattr(self, spec.attr))) for spec in SETTINGS_TABLE]
 
     def public_dict(self) -> dict[str, str]:
+        return dict(self._public)
+
+    @functools.cached_property
+    def _public(self) -> dict[str, str]:
+        # built once: /health shows it on every call, and settings never change
         return {spec.env: value for spec, value in self.public_items()}
 
 
