@@ -53,7 +53,7 @@ async def run(requests: int, enforcing: bool) -> float:
         await adaptation.admit(now)
         adaptation.profile(now)
         ttfb = 0.02 + rng.random() * 0.004
-        adaptation.observe_headers(now + ttfb, ttfb, read_tcp_info(client))
+        adaptation.observe_headers(now + ttfb, ttfb, lambda: read_tcp_info(client))
         exchange = Exchange("r", "u", upstream_status=200, ttfb_s=ttfb)
         adaptation.observe_exchange(now + ttfb, exchange)
     cpu = time.process_time() - started

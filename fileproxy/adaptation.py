@@ -24,8 +24,10 @@ req/s.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -134,6 +136,9 @@ class LocalFallback:
         return decision
 
 
+TRANSPORT_SAMPLE_INTERVAL_S = 0.005
+
+
 class UpstreamAdaptation:
     def __init__(
         self, settings: Settings, name: str, link: StoreLink, local_workers: int = 1
@@ -163,6 +168,7 @@ class UpstreamAdaptation:
         self.decided_here: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self.rejected = 0
         self._successes = self._errors = self._admitted = 0
+        self._transport_sampled_at = -math.inf
 
     @property
     def current_limit(self) -> float | None:
@@ -242,10 +248,22 @@ class UpstreamAdaptation:
         elif outcome is Outcome.ERROR:
             self._errors += 1
 
-    def observe_headers(self, now: float, ttfb_s: float, tcp_info: TcpInfo | None) -> None:
+    def observe_headers(
+        self, now: float, ttfb_s: float, read_tcp_info: Callable[[], TcpInfo | None]
+    ) -> None:
+        """A response head arrived after ``ttfb_s``; ``read_tcp_info`` reads its socket.
+
+        The socket is read (a getsockopt) at most once per TRANSPORT_SAMPLE_INTERVAL_S:
+        a quiet worker samples every response, a busy one 200 a second, plenty for
+        the classifier's 300-sample window and a syscall less on most requests.
+        """
         if not self.enabled:
             return
         self.classifier.observe_http_rtt(now, ttfb_s * 1000.0)
+        if now - self._transport_sampled_at < TRANSPORT_SAMPLE_INTERVAL_S:
+            return
+        self._transport_sampled_at = now
+        tcp_info = read_tcp_info()
         if tcp_info is not None and tcp_info.rtt_ms:
             self.classifier.observe_transport(
                 now, tcp_info.rtt_ms, tcp_info.min_rtt_ms, tcp_info.retransmit_rate

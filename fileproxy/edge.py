@@ -16,8 +16,8 @@ protocol of one client connection) and ``Server`` (its factory):
 - Connections beyond ``FILEPROXY_MAX_CONNECTIONS`` per worker get 503 for their
   request and are closed; the application never sees them.
 - At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are worked on at once
-  (``ActiveRequestGate``); the next requests wait, in arrival order, with their
-  connections paused, and ``/health`` and ``/ready`` go first. Without it a worker
+  (``ActiveRequestGate``); the next requests wait their turn in arrival order,
+  parsed but not handled, and ``/health`` and ``/ready`` go first. Without it a worker
   with a thousand connections reads every request at once, each loop iteration
   serves a slice of all of them, and a request (and the health check) waits behind
   the whole slice: more CPU per request, a long tail, a slow ``/health``.
@@ -168,7 +168,7 @@ class EdgeRequestHandler(RequestHandler):
         self._max_connections = max_connections
         self._gate = _gate_of(manager, active_requests)
         self._in_gate = False  # this connection's request holds one of the gate's places
-        self._held = False  # its parsed requests wait for a place, reading paused
+        self._held = False  # its parsed requests wait for a place
         self._held_messages: list[Any] = []
         self._paused_by_gate = False
         self._head_timer: asyncio.TimerHandle | None = None

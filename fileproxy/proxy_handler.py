@@ -159,7 +159,7 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
 
     now = time.monotonic()
     exchange.ttfb_s = now - started
-    adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info())
+    adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info)
     upstream.mark_response(time.time())
     try:
         exchange.upstream_status = upstream_resp.status

@@ -1,4 +1,4 @@
-"""FILEPROXY_ACTIVE_REQUESTS: requests beyond it wait their turn, unread; probes go first."""
+"""FILEPROXY_ACTIVE_REQUESTS: requests beyond it wait their turn; probes go first."""
 
 import asyncio
 import time
@@ -102,9 +102,7 @@ async def test_a_relayed_stream_gives_its_place_back(start_backend, start_proxy,
         assert rest == b"\ndata: last\n\n"
 
 
-async def test_a_client_gone_while_waiting_frees_nothing_twice(
-    start_backend, start_proxy, client
-):
+async def test_a_client_gone_while_waiting_frees_nothing_twice(start_backend, start_proxy, client):
     concurrent, release = [0, 0, 0], asyncio.Event()
     backend = await start_backend(_parking_backend(concurrent, release))
     proxy = start_proxy(backend.url, FILEPROXY_ACTIVE_REQUESTS="1")

@@ -16,9 +16,7 @@ def _plain_socket(info) -> socket.socket:
 
 def _pool(port: int, **options) -> ConnectionPool:
     defaults = {"limit": 1, "keepalive_timeout": 30.0, "dns_ttl": 10.0}
-    return ConnectionPool(
-        "127.0.0.1", port, new_socket=_plain_socket, **{**defaults, **options}
-    )
+    return ConnectionPool("127.0.0.1", port, new_socket=_plain_socket, **{**defaults, **options})
 
 
 @pytest.fixture
