@@ -440,6 +440,7 @@ class Bench:
                 self.bed.ns_argv(
                     self.bed.server_ns,
                     [PYTHON, "-m", "bench.health_probe", "--port", str(contender.port),
+                     "--path", health_path(key, workload),
                      "--count", "200", "--interval-ms", "10", "--delay", "1.0"],
                 ),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
@@ -493,6 +494,12 @@ class Bench:
                 probe.wait()
                 result["health"] = {"error": str(exc)}
         return result
+
+
+def health_path(key: str, workload: Workload) -> str:
+    """What the health probe asks for: fileproxy's /health; of nginx, which has none,
+    the workload's own small file, as a floor: the same probe, the same saturation."""
+    return "/health" if key in FILEPROXY_KEYS else workload.path
 
 
 # -- report -----------------------------------------------------------------------
@@ -702,8 +709,13 @@ def markdown(report: dict[str, Any]) -> str:
             for key, row in wl["rows"].items():
                 for h in row.get("health", []):
                     if "p50_ms" in h:
+                        probe = (
+                            f"`/health` of {LABELS[key]}"
+                            if key in FILEPROXY_KEYS
+                            else f"`GET {wl.get('path')}` of {LABELS[key]} (the probe's floor here)"
+                        )
                         extras.append(
-                            f"- `/health` of {LABELS[key]} during its {wl['label']} run "
+                            f"- {probe} during its {wl['label']} run "
                             f"({wl['connections']} connections): p50 {h['p50_ms']} ms, "
                             f"p99 {h['p99_ms']} ms, max {h['max_ms']} ms, "
                             f"{h['ok']}/{h['count']} ok (new connection each, server namespace "
@@ -992,7 +1004,11 @@ def run(options: Options) -> dict[str, Any]:
                 order = options.contenders + options.contenders[::-1]
                 runs: dict[str, list[dict[str, Any]]] = {k: [] for k in options.contenders}
                 for key in order:
-                    health = key in FILEPROXY_KEYS and name == "normal" and workload.key == "small"
+                    health = (
+                        key in (*FILEPROXY_KEYS, "nginx")
+                        and name == "normal"
+                        and workload.key == "small"
+                    )
                     result = bench.measure(scenario, workload, key, health)
                     runs[key].append(result)
                     w = result.get("wrk")
@@ -1026,6 +1042,7 @@ def run(options: Options) -> dict[str, Any]:
                     {
                         "key": workload.key,
                         "label": workload.label,
+                        "path": workload.path,
                         "connections": workload.connections,
                         "duration_s": workload.duration_s,
                         "rows": rows,

@@ -15,7 +15,7 @@ protocol of one client connection) and ``Server`` (its factory):
   keep-alive timeout, which a slowloris client never lets fire early.
 - Connections beyond ``FILEPROXY_MAX_CONNECTIONS`` per worker get 503 for their
   request and are closed; the application never sees them.
-- At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are worked on at once
+- At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are started at once
   (``ActiveRequestGate``); the next requests wait their turn in arrival order,
   parsed but not handled, and ``/health`` and ``/ready`` go first. Without it a worker
   with a thousand connections reads every request at once, each loop iteration
@@ -51,7 +51,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_server import Server
 
 from . import errors
-from .proxy_handler import request_id_for
+from .exchange import request_id_for
 
 log = logging.getLogger("fileproxy.edge")
 
@@ -103,16 +103,20 @@ _MAX_HELD = 8  # requests a pipelining client may have waiting before it is paus
 
 
 class ActiveRequestGate:
-    """At most ``limit`` requests of one worker active at once; the next wait, FIFO.
+    """At most ``limit`` requests of one worker being started at once; the next wait, FIFO.
 
-    A request is active from its complete head until its response head is sent (or
-    it ends without one): the part that costs CPU. A response being relayed (a
-    large file, an SSE stream) no longer counts, so streams never starve the gate.
+    A request is active from its complete head until the proxy handler sends it
+    upstream (another handler: until its response head is sent, or it ends): the
+    part that is this worker's own work. Waiting for the upstream, an upload and
+    a response being relayed (a large file, an SSE stream) do not count, so a slow
+    upstream or a long stream never holds a place; the upstream connection limit
+    bounds those.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.waited = 0  # requests that had to wait for a place, since start
         self._waiting: collections.deque[EdgeRequestHandler] = collections.deque()
 
     @property
@@ -126,6 +130,7 @@ class ActiveRequestGate:
         return False
 
     def wait(self, connection: EdgeRequestHandler) -> None:
+        self.waited += 1
         self._waiting.append(connection)
 
     def forget(self, connection: EdgeRequestHandler) -> None:
@@ -227,7 +232,7 @@ class EdgeRequestHandler(RequestHandler):
         ``_MAX_HELD`` requests is paused until they are admitted.
         """
         held = [self._messages.pop() for _ in range(new)]
-        self._held_messages[:0] = reversed(held)
+        self._held_messages.extend(reversed(held))  # after any held before, in order
         if len(self._held_messages) >= _MAX_HELD and self.transport is not None:
             self.transport.pause_reading()
             self._paused_by_gate = True
@@ -258,7 +263,7 @@ class EdgeRequestHandler(RequestHandler):
         return True
 
     def leave_gate(self) -> None:
-        """This connection's request no longer needs its place (response head sent)."""
+        """This connection's request no longer needs its place."""
         if self._in_gate:
             self._in_gate = False
             assert self._gate is not None
@@ -374,11 +379,16 @@ class EdgeRequestHandler(RequestHandler):
         return response
 
 
-async def leave_gate_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: a request whose response head goes out leaves the gate."""
+def leave_gate(request: web.BaseRequest) -> None:
+    """The request gives its place in the gate back (a no-op if it holds none)."""
     protocol = request.protocol
     if isinstance(protocol, EdgeRequestHandler):
         protocol.leave_gate()
+
+
+async def leave_gate_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a request whose response head goes out leaves the gate."""
+    leave_gate(request)
 
 
 class EdgeServer(Server):
@@ -413,6 +423,7 @@ __all__ = [
     "EdgeApplication",
     "EdgeRequestHandler",
     "EdgeServer",
+    "leave_gate",
     "leave_gate_on_prepare",
     "refuse_what_a_reverse_proxy_must_not_serve",
 ]

@@ -29,8 +29,9 @@ from .app_keys import (
     UPSTREAM,
 )
 from .edge import EdgeRequestHandler
+from .exchange import request_id_for
 from .headers import is_trusted
-from .proxy_handler import on_unix_socket, request_id_for
+from .proxy_handler import on_unix_socket
 from .settings import redact_url
 from .tcp_options import read_back
 
@@ -104,7 +105,12 @@ def _gate_report(request: web.Request) -> dict[str, int] | None:
     gate = protocol.gate if isinstance(protocol, EdgeRequestHandler) else None
     if gate is None:
         return None
-    return {"limit": gate.limit, "active": gate.active, "waiting": gate.waiting}
+    return {
+        "limit": gate.limit,
+        "active": gate.active,
+        "waiting": gate.waiting,
+        "waited_total": gate.waited,
+    }
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from . import errors
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 EXCHANGE = "fileproxy.exchange"  # key of the record in the aiohttp request
 
@@ -27,3 +33,13 @@ class Exchange:
         """Not delivered, or the upstream answered with a server error."""
         upstream_error = self.upstream_status is not None and self.upstream_status >= 500
         return upstream_error or self.cause in (errors.UPSTREAM_ERROR, errors.TIMEOUT)
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-ID when it is sane, else 32 random hex digits.
+
+    An id needs to be unique, not secret: ``random`` (reseeded in every forked
+    worker) instead of ``uuid4``, which reads the kernel's entropy on every request.
+    """
+    incoming = request.headers.get("X-Request-ID", "")
+    return incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
-import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +24,8 @@ from multidict import CIMultiDict
 from . import errors, logs
 from .adaptive import LevelProfile
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
-from .exchange import EXCHANGE, Exchange
+from .edge import leave_gate
+from .exchange import EXCHANGE, Exchange, request_id_for
 from .headers import client_response_headers, upstream_request_headers
 from .settings import Settings
 from .upstream_client import UpstreamClient, UpstreamResponse
@@ -34,7 +33,6 @@ from .upstream_client import UpstreamClient, UpstreamResponse
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
 
 
@@ -43,16 +41,6 @@ def on_unix_socket(request: web.BaseRequest) -> bool:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
-
-
-def request_id_for(request: web.BaseRequest) -> str:
-    """The client's X-Request-ID when it is sane, else 32 random hex digits.
-
-    An id needs to be unique, not secret: ``random`` (reseeded in every forked
-    worker) instead of ``uuid4``, which reads the kernel's entropy on every request.
-    """
-    incoming = request.headers.get("X-Request-ID", "")
-    return incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -214,6 +202,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
+        leave_gate(request)  # from here on it waits on the network, not on this worker
         return await upstream.send(
             request.method,
             request.raw_path,
