@@ -4,6 +4,7 @@
     sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, 64 MiB files, soaks
     .venv/bin/python -m bench.run --scenarios normal --workloads small --duration-scale 0.4
     .venv/bin/python -m bench.run --workloads range,stair,sse,sse_soak --duration-scale 0.2
+    .venv/bin/python -m bench.run --scenarios poor --workloads small --fp-env FILEPROXY_X=off
 
 Besides the per-scenario table (1 KiB, 1 MiB, Range requests) the clean link
 carries the extra workloads of bench/extras.py: the staircase (knee per
@@ -193,9 +194,10 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class Bench:
-    def __init__(self, bed: Testbed, root: Path) -> None:
+    def __init__(self, bed: Testbed, root: Path, fp_env: dict[str, str] | None = None) -> None:
         self.bed = bed
         self.root = root
+        self.fp_env = fp_env or {}  # --fp-env: settings of every fileproxy contender
         self.www = root / "www"
         self.running: dict[str, Process] = {}
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -278,6 +280,7 @@ class Bench:
                     "FILEPROXY_DRAIN_DELAY": "0",
                     "FILEPROXY_GRACEFUL_TIMEOUT": "3",
                     "FILEPROXY_LOG_LEVEL": "warning",
+                    **self.fp_env,
                     **(env_extra or {}),
                 }
             )
@@ -950,6 +953,7 @@ class Options:
     chart: bool = True
     long_download: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    fp_env: dict[str, str] = field(default_factory=dict)
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -957,7 +961,7 @@ def run(options: Options) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="fpb-"))
     bed = Testbed(workdir=root / "logs")
     (root / "logs").mkdir()
-    bench = Bench(bed, root)
+    bench = Bench(bed, root, options.fp_env)
     report: dict[str, Any] = {"full": options.full, "scenarios": [], "notes": NOTES}
     proxies = [k for k in options.contenders if k != "direct"]
     try:
@@ -1153,6 +1157,10 @@ def main() -> None:
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only rebuild .md/.png from a stored .json"
     )
+    parser.add_argument(
+        "--fp-env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for every fileproxy contender (repeatable), to A/B one setting",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.render:
         rerender(args.render, not args.no_chart)
@@ -1181,6 +1189,8 @@ def main() -> None:
         default_workloads.remove("soak")
         default_workloads.remove("stair_rate")
     workloads = args.workloads.split(",") if args.workloads else default_workloads
+    if not all(item.split("=", 1)[0] and "=" in item for item in args.fp_env):
+        raise SystemExit(f"--fp-env takes NAME=VALUE, got {args.fp_env}")
     options = Options(
         scenarios=[s for s in args.scenarios.split(",") if s],
         workloads=[w for w in workloads if w],
@@ -1191,6 +1201,7 @@ def main() -> None:
         chart=not args.no_chart,
         long_download=args.long_download or full,
         extra={"soak_streams": args.soak_streams},
+        fp_env=dict(item.split("=", 1) for item in args.fp_env),
     )
     unknown = set(options.scenarios) - set(SCENARIOS)
     unknown |= set(options.contenders) - set(LABELS)
