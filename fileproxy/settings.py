@@ -442,11 +442,6 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "TCP_QUICKACK at connect/accept; the kernel clears it after a few exchanges.",
     ),
     SettingSpec(
-        "FILEPROXY_TCP_THIN_LINEAR_TIMEOUTS", "tcp_thin_linear_timeouts", "on", _bool,
-        "TCP_THIN_LINEAR_TIMEOUTS: a connection with under 4 packets in flight (a small "
-        "response) retransmits at a steady RTO instead of doubling it (lossy links).",
-    ),
-    SettingSpec(
         "FILEPROXY_SO_KEEPALIVE", "so_keepalive", "on", _bool,
         "SO_KEEPALIVE: detect dead peers of idle connections.",
     ),
@@ -562,7 +557,6 @@ class Settings:
     limit_enforce: str
     tcp_nodelay: bool
     tcp_quickack: bool
-    tcp_thin_linear_timeouts: bool
     so_keepalive: bool
     tcp_keepidle: int
     tcp_keepintvl: int

@@ -17,7 +17,6 @@ from .settings import Settings
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
-TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)
 
 
 class SockOpts(Protocol):
@@ -48,12 +47,6 @@ def socket_options(settings: Settings) -> tuple[SocketOption, ...]:
         ]
     optional = [
         ("TCP_QUICKACK", tcp, TCP_QUICKACK, int(settings.tcp_quickack)),
-        (
-            "TCP_THIN_LINEAR_TIMEOUTS",
-            tcp,
-            TCP_THIN_LINEAR_TIMEOUTS,
-            int(settings.tcp_thin_linear_timeouts),
-        ),
         ("TCP_USER_TIMEOUT", tcp, TCP_USER_TIMEOUT, settings.tcp_user_timeout_ms),
         ("SO_SNDBUF", sol, socket.SO_SNDBUF, settings.so_sndbuf),
         ("SO_RCVBUF", sol, socket.SO_RCVBUF, settings.so_rcvbuf),

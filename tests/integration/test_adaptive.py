@@ -200,7 +200,6 @@ async def test_tcp_options_are_applied_to_accepted_and_upstream_sockets(
         assert readback["TCP_USER_TIMEOUT"] == 30000
         assert readback["SO_SNDBUF"] == 2 * 262144  # the kernel doubles it
         assert readback["TCP_NOTSENT_LOWAT"] == 131072
-        assert readback["TCP_THIN_LINEAR_TIMEOUTS"] == 1
 
 
 async def test_default_tcp_options_leave_buffers_to_autotuning(
@@ -214,7 +213,6 @@ async def test_default_tcp_options_leave_buffers_to_autotuning(
         "TCP_KEEPIDLE": 60,
         "TCP_KEEPINTVL": 10,
         "TCP_KEEPCNT": 6,
-        "TCP_THIN_LINEAR_TIMEOUTS": 1,
     }
     assert tcp["client_socket"]["TCP_KEEPIDLE"] == 60
 
