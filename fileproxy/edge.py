@@ -15,7 +15,7 @@ protocol of one client connection) and ``Server`` (its factory):
   keep-alive timeout, which a slowloris client never lets fire early.
 - Connections beyond ``FILEPROXY_MAX_CONNECTIONS`` per worker get 503 for their
   request and are closed; the application never sees them.
-- At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are started at once
+- At most ``FILEPROXY_ACTIVE_REQUESTS`` requests per worker are worked on at once
   (``ActiveRequestGate``); the next requests wait their turn in arrival order,
   parsed but not handled, and ``/health`` and ``/ready`` go first. Without it a worker
   with a thousand connections reads every request at once, each loop iteration
@@ -39,7 +39,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -102,47 +102,115 @@ _PROBE_PATHS = frozenset({"/health", "/ready"})
 _MAX_HELD = 8  # requests a pipelining client may have waiting before it is paused
 
 
-class ActiveRequestGate:
-    """At most ``limit`` requests of one worker being started at once; the next wait, FIFO.
+# A request that has waited this long for its upstream's answer gives its place in
+# the gate back: it waits on the network, not on this worker, and a slow upstream
+# must not cap how many requests a worker starts (the connection limits bound those).
+UPSTREAM_HOLD_S = 0.010
 
-    A request is active from its complete head until the proxy handler sends it
-    upstream (another handler: until its response head is sent, or it ends): the
-    part that is this worker's own work. Waiting for the upstream, an upload and
-    a response being relayed (a large file, an SSE stream) do not count, so a slow
-    upstream or a long stream never holds a place; the upstream connection limit
-    bounds those.
+
+class ActiveRequestGate:
+    """At most ``limit`` requests of one worker active at once; the next wait, FIFO.
+
+    A request is active from its complete head until its response head is sent (or
+    it ends without one): the part that is this worker's own work. One that has
+    waited ``hold_s`` for its upstream gives its place back at the next check
+    (``expire``). A response being relayed (a large file, an SSE stream) never
+    counts. Times are the caller's clock (``loop.time()``); ``timer`` is the
+    caller's handle for the next check (``next_check``).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, hold_s: float = UPSTREAM_HOLD_S) -> None:
         self.limit = limit
-        self.active = 0
+        self.hold_s = hold_s
         self.waited = 0  # requests that had to wait for a place, since start
-        self._waiting: collections.deque[EdgeRequestHandler] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+        # the connections holding a place -> since when each waits on its upstream
+        self._holders: dict[Admittable, float | None] = {}
+        self._waiting: collections.deque[Admittable] = collections.deque()
+
+    @property
+    def active(self) -> int:
+        return len(self._holders)
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def enter(self) -> bool:
-        if self.active < self.limit:
-            self.active += 1
+    def holds(self, connection: Admittable) -> bool:
+        return connection in self._holders
+
+    def enter(self, connection: Admittable, now: float) -> bool:
+        """A place for ``connection`` if one is free (or freed by ``expire``)."""
+        if len(self._holders) >= self.limit:
+            self.expire(now)
+        if len(self._holders) < self.limit and not self._waiting:
+            self._holders[connection] = None
             return True
         return False
 
-    def wait(self, connection: EdgeRequestHandler) -> None:
+    def wait(self, connection: Admittable) -> None:
         self.waited += 1
         self._waiting.append(connection)
 
-    def forget(self, connection: EdgeRequestHandler) -> None:
+    def forget(self, connection: Admittable) -> None:
         with contextlib.suppress(ValueError):
             self._waiting.remove(connection)
 
-    def leave(self) -> None:
-        self.active -= 1
-        while self._waiting and self.active < self.limit:
-            self.active += 1
-            if not self._waiting.popleft().admit():
-                self.active -= 1  # its connection is gone
+    def upstream_wait(self, connection: Admittable, now: float) -> None:
+        """``connection``'s request now waits on its upstream (from ``now``)."""
+        if connection in self._holders:
+            self._holders[connection] = now
+
+    def leave(self, connection: Admittable) -> None:
+        if self._holders.pop(connection, _ABSENT) is not _ABSENT:
+            self._admit_next()
+
+    def expire(self, now: float) -> None:
+        """Give back the places of requests that have waited ``hold_s`` on their upstream."""
+        hold = self.hold_s
+        stale = [
+            c for c, since in self._holders.items() if since is not None and now - since >= hold
+        ]
+        for connection in stale:
+            del self._holders[connection]
+        if stale:
+            self._admit_next()
+
+    def next_check(self) -> float | None:
+        """When ``expire`` could next free a place for a waiting request, if one waits."""
+        if not self._waiting:
+            return None
+        starts = [since for since in self._holders.values() if since is not None]
+        return min(starts) + self.hold_s if starts else None
+
+    def _admit_next(self) -> None:
+        while self._waiting and len(self._holders) < self.limit:
+            connection = self._waiting.popleft()
+            self._holders[connection] = None
+            if not connection.admit():
+                del self._holders[connection]  # its connection is gone
+
+
+class Admittable(Protocol):
+    def admit(self) -> bool: ...
+
+
+_ABSENT = object()
+
+
+def _check_gate_later(gate: ActiveRequestGate, loop: asyncio.AbstractEventLoop) -> None:
+    """Arm the gate's one timer for its next check, unless one is armed."""
+    if gate.timer is not None:
+        return
+    when = gate.next_check()
+    if when is not None:
+        gate.timer = loop.call_at(when, _check_gate, gate, loop)
+
+
+def _check_gate(gate: ActiveRequestGate, loop: asyncio.AbstractEventLoop) -> None:
+    gate.timer = None
+    gate.expire(loop.time())
+    _check_gate_later(gate, loop)
 
 
 def _gate_of(manager: Server, limit: int) -> ActiveRequestGate | None:
@@ -172,7 +240,6 @@ class EdgeRequestHandler(RequestHandler):
         self._head_timeout = client_header_timeout
         self._max_connections = max_connections
         self._gate = _gate_of(manager, active_requests)
-        self._in_gate = False  # this connection's request holds one of the gate's places
         self._held = False  # its parsed requests wait for a place
         self._held_messages: list[Any] = []
         self._paused_by_gate = False
@@ -216,11 +283,12 @@ class EdgeRequestHandler(RequestHandler):
         finally:
             self._waiter = waiter
         new = len(self._messages) - queued
-        if new and (self._held or not (self._in_gate or self._is_probe(queued))):
-            if self._held or not gate.enter():
-                self._hold(new, gate)
-                return
-            self._in_gate = True
+        # new requests queue behind held ones; else they need a place, unless a request
+        # of this connection holds one already (pipelined) or they are probes
+        gated = new and (self._held or not (gate.holds(self) or self._is_probe(queued)))
+        if gated and (self._held or not gate.enter(self, self._loop.time())):
+            self._hold(new, gate)
+            return
         if self._messages:
             self._wake()
 
@@ -243,6 +311,7 @@ class EdgeRequestHandler(RequestHandler):
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
         gate.wait(self)
+        _check_gate_later(gate, self._loop)
 
     @property
     def gate(self) -> ActiveRequestGate | None:
@@ -253,7 +322,6 @@ class EdgeRequestHandler(RequestHandler):
         if not self._held or self.transport is None:
             return False
         self._held = False
-        self._in_gate = True
         self._messages.extend(self._held_messages)
         self._held_messages.clear()
         if self._paused_by_gate:
@@ -263,11 +331,16 @@ class EdgeRequestHandler(RequestHandler):
         return True
 
     def leave_gate(self) -> None:
-        """This connection's request no longer needs its place."""
-        if self._in_gate:
-            self._in_gate = False
-            assert self._gate is not None
-            self._gate.leave()
+        """This connection's request no longer needs its place (if it holds one)."""
+        if self._gate is not None:
+            self._gate.leave(self)
+
+    def wait_on_upstream(self) -> None:
+        """This connection's request now waits on its upstream: see UPSTREAM_HOLD_S."""
+        gate = self._gate
+        if gate is not None and gate.holds(self):
+            gate.upstream_wait(self, self._loop.time())
+            _check_gate_later(gate, self._loop)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -379,16 +452,18 @@ class EdgeRequestHandler(RequestHandler):
         return response
 
 
-def leave_gate(request: web.BaseRequest) -> None:
-    """The request gives its place in the gate back (a no-op if it holds none)."""
+def waiting_on_upstream(request: web.BaseRequest) -> None:
+    """The proxy handler sent ``request`` upstream and now waits for the answer."""
     protocol = request.protocol
     if isinstance(protocol, EdgeRequestHandler):
-        protocol.leave_gate()
+        protocol.wait_on_upstream()
 
 
 async def leave_gate_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: a request whose response head goes out leaves the gate."""
-    leave_gate(request)
+    protocol = request.protocol
+    if isinstance(protocol, EdgeRequestHandler):
+        protocol.leave_gate()
 
 
 class EdgeServer(Server):
@@ -423,7 +498,7 @@ __all__ = [
     "EdgeApplication",
     "EdgeRequestHandler",
     "EdgeServer",
-    "leave_gate",
     "leave_gate_on_prepare",
     "refuse_what_a_reverse_proxy_must_not_serve",
+    "waiting_on_upstream",
 ]

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from . import errors, logs
 from .adaptive import LevelProfile
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
-from .edge import leave_gate
+from .edge import waiting_on_upstream
 from .exchange import EXCHANGE, Exchange, request_id_for
 from .headers import client_response_headers, upstream_request_headers
 from .settings import Settings
@@ -202,7 +202,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        leave_gate(request)  # from here on it waits on the network, not on this worker
+        waiting_on_upstream(request)  # see edge.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
             request.raw_path,

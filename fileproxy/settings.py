@@ -364,9 +364,9 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "FILEPROXY_ACTIVE_REQUESTS", "active_requests", "16", _int(0, 1048576),
-        "Requests one worker starts at once, each until it is sent upstream (waiting for "
-        "the upstream, uploads and relayed responses do not count); the next wait their "
-        "turn in arrival order, and /health and /ready go first (0: no limit).",
+        "Requests one worker works on at once, each until its response head is sent (after "
+        "10 ms waiting for its upstream it no longer counts; relayed responses never do); "
+        "the next wait their turn in arrival order, /health and /ready go first (0: no limit).",
     ),
     SettingSpec(
         "FILEPROXY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1/32,::1/128", _networks,
