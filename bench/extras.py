@@ -860,9 +860,10 @@ def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             "queue all but 100 streams: see the SSE streams rows). Listen overflows = the "
             "server namespace's TcpExt ListenOverflows during the opening; the last column "
             "puts them on a listener: its longest accept queue (ss Recv-Q, polled every "
-            "0.1 s) and its backlog (fileproxy asks gunicorn for 2048, but aiohttp's gunicorn "
-            "worker listens again with aiohttp's default, 128; a full queue drops the SYN, "
-            "which the client sends again after 1, 3, 7, 15 s ...). The SSE backend: "
+            "0.1 s) and its backlog (2048, gunicorn.conf.py's; runs before 2026-11-30 02:00 "
+            "UTC had 128: aiohttp's gunicorn worker listened again with aiohttp's default); "
+            "a full queue drops the SYN, which the client sends again after 1, 3, 7, 15 s "
+            "...). The SSE backend: "
             f"{ex.get('sse_backend', SSE_BACKEND_BEFORE)}. Baseline before the first "
             f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
             f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
