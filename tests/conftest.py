@@ -232,6 +232,24 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+def parking_backend(concurrent: list[int], release: asyncio.Event) -> web.Application:
+    """/park waits until ``release`` and answers its ``n`` query (or "done");
+    concurrent[0] is the current, [1] the peak count of requests waiting there."""
+
+    async def park(request: web.Request) -> web.Response:
+        concurrent[0] += 1
+        concurrent[1] = max(concurrent[1], concurrent[0])
+        try:
+            await release.wait()
+        finally:
+            concurrent[0] -= 1
+        return web.Response(text=request.query.get("n", "done"))
+
+    app = web.Application()
+    app.router.add_get("/park", park)
+    return app
+
+
 async def get_json(session: aiohttp.ClientSession, url: str) -> dict:  # type: ignore[type-arg]
     async with session.get(url) as resp:
         assert resp.status == 200, await resp.text()

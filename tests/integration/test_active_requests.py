@@ -5,21 +5,11 @@ import time
 
 from aiohttp import web
 
-from tests.conftest import get_json
+from tests.conftest import get_json, parking_backend
 
 
 def _parking_backend(concurrent: list[int], release: asyncio.Event) -> web.Application:
-    """/park waits for ``release`` (concurrent = [now, peak]); /stream: SSE, its second
-    event after ``release``."""
-
-    async def park(request: web.Request) -> web.Response:
-        concurrent[0] += 1
-        concurrent[1] = max(concurrent[1], concurrent[0])
-        try:
-            await release.wait()
-        finally:
-            concurrent[0] -= 1
-        return web.Response(text=request.query.get("n", ""))
+    """conftest's /park, and /stream: SSE, its second event after ``release``."""
 
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -29,8 +19,7 @@ def _parking_backend(concurrent: list[int], release: asyncio.Event) -> web.Appli
         await response.write(b"data: last\n\n")
         return response
 
-    app = web.Application()
-    app.router.add_get("/park", park)
+    app = parking_backend(concurrent, release)
     app.router.add_get("/stream", stream)
     return app
 

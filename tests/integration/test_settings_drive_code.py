@@ -8,29 +8,12 @@ from aiohttp import web
 from fileproxy.redis_store import RedisStore
 from fileproxy.settings import Settings
 from fileproxy.upstream_client import UpstreamClient
-from tests.conftest import get_json
-
-
-def _parking_backend(concurrent: list[int], release: asyncio.Event) -> web.Application:
-    """Each request waits until `release`; concurrent[0] is the current, [1] the peak count."""
-
-    async def park(request: web.Request) -> web.Response:
-        concurrent[0] += 1
-        concurrent[1] = max(concurrent[1], concurrent[0])
-        try:
-            await release.wait()
-        finally:
-            concurrent[0] -= 1
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/park", park)
-    return app
+from tests.conftest import get_json, parking_backend
 
 
 async def _peak_concurrency(start_backend, start_proxy, client, requests: int, **env: str) -> int:
     concurrent, release = [0, 0], asyncio.Event()
-    backend = await start_backend(_parking_backend(concurrent, release))
+    backend = await start_backend(parking_backend(concurrent, release))
     proxy = start_proxy(backend.url, **env)
     tasks = [asyncio.create_task(client.get(f"{proxy.url}/park")) for _ in range(requests)]
     deadline = time.monotonic() + 10

@@ -1,6 +1,6 @@
 """ActiveRequestGate: places, first come first served, the upstream hold, gone connections."""
 
-from fileproxy.edge import ActiveRequestGate
+from fileproxy.request_gate import ActiveRequestGate
 
 
 class _Connection:
