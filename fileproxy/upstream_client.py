@@ -6,9 +6,9 @@ timeout, flow control and exceptions as ``aiohttp.ClientSession``, without the
 session's per-request object graph (``ClientRequest``, ``ClientResponse``,
 ``Connection``, timer contexts, auto headers, cookie, redirect, trace and
 middleware machinery), which took a fifth (32 connections) to a third (1,000) of
-the proxy's CPU per small request (``bench.hot_path``, 2026-12-02). Nothing here follows redirects, decodes bodies,
-keeps cookies or adds headers the client did not send, besides ``Host`` and the
-framing.
+the proxy's CPU per small request (``bench.hot_path``, 2026-12-02). Nothing here
+follows redirects, decodes bodies, keeps cookies or adds headers the client did
+not send, besides ``Host`` and the framing.
 
 This uses aiohttp internals (``ResponseHandler``, ``http_writer._serialize_headers``)
 of the release pinned in pyproject.toml; tests/integration pins the behaviour.
