@@ -160,11 +160,15 @@ class ConnectionPool:
 
     # --- idle connections --------------------------------------------------------
 
+    def _reusable(self, protocol: ResponseHandler, since: float, now: float) -> bool:
+        """An idle connection still open and given back less than keepalive_timeout ago."""
+        return now - since < self._keepalive and protocol.is_connected()
+
     def _take_idle(self, now: float) -> ResponseHandler | None:
         idle = self._idle
         while idle:
             protocol, since = idle.pop()
-            if now - since < self._keepalive and protocol.is_connected():
+            if self._reusable(protocol, since, now):
                 return protocol
             protocol.close()
         return None
@@ -174,7 +178,7 @@ class ConnectionPool:
         now = time.monotonic()
         keep = []
         for protocol, since in self._idle:
-            if now - since < self._keepalive and protocol.is_connected():
+            if self._reusable(protocol, since, now):
                 keep.append((protocol, since))
             else:
                 protocol.close()
