@@ -239,7 +239,7 @@ class EdgeRequestHandler(RequestHandler):
             self._gate.leave(self)
 
     def wait_on_upstream(self) -> None:
-        """This connection's request now waits on its upstream: see UPSTREAM_HOLD_S."""
+        """This connection's request now waits on its upstream: see request_gate.UPSTREAM_HOLD_S."""
         gate = self._gate
         if gate is not None and gate.holds(self):
             gate.upstream_wait(self, self._loop.time())

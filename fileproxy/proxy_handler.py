@@ -202,7 +202,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        waiting_on_upstream(request)  # see edge.UPSTREAM_HOLD_S
+        waiting_on_upstream(request)  # see request_gate.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
             request.raw_path,
