@@ -32,7 +32,7 @@ from .edge import (
     refuse_what_a_reverse_proxy_must_not_serve,
 )
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
-from .proxy_handler import proxy
+from .proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
 from .redis_store import RedisStore
 from .runtime import Runtime, uvloop_active
 from .settings import Settings
@@ -90,6 +90,7 @@ def create_app(
     )
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(leave_gate_on_prepare)
+    app.on_response_prepare.append(keep_content_type_as_sent)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)
     app.router.add_get("/stats", endpoints.admin_only(endpoints.stats))
@@ -97,7 +98,7 @@ def create_app(
     if settings.cors_origins:
         add_cors_proxy_routes(app, settings.cors_origins)
     # Every other path and method is proxied (after the CORS routes, when there are).
-    app.router.add_route("*", "/{target:.*}", proxy)
+    app.router.add_route("*", "/{target:.*}", proxy, expect_handler=continue_or_refuse)
     return app
 
 
@@ -113,7 +114,7 @@ def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> Non
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     resource = app.router.add_resource("/{target:.*}")
     for method in CORS_METHODS:
-        cors.add(resource.add_route(method, proxy))
+        cors.add(resource.add_route(method, proxy, expect_handler=continue_or_refuse))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

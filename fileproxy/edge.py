@@ -61,15 +61,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def refuse_what_a_reverse_proxy_must_not_serve(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
-    """CONNECT, HTTP versions other than 1.x, and targets no route takes: JSON errors.
+    """CONNECT, TRACE, HTTP versions other than 1.x, and targets no route takes: JSON errors.
 
     Without this aiohttp's router answers ``CONNECT host:port`` (or ``OPTIONS *``)
-    with a text/plain 404 and keeps a CONNECT connection open as a tunnel.
-    Absolute-form targets reach the proxy handler, which refuses them (400).
+    with a text/plain 404 and keeps a CONNECT connection open as a tunnel. TRACE
+    would echo the request, with the cookies and credentials a browser attached, to
+    whoever can make it send one (cross-site tracing): 405, as nginx answers.
+    Absolute-form targets reach the proxy handler, which serves those naming the
+    proxy itself and refuses the others (400).
     """
     failure = None
-    if request.method == "CONNECT":
-        failure = errors.Failure(405, "method_not_allowed", "CONNECT is not supported")
+    extra: dict[str, str] | None = None
+    if request.method in _NEVER_FORWARDED:
+        failure = errors.Failure(405, "method_not_allowed", f"{request.method} is not supported")
+        extra = {"Allow": ALLOWED_METHODS}
     elif request.version.major != 1:
         failure = errors.Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
     if failure is None:
@@ -84,9 +89,13 @@ async def refuse_what_a_reverse_proxy_must_not_serve(
                 )
             else:
                 failure = errors.Failure(exc.status, "bad_request", exc.reason)
-    response = errors.error_response(failure, request_id_for(request))
+    response = errors.error_response(failure, request_id_for(request), extra)
     response.force_close()
     return response
+
+
+_NEVER_FORWARDED = frozenset({"CONNECT", "TRACE"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 async def _reject_over_limit(request: web.BaseRequest) -> web.StreamResponse:

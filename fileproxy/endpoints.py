@@ -81,6 +81,7 @@ async def health(request: web.Request) -> web.Response:
                 "uvloop_enabled": runtime.uvloop_enabled,
                 "optimizer_enabled": runtime.optimizer_enabled,
                 "optimization_level": runtime.optimization_level,
+                "optimization_score": runtime.optimization_score,
             },
             "config": settings.public_dict(),
             "upstream": {
@@ -142,6 +143,7 @@ async def stats(request: web.Request) -> web.Response:
             },
             "current_rate_limit": adaptation.current_limit,
             "optimization_level": runtime.optimization_level,
+            "optimization_score": runtime.optimization_score,
             "quality_level": level.value if level is not None else None,
         },
         "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},

@@ -22,6 +22,7 @@ class Exchange:
     request_id: str
     upstream: str
     upstream_status: int | None = None
+    status_sent: int | None = None  # the status line the client was sent, once it was
     ttfb_s: float | None = None  # request start to upstream response headers
     bytes_in: int = 0  # request body bytes forwarded
     bytes_out: int = 0  # response body bytes delivered

@@ -39,6 +39,7 @@ X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
 X_FORWARDED_HOST = istr("X-Forwarded-Host")
 X_REQUEST_ID = istr("X-Request-ID")
 X_ACCEL_BUFFERING = istr("X-Accel-Buffering")
+LOCATION = istr("Location")
 
 Networks = Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -134,18 +135,85 @@ def upstream_request_headers(
     return out
 
 
+# Statuses whose responses never have a body (RFC 9110 6.4.1).
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
 def client_response_headers(
-    upstream: Headers, request_id: str, out: CIMultiDict[str] | None = None
+    upstream: Headers,
+    request_id: str,
+    out: CIMultiDict[str] | None = None,
+    *,
+    status: int = 200,
+    redirect: Redirect | None = None,
 ) -> CIMultiDict[str]:
     """Headers to send to the client for an upstream response (added to ``out`` if given).
 
     Content-Length is kept (aiohttp then enforces it: a short body can never look
-    complete); Transfer-Encoding is regenerated. A response without a length is a
-    stream (SSE, live logs): ``X-Accel-Buffering: no`` tells a fronting nginx not to
-    buffer it.
+    complete); Transfer-Encoding is regenerated. A response that may have a body but
+    has no length is a stream (SSE, live logs): ``X-Accel-Buffering: no`` tells a
+    fronting nginx not to buffer it. A ``Location`` pointing into the upstream is
+    rewritten as ``redirect`` says (nginx's ``proxy_redirect default``).
     """
     out = end_to_end(upstream, out=out)
-    if "Content-Length" not in out:
+    if "Content-Length" not in out and status not in _BODYLESS_STATUSES and status >= 200:
         out[X_ACCEL_BUFFERING] = "no"
+    if redirect is not None and LOCATION in out:
+        out[LOCATION] = redirect.rewrite(out[LOCATION])
     out[X_REQUEST_ID] = request_id
     return out
+
+
+def upstream_prefixes(scheme: str, host: str, port: int, path: str) -> tuple[str, ...]:
+    """How a Location may name the upstream base URL: lower-case scheme and host, the
+    port written or (when it is the scheme's default) left out, the path without its
+    trailing slash."""
+    scheme, host, path = scheme.lower(), host.lower(), path.rstrip("/")
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    prefixes = [f"{scheme}://{host}:{port}{path}"]
+    if port == {"http": 80, "https": 443}.get(scheme):
+        prefixes.append(f"{scheme}://{host}{path}")
+    return tuple(prefixes)
+
+
+class Redirect:
+    """Rewrites a Location that starts with the upstream's base URL to the client-facing
+    base (the scheme and host the client used), the upstream path prefix stripped.
+
+    The prefix must end at a path boundary (``/sub`` matches ``/sub/x`` and ``/sub?q``,
+    never ``/subway``); any other Location (another host, a relative one) is kept.
+    """
+
+    __slots__ = ("_client_base", "_prefixes")
+
+    def __init__(self, prefixes: tuple[str, ...], client_base: str) -> None:
+        self._prefixes, self._client_base = prefixes, client_base
+
+    def rewrite(self, location: str) -> str:
+        lowered = location[: max(map(len, self._prefixes)) + 1].lower()
+        for prefix in self._prefixes:
+            if lowered.startswith(prefix):
+                rest = location[len(prefix) :]
+                if not rest or rest[0] in "/?#":
+                    if not rest.startswith("/"):
+                        rest = "/" + rest
+                    return self._client_base + rest
+        return location
+
+
+def client_facing_base(
+    incoming: Headers,
+    *,
+    peer: str | None,
+    scheme: str,
+    host: str,
+    trusted: Networks,
+    local_socket: bool = False,
+) -> str:
+    """``scheme://host`` as the client reached the proxy: from a trusted fronting proxy's
+    X-Forwarded-Proto/-Host when it sent them, else from this connection's own."""
+    if is_trusted(peer, trusted, local_socket=local_socket):
+        scheme = incoming.get(X_FORWARDED_PROTO, scheme).split(",", 1)[0].strip() or scheme
+        host = incoming.get(X_FORWARDED_HOST, host).split(",", 1)[0].strip() or host
+    return f"{scheme}://{host}"

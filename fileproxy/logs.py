@@ -142,7 +142,11 @@ class AccessLogger(AbstractAccessLogger):
     """aiohttp's hook for finished requests; aborted ones are logged by the proxy handler."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        log_access(self.logger, request, response.status, response.body_length, time_s)
+        # response_bytes: body bytes handed to the client's connection; for a proxied
+        # response the relay's count (aiohttp's stays 0 for a body cut by an abort)
+        exchange = request.get(EXCHANGE)
+        sent = exchange.bytes_out if isinstance(exchange, Exchange) else response.body_length
+        log_access(self.logger, request, response.status, sent, time_s)
 
     @property
     def enabled(self) -> bool:

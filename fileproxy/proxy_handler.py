@@ -26,7 +26,7 @@ from .adaptive import LevelProfile
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
 from .edge import waiting_on_upstream
 from .exchange import EXCHANGE, Exchange, request_id_for
-from .headers import client_response_headers, upstream_request_headers
+from .headers import Redirect, client_facing_base, client_response_headers, upstream_request_headers
 from .settings import Settings
 from .upstream_client import UpstreamClient, UpstreamResponse
 
@@ -65,10 +65,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         # handler_cancellation: the client went away while we waited on something;
         # aiohttp writes no access line for a cancelled handler, so we do.
+        # The access line's rule (nginx's): the status the client was sent, 499 only
+        # when it left before the response head went out.
         exchange.cause = errors.CLIENT_ABORT
-        status = CLIENT_CLOSED_REQUEST
+        status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
-            logs.log_access(access_log, request, status, 0, time.monotonic() - started)
+            logs.log_access(
+                access_log, request, status, exchange.bytes_out, time.monotonic() - started
+            )
         raise
     finally:
         # Synchronous on purpose: it must run even when the task is being cancelled.
@@ -93,16 +97,21 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
     adaptation = app[ADAPTATION]
     target = request.raw_path
     if not target.startswith("/"):
-        # absolute-form or authority-form: we are a reverse proxy, not an open one
-        return _fail(
-            exchange,
-            errors.ClientRequestError(
-                400, "bad_target", "only origin-form request targets are accepted"
-            ),
-        )
+        own = own_origin_form(request, target)
+        if own is None:
+            # another authority, or authority-form: a reverse proxy, not an open one
+            return _fail(
+                exchange,
+                errors.ClientRequestError(
+                    400, "bad_target", "only origin-form request targets are accepted"
+                ),
+            )
+        target = own
     content_length = request.content_length
     if settings.max_body_size and content_length and content_length > settings.max_body_size:
-        return _fail(exchange, _too_large(settings.max_body_size))
+        refusal = _fail(exchange, _too_large(settings.max_body_size))
+        refusal.force_close()  # the body is not read: it must never be parsed as a request
+        return refusal
 
     has_body = request.body_exists
     peer = request.remote
@@ -126,7 +135,7 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
     body_errors: list[BaseException] = []
     try:
         upstream_resp = await _send_upstream(
-            request, exchange, headers, has_body, body_errors, profile, upstream, settings
+            request, exchange, target, headers, has_body, body_errors, profile, upstream, settings
         )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not body_errors:
@@ -153,27 +162,104 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         exchange.upstream_status = upstream_resp.status
         # The whole body already arrived (a small file): its response head goes out in
         # the same write as the body. Else the head goes out at once (streams, SSE).
-        response_class = _WholeResponse if upstream_resp.content.is_eof() else web.StreamResponse
-        response = response_class(status=upstream_resp.status, reason=upstream_resp.reason)
-        client_response_headers(upstream_resp.headers, exchange.request_id, response.headers)
+        response_class = _WholeResponse if upstream_resp.content.is_eof() else _RelayedResponse
+        status = upstream_resp.status
+        response = response_class(status=status, reason=upstream_resp.reason)
+        response.upstream_content_type = "Content-Type" in upstream_resp.headers
+        redirect = None
+        if "Location" in upstream_resp.headers:
+            redirect = Redirect(upstream.redirect_prefixes, _client_base(request))
+        client_response_headers(
+            upstream_resp.headers,
+            exchange.request_id,
+            response.headers,
+            status=status,
+            redirect=redirect,
+        )
         if request.transport is not None:
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
+        exchange.status_sent = status
         await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end
 
 
-class _WholeResponse(web.StreamResponse):
+class _RelayedResponse(web.StreamResponse):
+    """An upstream response on its way to the client."""
+
+    upstream_content_type = True  # whether the upstream sent a Content-Type
+
+
+class _WholeResponse(_RelayedResponse):
     """A response whose head is sent with its first body bytes, not on its own."""
 
     _send_headers_immediately = False
 
 
+async def keep_content_type_as_sent(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: aiohttp adds ``Content-Type: application/octet-stream``
+    to a response with a body and none (RFC 9110 says a sender *should* send one);
+    the proxy passes what the upstream sent and invents nothing, as nginx does."""
+    if isinstance(response, _RelayedResponse) and not response.upstream_content_type:
+        response.headers.popall("Content-Type", None)
+
+
+def own_origin_form(request: web.Request, target: str) -> str | None:
+    """The origin-form of an absolute-form target naming this proxy (RFC 9112 3.2.2:
+    a server MUST accept it), else None.
+
+    This proxy is the authority the connection was accepted on (its listening address
+    as the client dialled it) or the bind address; any other is refused, so fileproxy
+    never becomes an open proxy.
+    """
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, path = rest[:cut].lower(), rest[cut:]
+    if "@" in authority:
+        return None
+    if authority not in _own_authorities(request):
+        return None
+    if not path.startswith("/"):
+        path = "/" + path
+    return path.partition("#")[0]
+
+
+def _own_authorities(request: web.Request) -> set[str]:
+    names = set()
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host, port = sockname[0], sockname[1]
+        names.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if host in ("127.0.0.1", "::1"):
+            names.add(f"localhost:{port}")
+    bind = request.app[SETTINGS].bind
+    if bind.path is None:
+        names.add(str(bind).lower())
+    return names
+
+
+def _client_base(request: web.Request) -> str:
+    """``scheme://host`` the client used to reach the proxy (see headers.Redirect)."""
+    peer = request.remote
+    return client_facing_base(
+        request.headers,
+        peer=peer,
+        scheme=request.scheme,
+        host=request.host,
+        trusted=request.app[SETTINGS].trusted_proxies,
+        local_socket=not peer and on_unix_socket(request),
+    )
+
+
 async def _send_upstream(
     request: web.Request,
     exchange: Exchange,
+    target: str,
     headers: CIMultiDict[str],
     has_body: bool,
     body_errors: list[BaseException],
@@ -205,7 +291,7 @@ async def _send_upstream(
         waiting_on_upstream(request)  # see request_gate.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
-            request.raw_path,
+            target,
             headers,
             request_body() if has_body else None,
             connect_timeout=profile.connect_timeout_s,
@@ -264,6 +350,33 @@ async def _read_body(request: web.Request, chunk_size: int) -> bytes:
         raise errors.ClientRequestError(
             408, "request_timeout", f"request body stalled for {timeout:g} s"
         ) from None
+
+
+async def continue_or_refuse(request: web.Request) -> web.StreamResponse | None:
+    """The route's ``Expect`` handler: ``100 Continue`` only for a body the proxy takes.
+
+    aiohttp's default sends ``100 Continue`` to any ``Expect: 100-continue``; a body
+    declared over FILEPROXY_MAX_BODY_SIZE then gets its 413 only after the client
+    started sending it, on a connection that would read the rest as the next
+    request. Here it gets 413 at once and the connection closes, as with nginx.
+    """
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        failure = errors.Failure(417, "expectation_failed", "only 100-continue is supported")
+        refusal = errors.error_response(failure, request_id_for(request))
+        refusal.force_close()
+        return refusal
+    limit = request.app[SETTINGS].max_body_size
+    length = request.content_length
+    if limit and length and length > limit:
+        refusal = errors.error_response(errors.classify(_too_large(limit)), request_id_for(request))
+        refusal.force_close()
+        return refusal
+    if request.version >= aiohttp.HttpVersion11:
+        writer = request.writer
+        await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.output_size = 0  # the interim response is not the response's bytes
+    return None
 
 
 def _over_limit(request: web.Request, exchange: Exchange, retry_after: float) -> web.Response:

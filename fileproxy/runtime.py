@@ -28,6 +28,15 @@ class Runtime:
     version: str = __version__
 
     @property
-    def optimization_level(self) -> int:
+    def optimization_score(self) -> int:
         """0..2: one point for uvloop, one for the adaptive optimizer."""
         return int(self.uvloop_enabled) + int(self.optimizer_enabled)
+
+    @property
+    def optimization_level(self) -> str:
+        """The seed's words, which operators script against: both on "high", one of them
+        "medium" (the seed's level without uvloop), neither "low"."""
+        return _LEVEL_WORDS[self.optimization_score]
+
+
+_LEVEL_WORDS = ("low", "medium", "high")

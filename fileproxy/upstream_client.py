@@ -33,16 +33,21 @@ from yarl import URL
 
 from . import tcp_options
 from .adaptive import TcpInfo, read_tcp_info
+from .headers import upstream_prefixes
 from .settings import Settings
 from .upstream_pool import ConnectionPool, ConnectObserver
 
 # Methods a request may be retried with when a pooled connection turned out closed
 # before it answered (RFC 9110 9.2.2), as aiohttp and nginx do.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # TRACE: 405
 # Without a body these still say so (Content-Length: 0), as aiohttp's client does.
-_BODYLESS_BY_NATURE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_BODYLESS_BY_NATURE = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_LINE_SIZE = _MAX_FIELD_SIZE = 8190  # aiohttp's client defaults
-_MAX_HEADERS = 128
+# A response head is bounded by its total size, as nginx bounds it (by proxy_buffer_size,
+# 4-8 KiB), not by aiohttp's 128 fields: 130 Set-Cookie of a login (httpbin
+# /cookies/set) pass. 2,048 fields is more than an 8 KiB head can hold (4 bytes each).
+_MAX_HEADERS = 2048
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def upstream_name(upstream: URL) -> str:
@@ -107,6 +112,10 @@ class UpstreamClient:
         self.last_failure_at: float | None = None
         self.last_failure: str | None = None
         self._prefix = upstream.raw_path.rstrip("/")
+        # the upstream's base URL as a Location may name it (see headers.Redirect)
+        self.redirect_prefixes = upstream_prefixes(
+            upstream.scheme, upstream.host or "", upstream.port or 80, upstream.raw_path
+        )
         self._host_header = upstream.host_port_subcomponent or ""
         self.authorization = (
             aiohttp.BasicAuth(upstream.user or "", upstream.password or "").encode()
@@ -215,6 +224,16 @@ class UpstreamClient:
                         message=exc.message,
                         headers=exc.headers,
                     ) from exc
+                # (64 fields or fewer are within 1 MiB by the per-field bound)
+                if len(message.raw_headers) > 64 and _head_size(message.raw_headers) > (
+                    MAX_HEADER_BYTES
+                ):
+                    raise aiohttp.ClientResponseError(
+                        RequestInfo(self.origin, method, CIMultiDictProxy(CIMultiDict())),
+                        (),
+                        status=502,
+                        message=f"response head larger than {MAX_HEADER_BYTES} bytes",
+                    )
                 # 1xx (103 Early Hints, a stray 100) precede the real response; 101 is one
                 if not 100 <= message.code <= 199 or message.code == 101:
                     break
@@ -257,6 +276,11 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self.pool.close()
+
+
+def _head_size(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
+    """Bytes of a parsed header block (name, ": ", value, CRLF per field)."""
+    return sum(len(name) + len(value) + 4 for name, value in raw_headers)
 
 
 async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:

@@ -19,7 +19,8 @@ async def test_health_has_the_shape_operators_script_against(client, start_proxy
     assert health["performance_optimization"] == {
         "uvloop_enabled": True,
         "optimizer_enabled": True,
-        "optimization_level": 2,
+        "optimization_level": "high",
+        "optimization_score": 2,
     }
     assert health["config"]["HTTP_CONNECTOR_LIMIT"] == "200"
     assert health["upstream"]["url"] == sample_upstream.url
@@ -32,7 +33,8 @@ async def test_optimizer_off_is_reported(client, start_proxy, sample_upstream):
     assert health["performance_optimization"] == {
         "uvloop_enabled": True,
         "optimizer_enabled": False,
-        "optimization_level": 1,
+        "optimization_level": "medium",
+        "optimization_score": 1,
     }
     stats = await get_json(client, f"{proxy.url}/stats")
     assert stats["performance_optimizer"]["current_rate_limit"] is None
@@ -61,7 +63,7 @@ async def test_stats_report_real_figures(client, start_proxy, sample_upstream):
     assert metrics["throughput_mbps"] > 0
     assert metrics["uvloop_enabled"] is True
     assert optimizer["current_rate_limit"] == 100.0  # FILEPROXY_LIMIT_INITIAL
-    assert optimizer["optimization_level"] == 2
+    assert optimizer["optimization_level"] == "high"
     assert stats["scope"] == "worker"
     # the endpoints themselves are not proxied requests
     again = await get_json(client, f"{proxy.url}/stats")
@@ -77,7 +79,7 @@ async def test_without_uvloop_the_daemon_runs_and_says_so(
     proxy = start_proxy(sample_upstream.url, PYTHONPATH=str(blocker.parent))
     health = await get_json(client, f"{proxy.url}/health")
     assert health["performance_optimization"]["uvloop_enabled"] is False
-    assert health["performance_optimization"]["optimization_level"] == 1
+    assert health["performance_optimization"]["optimization_level"] == "medium"
     async with client.get(f"{proxy.url}/files/64k.bin") as resp:
         assert resp.status == 200
         assert len(await resp.read()) == 65536

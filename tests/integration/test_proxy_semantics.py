@@ -571,7 +571,7 @@ async def test_head_gets_headers_and_no_body(sample_upstream, start_proxy):
 async def test_redirect_is_passed_not_followed(start_backend, start_proxy, client):
     recorder = Recorder()
     backend = await start_backend(recorder.app())
-    location = f"{backend.url}/target?from=old"
+    location = "https://elsewhere.example/target?from=old"  # not the upstream: kept as sent
 
     async def moved(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": location})
