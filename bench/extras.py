@@ -35,6 +35,15 @@ from typing import Any
 
 from bench.netem import SERVER_IP, Scenario
 from bench.procs import PeakMemory, group_cpu_seconds, group_memory
+from bench.records import (
+    Judgement,
+    RateStaircase,
+    RunResult,
+    SoakCycle,
+    SoakVerdict,
+    Staircase,
+    StairStep,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -93,40 +102,38 @@ def plan(full: bool, scale: float, soak_streams: int | None = None) -> Plan:
     )
 
 
-def _p(w: dict[str, Any], key: str) -> float | None:
-    lat = w.get("latency_us") or {}
-    return lat[key] / 1000 if lat.get(key) is not None else None
-
-
 # -- staircase ---------------------------------------------------------------------
 
 
-def judge(
-    step: dict[str, Any], start_rss: float, best: dict[str, Any] | None, below: int
-) -> tuple[list[str], int]:
-    """The stop conditions that fire at `step`; `below` counts steps under 0.9x the best."""
+def judge(step: StairStep, start_rss: float, best: StairStep | None, below: int) -> Judgement:
+    """The stop conditions that fire at a measured `step` (and the new `below`).
+
+    `below` counts the steps in a row under STAIR_DROP x the best step's req/s.
+    """
     reasons = []
-    if step["error_rate"] > STAIR_ERROR_RATE:
-        reasons.append(f"error rate {step['error_rate']:.1%} > {STAIR_ERROR_RATE:.0%}")
-    if step["p99_ms"] is None or step["p99_ms"] > STAIR_P99_MS:
-        p99 = "-" if step["p99_ms"] is None else f"{step['p99_ms']:.0f}"
+    if step.error_rate > STAIR_ERROR_RATE:
+        reasons.append(f"error rate {step.error_rate:.1%} > {STAIR_ERROR_RATE:.0%}")
+    if step.p99_ms is None or step.p99_ms > STAIR_P99_MS:
+        p99 = "-" if step.p99_ms is None else f"{step.p99_ms:.0f}"
         reasons.append(f"p99 {p99} ms > {STAIR_P99_MS:g} ms")
-    if step["peak_rss_mib"] > start_rss + STAIR_RSS_MIB:
+    if step.peak_rss_mib > start_rss + STAIR_RSS_MIB:
         reasons.append(
-            f"RSS {step['peak_rss_mib']:.0f} MiB > start {start_rss:.0f} + {STAIR_RSS_MIB:g}"
+            f"RSS {step.peak_rss_mib:.0f} MiB > start {start_rss:.0f} + {STAIR_RSS_MIB:g}"
         )
-    if best is not None and step["requests_per_s"] < STAIR_DROP * best["requests_per_s"]:
+    if best is not None and (step.requests_per_s or 0.0) < STAIR_DROP * (
+        best.requests_per_s or 0.0
+    ):
         below += 1
         if below >= 2:
             reasons.append(f"throughput < {STAIR_DROP}x the best for 2 steps")
     else:
         below = 0
-    return reasons, below
+    return Judgement(reasons, below)
 
 
 def rate_staircase(
     bench: Any, scenario: Scenario, key: str, knee_rps: float, step_s: int
-) -> dict[str, Any]:
+) -> RateStaircase:
     """Paced 1 KiB load at RATE_STEPS x the knee's req/s, fixed connections; same stops.
 
     C = max(32, 2% of the highest rate, at most 2,048) connections, so the mean
@@ -138,117 +145,110 @@ def rate_staircase(
     """
     conns = min(2048, max(32, math.ceil(knee_rps * RATE_STEPS[-1] * 0.02)))
     start_rss = group_memory(bench.pgid(key))["rss"] / MIB
-    steps: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
+    steps: list[StairStep] = []
+    best: StairStep | None = None
     below = 0
     stop = None
     for i, fraction in enumerate(RATE_STEPS):
         offered = fraction * knee_rps
         mean_ms = conns * 1000 / offered
         workload = bench.workload("paced", "/1k.bin", conns, step_s, (f"{mean_ms:.3f}", str(i)))
-        result = bench.measure(scenario, workload, key, False)
+        result: RunResult = bench.measure(scenario, workload, key, False)
         bench.wait_quiet(bench.port(key), 3)
-        w = result.get("wrk")
-        step: dict[str, Any] = {
-            "fraction": fraction,
-            "offered_per_s": round(offered, 1),
-            "mean_think_ms": round(mean_ms, 3),
-            "peak_rss_mib": result["memory"]["peak_mib"],
-        }
+        w = result.wrk
+        step = StairStep(
+            fraction=fraction,
+            offered_per_s=round(offered, 1),
+            mean_think_ms=round(mean_ms, 3),
+            peak_rss_mib=result.peak_mib,
+        )
         steps.append(step)
         if not w:
-            step["error"] = result.get("error", "")[-300:]
+            step.error = (result.error or "")[-300:]
             stop = "wrk failed"
             break
-        errors = int(w["errors_total"])
-        step.update(
-            requests_per_s=float(w["requests_per_s"]),
-            errors=errors,
-            error_rate=errors / max(int(w["requests"]) + errors, 1),
-            p50_ms=_p(w, "p50"),
-            p99_ms=_p(w, "p99"),
-        )
+        errors = int(w.errors_total)
+        step.requests_per_s = float(w.requests_per_s)
+        step.errors = errors
+        step.error_rate = errors / max(int(w.requests) + errors, 1)
+        step.p50_ms = w.latency_ms("p50")
+        step.p99_ms = w.latency_ms("p99")
         reasons, below = judge(step, start_rss, best, below)
-        if step["requests_per_s"] < PACED_SHORT * offered:
+        if step.requests_per_s < PACED_SHORT * offered:
             reasons.append(f"achieved < {PACED_SHORT}x offered")
         if reasons:
             stop = "; ".join(reasons)
-            step["stop"] = stop
+            step.stop = stop
             break
-        if best is None or step["requests_per_s"] > best["requests_per_s"]:
+        if best is None or step.requests_per_s > (best.requests_per_s or 0.0):
             best = step
-    return {
-        "contender": key,
-        "connections": conns,
-        "step_s": step_s,
-        "knee_requests_per_s": knee_rps,
-        "steps": steps,
-        "best": None
+    return RateStaircase(
+        contender=key,
+        connections=conns,
+        step_s=step_s,
+        knee_requests_per_s=knee_rps,
+        steps=steps,
+        best=None
         if best is None
         else {
-            "offered_per_s": best["offered_per_s"],
-            "requests_per_s": best["requests_per_s"],
-            "p99_ms": best["p99_ms"],
+            "offered_per_s": best.offered_per_s,
+            "requests_per_s": best.requests_per_s,
+            "p99_ms": best.p99_ms,
         },
-        "stop": stop or f"no stop condition up to {RATE_STEPS[-1]}x the knee",
-    }
+        stop=stop or f"no stop condition up to {RATE_STEPS[-1]}x the knee",
+    )
 
 
-def staircase(bench: Any, scenario: Scenario, key: str, step_s: int) -> dict[str, Any]:
+def staircase(bench: Any, scenario: Scenario, key: str, step_s: int) -> Staircase:
     """Connections doubled step by step, 1 KiB, until a stop condition; the knee."""
     start_rss = group_memory(bench.pgid(key))["rss"] / MIB
-    steps: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
+    steps: list[StairStep] = []
+    best: StairStep | None = None
     below = 0
     stop = None
     for conns in STAIR_STEPS:
-        result = bench.measure(scenario, bench.workload("small", "/1k.bin", conns, step_s), key,
-                               False)  # fmt: skip
-        w = result.get("wrk")
-        step: dict[str, Any] = {
-            "connections": conns,
-            "cpu_s": result["cpu_s"],
-            "peak_rss_mib": result["memory"]["peak_mib"],
-        }
+        result: RunResult = bench.measure(
+            scenario, bench.workload("small", "/1k.bin", conns, step_s), key, False
+        )
+        w = result.wrk
+        step = StairStep(connections=conns, cpu_s=result.cpu_s, peak_rss_mib=result.peak_mib)
         steps.append(step)
         bench.wait_quiet(bench.port(key), 3)
         if not w:
-            step["error"] = result.get("error", "")[-300:]
+            step.error = (result.error or "")[-300:]
             stop = "wrk failed"
             break
-        done = int(w["requests"])
-        errors = int(w["errors_total"])
-        step.update(
-            requests_per_s=float(w["requests_per_s"]),
-            requests=done,
-            errors=errors,
-            errors_by_kind=w["errors"],
-            error_rate=errors / max(done + errors, 1),
-            p50_ms=_p(w, "p50"),
-            p99_ms=_p(w, "p99"),
-        )
+        done = int(w.requests)
+        errors = int(w.errors_total)
+        step.requests_per_s = float(w.requests_per_s)
+        step.requests = done
+        step.errors = errors
+        step.errors_by_kind = w.errors
+        step.error_rate = errors / max(done + errors, 1)
+        step.p50_ms = w.latency_ms("p50")
+        step.p99_ms = w.latency_ms("p99")
         reasons, below = judge(step, start_rss, best, below)
         if reasons:
             stop = "; ".join(reasons)
-            step["stop"] = stop
+            step.stop = stop
             break
-        if best is None or step["requests_per_s"] > best["requests_per_s"]:
+        if best is None or step.requests_per_s > (best.requests_per_s or 0.0):
             best = step
-    return {
-        "contender": key,
-        "step_s": step_s,
-        "start_rss_mib": round(start_rss, 1),
-        "steps": steps,
-        "knee": None
+    return Staircase(
+        contender=key,
+        step_s=step_s,
+        start_rss_mib=round(start_rss, 1),
+        steps=steps,
+        knee=None
         if best is None
         else {
-            "connections": best["connections"],
-            "requests_per_s": best["requests_per_s"],
-            "p99_ms": best["p99_ms"],
+            "connections": best.connections,
+            "requests_per_s": best.requests_per_s,
+            "p99_ms": best.p99_ms,
         },
-        "stopped_at": steps[-1]["connections"] if stop else None,
-        "stop": stop or f"no stop condition up to {STAIR_STEPS[-1]} connections",
-    }
+        stopped_at=steps[-1].connections if stop else None,
+        stop=stop or f"no stop condition up to {STAIR_STEPS[-1]} connections",
+    )
 
 
 def paced_soak(
@@ -272,16 +272,17 @@ def paced_soak(
         key,
         False,
     )
-    cw = calibration.get("wrk") or {}
-    calibrated = {"mean_think_ms": round(mean_ms, 3), "requests_per_s": cw.get("requests_per_s")}
-    if cw.get("requests_per_s"):
-        response_ms = max(0.0, conns * 1000 / cw["requests_per_s"] - mean_ms)
+    cw = calibration.wrk
+    cw_rps = cw.requests_per_s if cw else None
+    calibrated = {"mean_think_ms": round(mean_ms, 3), "requests_per_s": cw_rps}
+    if cw_rps:
+        response_ms = max(0.0, conns * 1000 / cw_rps - mean_ms)
         mean_ms = max(1.0, conns * 1000 / target - response_ms)
         calibrated["response_ms"] = round(response_ms, 3)
     bench.wait_quiet(bench.port(key), 3)
     workload = bench.workload("paced", "/1k.bin", conns, seconds, (f"{mean_ms:.3f}", "1"))
-    result = bench.measure(scenario, workload, key, False)
-    w = result.get("wrk") or {}
+    result: RunResult = bench.measure(scenario, workload, key, False)
+    w = result.wrk
     return {
         "contender": key,
         "seconds": seconds,
@@ -290,18 +291,18 @@ def paced_soak(
         "connections": conns,
         "mean_think_ms": round(mean_ms, 3),
         "calibration": calibrated,
-        "requests_per_s": w.get("requests_per_s"),
-        "of_knee": round(w["requests_per_s"] / knee["requests_per_s"], 3) if w else None,
-        "requests": w.get("requests"),
-        "errors": w.get("errors"),
-        "errors_total": w.get("errors_total"),
-        "p50_ms": _p(w, "p50"),
-        "p99_ms": _p(w, "p99"),
-        "p99_9_ms": _p(w, "p99_9"),
-        "max_ms": _p(w, "max"),
-        "memory": result["memory"],
-        "cpu_s": result["cpu_s"],
-        "error": result.get("error"),
+        "requests_per_s": w.requests_per_s if w else None,
+        "of_knee": round(w.requests_per_s / knee["requests_per_s"], 3) if w else None,
+        "requests": w.requests if w else None,
+        "errors": w.errors if w else None,
+        "errors_total": w.errors_total if w else None,
+        "p50_ms": w.latency_ms("p50") if w else None,
+        "p99_ms": w.latency_ms("p99") if w else None,
+        "p99_9_ms": w.latency_ms("p99_9") if w else None,
+        "max_ms": w.latency_ms("max") if w else None,
+        "memory": result.memory,
+        "cpu_s": result.cpu_s,
+        "error": result.error,
     }
 
 
@@ -452,7 +453,7 @@ def sse_soak(bench: Any, key: str, p: Plan) -> dict[str, Any]:
             client.wait(10)
     if client.returncode:
         out["error"] = (client.stderr.read() if client.stderr else "")[-800:]
-    out.update(soak_verdict(out))
+    out.update(soak_verdict(out).to_json())
     return out
 
 
@@ -519,7 +520,7 @@ def listen_counters(bench: Any) -> dict[str, int]:
     return out
 
 
-def soak_verdict(out: dict[str, Any]) -> dict[str, Any]:
+def soak_verdict(out: dict[str, Any]) -> SoakVerdict:
     """RSS per stream per cycle, and RSS after close across cycles."""
     base = out["baseline"]["rss_mib"]
     before = base  # RSS just before the cycle opened its streams
@@ -532,33 +533,33 @@ def soak_verdict(out: dict[str, Any]) -> dict[str, Any]:
         opened = got["opened"]["memory"]["rss_mib"]
         closed = got.get("closed", {}).get("memory", {}).get("rss_mib")
         per_cycle.append(
-            {
-                "cycle": cycle,
-                "ok": ok,
-                "errors": got["opened"].get("errors"),
-                "open_s": got["opened"].get("open_s"),
-                "rss_opened_mib": opened,
-                "pss_opened_mib": got["opened"]["memory"]["pss_mib"],
-                "rss_held_mib": got.get("held", {}).get("memory", {}).get("rss_mib"),
-                "rss_closed_mib": closed,
-                "kib_per_stream": round((opened - base) * 1024 / ok, 1) if ok else None,
-                "kib_per_stream_cycle": round((opened - before) * 1024 / ok, 1) if ok else None,
-                "kib_per_stream_pss": round(
+            SoakCycle(
+                cycle=cycle,
+                ok=ok,
+                errors=got["opened"].get("errors"),
+                open_s=got["opened"].get("open_s"),
+                rss_opened_mib=opened,
+                pss_opened_mib=got["opened"]["memory"]["pss_mib"],
+                rss_held_mib=got.get("held", {}).get("memory", {}).get("rss_mib"),
+                rss_closed_mib=closed,
+                kib_per_stream=round((opened - base) * 1024 / ok, 1) if ok else None,
+                kib_per_stream_cycle=round((opened - before) * 1024 / ok, 1) if ok else None,
+                kib_per_stream_pss=round(
                     (got["opened"]["memory"]["pss_mib"] - out["baseline"]["pss_mib"]) * 1024 / ok,
                     1,
                 )
                 if ok
                 else None,
-            }
+            )
         )
         if closed is not None:
             before = closed
-    closed = [c["rss_closed_mib"] for c in per_cycle if c["rss_closed_mib"] is not None]
-    return {
-        "per_cycle": per_cycle,
-        "closed_rise_mib": round(closed[-1] - closed[0], 1) if len(closed) > 1 else None,
-        "closed_steps_mib": [round(b - a, 1) for a, b in itertools.pairwise(closed)],
-    }
+    closed = [c.rss_closed_mib for c in per_cycle if c.rss_closed_mib is not None]
+    return SoakVerdict(
+        per_cycle=per_cycle,
+        closed_rise_mib=round(closed[-1] - closed[0], 1) if len(closed) > 1 else None,
+        closed_steps_mib=[round(b - a, 1) for a, b in itertools.pairwise(closed)],
+    )
 
 
 # -- the whole phase -----------------------------------------------------------------
@@ -581,37 +582,38 @@ def run_extras(
     if {"stair", "stair_rate", "soak"} & set(selected):
         # fresh proxies: no pool or optimizer state from the table's rows
         restart_in_front_of(bench, proxies, backend_port)
-        out["stair"] = {}
+        stairs: dict[str, Staircase] = {}
+        out["stair"] = stairs
         soak_keys = [k for k in SOAK_CONTENDERS if k in contenders] if "soak" in selected else []
         stair_keys = contenders if {"stair", "stair_rate"} & set(selected) else soak_keys
         for key in stair_keys:
             stamp(f"staircase {key} ({p.stair_step_s} s steps)")
             result = staircase(bench, scenario, key, p.stair_step_s)
-            out["stair"][key] = result
-            for step in result["steps"]:
-                print(f"    c={step['connections']:5d} {step.get('requests_per_s', 0):9.0f} req/s "
-                      f"p99 {step.get('p99_ms')} ms errors {step.get('errors')} "
-                      f"rss {step['peak_rss_mib']} MiB {step.get('stop', '')}",
+            stairs[key] = result
+            for step in result.steps:
+                print(f"    c={step.connections or 0:5d} {step.requests_per_s or 0:9.0f} req/s "
+                      f"p99 {step.p99_ms} ms errors {step.errors} "
+                      f"rss {step.peak_rss_mib} MiB {step.stop or ''}",
                       flush=True)  # fmt: skip
-            stamp(f"  knee {result['knee']}; stop: {result['stop']}")
+            stamp(f"  knee {result.knee}; stop: {result.stop}")
         if "stair_rate" in selected:
             out["stair_rate"] = {}
             for key in stair_keys:
-                knee = out["stair"][key]["knee"]
+                knee = stairs[key].knee
                 if not knee:
                     continue
                 restart_in_front_of(bench, [key], backend_port)
                 stamp(f"paced staircase {key}: {RATE_STEPS} x {knee['requests_per_s']:.0f} req/s")
                 r = rate_staircase(bench, scenario, key, knee["requests_per_s"], p.stair_step_s)
                 out["stair_rate"][key] = r
-                for st in r["steps"]:
-                    print(f"    {st['fraction']:4}x offered {st['offered_per_s']:9.0f} achieved "
-                          f"{st.get('requests_per_s', 0):9.0f} p99 {st.get('p99_ms')} ms errors "
-                          f"{st.get('errors')} {st.get('stop', '')}", flush=True)  # fmt: skip
+                for st in r.steps:
+                    print(f"    {st.fraction}x offered {st.offered_per_s or 0:9.0f} achieved "
+                          f"{st.requests_per_s or 0:9.0f} p99 {st.p99_ms} ms errors "
+                          f"{st.errors} {st.stop or ''}", flush=True)  # fmt: skip
         if soak_keys:
             out["soak"] = {}
             for key in soak_keys:
-                knee = out["stair"][key]["knee"]
+                knee = stairs[key].knee
                 if not knee:
                     out["soak"][key] = {"error": "no knee"}
                     continue
@@ -654,373 +656,3 @@ def run_extras(
     # back in front of the static backend for the next scenarios
     restart_in_front_of(bench, proxies, backend_port)
     return out
-
-
-# -- report --------------------------------------------------------------------------
-
-
-def cpu_text(cpu_s: dict[str, float], seconds: float) -> str:
-    """CPU seconds as % of one core: the contender / wrk / the rest of the machine."""
-    return " / ".join(
-        f"{cpu_s.get(k, 0) / max(seconds, 1e-9) * 100:.0f}" for k in ("contender", "wrk", "other")
-    )
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float | int):
-        return f"{value:,.{digits}f}" if digits else f"{value:,.0f}"
-    return str(value)
-
-
-def markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
-    """The sections of the extra workloads (appended to bench.run's report)."""
-    p = ex["plan"]
-    lines: list[str] = []
-    stair = ex.get("stair") or {}
-    if stair:
-        keys = list(stair)
-        lines += [
-            f"## Staircase (clean link, 1 KiB, wrk -t2, {p['stair_step_s']} s per step)",
-            "",
-            "Connections doubled from 16 to 2,048, each contender on its own (fresh processes, "
-            f"the steps in a row). Stop at error rate > {STAIR_ERROR_RATE:.0%}, p99 > "
-            f"{STAIR_P99_MS:g} ms, peak RSS > start + {STAIR_RSS_MIB:g} MiB, or throughput < "
-            f"{STAIR_DROP}x the best for two steps in a row. Knee = the step of highest "
-            "throughput before the stop. Short steps on a shared 2-core machine (wrk and the "
-            "contender share the cores) make single steps noisy: read the knee as a region.",
-            "",
-            "| contender | knee: conns | knee: req/s | knee: p99 ms | stopped at | why "
-            "| RSS start -> peak MiB |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for key in keys:
-            r = stair[key]
-            knee = r["knee"] or {}
-            peak = max((st["peak_rss_mib"] for st in r["steps"]), default=None)
-            lines.append(
-                f"| {labels.get(key, key)} | {_f(knee.get('connections'), 0)} "
-                f"| {_f(knee.get('requests_per_s'), 0)} | {_f(knee.get('p99_ms'))} "
-                f"| {_f(r['stopped_at'], 0)} | {r['stop']} | {_f(r['start_rss_mib'])} -> "
-                f"{_f(peak)} |"
-            )
-        lines += [
-            "",
-            "Every step (req/s, p99 ms, errors); a blank cell: the staircase had stopped.",
-            "",
-            "| conns | " + " | ".join(labels.get(k, k) for k in keys) + " |",
-            "|---|" + "---|" * len(keys),
-        ]
-        for conns in STAIR_STEPS:
-            cells = []
-            for key in keys:
-                st = next((x for x in stair[key]["steps"] if x["connections"] == conns), None)
-                if st is None:
-                    cells.append("")
-                elif "requests_per_s" not in st:
-                    cells.append("wrk failed")
-                else:
-                    mark = " **stop**" if st.get("stop") else ""
-                    cells.append(
-                        f"{_f(st['requests_per_s'], 0)} / {_f(st['p99_ms'])} / {st['errors']}{mark}"
-                    )
-            lines.append(f"| {conns} | " + " | ".join(cells) + " |")
-        lines.append("")
-    rate = ex.get("stair_rate") or {}
-    if rate:
-        lines += [
-            f"## Paced staircase (clean link, 1 KiB, {p['stair_step_s']} s per step)",
-            "",
-            "Fixed connections per contender, each waiting an exponential think time before "
-            "each request (bench/wrk_paced.lua), the offered rate stepped through "
-            + ", ".join(f"{f:g}" for f in RATE_STEPS)
-            + " x the knee of the connection staircase; same stop conditions, plus achieved < "
-            f"{PACED_SHORT}x offered. Cells: achieved req/s / p99 ms / errors.",
-            "",
-            "| contender | conns | "
-            + " | ".join(f"{f:g}x" for f in RATE_STEPS)
-            + " | best achieved | stop |",
-            "|---|---|" + "---|" * (len(RATE_STEPS) + 2),
-        ]
-        for key, r in rate.items():
-            cells = []
-            for f in RATE_STEPS:
-                st = next((x for x in r["steps"] if x["fraction"] == f), None)
-                if st is None:
-                    cells.append("")
-                elif "requests_per_s" not in st:
-                    cells.append("wrk failed")
-                else:
-                    cells.append(
-                        f"{_f(st['requests_per_s'], 0)} / {_f(st['p99_ms'])} / {st['errors']}"
-                        + (" **stop**" if st.get("stop") else "")
-                    )
-            best = r["best"] or {}
-            lines.append(
-                f"| {labels.get(key, key)} | {r['connections']} | "
-                + " | ".join(cells)
-                + f" | {_f(best.get('requests_per_s'), 0)} | {r['stop']} |"
-            )
-        lines.append("")
-    soak = ex.get("soak") or {}
-    if soak:
-        lines += [
-            "## Soak at 80% of the knee (clean link, 1 KiB, paced)",
-            "",
-            "wrk with bench/wrk_paced.lua: before each request a connection waits an "
-            "exponentially distributed think time (mean = connections / target rate), so the "
-            "offered load is about the target, not a closed loop. Zero errors expected. "
-            "CPU: % of one core (2 cores = 200%): fileproxy's processes / wrk / everything else "
-            "(other users of this shared machine, and kernel network work not charged to a "
-            "process); when the three add up to ~200% the machine, not only the contender, "
-            "set the rate that was reached.",
-            "",
-            "| contender | seconds | knee req/s | target | achieved (of knee) | conns "
-            "| errors | p50 / p99 / p99.9 / max ms | RSS start / peak / end MiB "
-            "| CPU % contender / wrk / other |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for key, r in soak.items():
-            if "error" in r and r.get("requests_per_s") is None:
-                lines.append(f"| {labels.get(key, key)} | failed: {r['error']} |||||||")
-                continue
-            m = r["memory"]
-            errs = r["errors_total"]
-            err_text = str(errs) + (
-                " (" + ", ".join(f"{k} {v}" for k, v in (r["errors"] or {}).items() if v) + ")"
-                if errs
-                else ""
-            )
-            lines.append(
-                f"| {labels.get(key, key)} | {r['seconds']} | {_f(r['knee_requests_per_s'], 0)} "
-                f"| {_f(r['target_requests_per_s'], 0)} | {_f(r['requests_per_s'], 0)} "
-                f"({_f(r['of_knee'], 2)}) | {r['connections']} | {err_text} "
-                f"| {_f(r['p50_ms'])} / {_f(r['p99_ms'])} / {_f(r['p99_9_ms'])} / "
-                f"{_f(r['max_ms'])} | {m['start_mib']} / {m['peak_mib']} / {m['end_mib']} "
-                f"| {cpu_text(r['cpu_s'], r['seconds'])} |"
-            )
-        lines.append("")
-    sse = ex.get("sse") or []
-    sse_labels = {**labels, "direct": "direct (SSE backend)"}
-    if sse:
-        lines += [
-            f"## SSE streams (clean link, one event every {p['sse_interval_ms']} ms per stream)",
-            "",
-            f"bench/sse_backend.py ({ex.get('sse_backend', SSE_BACKEND_BEFORE)}) "
-            "behind each contender (direct: "
-            "the SSE backend itself); bench/sse_client.py in the client namespace opens the "
-            "streams at once (2,000/s) and keeps each open for "
-            f"{_f(p['sse_s'])} s from its own start. ttfe = time to first event from before "
-            "connect(); delivered = events received / events the backend's schedule promised; "
-            "delay = receive time - the backend's timestamp in the event. nginx proxy_pass "
-            "relays each event at once (the backend sends X-Accel-Buffering: no). Peak RSS and "
-            "CPU: the contender's processes (direct: the SSE backend).",
-            "",
-            "| streams | contender | ok | errors | ttfe p50 / p99 / max ms | events/s "
-            "| delivered | delay p50 / p99 ms | CPU % | RSS start -> peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in sse:
-            c = row.get("client")
-            if not c:
-                lines.append(
-                    f"| {row['streams']} | {sse_labels.get(row['contender'], row['contender'])} "
-                    f"| failed: {row.get('error', '')[-120:]!r} ||||||||"
-                )
-                continue
-            t, d, m = c["ttfe_ms"], c["delay_ms"], row["memory"]
-            errs = c["errors_total"]
-            err_text = str(errs) + (
-                " (" + ", ".join(f"{k} {v}" for k, v in c["errors"].items()) + ")" if errs else ""
-            )
-            lines.append(
-                f"| {row['streams']} | {sse_labels.get(row['contender'], row['contender'])} "
-                f"| {c['ok']}/{c['streams']} | {err_text} | {_f(t['p50'])} / {_f(t['p99'])} / "
-                f"{_f(t['max'])} | {_f(c['events_per_s'], 0)} | {_f(c['delivered_fraction'], 3)} "
-                f"| {_f(d['p50'])} / {_f(d['p99'])} | {_f(row['cpu_pct'], 0)} "
-                f"| {m['start_mib']} -> {m['peak_mib']} |"
-            )
-        lines.append("")
-    soak_sse = ex.get("sse_soak")
-    if soak_sse:
-        s = soak_sse
-        env = ", ".join(f"{k}={v}" for k, v in s.get("env", {}).items())
-        base = s["baseline"]
-        lines += [
-            f"## SSE soak: {s['streams']:,} streams through {labels.get(s['contender'])}, "
-            f"{s['cycles']} identical cycles",
-            "",
-            f"Each cycle opens {s['streams']:,} streams (2,000/s; one event every "
-            f"{s['interval_ms'] / 1000:g} s), waits for every first event, holds "
-            f"{s['hold_s']:g} s, closes them all and waits {s['settle_s']:g} s. Memory = "
-            "fileproxy's processes (gunicorn master + 2 workers) summed: RSS (pages shared "
-            "by the forked workers counted in each) and PSS (shared pages divided). Started "
-            f"with {env} (fileproxy's default pools, 200 / 50 per host per worker, would "
-            "queue all but 100 streams: see the SSE streams rows). Listen overflows = the "
-            "server namespace's TcpExt ListenOverflows during the opening; the last column "
-            "puts them on a listener: its longest accept queue (ss Recv-Q, polled every "
-            "0.1 s) and its backlog (2048, gunicorn.conf.py's; runs before 2026-11-30 02:00 "
-            "UTC had 128: aiohttp's gunicorn worker listened again with aiohttp's default); "
-            "a full queue drops the SYN, which the client sends again after 1, 3, 7, 15 s "
-            "...). The SSE backend: "
-            f"{ex.get('sse_backend', SSE_BACKEND_BEFORE)}. Baseline before the first "
-            f"cycle: RSS {base['rss_mib']} MiB, PSS {base['pss_mib']} MiB, per process "
-            f"{base['per_process_rss_mib']} MiB; the SSE backend {base['backend_rss_mib']} MiB.",
-            "",
-            "| cycle | streams ok | errors | open s | listen overflows | RSS open "
-            "| RSS end of hold | RSS after close | KiB per stream (RSS) | KiB per stream (PSS) "
-            "| KiB per stream over the RSS before the cycle | per process RSS when open "
-            "| longest accept queue while opening (port/backlog: queue) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        previous = s["baseline"].get("netstat", {})
-        for c in s["per_cycle"]:
-            opened = next(
-                x for x in s["samples"] if x["phase"] == "opened" and x["cycle"] == c["cycle"]
-            )
-            counters = opened.get("netstat", {})
-            overflows = (
-                counters["ListenOverflows"] - previous.get("ListenOverflows", 0)
-                if "ListenOverflows" in counters
-                else None
-            )
-            previous = counters or previous
-            lines.append(
-                f"| {c['cycle']} | {c['ok']:,} | {c['errors'] or 0} | {c['open_s']} "
-                f"| {_f(overflows, 0)} | {c['rss_opened_mib']} | {c['rss_held_mib']} "
-                f"| {c['rss_closed_mib']} "
-                f"| {c['kib_per_stream']} | {c['kib_per_stream_pss']} "
-                f"| {c.get('kib_per_stream_cycle', '-')} "
-                f"| {opened['memory']['per_process_rss_mib']} "
-                f"| {opened.get('accept_queue_max', '-')} |"
-            )
-        per_stream = [c["kib_per_stream"] for c in s["per_cycle"] if c["kib_per_stream"]]
-        lines += [
-            "",
-            f"- RSS per open stream (over the baseline): {', '.join(map(str, per_stream))} KiB "
-            f"by cycle; the issue's target is <= 30 KiB with 10,000 streams over 2 workers.",
-            f"- RSS after close, change from each cycle to the next: "
-            f"{s['closed_steps_mib']} MiB (first to last {s['closed_rise_mib']} MiB). A leak "
-            "shows as a rise on every identical cycle; memory kept after the first cycle and "
-            "reused is the allocator, not a leak. Each worker keeps its own high-water mark, "
-            "and the kernel spreads the streams over the workers differently in each cycle "
-            "(per process RSS), so the sum can rise until every worker has had its largest "
-            "share: judge by the trend over several cycles.",
-        ]
-        if s.get("error"):
-            lines.append(f"- the client ended with an error: {s['error'][-300:]!r}")
-        lines.append("")
-    return lines
-
-
-def chart(ex: dict[str, Any], path: Path, labels: dict[str, str], title: str) -> bool:
-    """Staircase (req/s and p99 by connections), SSE time to first event, SSE soak RSS."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    stair, sse, soak = ex.get("stair") or {}, ex.get("sse") or [], ex.get("sse_soak")
-    rate = ex.get("stair_rate") or {}
-    if not (stair or sse or soak):
-        return False
-    colour = {"direct": "#7f7f7f", "nginx": "#2ca02c", "before": "#d62728",
-              "fp_off": "#9ecae1", "fp_on": "#1f77b4"}  # fmt: skip
-    rows = 3 if rate else 2
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.25 * rows), squeeze=False)
-    (a_rps, a_p99), (a_sse, a_soak) = axes[0], axes[1]
-    if rate:
-        a_ach, a_rp99 = axes[2]
-        for key, r in rate.items():
-            steps = [st for st in r["steps"] if "requests_per_s" in st]
-            xs = [st["offered_per_s"] for st in steps]
-            kw = {"color": colour.get(key), "label": labels.get(key, key)}
-            a_ach.plot(xs, [st["requests_per_s"] for st in steps], "o-", **kw)
-            a_rp99.plot(xs, [st["p99_ms"] or 0 for st in steps], "o-", **kw)
-        top = max((st["offered_per_s"] for r in rate.values() for st in r["steps"]), default=1)
-        a_ach.plot([0, top], [0, top], color="black", linewidth=0.8, linestyle=":")
-        for ax, name in ((a_ach, "achieved req/s (dotted: = offered)"), (a_rp99, "p99 ms")):
-            ax.set_xscale("log")
-            ax.set_xlabel("offered req/s (paced, exponential think time)")
-            ax.set_ylabel(name)
-            ax.set_title(f"paced staircase, 1 KiB, clean link: {name}", fontsize=9)
-            ax.legend(fontsize=7)
-        a_ach.set_yscale("log")
-        a_rp99.set_yscale("log")
-        a_rp99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
-    for key, r in stair.items():
-        steps = [st for st in r["steps"] if "requests_per_s" in st]
-        xs = [st["connections"] for st in steps]
-        a_rps.plot(xs, [st["requests_per_s"] for st in steps], "o-", color=colour.get(key),
-                   label=labels.get(key, key))  # fmt: skip
-        a_p99.plot(xs, [st["p99_ms"] or 0 for st in steps], "o-", color=colour.get(key),
-                   label=labels.get(key, key))  # fmt: skip
-        if r["knee"]:
-            a_rps.plot([r["knee"]["connections"]], [r["knee"]["requests_per_s"]], "k*",
-                       markersize=12)  # fmt: skip
-    for ax, name in ((a_rps, "req/s (* = knee)"), (a_p99, "p99 ms")):
-        if not stair:
-            ax.set_axis_off()
-            continue
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("connections")
-        ax.set_ylabel(name)
-        ax.set_title(f"staircase, 1 KiB, clean link: {name}", fontsize=9)
-        ax.legend(fontsize=7)
-    if stair:
-        a_p99.axhline(STAIR_P99_MS, color="black", linewidth=0.8, linestyle="--")
-        a_p99.set_yscale("log")
-    if sse:
-        sizes = sorted({row["streams"] for row in sse})
-        keys = list(dict.fromkeys(row["contender"] for row in sse))
-        width = 0.8 / max(len(keys), 1)
-        for i, key in enumerate(keys):
-            values = []
-            for n in sizes:
-                row = next((x for x in sse if x["contender"] == key and x["streams"] == n), None)
-                c = (row or {}).get("client") or {}
-                values.append((c.get("ttfe_ms") or {}).get("p99") or 0)
-            xs = [j + i * width for j in range(len(sizes))]
-            label = "direct (SSE backend)" if key == "direct" else labels.get(key, key)
-            a_sse.bar(xs, values, width, color=colour.get(key), label=label)
-        a_sse.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(sizes))])
-        a_sse.set_xticklabels([f"{n} streams" for n in sizes])
-        a_sse.set_yscale("log")
-        a_sse.set_ylabel("time to first event, p99 ms")
-        a_sse.set_title("SSE streams: time to first event (p99)", fontsize=9)
-        a_sse.legend(fontsize=7)
-    else:
-        a_sse.set_axis_off()
-    if soak:
-        xs, rss, pss, names = (
-            [0],
-            [soak["baseline"]["rss_mib"]],
-            [soak["baseline"]["pss_mib"]],
-            ["start"],
-        )
-        for sample in soak["samples"]:
-            xs.append(len(xs))
-            rss.append(sample["memory"]["rss_mib"])
-            pss.append(sample["memory"]["pss_mib"])
-            names.append(f"{sample['cycle']}:{sample['phase']}")
-        a_soak.plot(xs, rss, "o-", label="RSS, summed", color="#1f77b4")
-        a_soak.plot(xs, pss, "s--", label="PSS, summed", color="#9ecae1")
-        a_soak.set_xticks(xs)
-        a_soak.set_xticklabels(names, rotation=45, fontsize=7, ha="right")
-        a_soak.set_ylabel("MiB")
-        a_soak.set_title(
-            f"SSE soak: {soak['streams']:,} streams x {soak['cycles']} cycles, "
-            f"{labels.get(soak['contender'])}",
-            fontsize=9,
-        )
-        a_soak.legend(fontsize=7)
-    else:
-        a_soak.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

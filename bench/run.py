@@ -68,34 +68,28 @@ from bench.netem import (
     write_file,
 )
 from bench.procs import PeakMemory, group_cpu_seconds, host_busy_seconds
+from bench.records import (
+    BACKEND_PORT,
+    CONTENDERS,
+    FILEPROXY_KEYS,
+    LABELS,
+    WORKERS,
+    WRK_TIMEOUT_S,
+    LongDownload,
+    RangeCheck,
+    Report,
+    RunResult,
+    ScenarioResult,
+    WorkloadResult,
+    WrkStats,
+)
+from bench.report import NOTES, aggregate, rerender, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
-WORKERS = 2
-BACKEND_PORT = 8080
-WRK_TIMEOUT_S = 30
 LONG_DOWNLOAD_BYTES = 8 << 20  # ~80 s on the very poor link: longer than the seed's 45 s total
-LINK_BOUND = 0.80  # goodput / link rate at or above which a row is marked link-bound
-PROBE_BOUND = 0.85  # ... or goodput / the verified rate probe (the emulation may cap below nominal)
-
-
-@dataclass(frozen=True)
-class Contender:
-    key: str
-    label: str
-    port: int
-
-
-CONTENDERS = (
-    Contender("direct", "direct (nginx static)", BACKEND_PORT),
-    Contender("nginx", "nginx proxy_pass", 8081),
-    Contender("before", 'seed "before"', 8082),
-    Contender("fp_off", "fileproxy, optimizer off", 8083),
-    Contender("fp_on", "fileproxy, optimizer on", 8084),
-)
-FILEPROXY_KEYS = ("fp_off", "fp_on")
 
 
 @dataclass(frozen=True)
@@ -343,7 +337,7 @@ class Bench:
             result[key] = out.split()[:1] == [want]
         return result
 
-    def long_download(self, key: str, size: int) -> dict[str, Any]:
+    def long_download(self, key: str, size: int) -> LongDownload:
         """One download of `size` bytes through a contender, checked byte for byte.
 
         On the very poor link it lasts longer than the seed's 45 s *total*
@@ -368,15 +362,15 @@ class Bench:
                 ["sha256sum", str(target)], capture_output=True, text=True, check=True
             ).stdout.split()[0]
             target.unlink()
-        return {
-            "contender": key,
-            "size": size,
-            "status": fields[0] if fields else None,
-            "bytes": int(fields[1]) if len(fields) > 1 else 0,
-            "curl_exit": int(fields[2]) if len(fields) > 2 else None,
-            "seconds": round(elapsed, 1),
-            "byte_exact": got == want,
-        }
+        return LongDownload(
+            contender=key,
+            size=size,
+            status=fields[0] if fields else None,
+            bytes=int(fields[1]) if len(fields) > 1 else 0,
+            curl_exit=int(fields[2]) if len(fields) > 2 else None,
+            seconds=round(elapsed, 1),
+            byte_exact=got == want,
+        )
 
     def established(self, port: int) -> int:
         out = self.bed.sh(
@@ -407,9 +401,7 @@ class Bench:
 
     # measuring
 
-    def measure(
-        self, scenario: Scenario, workload: Workload, key: str, health: bool
-    ) -> dict[str, Any]:
+    def measure(self, scenario: Scenario, workload: Workload, key: str, health: bool) -> RunResult:
         contender = next(c for c in CONTENDERS if c.key == key)
         threads = min(2, workload.connections)
         url = f"http://{SERVER_IP}:{contender.port}{workload.path}"
@@ -469,33 +461,33 @@ class Bench:
         # everything else: other users of the machine, and kernel network work (softirq)
         # not charged to any of our processes
         cpu["other"] = round(max(busy - known, 0.0), 2)
-        result: dict[str, Any] = {
-            "contender": key,
-            "scenario": scenario.name,
-            "workload": workload.key,
-            "connections": workload.connections,
-            "elapsed_s": round(elapsed, 2),
-            "loadavg_1m_before": float(loadavg),
-            "cpu_s": cpu,
+        result = RunResult(
+            contender=key,
+            scenario=scenario.name,
+            workload=workload.key,
+            connections=workload.connections,
+            elapsed_s=round(elapsed, 2),
+            loadavg_1m_before=float(loadavg),
+            cpu_s=cpu,
             # the contender's processes (direct: the backend nginx), RSS summed, MiB
-            "memory": memory.result(),
-        }
+            memory=memory.result(),
+        )
         found = re.search(r"^RANGE_JSON (.*)$", done.stdout, re.MULTILINE)
         if found:
-            result["range"] = json.loads(found.group(1))
+            result.range = RangeCheck.from_json(json.loads(found.group(1)))
         match = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
         if match is None:
-            result["error"] = (done.stdout + done.stderr)[-1000:]
+            result.error = (done.stdout + done.stderr)[-1000:]
         else:
-            result["wrk"] = json.loads(match.group(1))
+            result.wrk = WrkStats.from_json(json.loads(match.group(1)))
         if probe is not None:
             try:
                 out, _ = probe.communicate(timeout=60)
-                result["health"] = json.loads(out.strip().splitlines()[-1])
+                result.health = json.loads(out.strip().splitlines()[-1])
             except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
                 probe.kill()
                 probe.wait()
-                result["health"] = {"error": str(exc)}
+                result.health = {"error": str(exc)}
         return result
 
 
@@ -503,331 +495,6 @@ def health_path(key: str, workload: Workload) -> str:
     """What the health probe asks for: fileproxy's /health; of nginx, which has none,
     the workload's own small file, as a floor: the same probe, the same saturation."""
     return "/health" if key in FILEPROXY_KEYS else workload.path
-
-
-# -- report -----------------------------------------------------------------------
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def aggregate(
-    runs: list[dict[str, Any]], scenario: Scenario, workload: Workload, probe_mbit: float | None
-) -> dict[str, Any]:
-    """Mean of one contender's runs (two: one per direction of the alternation).
-
-    Link-bound: goodput >= LINK_BOUND x the nominal rate, or >= PROBE_BOUND x what the
-    rate probe measured (on the 1 Gbit/s link the NFQUEUE delayer caps the
-    emulated link below its nominal rate).
-    """
-    ok = [r["wrk"] for r in runs if "wrk" in r]
-    lat = [w["latency_us"] for w in ok if w.get("latency_us")]
-    errors: dict[str, int] = {}
-    for w in ok:
-        for kind, count in w["errors"].items():
-            errors[kind] = errors.get(kind, 0) + int(count)
-    for r in runs:
-        # Range responses that were not 206, or whose Content-Range / length were wrong
-        for kind in ("not_206", "bad_range", "bad_length"):
-            if "range" in r:
-                errors[kind] = errors.get(kind, 0) + int(r["range"][kind])
-    rps = [float(w["requests_per_s"]) for w in ok]
-    bps = [float(w["bytes_per_s"]) for w in ok]
-    row: dict[str, Any] = {
-        "runs": len(runs),
-        "failed_runs": len(runs) - len(ok),
-        "requests": sum(int(w["requests"]) for w in ok),
-        "requests_per_s": mean(rps),
-        "bytes_per_s": mean(bps),
-        "spread": (max(rps) - min(rps)) / mean(rps) if len(rps) > 1 and mean(rps) else None,
-        "errors": errors,
-        "errors_total": sum(errors.values()),
-    }
-    for p in ("p50", "p90", "p99", "p99_9"):
-        row[f"{p}_ms"] = mean([x[p] / 1000 for x in lat]) if lat else None
-    if (workload.key != "small" or scenario.name != "normal") and bps and scenario.rate_mbit:
-        goodput_mbit = sum(bps) / len(bps) * 8 / 1e6
-        row["utilisation"] = goodput_mbit / scenario.rate_mbit
-        row["link_bound"] = row["utilisation"] >= LINK_BOUND or (
-            probe_mbit is not None and goodput_mbit >= PROBE_BOUND * probe_mbit
-        )
-    cpu: dict[str, float] = {}
-    for r in runs:
-        for name, seconds in r["cpu_s"].items():
-            cpu[name] = cpu.get(name, 0.0) + seconds
-    total_s = sum(r["wrk"]["duration_s"] for r in runs if "wrk" in r) or 1.0
-    row["cpu_pct"] = {name: round(s / total_s * 100, 1) for name, s in cpu.items()}
-    health = [r["health"] for r in runs if "health" in r]
-    if health:
-        row["health"] = health
-    peaks = [r["memory"]["peak_mib"] for r in runs if "memory" in r]
-    row["peak_rss_mib"] = max(peaks) if peaks else None
-    ranges = [r["range"] for r in runs if "range" in r]
-    if ranges:
-        row["range_good"] = sum(x["good"] for x in ranges)
-    return row
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    if digits == 0:
-        return f"{value:,.0f}"
-    return f"{value:,.{digits}f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "-"
-    return f"{a / b:.2f}x"
-
-
-def throughput(row: dict[str, Any], workload_key: str) -> float | None:
-    value = row["requests_per_s"] if workload_key == "small" else row["bytes_per_s"]
-    return float(value) if value is not None else None
-
-
-def load_text(report: dict[str, Any]) -> str:
-    loads = [
-        r["loadavg_1m_before"]
-        for scen in report["scenarios"]
-        for wl in scen["workloads"]
-        for runs in wl["runs"].values()
-        for r in runs
-        if "loadavg_1m_before" in r
-    ]
-    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "unknown"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    lines = [
-        f"# fileproxy benchmark, {env['date']}",
-        "",
-        f"- command: `{report.get('command', 'not recorded')}`",
-        f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; "
-        f"kernel {env['kernel']}; {env['os']}",
-        f"- impairment: {env['method']} ({env['method_detail']})",
-        f"- software: nginx {env['nginx']}, wrk {env['wrk']}, Python {env['python']}, "
-        f"aiohttp {env['aiohttp']}, gunicorn {env['gunicorn']}, uvloop {env['uvloop']}; "
-        f"TCP congestion control {env['congestion_control']}",
-        f"- every proxy has {WORKERS} worker processes; backend nginx {WORKERS} workers, "
-        "static files; wrk in the client namespace, `--timeout "
-        f"{WRK_TIMEOUT_S}s`; order A B C D E E D C B A, mean of the 2 runs",
-        f"- machine load (1-min load average before each run): {load_text(report)}; "
-        "the CPU column shows how much of it was not ours",
-        f"- run time {report['run_time_s'] / 60:.1f} min"
-        + (" (BENCH_FULL=1)" if report["full"] else ""),
-        "",
-        "Throughput is req/s for 1 KiB rows and MB/s for file rows; ratios compare "
-        'throughput and p99 with the seed\'s "before" proxy and with nginx proxy_pass, '
-        "measured in the same run. p99 ratio < 1 is better. util = goodput (HTTP bytes "
-        f"received) / nominal link rate; **LB** = link-bound (util >= {LINK_BOUND:.2f}, or "
-        f"goodput >= {PROBE_BOUND:.2f}x the verified rate probe): the link, not the proxy, "
-        "sets the "
-        "throughput there. Range rows: MB/s of 206 bodies; not_206 / bad_range / bad_length in "
-        "the errors column are responses wrk did not count as errors but bench/wrk_range.lua "
-        "found wrong. Peak RSS = the contender's processes (direct: the backend nginx), RSS "
-        "summed, the highest of samples every 0.25 s during its runs. CPU = % of one core "
-        "during the "
-        "contender's runs: its processes (direct: the backend nginx) / the NFQUEUE delayer / "
-        "everything else on the machine (other users, kernel network work not charged to a "
-        "process); this VM is shared, so a high 'other' marks a disturbed row.",
-        "",
-    ]
-    for scen in report["scenarios"]:
-        v = scen["verification"]
-        lines.append(f"## {scen['title']}: {scen['describe']}")
-        lines.append("")
-        if v:
-            ping, conn, rate, drops = v["ping"], v["tcp_connect"], v["rate_probe"], v["drops"]
-            lines.append(
-                f"Emulation measured: ping {ping.get('min_ms')}/{ping.get('avg_ms')}/"
-                f"{ping.get('max_ms')} ms (min/avg/max), TCP connect median "
-                f"{conn['median_ms']} ms (max {conn['max_ms']}), rate probe "
-                f"{rate['goodput_mbit']} Mbit/s"
-                + (f" = {rate['of_nominal']:.2f}x nominal" if rate.get("of_nominal") else "")
-                + " (one download, slow start left out), drops "
-                + ", ".join(
-                    f"{side} {d['dropped']}/{d['arrived']} ({d['drop_pct']}%)"
-                    for side, d in drops.items()
-                )
-                + "; checks: "
-                + ", ".join(f"{k} {'ok' if ok else 'OFF'}" for k, ok in v["checks"].items())
-                + "."
-            )
-            lines.append("")
-        if scen["workloads"]:
-            lines.append(
-                "| workload | conns | contender | throughput | p50 ms | p99 ms | p99.9 ms "
-                "| errors | util | thr vs before | thr vs nginx | p99 vs before | p99 vs nginx "
-                "| CPU % contender / delayer / other | peak RSS MiB |"
-            )
-            lines.append("|" + "---|" * 15)
-        else:
-            lines.append("(no table workloads selected in this run)")
-        for wl in scen["workloads"]:
-            rows = wl["rows"]
-            before, anchor = rows.get("before"), rows.get("nginx")
-            for key, row in rows.items():
-                thr = throughput(row, wl["key"])
-                thr_text = (
-                    f"{fmt(thr)} req/s"
-                    if wl["key"] == "small"
-                    else f"{fmt(thr / 1e6 if thr is not None else None, 2)} MB/s"
-                )
-                util = row.get("utilisation")
-                util_text = "-" if util is None else f"{util:.2f}"
-                if row.get("link_bound"):
-                    util_text += " **LB**"
-                errs = row["errors_total"]
-                err_text = (
-                    "0"
-                    if not errs
-                    else f"{errs} ("
-                    + ", ".join(f"{k} {n}" for k, n in row["errors"].items() if n)
-                    + ")"
-                )
-                if row["failed_runs"]:
-                    err_text += f", {row['failed_runs']} run(s) failed"
-                pct = row["cpu_pct"]
-                cpu = (
-                    f"{fmt(pct.get('backend' if key == 'direct' else 'contender'))} / "
-                    f"{fmt(pct.get('delayer'))} / {fmt(pct.get('other'))}"
-                )
-                lines.append(
-                    f"| {wl['label']} | {wl['connections']} | {LABELS[key]} | {thr_text} "
-                    f"| {fmt(row['p50_ms'], 1)} | {fmt(row['p99_ms'], 1)} "
-                    f"| {fmt(row['p99_9_ms'], 1)} | {err_text} | {util_text} "
-                    f"| {ratio(thr, throughput(before, wl['key']) if before else None)} "
-                    f"| {ratio(thr, throughput(anchor, wl['key']) if anchor else None)} "
-                    f"| {ratio(row['p99_ms'], before['p99_ms'] if before else None)} "
-                    f"| {ratio(row['p99_ms'], anchor['p99_ms'] if anchor else None)} "
-                    f"| {cpu} | {fmt(row.get('peak_rss_mib'), 1)} |"
-                )
-        lines.append("")
-        extras = []
-        for wl in scen["workloads"]:
-            for key, row in wl["rows"].items():
-                for h in row.get("health", []):
-                    if "p50_ms" in h:
-                        probe = (
-                            f"`/health` of {LABELS[key]}"
-                            if key in FILEPROXY_KEYS
-                            else f"`GET {wl.get('path')}` of {LABELS[key]} (the probe's floor here)"
-                        )
-                        extras.append(
-                            f"- {probe} during its {wl['label']} run "
-                            f"({wl['connections']} connections): p50 {h['p50_ms']} ms, "
-                            f"p99 {h['p99_ms']} ms, max {h['max_ms']} ms, "
-                            f"{h['ok']}/{h['count']} ok (new connection each, server namespace "
-                            "loopback)"
-                        )
-        for key, stats in scen.get("fileproxy_stats", {}).items():
-            if "error" in stats:
-                extras.append(f"- `/stats` of {LABELS[key]}: unavailable ({stats['error'][:80]})")
-                continue
-            extras.append(
-                f"- `/stats` of {LABELS[key]} after the scenario (both workers): "
-                f"requests {stats['total_requests']}, errors {stats['total_errors']}, "
-                f"client aborts {stats['client_aborts']}, rejected_total "
-                f"{stats['rejected_total']}, limiter enforcing {stats['enforcing'] or 'n/a'}, "
-                + (
-                    f"quality levels {stats['quality_levels']}"
-                    if any(stats["quality_levels"])
-                    else "no quality level (optimizer off)"
-                )
-            )
-        for item in scen.get("long_download", []):
-            verdict = "byte-exact" if item["byte_exact"] else "NOT complete"
-            extras.append(
-                f"- long download of {item['size'] >> 20} MiB through {LABELS[item['contender']]}: "
-                f"{verdict}, {item['bytes']} bytes in {item['seconds']} s, HTTP {item['status']}, "
-                f"curl exit {item['curl_exit']}"
-            )
-        delayer = scen.get("delayer")
-        if delayer:
-            extras.append(
-                f"- delayer: {delayer['packets']} packets, mean delay {delayer['mean_delay_ms']} "
-                f"ms (FIFO per flow), late by {delayer['mean_late_ms']} ms on average, "
-                f"max backlog {delayer['max_backlog']}, {delayer['cpu_s']} CPU s"
-            )
-        if extras:
-            lines.extend([*extras, ""])
-    if report.get("extras"):
-        lines.extend(extra_workloads.markdown(report["extras"], LABELS))
-    lines.extend(report["notes"])
-    return "\n".join(lines) + "\n"
-
-
-LABELS = {c.key: c.label for c in CONTENDERS}
-
-
-def chart(report: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    cases = [(s, w) for s in report["scenarios"] for w in s["workloads"]]
-    if not cases:
-        return False
-    width = max(3.2 * len(cases), 11.0)
-    fig, axes = plt.subplots(2, len(cases), figsize=(width, 7.0), squeeze=False)
-    colour = {"direct": "#7f7f7f", "nginx": "#2ca02c", "before": "#d62728",
-              "fp_off": "#9ecae1", "fp_on": "#1f77b4"}  # fmt: skip
-    for col, (scen, wl) in enumerate(cases):
-        keys = list(wl["rows"])
-        rows = [wl["rows"][k] for k in keys]
-        before = wl["rows"].get("before")
-        base = throughput(before, wl["key"]) if before else None
-        values = [throughput(r, wl["key"]) or 0.0 for r in rows]
-        norm = [v / base if base else 0.0 for v in values]
-        top, bottom = axes[0][col], axes[1][col]
-        bars = top.bar(range(len(keys)), norm, color=[colour[k] for k in keys])
-        top.axhline(1.0, color="black", linewidth=0.8)
-        top.set_title(f"{scen['title']}\n{wl['label']}, {wl['connections']} conns", fontsize=9)
-        top.set_xticks([])
-        for bar, value in zip(bars, values, strict=True):
-            if wl["key"] == "small":
-                text = f"{value:,.0f}"
-            else:
-                text = f"{value / 1e6:.1f}" if value >= 10e6 else f"{value / 1e6:.2f}"
-            top.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                         ha="center", va="bottom", fontsize=7)  # fmt: skip
-        p99 = [r["p99_ms"] for r in rows]
-        bars = bottom.bar(range(len(keys)), [v or 0.0 for v in p99],
-                          color=[colour[k] for k in keys])  # fmt: skip
-        bottom.set_xticks([])
-        bottom.set_ylim(bottom=0)
-        if not any(p99):
-            bottom.text(0.5, 0.5, "no response completed\nwithin a run", ha="center",
-                        va="center", transform=bottom.transAxes, fontsize=8)  # fmt: skip
-            bottom.set_yticks([])
-        for bar, value in zip(bars, p99, strict=True):
-            if value:
-                bottom.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
-                                                  bar.get_height()),
-                                ha="center", va="bottom", fontsize=7)  # fmt: skip
-        if col == 0:
-            top.set_ylabel('throughput / "before"\n(labels: req/s or MB/s)')
-            bottom.set_ylabel("p99 latency, ms")
-    shown = [c for c in CONTENDERS if c.key in cases[0][1]["rows"]]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c.key]) for c in shown]
-    fig.legend(handles, [c.label for c in shown], loc="lower center", ncol=5, fontsize=9)
-    env = report["environment"]
-    fig.suptitle(
-        f"fileproxy bench {env['date']} — {env['cores']} cores, kernel {env['kernel']}, "
-        f"{env['method']}",
-        fontsize=10,
-    )
-    fig.tight_layout(rect=(0, 0.06, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def environment(method: str) -> dict[str, Any]:
@@ -887,32 +554,6 @@ def environment(method: str) -> dict[str, Any]:
     }
 
 
-NOTES = [
-    "Scaling to 2 cores: the seed's connection counts are kept (1000 / 500 / 100 for 1 KiB); "
-    "wrk, the backend, the contender and the NFQUEUE delayer share the 2 cores, so the "
-    "normal-scenario rows measure CPU cost per request on this machine, not network limits. "
-    "File rows use 16 / 4 / 2 connections (a 1 MiB file at 16 connections does not finish "
-    "within 10 s on the poor link). Each run lasts 5-10 s (x3 with BENCH_FULL=1).",
-    "",
-    "Without netem the 10 ms of the normal link come from the NFQUEUE delayer, a Python "
-    "process that forwards ~110k packets/s on one core: the normal link carries at most "
-    "~750-850 Mbit/s (its rate probe says how much), so normal 1 MiB rows are bound by the "
-    "emulation, and at 30-40k req/s the delayer takes a large share of the 2 cores. The "
-    '"clean" scenario (not one of the seed\'s: the bare veth pair, no delay, shaping or '
-    "loss) shows what each proxy relays on its own.",
-    "",
-    "The proxies reach the backend over the server namespace's loopback: the impaired link "
-    "is the client side. fileproxy's network-quality classifier watches its *upstream* "
-    "(time to headers, TCP_INFO of upstream sockets), so here its level reflects a loopback "
-    "upstream and the proxy's own load (slow time to headers when its event loop is "
-    "saturated), never the client link: the scenarios cannot judge the classifier.",
-    "",
-    "On the poor and very poor links wrk counts every byte read, also of responses the run "
-    "ended in the middle of, so goodput (and util) is meaningful even where few 1 MiB "
-    "responses complete within a run; latency percentiles there come from few samples.",
-]
-
-
 def collect_stats(bench: Bench, key: str) -> dict[str, Any]:
     raw = bench.fileproxy_stats(key)
     if "error" in raw:
@@ -956,25 +597,25 @@ class Options:
     fp_env: dict[str, str] = field(default_factory=dict)
 
 
-def run(options: Options) -> dict[str, Any]:
+def run(options: Options) -> Report:
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="fpb-"))
     bed = Testbed(workdir=root / "logs")
     (root / "logs").mkdir()
     bench = Bench(bed, root, options.fp_env)
-    report: dict[str, Any] = {"full": options.full, "scenarios": [], "notes": NOTES}
+    report = Report(full=options.full, notes=NOTES)
     proxies = [k for k in options.contenders if k != "direct"]
     try:
         print(f"setting up namespaces {bed.client_ns} / {bed.server_ns} in {root}", flush=True)
         bed.setup()
-        report["environment"] = environment(bed.method)
+        report.environment = environment(bed.method)
         bench.prepare_files()
         bench.start_backend()
         for key in proxies:
             bench.start(key)
         bench.wait_ready(["direct", *proxies])
-        report["byte_exact_1mib"] = bench.check_bytes(options.contenders)
-        print(f"byte-exact 1 MiB through each contender: {report['byte_exact_1mib']}", flush=True)
+        report.byte_exact_1mib = bench.check_bytes(options.contenders)
+        print(f"byte-exact 1 MiB through each contender: {report.byte_exact_1mib}", flush=True)
         for name in options.scenarios:
             scenario = SCENARIOS[name]
             print(f"\n== {scenario.title}: {scenario.describe()} "
@@ -992,21 +633,20 @@ def run(options: Options) -> dict[str, Any]:
             verification = bed.verify(BACKEND_PORT, f"http://{SERVER_IP}:{BACKEND_PORT}/64m.bin")
             verification["setup_s"] = round(ready_s, 1)
             verification["verify_s"] = round(time.monotonic() - scenario_started - ready_s, 1)
-            scen: dict[str, Any] = {
-                "name": name,
-                "title": scenario.title,
-                "describe": scenario.describe(),
-                "config": asdict(scenario),
-                "verification": verification,
-                "workloads": [],
-            }
+            scen = ScenarioResult(
+                name=name,
+                title=scenario.title,
+                describe=scenario.describe(),
+                config=asdict(scenario),
+                verification=verification,
+            )
             for workload in workloads_for(name, options.full, options.scale):
                 if workload.key not in options.workloads and not (
                     workload.key == "file64" and "file" in options.workloads
                 ):
                     continue
                 order = options.contenders + options.contenders[::-1]
-                runs: dict[str, list[dict[str, Any]]] = {k: [] for k in options.contenders}
+                runs: dict[str, list[RunResult]] = {k: [] for k in options.contenders}
                 for key in order:
                     health = (
                         key in (*FILEPROXY_KEYS, "nginx")
@@ -1015,18 +655,18 @@ def run(options: Options) -> dict[str, Any]:
                     )
                     result = bench.measure(scenario, workload, key, health)
                     runs[key].append(result)
-                    w = result.get("wrk")
+                    w = result.wrk
                     if w:
-                        p99 = (w["latency_us"] or {}).get("p99")
+                        p99 = (w.latency_us or {}).get("p99")
                         summary = (
-                            f"{w['requests_per_s']:.0f} req/s, {w['bytes_per_s'] / 1e6:.2f} MB/s, "
+                            f"{w.requests_per_s:.0f} req/s, {w.bytes_per_s / 1e6:.2f} MB/s, "
                             f"p99 {'-' if p99 is None else f'{p99 / 1000:.1f}'} ms, "
-                            f"errors {w['errors_total']}"
+                            f"errors {w.errors_total}"
                         )
                     else:
-                        summary = f"FAILED: {result.get('error', '')[:200]}"
-                    if "health" in result:
-                        summary += f"; /health {result['health']}"
+                        summary = f"FAILED: {(result.error or '')[:200]}"
+                    if result.health is not None:
+                        summary += f"; /health {result.health}"
                     print(
                         f"  {workload.label} c={workload.connections} {key:7s} {summary}",
                         flush=True,
@@ -1035,96 +675,50 @@ def run(options: Options) -> dict[str, Any]:
                     quiet_started = time.monotonic()
                     # connections of the last run still open on the server side (a lost RST
                     # on a lossy link leaves some for a while): wait a little, then go on
-                    result["lingering"] = bench.wait_quiet(port, 3)
-                    result["quiet_wait_s"] = round(time.monotonic() - quiet_started, 2)
+                    result.lingering = bench.wait_quiet(port, 3)
+                    result.quiet_wait_s = round(time.monotonic() - quiet_started, 2)
                 probe_mbit = verification["rate_probe"]["goodput_mbit"]
                 rows = {
-                    k: aggregate(runs[k], scenario, workload, probe_mbit)
+                    k: aggregate(runs[k], scenario, workload.key, probe_mbit)
                     for k in options.contenders
                 }
-                scen["workloads"].append(
-                    {
-                        "key": workload.key,
-                        "label": workload.label,
-                        "path": workload.path,
-                        "connections": workload.connections,
-                        "duration_s": workload.duration_s,
-                        "rows": rows,
-                        "runs": runs,
-                    }
+                scen.workloads.append(
+                    WorkloadResult(
+                        key=workload.key,
+                        label=workload.label,
+                        path=workload.path,
+                        connections=workload.connections,
+                        duration_s=workload.duration_s,
+                        rows=rows,
+                        runs=runs,
+                    )
                 )
             if name == "very_poor" and options.long_download:
-                scen["long_download"] = []
+                scen.long_download = []
                 for key in [k for k in options.contenders if k != "direct"]:
                     print(f"  long download, {LONG_DOWNLOAD_BYTES >> 20} MiB through {key} ...",
                           flush=True)  # fmt: skip
                     outcome = bench.long_download(key, LONG_DOWNLOAD_BYTES)
                     print(f"    {outcome}", flush=True)
-                    scen["long_download"].append(outcome)
-            scen["fileproxy_stats"] = {
+                    scen.long_download.append(outcome)
+            scen.fileproxy_stats = {
                 k: collect_stats(bench, k) for k in proxies if k in FILEPROXY_KEYS
             }
             if name == "clean" and any(w in EXTRA_WORKLOADS for w in options.workloads):
-                report["extras"] = extra_workloads.run_extras(
+                report.extras = extra_workloads.run_extras(
                     bench, scenario, options, options.contenders, BACKEND_PORT
                 )
-                report["extras"]["run_time_s"] = round(time.monotonic() - scenario_started, 1)
-            scen["counters_after"] = bed.counters()
+                report.extras["run_time_s"] = round(time.monotonic() - scenario_started, 1)
+            scen.counters_after = bed.counters()
             delayer = bed.delayer
             bed.clear()
-            scen["delayer"] = bed.delayer_stats(delayer) if delayer is not None else None
-            report["scenarios"].append(scen)
+            scen.delayer = bed.delayer_stats(delayer) if delayer is not None else None
+            report.scenarios.append(scen)
     finally:
         bed.teardown()
         shutil.rmtree(root, ignore_errors=True)
-    report["run_time_s"] = round(time.monotonic() - started, 1)
+    report.run_time_s = round(time.monotonic() - started, 1)
     return report
-
-
-def rerender(path: Path, with_chart: bool) -> None:
-    """Recompute the rows of a stored .json from its raw runs; rewrite .md (and .png)."""
-    report: dict[str, Any] = json.loads(path.read_text())
-    report["notes"] = NOTES
-    for scen in report["scenarios"]:
-        scenario = SCENARIOS[scen["name"]]
-        rate = (scen.get("verification") or {}).get("rate_probe", {})
-        probe = rate.get("goodput_mbit")
-        if probe is not None and "of_nominal" not in rate:
-            rate["of_nominal"] = (
-                round(probe / scenario.rate_mbit, 3) if scenario.rate_mbit else None
-            )
-        for wl in scen["workloads"]:
-            workload = Workload(wl["key"], "", wl["connections"], wl["duration_s"])
-            wl["rows"] = {
-                k: aggregate(runs, scenario, workload, probe) for k, runs in wl["runs"].items()
-            }
-    soak = (report.get("extras") or {}).get("sse_soak")
-    if soak:
-        soak.update(extra_workloads.soak_verdict(soak))
-    write_report(report, path.with_suffix(""), with_chart)
-
-
-def write_report(report: dict[str, Any], stem: Path, with_chart: bool) -> None:
-    text = markdown(report)
-    md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
-    extra_png = stem.with_name(stem.name + "-extras.png")
-    if with_chart and chart(report, png_path):
-        text += f"\n![benchmark chart]({png_path.name})\n"
-    elif with_chart:
-        print("no table chart: no table rows, or matplotlib is missing (pip install -e '.[bench]')")
-    if with_chart and report.get("extras"):
-        env = report["environment"]
-        title = (
-            f"fileproxy bench {env['date']}, extra workloads — {env['cpu']}, {env['cores']} "
-            f"cores, kernel {env['kernel']}"
-        )
-        if extra_workloads.chart(report["extras"], extra_png, LABELS, title):
-            text += f"\n![extra workloads]({extra_png.name})\n"
-    md_path.write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    print("\n" + text)
-    print(f"wrote {md_path}, {stem.with_suffix('.json')}" + (
-        f", {png_path}" if png_path.exists() else ""))  # fmt: skip
 
 
 def main() -> None:
@@ -1219,7 +813,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     report = run(options)
-    report["command"] = ("BENCH_FULL=1 " if full else "") + " ".join(
+    report.command = ("BENCH_FULL=1 " if full else "") + " ".join(
         ["python -m bench.run", *sys.argv[1:]]
     )
     options.out_dir.mkdir(parents=True, exist_ok=True)
