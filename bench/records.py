@@ -211,12 +211,16 @@ class Row:
     p99_ms: float | None
     p99_9_ms: float | None
     cpu_pct: dict[str, float]
-    peak_rss_mib: float | None
+    peak_rss_mib: float | None = None  # runs before 2026-11-30 have no memory figures
     # only where a link rate is judged (not the normal link's 1 KiB row)
     utilisation: float | None = None
     link_bound: bool | None = None
     health: list[JSON] = field(default_factory=list)
     range_good: int | None = None
+
+    @classmethod
+    def from_json(cls, d: JSON) -> Row:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def to_json(self) -> JSON:
         out: JSON = {
@@ -256,15 +260,14 @@ class WorkloadResult:
     runs: dict[str, list[RunResult]]
 
     @classmethod
-    def from_json(cls, d: JSON, rows: dict[str, Row] | None = None) -> WorkloadResult:
-        """The stored rows are not read back: `rows` (recomputed from the runs) replace them."""
+    def from_json(cls, d: JSON) -> WorkloadResult:
         return cls(
             key=d["key"],
             label=d["label"],
             path=d.get("path"),
             connections=d["connections"],
             duration_s=d["duration_s"],
-            rows=rows or {},
+            rows={k: Row.from_json(r) for k, r in d["rows"].items()},
             runs={k: [RunResult.from_json(r) for r in v] for k, v in d["runs"].items()},
         )
 
