@@ -19,6 +19,7 @@ lint: venv
 	$(VENV)/bin/ruff check fileproxy tests bench gunicorn.conf.py
 	$(VENV)/bin/ruff format --check fileproxy tests bench gunicorn.conf.py
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench/records.py bench/report.py
 
 venv: $(VENV)/.installed
 

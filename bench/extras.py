@@ -345,7 +345,9 @@ def sse_url(key: str, bench: Any, interval_ms: int) -> str:
     return f"http://{SERVER_IP}:{port}/sse?interval_ms={interval_ms}"
 
 
-def sse_streams(bench: Any, key: str, streams: int, seconds: float, interval_ms: int) -> dict:
+def sse_streams(
+    bench: Any, key: str, streams: int, seconds: float, interval_ms: int
+) -> dict[str, Any]:
     """One SSE row: `streams` concurrent streams through `key` for `seconds` each.
 
     The client runs in the client namespace, across the veth pair; "direct"
@@ -646,11 +648,11 @@ def run_extras(
                 env = {"HTTP_CONNECTOR_LIMIT": limit, "HTTP_CONNECTOR_LIMIT_PER_HOST": "0"}
                 restart_in_front_of(bench, ["fp_on"], SSE_PORT, env)
                 stamp(f"sse soak fp_on: {p.soak_streams} streams x {p.soak_cycles} cycles")
-                result = sse_soak(bench, "fp_on", p)
-                result["env"] = env
-                out["sse_soak"] = result
-                stamp(f"  per cycle {result['per_cycle']}; closed rise "
-                      f"{result['closed_rise_mib']} MiB")  # fmt: skip
+                soak = sse_soak(bench, "fp_on", p)
+                soak["env"] = env
+                out["sse_soak"] = soak
+                stamp(f"  per cycle {soak['per_cycle']}; closed rise "
+                      f"{soak['closed_rise_mib']} MiB")  # fmt: skip
         finally:
             bench.stop("sse")
     # back in front of the static backend for the next scenarios

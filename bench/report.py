@@ -311,6 +311,7 @@ def chart(report: Report, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
     except ImportError:
         return False
     cases = [(s, w) for s in report.scenarios for w in s.workloads]
@@ -348,16 +349,16 @@ def chart(report: Report, path: Path) -> bool:
             bottom.text(0.5, 0.5, "no response completed\nwithin a run", ha="center",
                         va="center", transform=bottom.transAxes, fontsize=8)  # fmt: skip
             bottom.set_yticks([])
-        for bar, value in zip(bars, p99, strict=True):
-            if value:
-                bottom.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2,
+        for bar, ms in zip(bars, p99, strict=True):
+            if ms:
+                bottom.annotate(f"{ms:,.0f}", (bar.get_x() + bar.get_width() / 2,
                                                   bar.get_height()),
                                 ha="center", va="bottom", fontsize=7)  # fmt: skip
         if col == 0:
             top.set_ylabel('throughput / "before"\n(labels: req/s or MB/s)')
             bottom.set_ylabel("p99 latency, ms")
     shown = [c for c in CONTENDERS if c.key in cases[0][1].rows]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c.key]) for c in shown]
+    handles = [Rectangle((0, 0), 1, 1, color=colour[c.key]) for c in shown]
     fig.legend(handles, [c.label for c in shown], loc="lower center", ncol=5, fontsize=9)
     env = report.environment
     fig.suptitle(
@@ -535,10 +536,10 @@ def extras_markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
             + " | best achieved | stop |",
             "|---|---|" + "---|" * (len(RATE_STEPS) + 2),
         ]
-        for key, r in rate.items():
+        for key, rs in rate.items():
             cells = []
             for f in RATE_STEPS:
-                st = next((x for x in r.steps if x.fraction == f), None)
+                st = next((x for x in rs.steps if x.fraction == f), None)
                 if st is None:
                     cells.append("")
                 elif not st.measured:
@@ -548,11 +549,11 @@ def extras_markdown(ex: dict[str, Any], labels: dict[str, str]) -> list[str]:
                         f"{_f(st.requests_per_s, 0)} / {_f(st.p99_ms)} / {st.errors}"
                         + (" **stop**" if st.stop else "")
                     )
-            best = r.best or {}
+            best = rs.best or {}
             lines.append(
-                f"| {labels.get(key, key)} | {r.connections} | "
+                f"| {labels.get(key, key)} | {rs.connections} | "
                 + " | ".join(cells)
-                + f" | {_f(best.get('requests_per_s'), 0)} | {r.stop} |"
+                + f" | {_f(best.get('requests_per_s'), 0)} | {rs.stop} |"
             )
         lines.append("")
     soak = ex.get("soak") or {}
@@ -727,13 +728,13 @@ def extras_chart(ex: dict[str, Any], path: Path, labels: dict[str, str], title: 
     (a_rps, a_p99), (a_sse, a_soak) = axes[0], axes[1]
     if rate:
         a_ach, a_rp99 = axes[2]
-        for key, r in rate.items():
-            steps = [st for st in r.steps if st.measured]
+        for key, rs in rate.items():
+            steps = [st for st in rs.steps if st.measured]
             xs = [st.offered_per_s for st in steps]
             kw = {"color": colour.get(key), "label": labels.get(key, key)}
             a_ach.plot(xs, [st.requests_per_s for st in steps], "o-", **kw)
             a_rp99.plot(xs, [st.p99_ms or 0 for st in steps], "o-", **kw)
-        top = max((st.offered_per_s or 0 for r in rate.values() for st in r.steps), default=1)
+        top = max((st.offered_per_s or 0 for rs in rate.values() for st in rs.steps), default=1)
         a_ach.plot([0, top], [0, top], color="black", linewidth=0.8, linestyle=":")
         for ax, name in ((a_ach, "achieved req/s (dotted: = offered)"), (a_rp99, "p99 ms")):
             ax.set_xscale("log")
