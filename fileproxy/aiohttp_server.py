@@ -17,7 +17,7 @@ replace it:
     between "request head parsed" and "handler task started".
 ``RequestHandler._waiter``
     The future that wakes the connection's idle task for the next request. Kept
-    unset while ``data_received`` parses (``not_waking``), set when the gate admits.
+    unset while ``data_received`` parses (``detach_waiter``), set when the gate admits.
 ``RequestHandler._request_count``
     Counts parsed heads (and parser errors): how the edge sees that a head completed.
 ``RequestHandler._close``, ``_force_close``, ``_upgraded``
@@ -60,8 +60,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -160,14 +159,15 @@ class ServerProtocol(RequestHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    @contextmanager
-    def not_waking(self) -> Iterator[None]:
-        """Parse without handing new requests to the idle task (the caller decides)."""
-        waiter, self._waiter = self._waiter, None
-        try:
-            yield
-        finally:
-            self._waiter = waiter
+    def detach_waiter(self) -> asyncio.Future[None] | None:
+        """Parse without handing new requests to the idle task: the caller decides,
+        then gives the waiter back (``attach_waiter``)."""
+        waiter: asyncio.Future[None] | None = self._waiter
+        self._waiter = None
+        return waiter
+
+    def attach_waiter(self, waiter: asyncio.Future[None] | None) -> None:
+        self._waiter = waiter
 
     def stop_keepalive_timer(self) -> None:
         if self._keepalive_handle is not None:

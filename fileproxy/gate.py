@@ -202,8 +202,11 @@ class GatedProtocol(ServerProtocol):
         # Requests parsed now are not handed to the connection's task before the gate
         # lets them in; they may arrive while it still finishes the previous one.
         before = self.queued
-        with self.not_waking():
+        waiter = self.detach_waiter()
+        try:
             self.received(data)
+        finally:
+            self.attach_waiter(waiter)
         new = self.queued - before
         # new requests queue behind held ones; else they need a place, unless a request
         # of this connection holds one already (pipelined) or they are probes
