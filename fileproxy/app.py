@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from . import endpoints, logs, state_sync
+from . import aiohttp_client, aiohttp_server, endpoints, logs, state_sync
 from .adaptation import UpstreamAdaptation
 from .app_keys import (
     ADAPTATION,
@@ -26,11 +26,8 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .edge import (
-    EdgeApplication,
-    leave_gate_on_prepare,
-    refuse_what_a_reverse_proxy_must_not_serve,
-)
+from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
+from .gate import leave_on_response_prepare
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
 from .proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
 from .redis_store import RedisStore
@@ -62,7 +59,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "read_bufsize": settings.buffer_size,  # upload buffer before the client is paused
         "max_line_size": settings.max_header_size,
         "max_field_size": settings.max_header_size,
-        # read by edge.EdgeRequestHandler: slowloris bound and connection limit
+        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate
         "client_header_timeout": settings.client_header_timeout,
         "max_connections": settings.max_connections,
         "active_requests": settings.active_requests,
@@ -75,7 +72,12 @@ def create_app(
     settings: Settings, instance_pid: int | None = None, workers: int = 1
 ) -> web.Application:
     """``instance_pid``: the process that stands for this instance (gunicorn's master);
-    ``workers``: how many workers it runs."""
+    ``workers``: how many workers it runs.
+
+    Raises ``AiohttpMoved`` when the installed aiohttp lacks an internal the walls use.
+    """
+    aiohttp_client.check()
+    aiohttp_server.check()
     app = EdgeApplication(
         handler_args=server_options(settings),
         middlewares=[refuse_what_a_reverse_proxy_must_not_serve],
@@ -89,7 +91,7 @@ def create_app(
         local_workers=workers,
     )
     app.cleanup_ctx.append(_lifecycle)
-    app.on_response_prepare.append(leave_gate_on_prepare)
+    app.on_response_prepare.append(leave_on_response_prepare)
     app.on_response_prepare.append(keep_content_type_as_sent)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import errors, metrics
+from . import errors, gate, metrics
 from .app_keys import (
     ADAPTATION,
     FLEET,
@@ -28,7 +28,6 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .edge import EdgeRequestHandler
 from .exchange import request_id_for
 from .headers import is_trusted
 from .proxy_handler import on_unix_socket
@@ -94,24 +93,10 @@ async def health(request: web.Request) -> web.Response:
             },
             "state_store": store,
             "in_flight": traffic.in_flight,
-            "active_requests": _gate_report(request),
+            "active_requests": gate.report(request),
             "tcp": _tcp_report(request),
         }
     )
-
-
-def _gate_report(request: web.Request) -> dict[str, int] | None:
-    """This worker's active-request gate (FILEPROXY_ACTIVE_REQUESTS), None when unlimited."""
-    protocol = request.protocol
-    gate = protocol.gate if isinstance(protocol, EdgeRequestHandler) else None
-    if gate is None:
-        return None
-    return {
-        "limit": gate.limit,
-        "active": gate.active,
-        "waiting": gate.waiting,
-        "waited_total": gate.waited,
-    }
 
 
 async def stats(request: web.Request) -> web.Response:

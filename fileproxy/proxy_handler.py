@@ -23,9 +23,10 @@ from multidict import CIMultiDict
 
 from . import errors, logs
 from .adaptive import LevelProfile
+from .aiohttp_server import send_head_with_body
 from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
-from .edge import waiting_on_upstream
 from .exchange import EXCHANGE, Exchange, request_id_for
+from .gate import waiting_on_upstream
 from .headers import Redirect, client_facing_base, client_response_headers, upstream_request_headers
 from .settings import Settings
 from .upstream_client import UpstreamClient, UpstreamResponse
@@ -195,7 +196,8 @@ class _RelayedResponse(web.StreamResponse):
 class _WholeResponse(_RelayedResponse):
     """A response whose head is sent with its first body bytes, not on its own."""
 
-    _send_headers_immediately = False
+
+send_head_with_body(_WholeResponse)
 
 
 async def keep_content_type_as_sent(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -288,7 +290,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        waiting_on_upstream(request)  # see request_gate.UPSTREAM_HOLD_S
+        waiting_on_upstream(request)  # see gate.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
             target,

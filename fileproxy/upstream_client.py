@@ -10,8 +10,7 @@ the proxy's CPU per small request (``bench.hot_path``, 2026-12-02). Nothing here
 follows redirects, decodes bodies, keeps cookies or adds headers the client did
 not send, besides ``Host`` and the framing.
 
-This uses aiohttp internals (``ResponseHandler``, ``http_writer._serialize_headers``)
-of the release pinned in pyproject.toml; tests/integration pins the behaviour.
+The aiohttp internals this takes are all in ``aiohttp_client`` (the wall), with why.
 """
 
 from __future__ import annotations
@@ -23,16 +22,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp import http_exceptions
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import RequestInfo
-from aiohttp.http_writer import _serialize_headers
-from aiohttp.streams import StreamReader
+from aiohttp import RequestInfo, StreamReader
+from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import tcp_options
 from .adaptive import TcpInfo, read_tcp_info
+from .aiohttp_client import (
+    ResponseHandler,
+    prepare_for_response,
+    read_response,
+    serialize_head,
+    start_read_timeout,
+    wait_writable,
+)
 from .headers import upstream_prefixes
 from .settings import Settings
 from .upstream_pool import ConnectionPool, ConnectObserver
@@ -168,7 +172,7 @@ class UpstreamClient:
             headers["Transfer-Encoding"] = "chunked"
         elif body is None and method not in _BODYLESS_BY_NATURE:
             headers["Content-Length"] = "0"
-        head = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+        head = serialize_head(f"{method} {target} HTTP/1.1", headers)
         retry = body is None and method in IDEMPOTENT_METHODS
         pool = self.pool
         while True:
@@ -196,10 +200,9 @@ class UpstreamClient:
         transport = protocol.transport
         if transport is None or transport.is_closing():
             raise aiohttp.ServerDisconnectedError()
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,  # a response without a length ends with the connection
-            auto_decompress=False,
+        prepare_for_response(
+            protocol,
+            head_only=method == "HEAD",
             read_timeout=read_timeout,
             read_bufsize=self.read_bufsize,
             max_line_size=_MAX_LINE_SIZE,
@@ -209,14 +212,14 @@ class UpstreamClient:
         transport.write(head)
         writer = None
         if body is None:
-            protocol.start_timeout()
+            start_read_timeout(protocol)
         else:
             writer = asyncio.create_task(_write_body(protocol, body, chunked))
         try:
             while True:
                 try:
-                    message, payload = await protocol.read()
-                except http_exceptions.HttpProcessingError as exc:
+                    message, payload = await read_response(protocol)
+                except HttpProcessingError as exc:
                     raise aiohttp.ClientResponseError(
                         RequestInfo(self.origin, method, CIMultiDictProxy(CIMultiDict())),
                         (),
@@ -300,7 +303,7 @@ async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chu
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await protocol._drain_helper()
+            await wait_writable(protocol)
         if chunked:
             transport.write(b"0\r\n\r\n")
     except OSError as exc:
@@ -312,4 +315,4 @@ async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chu
             aiohttp.ClientConnectionError(f"request body failed: {type(exc).__name__}"), exc
         )
         return
-    protocol.start_timeout()
+    start_read_timeout(protocol)

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
+
+from .aiohttp_client import ResponseHandler, connection_key, new_protocol
 
 SocketFactory = Callable[[Any], socket.socket]  # getaddrinfo's 5-tuple -> socket
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
@@ -53,7 +53,7 @@ class ConnectionPool:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self.key = ConnectionKey(host, port, tls is not None, True, None, None, None)
+        self.key = connection_key(host, port, tls)
         self._tls = tls
         self._limit = limit
         self._keepalive = keepalive_timeout
@@ -222,7 +222,7 @@ class ConnectionPool:
             sock.setblocking(False)
             await loop.sock_connect(sock, info[4])
             _, protocol = await loop.create_connection(
-                lambda: ResponseHandler(loop),
+                lambda: new_protocol(loop),
                 sock=sock,
                 ssl=self._tls,
                 server_hostname=self.host if self._tls is not None else None,

@@ -1,6 +1,6 @@
 """ActiveRequestGate: places, first come first served, the upstream hold, gone connections."""
 
-from fileproxy.request_gate import ActiveRequestGate
+from fileproxy.gate import ActiveRequestGate
 
 
 class _Connection:
