@@ -1,4 +1,6 @@
-# make test   - set up everything the tests need, then run lint, types and the whole suite
+# make test   - set up everything the tests need, then lint, types and the whole suite in two
+#               lanes: the fast lane (unit + quick integration) first, stopping at the first
+#               failure, then the slow lane (tests marked slow); `make test-fast` runs the first
 # make lint   - ruff and mypy only
 # make bench  - benchmarks, as root (see bench/README.md): ~14 min; BENCH_FULL=1 make bench: ~60 min
 PYTHON ?= python3
@@ -10,10 +12,14 @@ SYSTEM_DEPS := curl:curl redis-server:redis-server nginx:nginx chromium:chromium
 BENCH_DEPS := wrk:wrk nginx:nginx curl:curl ping:iputils-ping ethtool:ethtool iptables:iptables tc:iproute2 ss:iproute2 gcc:gcc
 NFQUEUE_H := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 
-.PHONY: test lint system-deps venv bench bench-deps clean
+.PHONY: test test-fast lint system-deps venv bench bench-deps clean
 
 test: system-deps venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -x -m "not slow" --durations=5
+	$(PY) -m pytest -q -m slow --durations=5
+
+test-fast: system-deps venv lint
+	$(PY) -m pytest -q -x -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check fileproxy tests bench gunicorn.conf.py
