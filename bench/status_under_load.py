@@ -40,6 +40,7 @@ from bench.health_probe import percentile
 from bench.run import clean_env, nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -125,6 +126,12 @@ class Probe:
         }
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def wrk(port: int, path: str, connections: int, duration: int) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", f"http://127.0.0.1:{port}{path}"],
@@ -174,6 +181,7 @@ def one_run(
         # warm up: the pool, the classifier's first estimate, the allocator
         wrk(port, "/big.bin", args.connections, 2)
         interval = args.interval_ms / 1000
+        cpu_before = cpu_seconds(daemon.pid)
         if args.no_probe:
             load = wrk(port, "/big.bin", args.connections, args.duration)
             stats = health = {}
@@ -184,15 +192,18 @@ def one_run(
             ):
                 load = wrk(port, "/big.bin", args.connections, args.duration)
             stats, health = stats_probe.summary(), health_probe.summary()
+        cpu = cpu_seconds(daemon.pid) - cpu_before
         # idle, after the load: what the endpoints cost alone
         idle = sorted(fetch(port, "/stats")[0] for _ in range(20))
     finally:
         daemon.terminate()
         daemon.wait(15)
-    mbps = load["rps"] * args.size_kib * 1024 / 1e6
+    size = args.size_kib * 1024
     return {
         "rps": load["rps"],
-        "MB/s": mbps,
+        "MB/s": load["rps"] * size / 1e6,
+        # the daemon's CPU per GiB relayed (includes the probes' share, which is small)
+        "cpu_s_per_gib": cpu / (load["rps"] * args.duration * size / 2**30),
         "non_2xx": load["non_2xx"],
         "stats": stats,
         "health": health,
@@ -262,10 +273,10 @@ def main() -> None:
         f"kernel {platform.release()}; median over {args.runs} runs"
     )
     print(
-        "| tree | req/s | MB/s | /stats p50 / p90 / p99 / max ms | "
+        "| tree | req/s | MB/s | CPU s/GiB | /stats p50 / p90 / p99 / max ms | "
         "/health p50 / p90 / p99 / max ms | loop lag max ms | /stats idle p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
 
     def med(rows: list[dict[str, object]], *keys: str) -> float | None:
         values = []
@@ -279,6 +290,7 @@ def main() -> None:
 
     for name, rows in results.items():
         cells = [name, fmt(med(rows, "rps")), fmt(med(rows, "MB/s"))]
+        cells.append(f"{med(rows, 'cpu_s_per_gib') or 0:.2f}")
         for endpoint in ("stats", "health"):
             cells.append(
                 " / ".join(fmt(med(rows, endpoint, q)) for q in ("p50", "p90", "p99", "max"))

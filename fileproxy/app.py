@@ -13,13 +13,14 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from . import endpoints, logs, state_sync
+from . import endpoints, logs, loop_lag, state_sync
 from .adaptation import UpstreamAdaptation
 from .app_keys import (
     ADAPTATION,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
+    LOOP_LAG,
     RUNTIME,
     SETTINGS,
     STORE,
@@ -32,6 +33,7 @@ from .edge import (
     refuse_what_a_reverse_proxy_must_not_serve,
 )
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
+from .loop_lag import LoopLag
 from .proxy_handler import proxy
 from .redis_store import RedisStore
 from .runtime import Runtime, uvloop_active
@@ -129,7 +131,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings, name, link, local_workers=app[FLEET].local_workers
     )
     app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
+    app[LOOP_LAG] = lag = LoopLag()
     tasks = [
+        asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
         asyncio.create_task(
             state_sync.run(link, app[FLEET], adaptation, traffic, runtime.pid, runtime.started_wall)
