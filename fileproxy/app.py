@@ -13,13 +13,14 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from . import aiohttp_client, aiohttp_server, endpoints, logs, state_sync
+from . import aiohttp_client, aiohttp_server, endpoints, logs, loop_lag, state_sync
 from .adaptation import UpstreamAdaptation
 from .app_keys import (
     ADAPTATION,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
+    LOOP_LAG,
     RUNTIME,
     SETTINGS,
     STORE,
@@ -29,6 +30,7 @@ from .app_keys import (
 from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
 from .gate import leave_on_response_prepare
 from .lifecycle import PROBE_INTERVAL_S, Lifecycle
+from .loop_lag import LoopLag
 from .proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
 from .redis_store import RedisStore
 from .runtime import Runtime, uvloop_active
@@ -132,7 +134,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings, name, link, local_workers=app[FLEET].local_workers
     )
     app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
+    app[LOOP_LAG] = lag = LoopLag()
     tasks = [
+        asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
         asyncio.create_task(
             state_sync.run(link, app[FLEET], adaptation, traffic, runtime.pid, runtime.started_wall)

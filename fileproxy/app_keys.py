@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .adaptation import UpstreamAdaptation
 from .lifecycle import Lifecycle
+from .loop_lag import LoopLag
 from .runtime import Runtime
 from .settings import Settings
 from .state_sync import Fleet
@@ -23,3 +24,4 @@ FLEET = web.AppKey("fleet", Fleet)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)

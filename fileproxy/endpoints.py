@@ -22,6 +22,7 @@ from .app_keys import (
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
+    LOOP_LAG,
     RUNTIME,
     SETTINGS,
     STORE,
@@ -94,9 +95,20 @@ async def health(request: web.Request) -> web.Response:
             "state_store": store,
             "in_flight": traffic.in_flight,
             "active_requests": gate.report(request),
+            "event_loop": _loop_report(app),
             "tcp": _tcp_report(request),
         }
     )
+
+
+def _loop_report(app: web.Application) -> dict[str, float]:
+    """How late this worker's event loop runs (loop_lag): every request waits as long."""
+    lag = app[LOOP_LAG]
+    return {
+        "lag_ms": round(lag.last_s * 1000, 3),
+        "lag_max_ms": round(lag.max_s(time.monotonic()) * 1000, 3),
+        "lag_window_s": lag.window_s,
+    }
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -22,7 +22,16 @@ from prometheus_client.registry import Collector
 
 from . import errors
 from .adaptive import LEVELS
-from .app_keys import ADAPTATION, FLEET, LIFECYCLE, RUNTIME, STORE, TRAFFIC, UPSTREAM
+from .app_keys import (
+    ADAPTATION,
+    FLEET,
+    LIFECYCLE,
+    LOOP_LAG,
+    RUNTIME,
+    STORE,
+    TRAFFIC,
+    UPSTREAM,
+)
 from .traffic_stats import CUMULATIVE_BOUNDS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,6 +120,22 @@ class FileproxyCollector(Collector):
         for state, count in upstream.pool_size().items():
             connections.add_metric([pid, name, state], count)
         yield connections
+
+        lag = app[LOOP_LAG]
+        loop_lag = GaugeMetricFamily(
+            "fileproxy_event_loop_lag_seconds",
+            "How late the worker's event loop ran its last timer (every request waits as long)",
+            labels=["pid"],
+        )
+        loop_lag.add_metric([pid], lag.last_s)
+        yield loop_lag
+        loop_lag_max = GaugeMetricFamily(
+            "fileproxy_event_loop_lag_max_seconds",
+            f"The largest event-loop lag of the last {lag.window_s:g} s",
+            labels=["pid"],
+        )
+        loop_lag_max.add_metric([pid], lag.max_s(time.monotonic()))
+        yield loop_lag_max
 
         draining = GaugeMetricFamily(
             "fileproxy_draining", "1 while the worker drains before exit", labels=["pid"]

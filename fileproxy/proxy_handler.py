@@ -36,6 +36,14 @@ access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
 
+# A body relayed in either direction gives the loop a turn after this many bytes.
+# Neither ``await read()`` (data already buffered) nor ``await write()`` (the client's
+# transport below its high-water mark) suspends while the data flows, so without it a
+# stream relays its whole read buffer (2 x BUFFER_SIZE) in one loop iteration, and with
+# 64 streams one iteration took tens of ms: /health and /stats waited that long (issue
+# 12). With it an iteration does at most this much per stream (bench.status_under_load).
+RELAY_SLICE_BYTES = 64 * 1024
+
 
 def on_unix_socket(request: web.BaseRequest) -> bool:
     """Whether the client came through a unix socket (a local process, e.g. nginx)."""
@@ -279,12 +287,17 @@ async def _send_upstream(
     async with asyncio.timeout_at(start_deadline) as deadline:
 
         async def request_body() -> AsyncIterator[bytes]:
+            unyielded = 0  # as in _relay: an upload gives the loop a turn now and then
             try:
                 while chunk := await _read_body(request, profile.chunk_size):
                     exchange.bytes_in += len(chunk)
                     if settings.max_body_size and exchange.bytes_in > settings.max_body_size:
                         raise _too_large(settings.max_body_size)
                     yield chunk
+                    unyielded += len(chunk)
+                    if unyielded >= RELAY_SLICE_BYTES:
+                        unyielded = 0
+                        await asyncio.sleep(0)
             except Exception as exc:
                 body_errors.append(exc)
                 raise
@@ -309,6 +322,7 @@ async def _relay(
     chunk_size: int,
 ) -> None:
     read = upstream_resp.content.read
+    unyielded = 0  # bytes relayed since this stream last gave the loop a turn
     while True:
         try:
             chunk = await read(chunk_size)
@@ -336,6 +350,10 @@ async def _relay(
             upstream_resp.close()  # do not pool a half-read connection
             return
         exchange.bytes_out += len(chunk)
+        unyielded += len(chunk)
+        if unyielded >= RELAY_SLICE_BYTES:
+            unyielded = 0
+            await asyncio.sleep(0)  # the other streams, probes and new requests run
     try:
         await response.write_eof()
     except ConnectionError:
