@@ -301,12 +301,15 @@ async def test_a_client_hammering_a_500_url_does_not_throttle_the_others(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["embedded", "redis"])
 async def test_under_overload_the_heavy_client_is_refused_and_a_light_one_admitted(
-    start_backend, start_proxy, client
+    store, request, start_backend, start_proxy, client
 ):
     backend = await start_backend(overload_backend())
+    shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if store == "redis" else {}
     proxy = start_proxy(
         backend.url,
+        **shared,
         FILEPROXY_LIMIT_WINDOW="0.25",
         FILEPROXY_LIMIT_MIN="20",
         FILEPROXY_LIMIT_STATUS="429",  # the proxy's refusals, told apart from the 503s
