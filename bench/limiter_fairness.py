@@ -6,14 +6,16 @@ a subprocess on a free loopback port, stopped by PID), then for ``--seconds``:
 
 - the heavy client (source address 127.0.0.2): 8 loops on ``/broken`` (or ``/busy``
   with ``--bad busy``: a real overload signal);
-- the light client (127.0.0.3): 2 loops on ``/good``;
+- the light client (127.0.0.3): 2 loops on ``/good`` (``--light-pace``: seconds
+  between a loop's requests; 0, the default, as fast as it can);
 
 then 100 sequential ``/good`` requests right after, then no traffic at all while
 ``/stats`` is polled until the limit is no longer enforced (at most ``--quiet`` s).
-Prints the status counts of each phase, the limit, and the seconds until the cut
-wore off. Run it against main with ``--tree /path/to/main/checkout``.
+Prints the status counts of each phase (the proxy's refusals are 429:
+FILEPROXY_LIMIT_STATUS=429), the limit, and the seconds until the cut wore off.
+Run it against main with ``--tree /path/to/main/checkout``.
 
-    .venv/bin/python -m bench.limiter_fairness [--bad broken|busy] [--tree DIR]
+    .venv/bin/python -m bench.limiter_fairness [--bad broken|busy] [--light-pace S] [--tree DIR]
 """
 
 from __future__ import annotations
@@ -77,11 +79,15 @@ def client(source: str) -> aiohttp.ClientSession:
     )
 
 
-async def loop(session: aiohttp.ClientSession, url: str, until: float, seen: Counter[int]) -> None:
+async def loop(
+    session: aiohttp.ClientSession, url: str, until: float, seen: Counter[int], pace: float = 0.0
+) -> None:
     while time.monotonic() < until:
         async with session.get(url) as resp:
             await resp.read()
             seen[resp.status] += 1
+        if pace:
+            await asyncio.sleep(pace)
 
 
 async def limiter(session: aiohttp.ClientSession, base: str) -> dict:  # type: ignore[type-arg]
@@ -91,7 +97,7 @@ async def limiter(session: aiohttp.ClientSession, base: str) -> dict:  # type: i
     return upstream["limiter"]  # type: ignore[no-any-return]
 
 
-async def scenario(base: str, bad: str, seconds: float, quiet: float) -> None:
+async def scenario(base: str, bad: str, seconds: float, quiet: float, pace: float) -> None:
     heavy_seen: Counter[int] = Counter()
     light_seen: Counter[int] = Counter()
     after_seen: Counter[int] = Counter()
@@ -103,7 +109,7 @@ async def scenario(base: str, bad: str, seconds: float, quiet: float) -> None:
         until = time.monotonic() + seconds
         await asyncio.gather(
             *(loop(heavy, f"{base}/{bad}", until, heavy_seen) for _ in range(8)),
-            *(loop(light, f"{base}/good", until, light_seen) for _ in range(2)),
+            *(loop(light, f"{base}/good", until, light_seen, pace) for _ in range(2)),
         )
         for _ in range(100):
             async with light.get(f"{base}/good") as resp:
@@ -111,7 +117,8 @@ async def scenario(base: str, bad: str, seconds: float, quiet: float) -> None:
                 after_seen[resp.status] += 1
         state = await limiter(admin, base)
         print(f"heavy 8 loops /{bad}: {dict(sorted(heavy_seen.items()))}")
-        print(f"light 2 loops /good: {dict(sorted(light_seen.items()))}")
+        paced = f", {pace:g} s apart" if pace else ""
+        print(f"light 2 loops /good{paced}: {dict(sorted(light_seen.items()))}")
         print(f"100 /good right after: {dict(sorted(after_seen.items()))}")
         print(f"limit {state['limit']} enforcing {state['enforcing']}")
         started = time.monotonic()
@@ -129,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bad", choices=["broken", "busy"], default="broken")
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--light-pace", type=float, default=0.0, help="s between light requests")
     parser.add_argument("--quiet", type=float, default=90.0, help="longest wait without traffic")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose fileproxy runs")
     args = parser.parse_args()
@@ -138,6 +146,7 @@ def main() -> None:
         FILEPROXY_BIND=f"127.0.0.1:{proxy_port}",
         FILEPROXY_UPSTREAM=f"http://127.0.0.1:{backend_port}",
         FILEPROXY_ACCESS_LOG="off",
+        FILEPROXY_LIMIT_STATUS="429",  # the proxy's refusals, told apart from the backend's 503
     )
     with tempfile.TemporaryFile() as log:
         backend = subprocess.Popen(
@@ -159,7 +168,13 @@ def main() -> None:
                 f"fileproxy from {args.tree}"
             )
             asyncio.run(
-                scenario(f"http://127.0.0.1:{proxy_port}", args.bad, args.seconds, args.quiet)
+                scenario(
+                    f"http://127.0.0.1:{proxy_port}",
+                    args.bad,
+                    args.seconds,
+                    args.quiet,
+                    args.light_pace,
+                )
             )
         finally:
             for process in (proxy, backend):
