@@ -16,7 +16,14 @@ from fileproxy.adaptive.aimd_limiter import (
     LimiterConfig,
     Outcome,
 )
-from tests.unit.adaptive.aimd_sim import Phase, UpstreamSim, growth_figures, windows_until
+from tests.unit.adaptive.aimd_sim import (
+    Phase,
+    UpstreamSim,
+    fair_share_figures,
+    growth_figures,
+    idle_figures,
+    windows_until,
+)
 
 
 def limiter(**changes: Any) -> AimdLimiter:
@@ -384,3 +391,19 @@ def test_growth_rule_figures_quoted_in_the_module_docstring() -> None:
     assert (round(figures.overload_low), round(figures.overload_high)) == (330, 330)
     assert round(figures.overload_mean_error, 3) == 0.092
     assert figures.light_max == 120.0
+
+
+def test_idle_recovery_figures_quoted_in_the_module_docstring() -> None:
+    """An outage cut, then no traffic: back to 0.8 x max within 30 windows (the outage
+    recovery target), to the maximum (enforcement ends) one window later."""
+    figures = idle_figures()
+    assert (figures.cut_to, figures.to_80_percent, figures.to_max) == (10.0, 26, 27)
+
+
+def test_one_heavy_client_does_not_starve_light_ones() -> None:
+    figures = fair_share_figures()
+    assert figures.light_admitted >= 0.99
+    low, high = figures.settled_limit
+    assert 0.8 * 300 <= low <= high <= 1.35 * 300
+    assert figures.mean_error <= 0.10
+    assert figures.heavy_admitted >= 150  # work-conserving: the heavy gets the rest
