@@ -18,7 +18,9 @@ until the limit has grown back to its maximum with errors below 2%. A healthy
 upstream is never throttled by a limit that is still ramping up from its start
 value — measured with wrk, enforcing from the start refused 47,325 of 48,500
 requests to a healthy upstream in 8 s while the limit climbed from 100 to 358
-req/s.
+req/s. Errors are overload signals only (``limiter_outcome``); a cut wears off
+without traffic (the idle rule of ``aimd_limiter``); while enforcing, each client
+gets its fair share first (``admit``, ``adaptive.fair_share``).
 """
 
 from __future__ import annotations
