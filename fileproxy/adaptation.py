@@ -269,6 +269,8 @@ class UpstreamAdaptation:
         admitted, retry_after = await self._admit(now, None if within else 1)
         if not admitted:
             self.rejected += 1
+            if within:
+                self.fair_share.refund(client)
         return admitted, retry_after
 
     async def _admit(self, now: float, burst: int | None) -> tuple[bool, float]:

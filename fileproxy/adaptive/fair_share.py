@@ -21,7 +21,8 @@ With several workers (Redis), each worker splits *its* part of the fleet's rate
 fleet's. Per worker is an approximation (a client spread over workers gets a share in
 each), but priority still adds up to at most the fleet's rate.
 
-``within_share(now, client, rate, burst)`` answers and charges; time is passed in.
+``within_share(now, client, rate, burst)`` answers and charges; ``refund(client)`` gives
+the charge back when the upstream's GCRA refused the request after all. Time is passed in.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FairShareConfig:
 class _Client:
     tat: float  # theoretical arrival time of the client's share
     seen: float  # last request, admitted or not
+    charged: float = 0.0  # the interval the last priority request was charged
 
 
 class FairShare:
@@ -73,8 +75,19 @@ class FairShare:
             self.spare += 1
             return False
         entry.tat = tat + interval
+        entry.charged = interval
         self.priority += 1
         return True
+
+    def refund(self, client: str) -> None:
+        """A priority request the upstream's GCRA refused after all: its share is not spent
+        (else the refused requests would waste the shares and the fleet admit less than
+        its rate)."""
+        entry = self._clients.get(client)
+        if entry is not None and entry.charged:
+            entry.tat -= entry.charged
+            entry.charged = 0.0
+            self.priority -= 1
 
     def _touch(self, now: float, client: str) -> _Client:
         clients = self._clients

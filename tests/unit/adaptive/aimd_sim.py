@@ -210,6 +210,8 @@ def fair_share_figures(
             t = now + offset
             within = fair.within_share(t, name, limiter.limit, GCRA_BURST)
             ok = gcra.try_admit(t, None if within else 1)[0]
+            if within and not ok:
+                fair.refund(name)
             if w >= windows - 60:
                 if name == "heavy":
                     heavy_ok += ok

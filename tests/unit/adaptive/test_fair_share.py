@@ -34,6 +34,16 @@ def test_spare_requests_are_not_charged_to_the_share() -> None:
     assert fair.within_share(1.0, "a", 1.0, 1) is True  # the refused ones cost nothing
 
 
+def test_a_refund_gives_the_charge_back() -> None:
+    fair = FairShare()
+    assert fair.within_share(0.0, "a", 1.0, 1) is True
+    fair.refund("a")  # the upstream's GCRA refused it after all
+    fair.refund("a")  # once only
+    assert fair.within_share(0.0, "a", 1.0, 1) is True
+    assert fair.within_share(0.0, "a", 1.0, 1) is False
+    assert fair.snapshot()["priority"] == 1
+
+
 def test_clients_quiet_for_active_s_no_longer_count() -> None:
     fair = FairShare(FairShareConfig(active_s=2.0))
     fair.within_share(0.0, "a", 10.0, 1)
@@ -57,11 +67,15 @@ def test_priority_keeps_room_that_spare_requests_cannot_take() -> None:
     light_refused = heavy_admitted = 0
     for i in range(2000):  # 10 s: heavy asks every 5 ms, light every 500 ms
         now = i * 0.005
-        burst = 5 if fair.within_share(now, "heavy", 10.0, 5) else 1
-        heavy_admitted += gcra.try_admit(now, burst)[0]
-        if i % 100 == 0:
-            burst = 5 if fair.within_share(now, "light", 10.0, 5) else 1
-            light_refused += not gcra.try_admit(now, burst)[0]
+        for name in ("heavy", "light") if i % 100 == 0 else ("heavy",):
+            within = fair.within_share(now, name, 10.0, 5)
+            admitted = gcra.try_admit(now, None if within else 1)[0]
+            if within and not admitted:
+                fair.refund(name)
+            if name == "heavy":
+                heavy_admitted += admitted
+            else:
+                light_refused += not admitted
     assert light_refused == 0
     assert 70 <= heavy_admitted <= 100  # the rest of the 10 req/s for 10 s
 
