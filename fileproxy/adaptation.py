@@ -49,6 +49,7 @@ from .adaptive import (
     close_window,
     enforcing_after,
     profile_table,
+    spare_burst,
 )
 from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
 from .exchange import Exchange
@@ -254,7 +255,7 @@ class UpstreamAdaptation:
         While the limit is enforced, the request's client (``client_of``; read only
         then, not on the open path) gets its fair share first
         (``adaptive.fair_share``): a request within its share may use the GCRA's burst,
-        one over it only the room the rate has left, so the heaviest client is refused
+        one over it only half of it, so the heaviest client is refused
         first and a light one still passes. The share is of this worker's part of the
         rate: the limit over the fleet's live workers (a worker alone: the whole limit).
         """
@@ -266,7 +267,7 @@ class UpstreamAdaptation:
             rate = self.limiter.state.limit / max(1, self.live_workers)
         client = self.client_of(request) if request is not None else ""
         within = self.fair_share.within_share(now, client, rate, self.burst)
-        admitted, retry_after = await self._admit(now, None if within else 1)
+        admitted, retry_after = await self._admit(now, None if within else spare_burst(self.burst))
         if not admitted:
             self.rejected += 1
             if within:
@@ -274,7 +275,7 @@ class UpstreamAdaptation:
         return admitted, retry_after
 
     async def _admit(self, now: float, burst: int | None) -> tuple[bool, float]:
-        """``burst`` None: the configured one; 1: only the room the rate has left."""
+        """``burst`` None: the configured one; a spare request's: less (``spare_burst``)."""
         if self.fallback is not None or not self.link.available:
             return self._fallback(now).admit(now, burst)
         ceiling = self._recovery_ceiling(now)

@@ -22,7 +22,7 @@ from fileproxy.adaptive.aimd_limiter import (
     enforcing_after,
 )
 from fileproxy.adaptive.circuit_breaker import CircuitBreaker
-from fileproxy.adaptive.fair_share import FairShare, FairShareConfig
+from fileproxy.adaptive.fair_share import FairShare, FairShareConfig, spare_burst
 from fileproxy.adaptive.gcra import Gcra
 from fileproxy.adaptive.quality_classifier import (
     LEVELS,
@@ -65,5 +65,6 @@ __all__ = [
     "parse_tcp_info",
     "profile_table",
     "read_tcp_info",
+    "spare_burst",
     "weighted_percentile",
 ]

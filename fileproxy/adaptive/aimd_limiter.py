@@ -68,9 +68,9 @@ after 10 windows of total outage from 1000 (cut to 10), with no traffic at all t
 is back at 0.8 x max in 26 windows and at the maximum (enforcement ends) in 27: the
 outage target of 30 windows holds without traffic too. One heavy client (2000 req/s)
 and four light ones (20 req/s each) against capacity 300, through ``FairShare`` and
-one Gcra: the limit settles at 268..394, mean error 3.3 %, the light clients get 100 %
-of their requests admitted and the heavy one 218 req/s; without the fair share the
-light clients got 8.3 % (limit 330, mean error 9.2 %).
+one Gcra: the limit settles at 330 (as without clients told apart), mean error 9.2 %,
+the light clients get 100 % of their requests admitted and the heavy one the rest, 250
+req/s; without the fair share the light clients got 8.3 %.
 
 Known limit of the rules themselves: under steady overload the limit parks wherever a
 growth step lands between 1.02 and 1.11 x capacity, i.e. inside the 2..10 % hold band,

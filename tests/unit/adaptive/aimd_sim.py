@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from fileproxy.adaptive.aimd_limiter import AimdLimiter, Decision, Growth, LimiterConfig, Outcome
-from fileproxy.adaptive.fair_share import FairShare
+from fileproxy.adaptive.fair_share import FairShare, spare_burst
 from fileproxy.adaptive.gcra import Gcra
 
 GCRA_BURST = 10
@@ -209,7 +209,7 @@ def fair_share_figures(
         for offset, name in arrivals:
             t = now + offset
             within = fair.within_share(t, name, limiter.limit, GCRA_BURST)
-            ok = gcra.try_admit(t, None if within else 1)[0]
+            ok = gcra.try_admit(t, None if within else spare_burst(GCRA_BURST))[0]
             if within and not ok:
                 fair.refund(name)
             if w >= windows - 60:
