@@ -55,12 +55,12 @@ from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
 from .exchange import Exchange
 from .fleet_stats import FleetView, UpstreamReport
 from .headers import Networks, is_trusted
-
-if TYPE_CHECKING:
-    from aiohttp import web
 from .settings import Settings
 from .state_store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
 from .store_link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("fileproxy.adaptation")
 
@@ -255,8 +255,8 @@ class UpstreamAdaptation:
         While the limit is enforced, the request's client (``client_of``; read only
         then, not on the open path) gets its fair share first
         (``adaptive.fair_share``): a request within its share may use the GCRA's burst,
-        one over it only half of it, so the heaviest client is refused
-        first and a light one still passes. The share is of this worker's part of the
+        one over it only half of it, so the heaviest client is refused first and a
+        light one still passes. The share is of this worker's part of the
         rate: the limit over the fleet's live workers (a worker alone: the whole limit).
         """
         if not self.enabled or (self.fallback is None and not self.limiter.enforcing):
