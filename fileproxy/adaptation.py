@@ -18,7 +18,9 @@ until the limit has grown back to its maximum with errors below 2%. A healthy
 upstream is never throttled by a limit that is still ramping up from its start
 value — measured with wrk, enforcing from the start refused 47,325 of 48,500
 requests to a healthy upstream in 8 s while the limit climbed from 100 to 358
-req/s.
+req/s. Errors are overload signals only (``limiter_outcome``); a cut wears off
+without traffic (the idle rule of ``aimd_limiter``); while enforcing, each client
+gets its fair share first (``admit``, ``adaptive.fair_share``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adaptive import (
     AimdLimiter,
     ClassifierConfig,
     Decision,
+    FairShare,
     Gcra,
     Level,
     LevelProfile,
@@ -46,15 +49,25 @@ from .adaptive import (
     close_window,
     enforcing_after,
     profile_table,
+    spare_burst,
 )
 from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
 from .exchange import Exchange
 from .fleet_stats import FleetView, UpstreamReport
+from .headers import Networks, is_trusted
 from .settings import Settings
 from .state_store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
 from .store_link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 log = logging.getLogger("fileproxy.adaptation")
+
+#: FILEPROXY_LIMIT_ERROR_STATUSES' default: the statuses of an overloaded upstream
+DEFAULT_ERROR_STATUSES = (429, 502, 503, 504)
+#: a client key longer than this (a forged X-Forwarded-For) is cut
+MAX_CLIENT_KEY = 64
 
 #: After the store is back, every worker has probed it within a jittered probe interval
 #: (plus a sync tick); until then a worker's fallback share stays its ceiling, so the
@@ -72,16 +85,35 @@ def static_profile(settings: Settings) -> LevelProfile:
     )
 
 
-def limiter_outcome(exchange: Exchange) -> Outcome | None:
-    """What an exchange tells the limiter; None when it never involved the upstream."""
+def limiter_outcome(
+    exchange: Exchange, error_statuses: Collection[int] = DEFAULT_ERROR_STATUSES
+) -> Outcome | None:
+    """What an exchange tells the limiter; None when it never involved the upstream.
+
+    Overload signals only are errors: a connect failure, reset or timeout, or a status
+    of ``error_statuses`` (FILEPROXY_LIMIT_ERROR_STATUSES). Any other answer, a 500 of
+    one broken URL included, is a success: the upstream answered.
+    """
     status = exchange.upstream_status
-    if exchange.cause in (UPSTREAM_ERROR, TIMEOUT) or (
-        status is not None and (status >= 500 or status == 429)
-    ):
+    if exchange.cause in (UPSTREAM_ERROR, TIMEOUT) or status in error_statuses:
         return Outcome.ERROR
     if status is None:
         return None  # rejected by the proxy itself, or the client left before an answer
     return Outcome.IGNORED if exchange.cause == CLIENT_ABORT else Outcome.SUCCESS
+
+
+def client_key(peer: str | None, forwarded_for: str | None, trusted: Networks) -> str:
+    """Who a request is for fair sharing: the peer address, or, from a trusted peer (the
+    fronting nginx) or a unix socket, the client its X-Forwarded-For names: the
+    rightmost address that is not itself a trusted proxy. Bounded in length."""
+    if forwarded_for and (not peer or is_trusted(peer, trusted)):
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not is_trusted(hop, trusted):
+                return hop[:MAX_CLIENT_KEY]
+        if hops:
+            return hops[0][:MAX_CLIENT_KEY]
+    return (peer or "local")[:MAX_CLIENT_KEY]
 
 
 def limiter_config(settings: Settings) -> LimiterConfig:
@@ -121,10 +153,10 @@ class LocalFallback:
         self.enforcing = last.enforcing
         self.always_enforce = always_enforce
 
-    def admit(self, now: float) -> tuple[bool, float]:
+    def admit(self, now: float, burst: int | None = None) -> tuple[bool, float]:
         if not self.enforcing:
             return True, 0.0
-        return self.gcra.try_admit(now)
+        return self.gcra.try_admit(now, burst)
 
     def decide(self, now: float) -> Decision | None:
         decision = self.limiter.decide(now)
@@ -152,6 +184,9 @@ class UpstreamAdaptation:
             ClassifierConfig(boundaries_ms=settings.quality_boundaries_ms)
         )
         self.config = limiter_config(settings)
+        self.error_statuses = frozenset(settings.limit_error_statuses)
+        self.trusted = settings.trusted_proxies
+        self.fair_share = FairShare()
         self.burst = settings.limit_burst
         self.always_enforce = settings.limit_enforce == "always"
         # the fleet's limiter as last seen in the store
@@ -210,33 +245,57 @@ class UpstreamAdaptation:
         level = self.current_level()
         return self.static if level is None else self.profiles[level]
 
-    async def admit(self, now: float) -> tuple[bool, float]:
-        """(admitted, seconds until a request would be); never waits on a broken store."""
+    def client_of(self, request: web.BaseRequest) -> str:
+        """The key ``admit`` shares the rate by (see ``client_key``)."""
+        return client_key(request.remote, request.headers.get("X-Forwarded-For"), self.trusted)
+
+    async def admit(self, now: float, request: web.BaseRequest | None = None) -> tuple[bool, float]:
+        """(admitted, seconds until a request would be); never waits on a broken store.
+
+        While the limit is enforced, the request's client (``client_of``; read only
+        then, not on the open path) gets its fair share first
+        (``adaptive.fair_share``): a request within its share may use the GCRA's burst,
+        one over it only half of it, so the heaviest client is refused first and a
+        light one still passes. The share is of this worker's part of the
+        rate: the limit over the fleet's live workers (a worker alone: the whole limit).
+        """
         if not self.enabled or (self.fallback is None and not self.limiter.enforcing):
             return True, 0.0
-        admitted, retry_after = await self._admit(now)
+        if self.fallback is not None:
+            rate = self.fallback.gcra.rate
+        else:
+            rate = self.limiter.state.limit / max(1, self.live_workers)
+        client = self.client_of(request) if request is not None else ""
+        within = self.fair_share.within_share(now, client, rate, self.burst)
+        admitted, retry_after = await self._admit(now, None if within else spare_burst(self.burst))
         if not admitted:
             self.rejected += 1
+            if within:
+                self.fair_share.refund(client)
         return admitted, retry_after
 
-    async def _admit(self, now: float) -> tuple[bool, float]:
+    async def _admit(self, now: float, burst: int | None) -> tuple[bool, float]:
+        """``burst`` None: the configured one; a spare request's: less (``spare_burst``)."""
         if self.fallback is not None or not self.link.available:
-            return self._fallback(now).admit(now)
+            return self._fallback(now).admit(now, burst)
         ceiling = self._recovery_ceiling(now)
         if ceiling is not None:
-            admitted, retry_after = ceiling.admit(now)
+            admitted, retry_after = ceiling.admit(now, burst)
             if not admitted:
                 return admitted, retry_after
         limit = self.limiter.state.limit
+        store_burst = self.burst if burst is None else burst
         try:
-            return await self.link.call(lambda: self.link.store.admit(self.name, limit, self.burst))
+            return await self.link.call(
+                lambda: self.link.store.admit(self.name, limit, store_burst)
+            )
         except StoreError:
-            return self._fallback(now).admit(now)
+            return self._fallback(now).admit(now, burst)
 
     def observe_exchange(self, now: float, exchange: Exchange) -> None:
         if not self.enabled:
             return
-        outcome = limiter_outcome(exchange)
+        outcome = limiter_outcome(exchange, self.error_statuses)
         if outcome is None:
             return
         if self.fallback is not None:
@@ -422,6 +481,7 @@ class UpstreamAdaptation:
             "enforce": "always" if self.always_enforce else "after-cut",
             "enforcing": self.enforcing,
             "rejected_total": self.rejected,
+            "fair_share": self.fair_share.snapshot(),
             "window_start": state.window_start,
             "cooldown_until": state.cooldown_until,
             "decision_count": self.limiter.decisions,

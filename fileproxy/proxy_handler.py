@@ -62,7 +62,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     status = 500  # what aiohttp answers should an unexpected exception escape
     adaptation = app[ADAPTATION]
     try:
-        admitted, retry_after = await adaptation.admit(started)
+        admitted, retry_after = await adaptation.admit(started, request)
         if admitted:
             response = await _proxy(request, exchange, started)
         else:

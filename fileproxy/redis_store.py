@@ -52,7 +52,8 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 """
 
 #: KEYS[1] limiter hash. ARGV: successes errors admitted window_ms lease_ms token ttl_s
-#: initial_limit initial_enforcing. Returns now_ms, lease (0/1) and the fields.
+#: initial_limit initial_enforcing. Returns now_ms, lease (0/1) and the fields. A tick that
+#: brings a sample (a success or an error) stamps ``last_sample`` (the idle rule's clock).
 TICK = (
     _NOW
     + """
@@ -65,17 +66,20 @@ local names = {'successes', 'errors', 'admitted'}
 for i = 1, 3 do
   if tonumber(ARGV[i]) ~= 0 then redis.call('HINCRBY', key, names[i], ARGV[i]) end
 end
+if tonumber(ARGV[1]) + tonumber(ARGV[2]) > 0 then  -- a sample: the idle rule's clock
+  redis.call('HSET', key, 'last_sample', fmt(now))
+end
 local f = redis.call('HMGET', key, 'limit', 'window_start', 'successes', 'errors', 'admitted',
                      'cooldown_until', 'carried', 'enforcing', 'decisions', 'last_decision',
-                     'level', 'lease', 'lease_until')
+                     'level', 'last_sample', 'lease', 'lease_until')
 local lease = 0
-if now - tonumber(f[2]) >= tonumber(ARGV[4]) and (not f[12] or tonumber(f[13]) < now) then
+if now - tonumber(f[2]) >= tonumber(ARGV[4]) and (not f[13] or tonumber(f[14]) < now) then
   redis.call('HSET', key, 'lease', ARGV[6], 'lease_until', fmt(now + tonumber(ARGV[5])))
   lease = 1
 end
 redis.call('EXPIRE', key, ARGV[7])
 local out = {fmt(now), tostring(lease)}
-for i = 1, 11 do out[#out + 1] = f[i] or '' end
+for i = 1, 12 do out[#out + 1] = f[i] or '' end
 return out
 """
 )
@@ -234,7 +238,7 @@ class RedisStore:
             ],
         )
         (now, lease, limit, start, successes, errors, admitted, cooldown, carried,
-         enforcing, decisions, last_decision, level) = reply  # fmt: skip
+         enforcing, decisions, last_decision, level, last_sample) = reply  # fmt: skip
         state = LimiterState(
             limit=float(limit),
             window_start=_seconds(start),
@@ -243,6 +247,7 @@ class RedisStore:
             admitted=int(admitted),
             cooldown_until=_seconds(cooldown),
             carried=int(carried),
+            last_sample_at=_seconds(last_sample),
         )
         limiter = SharedLimiter(
             state=state,

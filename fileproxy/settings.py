@@ -154,6 +154,22 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 _networks.allowed = "comma-separated CIDRs"  # type: ignore[attr-defined]
 
 
+def _statuses(raw: str) -> tuple[int, ...]:
+    """Comma-separated HTTP statuses 400..599, e.g. 429,502,503,504; empty: none."""
+    values: set[int] = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not (part.isdigit() and 400 <= int(part) <= 599):
+            raise ValueError(f"expected comma-separated HTTP statuses 400..599, got {part!r}")
+        values.add(int(part))
+    return tuple(sorted(values))
+
+
+_statuses.allowed = "statuses 400..599, comma-separated"  # type: ignore[attr-defined]
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -422,6 +438,11 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "Requests admitted at once above the rate (GCRA burst).",
     ),
     SettingSpec(
+        "FILEPROXY_LIMIT_ERROR_STATUSES", "limit_error_statuses", "429,502,503,504", _statuses,
+        "Upstream statuses the limiter counts as overload (with connect failures, resets and "
+        "timeouts, always); any other status, 500 included, counts as an answer.",
+    ),
+    SettingSpec(
         "FILEPROXY_LIMIT_STATUS", "limit_status", "503", _choice("503", "429"),
         "Status for requests over the admission rate (with Retry-After and a JSON body).",
     ),
@@ -553,6 +574,7 @@ class Settings:
     limit_initial: float
     limit_window: float
     limit_burst: int
+    limit_error_statuses: tuple[int, ...]
     limit_status: str
     limit_enforce: str
     tcp_nodelay: bool

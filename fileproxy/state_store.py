@@ -7,10 +7,11 @@
   ``cluster``).
 
 Both keep, per upstream, the limiter's ``LimiterState`` with the fleet's counts of the
-open window, whether the limit is enforced, a decision counter and the last level; a
-GCRA admission clock; and, for the whole fleet, each worker's last report. The time of
-every read-modify-write is the store's own (Redis ``TIME``), so workers whose clocks
-differ still agree on windows, cooldowns and GCRA.
+open window (and when a tick last brought a sample, for the idle rule), whether the
+limit is enforced, a decision counter and the last level; a GCRA admission clock; and,
+for the whole fleet, each worker's last report. The time of every read-modify-write is
+the store's own (Redis ``TIME``), so workers whose clocks differ still agree on windows,
+cooldowns and GCRA.
 
 A window decision is taken by exactly one caller: ``tick`` adds the caller's counts
 and, once the window has run for ``window_s``, hands the caller a *lease* on it (no
@@ -180,6 +181,8 @@ class EmbeddedStore:
                 successes=state.successes + counts.successes,
                 errors=state.errors + counts.errors,
                 admitted=state.admitted + counts.admitted,
+                # the store's clock: when the fleet last saw an upstream verdict (idle rule)
+                last_sample_at=now if counts.successes + counts.errors else state.last_sample_at,
             ),
         )
         self._limiters[upstream] = limiter

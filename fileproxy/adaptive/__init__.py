@@ -4,6 +4,7 @@
   the level -> profile tables (chunk size, timeouts).
 - ``aimd_limiter``: per-upstream AIMD controller of the admission rate.
 - ``gcra``: the admission itself (leaky bucket / GCRA).
+- ``fair_share``: per-client shares of an enforced rate (the heaviest client refused first).
 - ``circuit_breaker``: when to stop calling the shared store and when to try again.
 - ``tcp_info``: Linux TCP_INFO parsing for transport RTT observations.
 """
@@ -21,6 +22,7 @@ from fileproxy.adaptive.aimd_limiter import (
     enforcing_after,
 )
 from fileproxy.adaptive.circuit_breaker import CircuitBreaker
+from fileproxy.adaptive.fair_share import FairShare, FairShareConfig, spare_burst
 from fileproxy.adaptive.gcra import Gcra
 from fileproxy.adaptive.quality_classifier import (
     LEVELS,
@@ -43,6 +45,8 @@ __all__ = [
     "CircuitBreaker",
     "ClassifierConfig",
     "Decision",
+    "FairShare",
+    "FairShareConfig",
     "Gcra",
     "Growth",
     "Level",
@@ -61,5 +65,6 @@ __all__ = [
     "parse_tcp_info",
     "profile_table",
     "read_tcp_info",
+    "spare_burst",
     "weighted_percentile",
 ]

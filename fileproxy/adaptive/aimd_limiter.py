@@ -6,15 +6,27 @@ upstream's verdict on each admitted request (``record``), and calls ``decide`` o
 returns the ``Decision``, after which the shell calls ``gcra.set_rate(limiter.limit)``.
 
 Outcomes
-    SUCCESS and ERROR (upstream 5xx or 429, connect failure, reset, timeout) are the
-    samples; IGNORED (client abort) counts as an admitted request for utilisation but
-    says nothing about the upstream. The limiter's own rejections are not recorded.
-    Record when the verdict is known: at response headers, or at the failure.
+    SUCCESS and ERROR are the samples. ERROR is an overload signal only: a connect
+    failure, reset or timeout, or an upstream status of ``FILEPROXY_LIMIT_ERROR_STATUSES``
+    (429, 502, 503, 504 by default); any other answer, a 500 included, is a SUCCESS (the
+    upstream answered: one broken URL is no reason to throttle the others). IGNORED
+    (client abort) counts as an admitted request for utilisation but says nothing about
+    the upstream. The limiter's own rejections are not recorded. Record when the verdict
+    is known: at response headers, or at the failure.
 
 Rules, applied when a window closes (``close_window``; one exact test per rule)
-    * fewer than ``min_samples`` samples: no decision, the counts carry into the next
-      window (skipping such windows could freeze the limit at low rates); a carry older
-      than ``max_carry_windows`` windows is dropped as stale;
+    * idle: after a cut (and its cooldown), a window with fewer than ``min_samples``
+      samples, none of them in the last ``window_s`` (no sample at all, or the traffic
+      stopped): the thin counts are
+      dropped and the limit grows once (``growth``) per full ``window_s`` of silence
+      (counted from the last sample, the window start or the cooldown end, whichever is
+      latest). A cut thus recovers with time once the upstream is left alone (1 s
+      windows: from 10 back to 1000 req/s in 24 silent windows after the cooldown) and
+      the first burst after a quiet period does not meet a stale cut. At the maximum
+      there is nothing to grow: no decision;
+    * fewer than ``min_samples`` samples otherwise: no decision, the counts carry into
+      the next window (skipping such windows could freeze the limit at low rates); a
+      carry older than ``max_carry_windows`` windows is dropped as stale;
     * error rate >= ``severe_threshold`` (50 %): ``limit *= severe_factor`` (0.5);
     * error rate > ``cut_threshold`` (10 %): ``limit *= cut_factor`` (0.8);
       either cut starts ``cooldown_windows`` (2) decisions without increase;
@@ -50,6 +62,15 @@ light-traffic one. Below ``min_samples / window_s`` (20 req/s) a decision needs 
 windows (the carry), so the +5 floor lifts the limit out of that zone in two decisions
 instead of four: 25 windows instead of 29. The +5 % rule is the slow recovery Netflix
 users reported (concurrency-limits #147).
+
+Idle recovery and fair share (same simulator, ``python -m tests.unit.adaptive.aimd_sim``):
+after 10 windows of total outage from 1000 (cut to 10), with no traffic at all the limit
+is back at 0.8 x max in 26 windows and at the maximum (enforcement ends) in 27: the
+outage target of 30 windows holds without traffic too. One heavy client (2000 req/s)
+and four light ones (20 req/s each) against capacity 300, through ``FairShare`` and
+one Gcra: the limit settles at 330 (as without clients told apart), mean error 9.2 %,
+the light clients get 100 % of their requests admitted and the heavy one the rest, 250
+req/s; without the fair share the light clients got 8.3 %.
 
 Known limit of the rules themselves: under steady overload the limit parks wherever a
 growth step lands between 1.02 and 1.11 x capacity, i.e. inside the 2..10 % hold band,
@@ -169,6 +190,7 @@ class LimiterState:
     admitted: int = 0
     cooldown_until: float | None = None
     carried: int = 0
+    last_sample_at: float | None = None  # when the last SUCCESS or ERROR was counted
 
 
 class WindowOutcome(Enum):
@@ -202,6 +224,10 @@ def close_window(config: LimiterConfig, state: LimiterState, now: float) -> Wind
     if elapsed < config.window_s:
         return WindowClose(WindowOutcome.OPEN, state)
     samples = state.successes + state.errors
+    if samples < config.min_samples and _silent(config, state, now):
+        idle = _idle(config, state, now)
+        if idle is not None:
+            return idle
     if samples < config.min_samples:
         if elapsed >= config.max_carry_windows * config.window_s:
             return WindowClose(WindowOutcome.STALE, _reset(state, now))
@@ -216,6 +242,41 @@ def close_window(config: LimiterConfig, state: LimiterState, now: float) -> Wind
     decision = Decision(now, old, new, error_rate, samples, utilisation, reason)
     after = replace(_reset(state, now), limit=new, cooldown_until=cooldown_until)
     return WindowClose(WindowOutcome.DECIDED, after, decision)
+
+
+def _silent(config: LimiterConfig, state: LimiterState, now: float) -> bool:
+    """No sample counted within the last ``window_s``."""
+    last = state.last_sample_at
+    return state.successes + state.errors == 0 or last is None or now - last >= config.window_s
+
+
+def _idle(config: LimiterConfig, state: LimiterState, now: float) -> WindowClose | None:
+    """The idle rule: one growth step per full window of silence; None if none is due."""
+    assert state.window_start is not None
+    cooldown = state.cooldown_until
+    if cooldown is None:
+        return None  # never cut: nothing to recover from
+    if now < cooldown:
+        return None  # a cut has just been made: no increase, silent or not
+    if state.limit >= config.max_limit:
+        return None  # nothing to recover: carry or drop as before
+    since = max(state.window_start, state.last_sample_at or -math.inf, cooldown)
+    steps = math.floor((now - since) / config.window_s + 1e-9)  # 1e-9: float noise
+    if steps < 1:
+        return None
+    old = wanted = state.limit
+    for _ in range(steps):
+        wanted = config.growth.apply(wanted)
+        if wanted >= config.max_limit:
+            break
+    new = min(config.max_limit, wanted)
+    reason = "idle: recover" if steps == 1 else f"idle: recover x{steps}"
+    if new != wanted:
+        reason += f" (clamped to {new:g})"
+    # The thin counts are dropped (as a stale carry would be): the decision rests on the
+    # silence, so its error rate and samples are those of the silence, zero.
+    decision = Decision(now, old, new, 0.0, 0, 0.0, reason)
+    return WindowClose(WindowOutcome.DECIDED, replace(_reset(state, now), limit=new), decision)
 
 
 def _rule(
@@ -265,6 +326,7 @@ class AimdLimiter:
         self._successes = 0
         self._errors = 0
         self._admitted = 0
+        self._last_sample_at: float | None = None
         self._decisions: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self._totals = {"success": 0, "error": 0, "ignored": 0, "windows": 0, "stale": 0}
 
@@ -283,8 +345,10 @@ class AimdLimiter:
         self._admitted += 1
         if outcome is Outcome.SUCCESS:
             self._successes += 1
+            self._last_sample_at = now
         elif outcome is Outcome.ERROR:
             self._errors += 1
+            self._last_sample_at = now
         self._totals[outcome.value] += 1
 
     def decide(self, now: float) -> Decision | None:
@@ -293,7 +357,11 @@ class AimdLimiter:
             self._state = replace(self._state, window_start=now)
             return None
         state = replace(
-            self._state, successes=self._successes, errors=self._errors, admitted=self._admitted
+            self._state,
+            successes=self._successes,
+            errors=self._errors,
+            admitted=self._admitted,
+            last_sample_at=self._last_sample_at,
         )
         closed = close_window(self.config, state, now)
         if closed.outcome is WindowOutcome.OPEN:

@@ -47,11 +47,16 @@ class Gcra:
     def _tolerance(self) -> float:
         return (self._burst - 1) * self._interval
 
-    def try_admit(self, now: float) -> tuple[bool, float]:
-        """``(True, 0.0)`` if admitted, else ``(False, seconds until one would be)``."""
+    def try_admit(self, now: float, burst: int | None = None) -> tuple[bool, float]:
+        """``(True, 0.0)`` if admitted, else ``(False, seconds until one would be)``.
+
+        ``burst`` overrides the tolerance for this request only (e.g. 1: admitted only
+        while the rate has room, leaving the burst to others; see ``fair_share``).
+        """
         self._last_now = now
         tat = now if self._tat is None else max(self._tat, now)
-        wait = tat - now - self._tolerance
+        tolerance = self._tolerance if burst is None else (burst - 1) * self._interval
+        wait = tat - now - tolerance
         if wait > _EPSILON_S:
             return False, wait
         self._tat = tat + self._interval

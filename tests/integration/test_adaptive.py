@@ -1,8 +1,12 @@
 """The adaptive engine against real backends: quality level, AIMD limit, TCP options."""
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
+import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import get_json
@@ -82,7 +86,7 @@ async def test_failing_backend_lowers_the_limit_and_recovery_raises_it(
     async def answer(request: web.Request) -> web.Response:
         served[0] += 1
         if failing[0] and served[0] % 2:
-            return web.Response(status=500, text="broken")
+            return web.Response(status=502, text="overloaded")  # an overload signal
         return web.Response(text="ok")
 
     app = web.Application()
@@ -235,3 +239,131 @@ async def test_new_upstream_connections_are_timed_pooled_ones_are_not(
     samples = upstream["quality"]["samples"]
     assert samples["connect_total"] == 1
     assert samples["http_total"] == 5
+
+
+# -- issue 12.1: overload signals only, the heaviest client refused first, idle recovery
+
+
+@contextlib.asynccontextmanager
+async def client_from(source: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client bound to a loopback source address: another client for the proxy."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        yield session
+
+
+def overload_backend() -> web.Application:
+    """/good answers 200; /broken 500 (one broken URL); /busy 503 (overloaded)."""
+
+    async def good(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="broken")
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="busy")
+
+    app = web.Application()
+    app.router.add_get("/good", good)
+    app.router.add_get("/broken", broken)
+    app.router.add_get("/busy", busy)
+    return app
+
+
+async def _until(client, proxy, predicate, within: float) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        upstream = await _upstream_stats(client, proxy)
+        if predicate(upstream["limiter"]) or time.monotonic() > deadline:
+            return upstream["limiter"]
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_a_client_hammering_a_500_url_does_not_throttle_the_others(
+    start_backend, start_proxy, client
+):
+    backend = await start_backend(overload_backend())
+    proxy = start_proxy(backend.url, FILEPROXY_LIMIT_WINDOW="0.25")
+    async with client_from("127.0.0.2") as heavy, client_from("127.0.0.3") as light:
+        hammer = Load(heavy, f"{proxy.url}/broken", workers=8, pace=0.0)
+        fetch = Load(light, f"{proxy.url}/good", workers=2, pace=0.0)
+        await asyncio.sleep(4)
+        bad, good = await hammer.stop(), await fetch.stop()
+    limiter = (await _upstream_stats(client, proxy))["limiter"]
+    assert set(bad) == {500} and len(bad) > 100, (len(bad), set(bad))
+    assert good and set(good) == {200}, {s: good.count(s) for s in set(good)}
+    assert limiter["enforcing"] is False and limiter["rejected_total"] == 0, limiter
+    assert not any("cut" in d["reason"] for d in limiter["decisions"]), limiter["decisions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_under_overload_the_heavy_client_is_refused_and_a_light_one_admitted(
+    store, request, start_backend, start_proxy, client
+):
+    backend = await start_backend(overload_backend())
+    shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if store == "redis" else {}
+    proxy = start_proxy(
+        backend.url,
+        **shared,
+        FILEPROXY_LIMIT_WINDOW="0.25",
+        FILEPROXY_LIMIT_MIN="20",
+        FILEPROXY_LIMIT_STATUS="429",  # the proxy's refusals, told apart from the 503s
+    )
+    async with client_from("127.0.0.2") as heavy, client_from("127.0.0.3") as light:
+        hammer = Load(heavy, f"{proxy.url}/busy", workers=8, pace=0.0)
+        try:
+            limiter = await _until(
+                client, proxy, lambda lim: lim["enforcing"] and 429 in hammer.statuses, 20
+            )
+            assert limiter["enforcing"] and 429 in hammer.statuses, limiter
+            # well under its share (20 req/s / 2 clients): 4 req/s for 4 s
+            fetch = Load(light, f"{proxy.url}/good", workers=1, pace=0.25)
+            refused_before = hammer.statuses.count(429)
+            await asyncio.sleep(4)
+            good = await fetch.stop()
+            refused_meanwhile = hammer.statuses.count(429) - refused_before
+            limiter = (await _upstream_stats(client, proxy))["limiter"]
+        finally:
+            bad = await hammer.stop()
+    assert limiter["enforcing"] is True, limiter
+    assert limiter["limit"] <= 40, limiter  # cut toward the minimum and enforced
+    assert refused_meanwhile > 100, refused_meanwhile  # the heavy client is refused...
+    assert len(good) >= 8, good
+    assert good.count(200) >= 0.9 * len(good), {s: good.count(s) for s in set(good)}
+    assert set(bad) <= {503, 429}
+
+
+@pytest.mark.slow
+async def test_a_cut_limit_recovers_with_time_without_traffic(start_backend, start_proxy, client):
+    backend = await start_backend(overload_backend())
+    proxy = start_proxy(
+        backend.url,
+        FILEPROXY_LIMIT_WINDOW="0.1",
+        FILEPROXY_LIMIT_MAX="200",
+        FILEPROXY_LIMIT_STATUS="429",
+    )
+    hammer = Load(client, f"{proxy.url}/busy", workers=8, pace=0.0)
+    try:
+        limiter = await _until(
+            client, proxy, lambda lim: lim["enforcing"] and lim["limit"] <= 20, 20
+        )
+    finally:
+        await hammer.stop()
+    assert limiter["enforcing"] and limiter["limit"] <= 20, limiter
+    # no traffic at all (only /stats, which is not proxied): the cut must wear off
+    limiter = await _until(
+        client, proxy, lambda lim: not lim["enforcing"] and lim["limit"] == 200, 20
+    )
+    assert limiter["enforcing"] is False and limiter["limit"] == 200, limiter
+    assert any(d["reason"].startswith("idle: recover") for d in limiter["decisions"])
+    # the first burst after the quiet period meets no stale cut
+    burst = await asyncio.gather(*(client.get(f"{proxy.url}/good") for _ in range(60)))
+    statuses = [resp.status for resp in burst]
+    for resp in burst:
+        resp.release()
+    assert statuses == [200] * 60, {s: statuses.count(s) for s in set(statuses)}

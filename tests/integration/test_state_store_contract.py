@@ -139,6 +139,47 @@ async def test_a_carried_window_keeps_its_counts(store: StateStore):
     assert after.limiter.decisions == 0
 
 
+async def decide_and_commit(store: StateStore, token: str) -> Any:
+    """Tick until leased (the window has run its course), decide with the pure rule, commit."""
+    for _ in range(50):
+        leased = await tick(store, token)
+        if leased.lease:
+            break
+        await asyncio.sleep(0.05)
+    assert leased.lease
+    closed = close_window(CONFIG, leased.limiter.state, leased.now)
+    committed = await store.commit(
+        UPSTREAM,
+        token=token,
+        seen=leased.limiter.counts(),
+        closed=closed,
+        enforcing=True,
+        level=None,
+    )
+    assert committed
+    return closed
+
+
+async def test_after_a_cut_silence_recovers_the_limit_by_the_pure_rule(store: StateStore):
+    sampled = await tick(store, "a", WindowCounts(successes=2, errors=10, admitted=12))
+    assert sampled.limiter.state.last_sample_at == pytest.approx(sampled.now, abs=1e-3)
+    await asyncio.sleep(CONFIG.window_s)
+    cut = await decide_and_commit(store, "a")
+    assert cut.decision is not None and cut.decision.reason == "severe cut"  # 100 -> 50
+    quiet = await tick(store, "a", WindowCounts(admitted=1))  # an abort: not a sample
+    assert quiet.limiter.state.last_sample_at == pytest.approx(sampled.now, abs=1e-3)
+    # the cooldown (2.5 windows) and then one silent window
+    await asyncio.sleep(3.5 * CONFIG.window_s)
+    idle = await decide_and_commit(store, "a")
+    assert idle.decision is not None, idle
+    assert idle.decision.reason.startswith("idle: recover"), idle.decision
+    assert idle.decision.old == pytest.approx(50.0)
+    assert idle.decision.new >= 60.0  # x1.2 per silent window
+    after = await tick(store, "a")
+    assert after.limiter.state.limit == pytest.approx(idle.decision.new)
+    assert after.limiter.counts() == WindowCounts()  # the thin counts were dropped
+
+
 async def test_gcra_starts_drained_then_paces_the_rate_with_bursts(store: StateStore):
     # a new clock gives no burst credit (a Redis restarted empty lets no burst through)
     results = [await store.admit(UPSTREAM, 5.0, 3) for _ in range(3)]

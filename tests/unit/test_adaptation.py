@@ -1,7 +1,19 @@
-"""UpstreamAdaptation's sampling of the upstream socket, with time passed in."""
+"""UpstreamAdaptation's sampling of the upstream socket (time passed in), what counts as a
+limiter error, and who a client is for the fair share."""
 
-from fileproxy.adaptation import TRANSPORT_SAMPLE_INTERVAL_S, UpstreamAdaptation
-from fileproxy.adaptive import TcpInfo
+import ipaddress
+
+import pytest
+
+from fileproxy.adaptation import (
+    TRANSPORT_SAMPLE_INTERVAL_S,
+    UpstreamAdaptation,
+    client_key,
+    limiter_outcome,
+)
+from fileproxy.adaptive import Outcome, TcpInfo
+from fileproxy.errors import CLIENT_ABORT, OK, TIMEOUT, UPSTREAM_ERROR
+from fileproxy.exchange import Exchange
 from fileproxy.settings import Settings
 from fileproxy.state_store import EmbeddedStore
 from fileproxy.store_link import StoreLink
@@ -40,3 +52,63 @@ def test_optimizer_off_reads_nothing():
     adaptation, reads = _adaptation(FILEPROXY_OPTIMIZER="off"), []
     adaptation.observe_headers(0.0, 0.01, _reader(reads))
     assert reads == []
+
+
+# -- what counts as an error for the limiter, and who a client is ---------------------
+
+
+def _exchange(status: int | None, cause: str = OK) -> Exchange:
+    exchange = Exchange("r", "u:1")
+    exchange.upstream_status = status
+    exchange.cause = cause
+    return exchange
+
+
+@pytest.mark.parametrize(
+    ("status", "cause", "outcome"),
+    [
+        (200, OK, Outcome.SUCCESS),
+        (404, OK, Outcome.SUCCESS),
+        (500, OK, Outcome.SUCCESS),  # one broken URL: the upstream answered
+        (501, OK, Outcome.SUCCESS),
+        (505, OK, Outcome.SUCCESS),
+        (429, OK, Outcome.ERROR),
+        (502, OK, Outcome.ERROR),
+        (503, OK, Outcome.ERROR),
+        (504, OK, Outcome.ERROR),
+        (None, UPSTREAM_ERROR, Outcome.ERROR),  # connect failure, reset
+        (None, TIMEOUT, Outcome.ERROR),
+        (200, CLIENT_ABORT, Outcome.IGNORED),
+        (None, CLIENT_ABORT, None),
+    ],
+)
+def test_only_overload_signals_are_limiter_errors(status, cause, outcome):
+    assert limiter_outcome(_exchange(status, cause)) is outcome
+
+
+def test_the_error_statuses_are_configurable():
+    adaptation = _adaptation(FILEPROXY_LIMIT_ERROR_STATUSES="500")
+    assert limiter_outcome(_exchange(500), adaptation.error_statuses) is Outcome.ERROR
+    assert limiter_outcome(_exchange(503), adaptation.error_statuses) is Outcome.SUCCESS
+    assert limiter_outcome(_exchange(None, TIMEOUT), ()) is Outcome.ERROR  # always
+
+
+TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "key"),
+    [
+        ("192.0.2.7", None, "192.0.2.7"),
+        ("192.0.2.7", "198.51.100.1", "192.0.2.7"),  # an untrusted peer names nobody
+        ("127.0.0.1", "198.51.100.1", "198.51.100.1"),  # the fronting nginx does
+        ("127.0.0.1", "203.0.113.9, 198.51.100.1, 10.1.2.3", "198.51.100.1"),  # rightmost
+        ("127.0.0.1", "10.1.2.3", "10.1.2.3"),  # every hop trusted: the first
+        ("127.0.0.1", None, "127.0.0.1"),
+        (None, "198.51.100.1", "198.51.100.1"),  # unix socket: a local process
+        (None, None, "local"),
+        ("127.0.0.1", "x" * 200, "x" * 64),  # bounded
+    ],
+)
+def test_client_key(peer, forwarded, key):
+    assert client_key(peer, forwarded, TRUSTED) == key

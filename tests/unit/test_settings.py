@@ -78,6 +78,8 @@ def test_values_are_parsed_from_the_environment():
         ("FILEPROXY_ACCESS_LOG", "maybe", "on/off"),
         ("FILEPROXY_LOG_FORMAT", "xml", "json, text"),
         ("FILEPROXY_TRUSTED_PROXIES", "10.0.0.0/33", "CIDR"),
+        ("FILEPROXY_LIMIT_ERROR_STATUSES", "503,5xx", "HTTP statuses 400..599, got '5xx'"),
+        ("FILEPROXY_LIMIT_ERROR_STATUSES", "200", "HTTP statuses 400..599, got '200'"),
     ],
 )
 def test_bad_values_name_the_variable_the_value_and_what_is_allowed(env, value, fragment):
@@ -88,6 +90,14 @@ def test_bad_values_name_the_variable_the_value_and_what_is_allowed(env, value, 
     assert message.startswith(f"invalid {env}=")
     assert fragment in message
     assert "\n" not in message
+
+
+def test_limiter_error_statuses():
+    assert Settings.from_env({}).limit_error_statuses == (429, 502, 503, 504)
+    chosen = Settings.from_env({"FILEPROXY_LIMIT_ERROR_STATUSES": " 503, 500 ,503,"})
+    assert chosen.limit_error_statuses == (500, 503)
+    assert chosen.public_dict()["FILEPROXY_LIMIT_ERROR_STATUSES"] == "500,503"
+    assert Settings.from_env({"FILEPROXY_LIMIT_ERROR_STATUSES": ""}).limit_error_statuses == ()
 
 
 def test_bad_url_error_does_not_leak_the_password():

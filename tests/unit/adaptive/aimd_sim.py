@@ -6,7 +6,8 @@ offered evenly at ``offered`` req/s and admitted through a ``Gcra`` paced at the
 limiter's current limit; ``decide`` runs at every window's end and the Gcra follows.
 
 ``python -m tests.unit.adaptive.aimd_sim [--sweep]`` prints the growth-rule comparison
-quoted in ``fileproxy/adaptive/aimd_limiter.py``.
+quoted in ``fileproxy/adaptive/aimd_limiter.py``, then the idle recovery after an outage
+(no traffic at all) and one heavy client against light ones through ``FairShare``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from fileproxy.adaptive.aimd_limiter import AimdLimiter, Decision, Growth, LimiterConfig, Outcome
+from fileproxy.adaptive.fair_share import FairShare, spare_burst
 from fileproxy.adaptive.gcra import Gcra
 
 GCRA_BURST = 10
@@ -151,6 +153,91 @@ CANDIDATES = (
 )
 
 
+@dataclass(frozen=True)
+class IdleFigures:
+    cut_to: float  # the limit after 10 windows of total outage from 1000
+    to_80_percent: int | None  # silent windows until the limit is >= 0.8 x max_limit
+    to_max: int | None  # ... until it is back at max_limit (enforcement ends there)
+
+
+def idle_figures(config: LimiterConfig | None = None) -> IdleFigures:
+    """An outage takes the limit down, then no traffic at all: how soon is the cut gone?"""
+    cfg = replace(config or LimiterConfig(), initial=1000.0)
+    sim = UpstreamSim(cfg)
+    cut_to = sim.run(Phase(10, 0.0))[-1].new_limit
+    quiet = sim.run(Phase(60, 0.0, offered=0.0))
+    return IdleFigures(
+        cut_to,
+        windows_until(quiet, 0.8 * cfg.max_limit, above=True),
+        windows_until(quiet, cfg.max_limit, above=True),
+    )
+
+
+@dataclass(frozen=True)
+class FairFigures:
+    settled_limit: tuple[float, float]  # limit range over the last 60 windows
+    mean_error: float  # upstream error rate over them
+    light_admitted: float  # fraction of the light clients' requests admitted
+    heavy_admitted: float  # the heavy client's admitted req/s
+
+
+def fair_share_figures(
+    capacity: float = 300.0, heavy: float = 2000.0, lights: int = 4, light: float = 20.0
+) -> FairFigures:
+    """One heavy client (``heavy`` req/s) and ``lights`` light ones (``light`` req/s each)
+    through ``FairShare`` + one ``Gcra`` at the AIMD limit, upstream of ``capacity``.
+
+    The window's upstream fails the admitted excess over capacity (whoever sent it).
+    """
+    cfg = LimiterConfig()
+    limiter, fair = AimdLimiter(cfg), FairShare()
+    gcra = Gcra(limiter.limit, GCRA_BURST)
+    now = 0.0
+    limiter.decide(now)
+    streams = [("heavy", heavy)] + [(f"light{i}", light) for i in range(lights)]
+    arrivals = sorted(
+        ((i + 0.5 + 0.1 * k) / rate, name)
+        for k, (name, rate) in enumerate(streams)
+        for i in range(round(rate))
+    )
+    limits: list[float] = []
+    errors_rates: list[float] = []
+    light_offered = light_ok = heavy_ok = 0
+    windows = 120
+    for w in range(windows):
+        admitted = errors = 0
+        for offset, name in arrivals:
+            t = now + offset
+            within = fair.within_share(t, name, limiter.limit, GCRA_BURST)
+            ok = gcra.try_admit(t, None if within else spare_burst(GCRA_BURST))[0]
+            if within and not ok:
+                fair.refund(name)
+            if w >= windows - 60:
+                if name == "heavy":
+                    heavy_ok += ok
+                else:
+                    light_offered += 1
+                    light_ok += ok
+            if not ok:
+                continue
+            admitted += 1
+            failed = admitted > capacity
+            errors += failed
+            limiter.record(t, Outcome.ERROR if failed else Outcome.SUCCESS)
+        if w >= windows - 60:
+            limits.append(limiter.limit)
+            errors_rates.append(errors / admitted if admitted else 0.0)
+        now += 1.0
+        limiter.decide(now)
+        gcra.set_rate(limiter.limit)
+    return FairFigures(
+        (min(limits), max(limits)),
+        sum(errors_rates) / len(errors_rates),
+        light_ok / light_offered,
+        heavy_ok / 60,
+    )
+
+
 def main(sweep: bool = False) -> None:
     print(
         "growth          outage->640  100->640  cap 300: limit  mean err  light max"
@@ -164,6 +251,19 @@ def main(sweep: bool = False) -> None:
             f"  {f.overload_mean_error:7.1%}  {f.light_max:8.1f}"
             f"  {f.sweep_low:6.2f}..{f.sweep_high:<6.2f}  {f.sweep_worst_error:8.1%}"
         )
+
+    idle = idle_figures()
+    print(
+        f"\nidle: outage from 1000 cut to {idle.cut_to:g}; without traffic back to 0.8 x max "
+        f"in {idle.to_80_percent} windows, to max in {idle.to_max}"
+    )
+    fair = fair_share_figures()
+    print(
+        f"fair share (capacity 300; heavy 2000 req/s, 4 light x 20 req/s): limit "
+        f"{fair.settled_limit[0]:.0f}..{fair.settled_limit[1]:.0f}, mean err "
+        f"{fair.mean_error:.1%}, light admitted {fair.light_admitted:.1%}, heavy "
+        f"{fair.heavy_admitted:.0f} req/s"
+    )
 
 
 if __name__ == "__main__":

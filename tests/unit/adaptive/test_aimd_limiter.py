@@ -16,7 +16,14 @@ from fileproxy.adaptive.aimd_limiter import (
     LimiterConfig,
     Outcome,
 )
-from tests.unit.adaptive.aimd_sim import Phase, UpstreamSim, growth_figures, windows_until
+from tests.unit.adaptive.aimd_sim import (
+    Phase,
+    UpstreamSim,
+    fair_share_figures,
+    growth_figures,
+    idle_figures,
+    windows_until,
+)
 
 
 def limiter(**changes: Any) -> AimdLimiter:
@@ -127,6 +134,55 @@ def test_stale_carry_is_dropped() -> None:
     )
 
 
+def cut_to_minimum() -> AimdLimiter:
+    """A limiter cut at t=1 (10 -> 10, clamped), cooling down until t=3.5, then silent."""
+    lim = limiter(initial=10.0)
+    assert window(lim, 0.0, 5, 15) is not None  # last sample at t=0.5
+    return lim
+
+
+def test_idle_windows_after_a_cut_grow_the_limit() -> None:
+    lim = cut_to_minimum()
+    assert lim.decide(3.0) is None  # cooling down: no increase, silent or not
+    # silence counted from the cooldown's end (3.5): one full window at 4.5
+    assert lim.decide(4.5) == Decision(4.5, 10.0, 15.0, 0.0, 0, 0.0, "idle: recover")
+    assert lim.decide(5.0) is None  # half a window: nothing due
+    # one step per full window of silence however late the window closes
+    assert lim.decide(7.5) == Decision(7.5, 15.0, 30.0, 0.0, 0, 0.0, "idle: recover x3")
+
+
+def test_idle_needs_a_full_window_without_samples() -> None:
+    lim = cut_to_minimum()
+    lim.decide(4.0)  # carried (cooling down until 3.5, then less than a window since)
+    for _ in range(5):
+        lim.record(4.2, Outcome.ERROR)  # a thin trickle: 5 samples, under min_samples
+    assert lim.decide(5.0) is None  # the last sample 0.8 s ago: carried, not idle
+    decision = lim.decide(5.2)  # 1.0 s after it: idle, the thin counts are dropped
+    assert decision == Decision(5.2, 10.0, 15.0, 0.0, 0, 0.0, "idle: recover")
+    assert lim.snapshot()["window"] == {
+        "successes": 0,
+        "errors": 0,
+        "admitted": 0,
+        "carried_windows": 0,
+    }
+
+
+def test_idle_recovery_stops_at_the_maximum() -> None:
+    lim = cut_to_minimum()
+    decision = lim.decide(100.0)  # 96.5 s of silence: far more steps than needed
+    assert decision == Decision(
+        100.0, 10.0, 1000.0, 0.0, 0, 0.0, "idle: recover x96 (clamped to 1000)"
+    )
+    assert lim.decide(200.0) is None  # at the maximum: nothing to recover
+
+
+def test_idle_without_a_cut_holds() -> None:
+    lim = limiter()
+    assert lim.decide(0.0) is None
+    assert lim.decide(30.0) is None  # silent, but never cut: the limit stays
+    assert lim.limit == 100.0
+
+
 def test_ignored_outcomes_count_for_utilisation_only() -> None:
     assert window(limiter(), 0.0, 30, 0, ignored=70) == Decision(
         1.0, 100.0, 120.0, 0.0, 30, 1.0, "grow"
@@ -227,6 +283,8 @@ def test_properties(windows: list[tuple[int, int, int, float]], initial: float) 
     now = 0.0
     lim.decide(now)
     acc_start, acc_s, acc_e, acc_admitted = now, 0, 0, 0
+    last_sample: float | None = None
+    cooldown_until: float | None = None  # set by the last cut
     for successes, errors, ignored, duration in windows:
         for outcome, count in (
             (Outcome.SUCCESS, successes),
@@ -235,6 +293,8 @@ def test_properties(windows: list[tuple[int, int, int, float]], initial: float) 
         ):
             for _ in range(count):
                 lim.record(now + 0.25 * cfg.window_s, outcome)
+        if successes + errors:
+            last_sample = now + 0.25 * cfg.window_s
         acc_s, acc_e, acc_admitted = (
             acc_s + successes,
             acc_e + errors,
@@ -248,6 +308,20 @@ def test_properties(windows: list[tuple[int, int, int, float]], initial: float) 
         assert cfg.min_limit <= lim.limit <= cfg.max_limit
         samples = acc_s + acc_e
         if samples < cfg.min_samples:
+            silent = samples == 0 or last_sample is None or now - last_sample >= cfg.window_s
+            idle_since = max(acc_start, last_sample or 0.0, cooldown_until or 0.0)
+            if (
+                silent
+                and cooldown_until is not None
+                and now >= cooldown_until
+                and old < cfg.max_limit
+                and now - idle_since >= cfg.window_s
+            ):
+                # idle: grows once per window of silence, the thin counts are dropped
+                assert decision is not None and decision.reason.startswith("idle: recover")
+                assert decision.new > old and (decision.error_rate, decision.samples) == (0, 0)
+                acc_start, acc_s, acc_e, acc_admitted = now, 0, 0, 0
+                continue
             assert decision is None
             assert lim.limit == old  # never changes on a thin window: it carries
             if now - acc_start >= cfg.max_carry_windows * cfg.window_s:
@@ -262,6 +336,8 @@ def test_properties(windows: list[tuple[int, int, int, float]], initial: float) 
             assert decision.new <= old, decision
         if error_rate <= cfg.cut_threshold:
             assert decision.new >= old, decision
+        else:
+            cooldown_until = now + (cfg.cooldown_windows + 0.5) * cfg.window_s
         acc_start, acc_s, acc_e, acc_admitted = now, 0, 0, 0
 
 
@@ -315,3 +391,19 @@ def test_growth_rule_figures_quoted_in_the_module_docstring() -> None:
     assert (round(figures.overload_low), round(figures.overload_high)) == (330, 330)
     assert round(figures.overload_mean_error, 3) == 0.092
     assert figures.light_max == 120.0
+
+
+def test_idle_recovery_figures_quoted_in_the_module_docstring() -> None:
+    """An outage cut, then no traffic: back to 0.8 x max within 30 windows (the outage
+    recovery target), to the maximum (enforcement ends) one window later."""
+    figures = idle_figures()
+    assert (figures.cut_to, figures.to_80_percent, figures.to_max) == (10.0, 26, 27)
+
+
+def test_one_heavy_client_does_not_starve_light_ones() -> None:
+    figures = fair_share_figures()
+    assert figures.light_admitted >= 0.99
+    low, high = figures.settled_limit
+    assert 0.8 * 300 <= low <= high <= 1.35 * 300
+    assert figures.mean_error <= 0.10
+    assert figures.heavy_admitted >= 150  # work-conserving: the heavy gets the rest
