@@ -32,10 +32,13 @@ Rules, applied when a window closes (``close_window``; one exact test per rule)
       either cut starts ``cooldown_windows`` (2) decisions without increase;
     * error rate < ``grow_threshold`` (2 %), not cooling down, and utilisation
       (admitted / (limit * window duration)) >= ``utilisation_to_grow`` (0.5): grow;
+    * the same errors and cooldown but less utilisation, on a limit that was cut:
+      grow too ("recover: errors stopped"): light traffic (a health check, a slow
+      client) must not keep a stale cut for the next burst;
     * otherwise hold: 2..10 % errors are tolerated rather than chased (an upstream may
-      fail that often whatever the load), and an unused limit is not raised (else
-      light traffic drifts it to the maximum and a later burst meets a flood of
-      errors).
+      fail that often whatever the load), and a never-cut limit that is unused is not
+      raised (else light traffic drifts it to the maximum and a later burst meets a
+      flood of errors).
     The result is clamped to ``[min_limit, max_limit]``.
 
 Growth rule: ``max(limit * 1.2, limit + 5)`` (``Growth(factor=1.2, step=5.0)``), chosen
@@ -297,7 +300,11 @@ def _rule(
     if error_rate >= cfg.grow_threshold:
         return limit, "hold: errors in tolerance band", cooldown_until
     if utilisation < cfg.utilisation_to_grow:
-        return limit, "hold: limit underused", cooldown_until
+        if cooldown_until is None:
+            return limit, "hold: limit underused", cooldown_until
+        # A cut limit recovers once errors stop, used or not: light traffic (a health
+        # check, one slow client) must not keep a stale cut for the next burst.
+        return cfg.growth.apply(limit), "recover: errors stopped", cooldown_until
     return cfg.growth.apply(limit), "grow", cooldown_until
 
 

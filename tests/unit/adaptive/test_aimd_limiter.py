@@ -94,6 +94,17 @@ def test_cooldown_after_a_cut() -> None:
     assert window(lim, 3.0, 80) == Decision(4.0, 80.0, 96.0, 0.0, 80, 1.0, "grow")
 
 
+def test_a_cut_limit_recovers_under_light_traffic() -> None:
+    """After a cut, errors gone: the limit grows whether or not the traffic uses it."""
+    lim = limiter()
+    window(lim, 0.0, 80, 20)  # 100 -> 80 at t=1, cooldown until t=3.5
+    window(lim, 1.0, 80)
+    window(lim, 2.0, 80)
+    assert window(lim, 3.0, 20) == Decision(
+        4.0, 80.0, 96.0, 0.0, 20, 0.25, "recover: errors stopped"
+    )
+
+
 def test_cut_during_cooldown_restarts_it() -> None:
     lim = limiter()
     window(lim, 0.0, 80, 20)  # 100 -> 80
@@ -332,7 +343,10 @@ def test_properties(windows: list[tuple[int, int, int, float]], initial: float) 
         assert decision is not None
         assert (decision.old, decision.new, decision.samples) == (old, lim.limit, samples)
         assert (decision.error_rate, decision.utilisation) == (error_rate, utilisation)
-        if error_rate >= cfg.grow_threshold or utilisation < cfg.utilisation_to_grow:
+        # never grows with errors; unused, grows only while recovering from a cut
+        if error_rate >= cfg.grow_threshold or (
+            utilisation < cfg.utilisation_to_grow and cooldown_until is None
+        ):
             assert decision.new <= old, decision
         if error_rate <= cfg.cut_threshold:
             assert decision.new >= old, decision
