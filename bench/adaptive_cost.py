@@ -19,12 +19,12 @@ import random
 import socket
 import time
 
-from fileproxy.adaptation import UpstreamAdaptation
-from fileproxy.adaptive import read_tcp_info
 from fileproxy.exchange import Exchange
 from fileproxy.settings import Settings
-from fileproxy.state_store import EmbeddedStore
-from fileproxy.store_link import StoreLink
+from fileproxy.state.adaptation import UpstreamAdaptation
+from fileproxy.state.link import StoreLink
+from fileproxy.state.store import EmbeddedStore
+from fileproxy.upstream.tcp_info import read_tcp_info
 
 RATE = 1000.0  # req/s
 

@@ -23,11 +23,11 @@ import tempfile
 import time
 from datetime import UTC, datetime
 
-from fileproxy.adaptation import UpstreamAdaptation
-from fileproxy.redis_store import RedisStore
 from fileproxy.settings import Settings
-from fileproxy.state_store import EmbeddedStore, StateStore
-from fileproxy.store_link import StoreLink
+from fileproxy.state.adaptation import UpstreamAdaptation
+from fileproxy.state.link import StoreLink
+from fileproxy.state.redis_store import RedisStore
+from fileproxy.state.store import EmbeddedStore, StateStore
 
 
 def free_port() -> int:

@@ -13,9 +13,8 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from . import aiohttp_client, aiohttp_server, endpoints, logs, loop_lag, state_sync
-from .adaptation import UpstreamAdaptation
-from .app_keys import (
+from fileproxy import loop_lag
+from fileproxy.app_keys import (
     ADAPTATION,
     FLEET,
     LIFECYCLE,
@@ -27,20 +26,26 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
-from .gate import leave_on_response_prepare
-from .lifecycle import PROBE_INTERVAL_S, Lifecycle
-from .loop_lag import LoopLag
-from .proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
-from .redis_store import RedisStore
-from .runtime import Runtime, uvloop_active
-from .settings import Settings
-from .state_store import EmbeddedStore, StateStore
-from .state_sync import Fleet, instance_name
-from .store_link import StoreLink
-from .tcp_options import ListenSockets
-from .traffic_stats import TrafficStats
-from .upstream_client import UpstreamClient, upstream_name
+from fileproxy.http import access_log as access_logs
+from fileproxy.http import aiohttp_server
+from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
+from fileproxy.http.gate import leave_on_response_prepare
+from fileproxy.http.proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
+from fileproxy.lifecycle import PROBE_INTERVAL_S, Lifecycle
+from fileproxy.loop_lag import LoopLag
+from fileproxy.ops import endpoints, logs
+from fileproxy.runtime import Runtime, uvloop_active
+from fileproxy.settings import Settings
+from fileproxy.state import sync as state_sync
+from fileproxy.state.adaptation import UpstreamAdaptation
+from fileproxy.state.link import StoreLink
+from fileproxy.state.redis_store import RedisStore
+from fileproxy.state.store import EmbeddedStore, StateStore
+from fileproxy.state.sync import Fleet, instance_name
+from fileproxy.state.traffic import TrafficStats
+from fileproxy.upstream import aiohttp_client
+from fileproxy.upstream.client import UpstreamClient, upstream_name
+from fileproxy.upstream.tcp_options import ListenSockets
 
 log = logging.getLogger("fileproxy")
 
@@ -65,8 +70,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "client_header_timeout": settings.client_header_timeout,
         "max_connections": settings.max_connections,
         "active_requests": settings.active_requests,
-        "access_log_class": logs.AccessLogger,
-        "access_log": logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
+        "access_log_class": access_logs.AccessLogger,
+        "access_log": logging.getLogger(access_logs.ACCESS_LOGGER) if settings.access_log else None,
     }
 
 

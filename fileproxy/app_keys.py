@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .adaptation import UpstreamAdaptation
-from .lifecycle import Lifecycle
-from .loop_lag import LoopLag
-from .runtime import Runtime
-from .settings import Settings
-from .state_sync import Fleet
-from .store_link import StoreLink
-from .tcp_options import ListenSockets
-from .traffic_stats import TrafficStats
-from .upstream_client import UpstreamClient
+from fileproxy.lifecycle import Lifecycle
+from fileproxy.loop_lag import LoopLag
+from fileproxy.runtime import Runtime
+from fileproxy.settings import Settings
+from fileproxy.state.adaptation import UpstreamAdaptation
+from fileproxy.state.link import StoreLink
+from fileproxy.state.sync import Fleet
+from fileproxy.state.traffic import TrafficStats
+from fileproxy.upstream.client import UpstreamClient
+from fileproxy.upstream.tcp_options import ListenSockets
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)

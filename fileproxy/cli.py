@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from .settings import ConfigError, Settings, env_file_template, markdown_table
+from fileproxy.settings import ConfigError, Settings, env_file_template, markdown_table
 
 EXIT_CONFIG = 2
 
@@ -22,14 +22,14 @@ def _settings_or_exit() -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from fileproxy.server import serve
 
     serve(_settings_or_exit())
     return 0
 
 
 def _cmd_sample_upstream(args: argparse.Namespace) -> int:
-    from .sample_upstream import run
+    from fileproxy.sample_upstream import run
 
     host, _, port = args.bind.rpartition(":")
     if not host or not port.isdigit():
@@ -76,7 +76,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_checks
+    from fileproxy.ops.check import run_checks
 
     return run_checks(_settings_or_exit())
 

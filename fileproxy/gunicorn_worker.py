@@ -16,8 +16,8 @@ from types import FrameType
 from aiohttp import web
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 
-from .app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
-from .tcp_options import apply_to_listeners
+from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
+from fileproxy.upstream.tcp_options import apply_to_listeners
 
 log = logging.getLogger("fileproxy")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 
-from . import __version__
+from fileproxy import __version__
+
+log = logging.getLogger("fileproxy")
 
 try:
     import uvloop
@@ -40,3 +43,12 @@ class Runtime:
 
 
 _LEVEL_WORDS = ("low", "medium", "high")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop not installed: using asyncio's event loop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

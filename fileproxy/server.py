@@ -9,22 +9,14 @@ import time
 
 from aiohttp import web
 
-from . import logs
-from .app import create_app
-from .app_keys import LIFECYCLE, LISTEN_SOCKETS
-from .settings import Settings
-from .tcp_options import apply_to_listeners
+from fileproxy.app import create_app
+from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS
+from fileproxy.ops import logs
+from fileproxy.runtime import new_event_loop
+from fileproxy.settings import Settings
+from fileproxy.upstream.tcp_options import apply_to_listeners
 
 log = logging.getLogger("fileproxy")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        log.warning("uvloop not installed: using asyncio's event loop")
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 async def _serve(settings: Settings) -> None:

@@ -220,7 +220,7 @@ _boundaries.allowed = "ms,ms,ms"  # type: ignore[attr-defined]
 
 
 def _profiles(raw: str) -> str:
-    from .adaptive.quality_classifier import PROFILE_PRESETS, profile_table
+    from fileproxy.adaptive.quality_classifier import PROFILE_PRESETS, profile_table
 
     try:
         profile_table(raw)

@@ -36,7 +36,7 @@ from fileproxy.adaptive.quality_classifier import (
     profile_table,
     weighted_percentile,
 )
-from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info, read_tcp_info
+from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info
 
 __all__ = [
     "LEVELS",
@@ -64,7 +64,6 @@ __all__ = [
     "parse_profile_table",
     "parse_tcp_info",
     "profile_table",
-    "read_tcp_info",
     "spare_burst",
     "weighted_percentile",
 ]

@@ -34,10 +34,8 @@ the previous read, so read it after an exchange.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import struct
 from dataclasses import dataclass
-from typing import Protocol
 
 #: Buffer size asked of the kernel: larger than any ``struct tcp_info`` so far.
 TCP_INFO_BUFFER = 512
@@ -128,21 +126,3 @@ def parse_tcp_info(buf: bytes) -> TcpInfo:
         if offset + struct.calcsize(code) <= len(buf):
             values[name] = struct.unpack_from(code, buf, offset)[0]
     return TcpInfo(length=len(buf), **values)
-
-
-class SupportsGetsockopt(Protocol):
-    """A socket, or asyncio's ``TransportSocket`` from ``get_extra_info("socket")``."""
-
-    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
-
-
-def read_tcp_info(sock: SupportsGetsockopt) -> TcpInfo | None:
-    """TCP_INFO of a connected TCP socket; ``None`` if the platform or socket cannot."""
-    option = getattr(socket, "TCP_INFO", None)
-    if option is None:
-        return None
-    try:
-        buf = sock.getsockopt(socket.IPPROTO_TCP, option, TCP_INFO_BUFFER)
-    except OSError:
-        return None
-    return parse_tcp_info(buf)

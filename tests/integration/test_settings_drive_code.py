@@ -5,9 +5,9 @@ import time
 
 from aiohttp import web
 
-from fileproxy.redis_store import RedisStore
 from fileproxy.settings import Settings
-from fileproxy.upstream_client import UpstreamClient
+from fileproxy.state.redis_store import RedisStore
+from fileproxy.upstream.client import UpstreamClient
 from tests.conftest import get_json, parking_backend
 
 

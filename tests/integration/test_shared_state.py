@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fileproxy.state_store import limiter_key
+from fileproxy.state.store import limiter_key
 from tests.conftest import Process, clean_env
 from tests.integration.test_deployment import start_gunicorn
 

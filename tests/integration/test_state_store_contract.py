@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from fileproxy.adaptive import LimiterConfig, LimiterState, close_window
-from fileproxy.redis_store import RedisStore
 from fileproxy.settings import Settings
-from fileproxy.state_store import (
-    LEASE_S,
-    EmbeddedStore,
-    SharedLimiter,
-    StateStore,
-    WindowCounts,
-)
+from fileproxy.state.redis_store import RedisStore
+from fileproxy.state.store import LEASE_S, EmbeddedStore, SharedLimiter, StateStore, WindowCounts
 
 UPSTREAM = "backend.test:8080"
 INITIAL = SharedLimiter(LimiterState(limit=100.0), enforcing=False)

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from fileproxy.upstream_pool import ConnectionPool
+from fileproxy.upstream.pool import ConnectionPool
 
 
 def _plain_socket(info) -> socket.socket:

@@ -5,18 +5,18 @@ import ipaddress
 
 import pytest
 
-from fileproxy.adaptation import (
+from fileproxy.adaptive import Outcome, TcpInfo
+from fileproxy.exchange import Exchange
+from fileproxy.http.errors import CLIENT_ABORT, OK, TIMEOUT, UPSTREAM_ERROR
+from fileproxy.http.headers import client_key
+from fileproxy.settings import Settings
+from fileproxy.state.adaptation import (
     TRANSPORT_SAMPLE_INTERVAL_S,
     UpstreamAdaptation,
-    client_key,
     limiter_outcome,
 )
-from fileproxy.adaptive import Outcome, TcpInfo
-from fileproxy.errors import CLIENT_ABORT, OK, TIMEOUT, UPSTREAM_ERROR
-from fileproxy.exchange import Exchange
-from fileproxy.settings import Settings
-from fileproxy.state_store import EmbeddedStore
-from fileproxy.store_link import StoreLink
+from fileproxy.state.link import StoreLink
+from fileproxy.state.store import EmbeddedStore
 
 
 def _adaptation(**env: str) -> UpstreamAdaptation:

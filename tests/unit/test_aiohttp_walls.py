@@ -14,7 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from fileproxy import aiohttp_client, aiohttp_server
+from fileproxy.http import aiohttp_server
+from fileproxy.upstream import aiohttp_client
 
 ROOT = Path(__file__).resolve().parents[2]
 WALLS = {"aiohttp_client.py", "aiohttp_server.py"}

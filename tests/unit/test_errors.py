@@ -2,8 +2,8 @@ import aiohttp
 import pytest
 from aiohttp import http_exceptions
 
-from fileproxy import errors
-from fileproxy.errors import ClientRequestError, classify
+from fileproxy.http import errors
+from fileproxy.http.errors import ClientRequestError, classify
 
 
 @pytest.mark.parametrize(

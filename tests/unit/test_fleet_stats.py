@@ -1,6 +1,6 @@
 from fileproxy.adaptive import Level
-from fileproxy.fleet_stats import FleetView, UpstreamReport, WorkerReport, fleet_level
-from fileproxy.traffic_stats import TrafficStats
+from fileproxy.state.fleet import FleetView, UpstreamReport, WorkerReport, fleet_level
+from fileproxy.state.traffic import TrafficStats
 
 
 def upstream(level: str, samples: int, estimated: bool = True) -> UpstreamReport:

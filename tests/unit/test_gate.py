@@ -1,6 +1,6 @@
 """ActiveRequestGate: places, first come first served, the upstream hold, gone connections."""
 
-from fileproxy.gate import ActiveRequestGate
+from fileproxy.http.gate import ActiveRequestGate
 
 
 class _Connection:

@@ -2,7 +2,7 @@ import ipaddress
 
 from multidict import CIMultiDict
 
-from fileproxy.headers import client_response_headers, end_to_end, upstream_request_headers
+from fileproxy.http.headers import client_response_headers, end_to_end, upstream_request_headers
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from fileproxy.traffic_stats import CUMULATIVE_BOUNDS_S, LATENCY_BOUNDS_MS, TrafficStats
+from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S, LATENCY_BOUNDS_MS, TrafficStats
 
 
 def _record(stats, now, duration_s, bytes_sent, failed, status=200, cause="ok", bytes_in=0):

@@ -9,13 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fileproxy.adaptive.aimd_limiter import (
-    AimdLimiter,
-    Decision,
-    Growth,
-    LimiterConfig,
-    Outcome,
-)
+from fileproxy.adaptive.aimd_limiter import AimdLimiter, Decision, Growth, LimiterConfig, Outcome
 from tests.unit.adaptive.aimd_sim import (
     Phase,
     UpstreamSim,

@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info, read_tcp_info
+from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info
+from fileproxy.upstream.tcp_info import read_tcp_info
 
 # Offsets written out from include/uapi/linux/tcp.h, independently of the parser's table.
 U64 = 0x0102_0304_0506_0000

@@ -11,12 +11,12 @@ from importlib.metadata import version
 
 import aiohttp
 
-from . import tcp_options
-from .errors import classify
-from .redis_store import RedisStore, connect
-from .server import new_event_loop
-from .settings import Settings, redact_url
-from .state_store import StoreError
+from fileproxy.http.errors import classify
+from fileproxy.runtime import new_event_loop
+from fileproxy.settings import Settings, redact_url
+from fileproxy.state.redis_store import RedisStore, connect
+from fileproxy.state.store import StoreError
+from fileproxy.upstream import tcp_options
 
 RECOMMENDED_NOFILE = 65536
 MINIMUM_NOFILE = 4096

@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from .settings import Settings
+from fileproxy.settings import Settings
 
 # Linux values, for Pythons built without the constants.
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from .adaptive import LEVELS, Level
-from .traffic_stats import Counters, WindowParts
+from fileproxy.adaptive import LEVELS, Level
+from fileproxy.state.traffic import Counters, WindowParts
 
 
 @dataclass(frozen=True)

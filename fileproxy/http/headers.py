@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import random
+import re
 from collections.abc import Iterable
 
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 HOP_BY_HOP = frozenset(
@@ -164,19 +167,6 @@ def client_response_headers(
     return out
 
 
-def upstream_prefixes(scheme: str, host: str, port: int, path: str) -> tuple[str, ...]:
-    """How a Location may name the upstream base URL: lower-case scheme and host, the
-    port written or (when it is the scheme's default) left out, the path without its
-    trailing slash."""
-    scheme, host, path = scheme.lower(), host.lower(), path.rstrip("/")
-    if ":" in host:
-        host = f"[{host}]"  # IPv6 literal
-    prefixes = [f"{scheme}://{host}:{port}{path}"]
-    if port == {"http": 80, "https": 443}.get(scheme):
-        prefixes.append(f"{scheme}://{host}{path}")
-    return tuple(prefixes)
-
-
 class Redirect:
     """Rewrites a Location that starts with the upstream's base URL to the client-facing
     base (the scheme and host the client used), the upstream path prefix stripped.
@@ -217,3 +207,33 @@ def client_facing_base(
         scheme = incoming.get(X_FORWARDED_PROTO, scheme).split(",", 1)[0].strip() or scheme
         host = incoming.get(X_FORWARDED_HOST, host).split(",", 1)[0].strip() or host
     return f"{scheme}://{host}"
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-ID when it is sane, else 32 random hex digits.
+
+    An id needs to be unique, not secret: ``random`` (reseeded in every forked
+    worker) instead of ``uuid4``, which reads the kernel's entropy on every request.
+    """
+    incoming = request.headers.get("X-Request-ID", "")
+    return incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
+
+
+MAX_CLIENT_KEY = 64
+
+
+def client_key(peer: str | None, forwarded_for: str | None, trusted: Networks) -> str:
+    """Who a request is for fair sharing: the peer address, or, from a trusted peer (the
+    fronting nginx) or a unix socket, the client its X-Forwarded-For names: the
+    rightmost address that is not itself a trusted proxy. Bounded in length."""
+    if forwarded_for and (not peer or is_trusted(peer, trusted)):
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not is_trusted(hop, trusted):
+                return hop[:MAX_CLIENT_KEY]
+        if hops:
+            return hops[0][:MAX_CLIENT_KEY]
+    return (peer or "local")[:MAX_CLIENT_KEY]

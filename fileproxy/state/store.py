@@ -2,7 +2,7 @@
 
 - ``EmbeddedStore`` (no ``REDIS_URL``): in the worker's memory; the fleet is this one
   worker (scope ``worker``).
-- ``RedisStore`` (``fileproxy.redis_store``): one Redis or a Redis Cluster; the fleet
+- ``RedisStore`` (``fileproxy.state.redis_store``): one Redis or a Redis Cluster; the fleet
   is every worker of every instance that uses the same Redis and key prefix (scope
   ``cluster``).
 
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .adaptive import LimiterState, WindowClose
+from fileproxy.adaptive import LimiterState, WindowClose
 
 #: A lease outlives a decider that died mid-decision by this long at most.
 LEASE_S = 2.0

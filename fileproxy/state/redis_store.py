@@ -25,9 +25,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from .adaptive import Decision, LimiterState, WindowClose
-from .settings import Settings, redact_url
-from .state_store import (
+from fileproxy.adaptive import Decision, LimiterState, WindowClose
+from fileproxy.settings import Settings, redact_url
+from fileproxy.state.store import (
     ADMISSION_KEEP_S,
     LEASE_S,
     REPORT_AGE_OUT_S,

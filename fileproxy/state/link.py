@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .adaptive.circuit_breaker import CircuitBreaker
-from .state_store import StateStore, StoreError
+from fileproxy.adaptive.circuit_breaker import CircuitBreaker
+from fileproxy.state.store import StateStore, StoreError
 
 log = logging.getLogger("fileproxy.state")
 

@@ -16,8 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import errors, gate, metrics
-from .app_keys import (
+from fileproxy.app_keys import (
     ADAPTATION,
     FLEET,
     LIFECYCLE,
@@ -29,11 +28,12 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .exchange import request_id_for
-from .headers import is_trusted
-from .proxy_handler import on_unix_socket
-from .settings import redact_url
-from .tcp_options import read_back
+from fileproxy.http import errors, gate
+from fileproxy.http.headers import is_trusted, request_id_for
+from fileproxy.http.proxy_handler import on_unix_socket
+from fileproxy.ops import metrics
+from fileproxy.settings import redact_url
+from fileproxy.upstream.tcp_options import read_back
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from .aiohttp_client import ResponseHandler, connection_key, new_protocol
+from fileproxy.upstream.aiohttp_client import ResponseHandler, connection_key, new_protocol
 
 SocketFactory = Callable[[Any], socket.socket]  # getaddrinfo's 5-tuple -> socket
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)

@@ -35,12 +35,12 @@ from typing import Any
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine
 
-from . import errors
-from .aiohttp_server import ProtocolServer, application_class
-from .exchange import request_id_for
-from .gate import GATE_MEMBER, ActiveRequestGate, GatedProtocol
+from fileproxy.http import errors
+from fileproxy.http.aiohttp_server import ProtocolServer, application_class
+from fileproxy.http.gate import GATE_MEMBER, ActiveRequestGate, GatedProtocol
+from fileproxy.http.headers import request_id_for
 
-log = logging.getLogger("fileproxy.edge")
+log = logging.getLogger("fileproxy.http.edge")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -27,9 +27,10 @@ from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import tcp_options
-from .adaptive import TcpInfo, read_tcp_info
-from .aiohttp_client import (
+from fileproxy.adaptive import TcpInfo
+from fileproxy.settings import Settings
+from fileproxy.upstream import tcp_options
+from fileproxy.upstream.aiohttp_client import (
     ResponseHandler,
     prepare_for_response,
     read_response,
@@ -37,9 +38,8 @@ from .aiohttp_client import (
     start_read_timeout,
     wait_writable,
 )
-from .headers import upstream_prefixes
-from .settings import Settings
-from .upstream_pool import ConnectionPool, ConnectObserver
+from fileproxy.upstream.pool import ConnectionPool, ConnectObserver
+from fileproxy.upstream.tcp_info import read_tcp_info
 
 # Methods a request may be retried with when a pooled connection turned out closed
 # before it answered (RFC 9110 9.2.2), as aiohttp and nginx do.
@@ -57,6 +57,19 @@ MAX_HEADER_BYTES = 64 * 1024
 def upstream_name(upstream: URL) -> str:
     """How the upstream is named in /stats, metrics and the shared store's keys."""
     return f"{upstream.host}:{upstream.port}"
+
+
+def upstream_prefixes(scheme: str, host: str, port: int, path: str) -> tuple[str, ...]:
+    """How a Location may name the upstream base URL: lower-case scheme and host, the
+    port written or (when it is the scheme's default) left out, the path without its
+    trailing slash."""
+    scheme, host, path = scheme.lower(), host.lower(), path.rstrip("/")
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    prefixes = [f"{scheme}://{host}:{port}{path}"]
+    if port == {"http": 80, "https": 443}.get(scheme):
+        prefixes.append(f"{scheme}://{host}{path}")
+    return tuple(prefixes)
 
 
 class UpstreamResponse:

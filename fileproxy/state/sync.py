@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import orjson
 
-from .adaptation import UpstreamAdaptation
-from .fleet_stats import FleetView, WorkerReport
-from .state_store import Report, StoreError
-from .store_link import StoreLink
-from .traffic_stats import TrafficStats
+from fileproxy.state.adaptation import UpstreamAdaptation
+from fileproxy.state.fleet import FleetView, WorkerReport
+from fileproxy.state.link import StoreLink
+from fileproxy.state.store import Report, StoreError
+from fileproxy.state.traffic import TrafficStats
 
 log = logging.getLogger("fileproxy.state")
 

@@ -21,18 +21,26 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import errors, logs
-from .adaptive import LevelProfile
-from .aiohttp_server import send_head_with_body
-from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
-from .exchange import EXCHANGE, Exchange, request_id_for
-from .gate import waiting_on_upstream
-from .headers import Redirect, client_facing_base, client_response_headers, upstream_request_headers
-from .settings import Settings
-from .upstream_client import UpstreamClient, UpstreamResponse
+from fileproxy.adaptive import LevelProfile
+from fileproxy.app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
+from fileproxy.exchange import EXCHANGE, Exchange
+from fileproxy.http import access_log as access_logs
+from fileproxy.http import errors
+from fileproxy.http.aiohttp_server import send_head_with_body
+from fileproxy.http.gate import waiting_on_upstream
+from fileproxy.http.headers import (
+    Redirect,
+    client_facing_base,
+    client_key,
+    client_response_headers,
+    request_id_for,
+    upstream_request_headers,
+)
+from fileproxy.settings import Settings
+from fileproxy.upstream.client import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("fileproxy.proxy")
-access_log = logging.getLogger(logs.ACCESS_LOGGER)
+access_log = logging.getLogger(access_logs.ACCESS_LOGGER)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
 
@@ -62,7 +70,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     status = 500  # what aiohttp answers should an unexpected exception escape
     adaptation = app[ADAPTATION]
     try:
-        admitted, retry_after = await adaptation.admit(started, request)
+        admitted, retry_after = await adaptation.admit(
+            started,
+            lambda: client_key(
+                request.remote,
+                request.headers.get("X-Forwarded-For"),
+                app[SETTINGS].trusted_proxies,
+            ),
+        )
         if admitted:
             response = await _proxy(request, exchange, started)
         else:
@@ -79,7 +94,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         exchange.cause = errors.CLIENT_ABORT
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
-            logs.log_access(
+            access_logs.log_access(
                 access_log, request, status, exchange.bytes_out, time.monotonic() - started
             )
         raise

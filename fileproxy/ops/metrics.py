@@ -20,9 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import errors
-from .adaptive import LEVELS
-from .app_keys import (
+from fileproxy.adaptive import LEVELS
+from fileproxy.app_keys import (
     ADAPTATION,
     FLEET,
     LIFECYCLE,
@@ -32,7 +31,8 @@ from .app_keys import (
     TRAFFIC,
     UPSTREAM,
 )
-from .traffic_stats import CUMULATIVE_BOUNDS_S
+from fileproxy.http import errors
+from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

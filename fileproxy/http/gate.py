@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .aiohttp_server import ServerProtocol
+from fileproxy.http.aiohttp_server import ServerProtocol
 
 
 class Admittable(Protocol):

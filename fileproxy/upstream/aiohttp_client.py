@@ -58,7 +58,7 @@ try:
     from aiohttp.http_writer import _serialize_headers
 except ImportError as exc:  # pragma: no cover - only with another aiohttp
     raise AiohttpMoved(
-        f"aiohttp {aiohttp.__version__}: {exc} (fileproxy.aiohttp_client was checked "
+        f"aiohttp {aiohttp.__version__}: {exc} (fileproxy.upstream.aiohttp_client was checked "
         f"against aiohttp {PINNED})"
     ) from exc
 

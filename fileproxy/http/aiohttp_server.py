@@ -68,7 +68,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
 
-from .aiohttp_client import PINNED, AiohttpMoved
+from fileproxy.upstream.aiohttp_client import PINNED, AiohttpMoved
 
 try:
     from aiohttp.streams import EMPTY_PAYLOAD
@@ -76,7 +76,7 @@ try:
     from aiohttp.web_server import Server
 except ImportError as exc:  # pragma: no cover - only with another aiohttp
     raise AiohttpMoved(
-        f"aiohttp {aiohttp.__version__}: {exc} (fileproxy.aiohttp_server was checked "
+        f"aiohttp {aiohttp.__version__}: {exc} (fileproxy.http.aiohttp_server was checked "
         f"against aiohttp {PINNED})"
     ) from exc
 

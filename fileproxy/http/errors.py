@@ -15,13 +15,24 @@ import aiohttp
 import orjson
 from aiohttp import http_exceptions, web
 
-# Termination causes of a proxied request (access log, /stats, /metrics).
-OK = "ok"
-CLIENT_ABORT = "client_abort"  # the client went away or sent a broken body
-UPSTREAM_ERROR = "upstream_error"  # refused, reset, invalid response, broke mid-body
-TIMEOUT = "timeout"  # connect, response headers or idle read took too long
-REJECTED = "rejected"  # refused by the proxy itself (bad target, body too large, ...)
-CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED)
+from fileproxy.exchange import (  # the causes, named here too: errors.CLIENT_ABORT ...
+    CAUSES as CAUSES,
+)
+from fileproxy.exchange import (
+    CLIENT_ABORT as CLIENT_ABORT,
+)
+from fileproxy.exchange import (
+    OK as OK,
+)
+from fileproxy.exchange import (
+    REJECTED as REJECTED,
+)
+from fileproxy.exchange import (
+    TIMEOUT as TIMEOUT,
+)
+from fileproxy.exchange import (
+    UPSTREAM_ERROR as UPSTREAM_ERROR,
+)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .adaptive import (
+from fileproxy.adaptive import (
     AimdLimiter,
     ClassifierConfig,
     Decision,
@@ -51,23 +51,20 @@ from .adaptive import (
     profile_table,
     spare_burst,
 )
-from .errors import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR
-from .exchange import Exchange
-from .fleet_stats import FleetView, UpstreamReport
-from .headers import Networks, is_trusted
-from .settings import Settings
-from .state_store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
-from .store_link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
+from fileproxy.exchange import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR, Exchange
+from fileproxy.settings import Settings
+from fileproxy.state.fleet import FleetView, UpstreamReport
+from fileproxy.state.link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
+from fileproxy.state.store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    pass
 
-log = logging.getLogger("fileproxy.adaptation")
+log = logging.getLogger("fileproxy.state.adaptation")
 
 #: FILEPROXY_LIMIT_ERROR_STATUSES' default: the statuses of an overloaded upstream
 DEFAULT_ERROR_STATUSES = (429, 502, 503, 504)
 #: a client key longer than this (a forged X-Forwarded-For) is cut
-MAX_CLIENT_KEY = 64
 
 #: After the store is back, every worker has probed it within a jittered probe interval
 #: (plus a sync tick); until then a worker's fallback share stays its ceiling, so the
@@ -100,20 +97,6 @@ def limiter_outcome(
     if status is None:
         return None  # rejected by the proxy itself, or the client left before an answer
     return Outcome.IGNORED if exchange.cause == CLIENT_ABORT else Outcome.SUCCESS
-
-
-def client_key(peer: str | None, forwarded_for: str | None, trusted: Networks) -> str:
-    """Who a request is for fair sharing: the peer address, or, from a trusted peer (the
-    fronting nginx) or a unix socket, the client its X-Forwarded-For names: the
-    rightmost address that is not itself a trusted proxy. Bounded in length."""
-    if forwarded_for and (not peer or is_trusted(peer, trusted)):
-        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
-        for hop in reversed(hops):
-            if not is_trusted(hop, trusted):
-                return hop[:MAX_CLIENT_KEY]
-        if hops:
-            return hops[0][:MAX_CLIENT_KEY]
-    return (peer or "local")[:MAX_CLIENT_KEY]
 
 
 def limiter_config(settings: Settings) -> LimiterConfig:
@@ -185,7 +168,6 @@ class UpstreamAdaptation:
         )
         self.config = limiter_config(settings)
         self.error_statuses = frozenset(settings.limit_error_statuses)
-        self.trusted = settings.trusted_proxies
         self.fair_share = FairShare()
         self.burst = settings.limit_burst
         self.always_enforce = settings.limit_enforce == "always"
@@ -245,15 +227,13 @@ class UpstreamAdaptation:
         level = self.current_level()
         return self.static if level is None else self.profiles[level]
 
-    def client_of(self, request: web.BaseRequest) -> str:
-        """The key ``admit`` shares the rate by (see ``client_key``)."""
-        return client_key(request.remote, request.headers.get("X-Forwarded-For"), self.trusted)
-
-    async def admit(self, now: float, request: web.BaseRequest | None = None) -> tuple[bool, float]:
+    async def admit(
+        self, now: float, client_of: Callable[[], str] | None = None
+    ) -> tuple[bool, float]:
         """(admitted, seconds until a request would be); never waits on a broken store.
 
-        While the limit is enforced, the request's client (``client_of``; read only
-        then, not on the open path) gets its fair share first
+        While the limit is enforced, the request's client (``client_of()``, e.g.
+        ``headers.client_key``; asked only then, not on the open path) gets its fair share first
         (``adaptive.fair_share``): a request within its share may use the GCRA's burst,
         one over it only half of it, so the heaviest client is refused first and a
         light one still passes. The share is of this worker's part of the
@@ -265,7 +245,7 @@ class UpstreamAdaptation:
             rate = self.fallback.gcra.rate
         else:
             rate = self.limiter.state.limit / max(1, self.live_workers)
-        client = self.client_of(request) if request is not None else ""
+        client = client_of() if client_of is not None else ""
         within = self.fair_share.within_share(now, client, rate, self.burst)
         admitted, retry_after = await self._admit(now, None if within else spare_burst(self.burst))
         if not admitted:

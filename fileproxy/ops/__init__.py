@@ -1,0 +1,1 @@
+"""Operations: /health, /ready, /stats, /metrics, log configuration and `fileproxy check`."""

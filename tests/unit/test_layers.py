@@ -1,0 +1,120 @@
+"""The layout's floors: every import inside fileproxy goes to the same floor or a lower one.
+
+    0  adaptive/      pure brains: no I/O, no asyncio, nothing of fileproxy outside adaptive/
+    1  settings, runtime, lifecycle, loop_lag, exchange   the one config object, the record of
+       an exchange, facts every floor reads
+    2  state/, upstream/             shared state and the upstream side (neither imports the other)
+    3  http/, app_keys               the client-facing edge and the proxy path
+    4  ops/                          /health /ready /stats /metrics, logs, check
+    5  app, cli, server, gunicorn_worker, sample_upstream, __main__   assembly and entry points
+
+Brains import no shell; nothing imports upward. The test reads the source (ast), so a
+forbidden import fails here whether or not it is ever executed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fileproxy"
+
+FLOORS = {
+    "adaptive": 0,
+    "settings": 1,
+    "runtime": 1,
+    "lifecycle": 1,
+    "loop_lag": 1,
+    "exchange": 1,
+    "state": 2,
+    "upstream": 2,
+    "http": 3,
+    "app_keys": 3,
+    "ops": 4,
+    "app": 5,
+    "cli": 5,
+    "server": 5,
+    "gunicorn_worker": 5,
+    "sample_upstream": 5,
+    "__main__": 5,
+    "__init__": 5,
+}
+# modules that may be imported from anywhere (no fileproxy imports of their own)
+ANYWHERE = {"fileproxy", "fileproxy.__init__"}
+# floors whose modules may not import each other though they share a floor
+SIBLINGS_APART = {("state", "upstream"), ("upstream", "state")}
+# what pure brains may import besides the standard library's pure modules
+BRAINS_FORBIDDEN = {"asyncio", "aiohttp", "redis", "socket", "uvloop", "gunicorn", "os", "time"}
+
+
+def unit_of(module: str) -> str:
+    """fileproxy.http.edge -> http; fileproxy.settings -> settings."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1])
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.startswith("fileproxy"):
+                if module == "fileproxy" or (
+                    module.count(".") == 1
+                    and unit_of(module) in ("adaptive", "state", "upstream", "http", "ops")
+                ):
+                    found += [(f"{module}.{alias.name}", node.lineno) for alias in node.names]
+                else:
+                    found.append((module, node.lineno))
+            else:
+                found.append((module, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+    return found
+
+
+def violations() -> list[str]:
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(rel.parts)
+        unit = unit_of(module)
+        floor = FLOORS[unit]
+        for imported, line in imports_of(path):
+            where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+            if unit == "adaptive" and imported.split(".")[0] in BRAINS_FORBIDDEN:
+                bad.append(f"{where}: the brains import {imported} (no I/O in adaptive/)")
+            if not imported.startswith("fileproxy") or imported in ANYWHERE:
+                continue
+            target = unit_of(imported)
+            if target == "__version__":
+                continue
+            if target not in FLOORS:
+                bad.append(f"{where}: {imported} is on no floor (add it to FLOORS)")
+                continue
+            if FLOORS[target] > floor:
+                bad.append(
+                    f"{where}: {module} (floor {floor}) imports {imported} (floor {FLOORS[target]})"
+                )
+            elif (unit, target) in SIBLINGS_APART:
+                bad.append(f"{where}: {unit}/ imports {target}/, its sibling")
+    return bad
+
+
+def test_imports_flow_downward() -> None:
+    assert violations() == []
+
+
+def test_every_module_is_on_a_floor() -> None:
+    units = {
+        unit_of(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts))
+        for p in PACKAGE.rglob("*.py")
+    }
+    assert units <= set(FLOORS), units - set(FLOORS)
