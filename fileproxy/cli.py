@@ -22,9 +22,14 @@ def _settings_or_exit() -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from fileproxy.server import serve
+    from fileproxy.server import ListenError, serve
 
-    serve(_settings_or_exit())
+    settings = _settings_or_exit()
+    try:
+        serve(settings)
+    except ListenError as exc:  # a port in use, a socket path that cannot be bound
+        print(f"fileproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

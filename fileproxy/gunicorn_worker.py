@@ -3,7 +3,8 @@
 On SIGTERM (a stop, or the old workers of a HUP reload) the worker first turns
 /ready to 503 and keeps serving for ``FILEPROXY_DRAIN_DELAY`` seconds, then
 closes its listener and lets in-flight downloads finish within the graceful
-timeout (aiohttp's runner shutdown), then exits.
+timeout, their last buffered bytes handed to the kernel (``server.DrainingRunner``),
+then exits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 
 from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
+from fileproxy.server import DrainingRunner
 from fileproxy.upstream.tcp_options import apply_to_listeners
 
 log = logging.getLogger("fileproxy")
@@ -29,10 +31,22 @@ class _DrainingWorker(GunicornWebWorker):
         super().load_wsgi()
         factory: Callable[[], Awaitable[web.Application]] = self.wsgi  # type: ignore[has-type]
 
-        async def keep_app() -> web.Application:
+        async def keep_app() -> web.AppRunner:
             self._app = app = await factory()
-            apply_to_listeners(self.sockets, app[SETTINGS], app[LISTEN_SOCKETS])
-            return app
+            settings = app[SETTINGS]
+            apply_to_listeners(self.sockets, settings, app[LISTEN_SOCKETS])
+            # aiohttp's worker runs a runner the factory returns instead of building
+            # its own AppRunner, whose cleanup returns with the last bytes of finished
+            # downloads still buffered (see DrainingRunner). The arguments aiohttp's
+            # worker passes, but the access log (the app's handler_args set it, and
+            # win over the runner's) and shutdown_timeout: aiohttp takes 95% of
+            # gunicorn's graceful_timeout, which includes the drain delay already spent.
+            return DrainingRunner(
+                app,
+                logger=self.log,
+                keepalive_timeout=self.cfg.keepalive,
+                shutdown_timeout=settings.graceful_timeout,
+            )
 
         self.wsgi = keep_app
 
