@@ -31,7 +31,7 @@ from fileproxy.http import aiohttp_server
 from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
 from fileproxy.http.gate import leave_on_response_prepare
 from fileproxy.http.proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
-from fileproxy.lifecycle import PROBE_INTERVAL_S, Lifecycle
+from fileproxy.lifecycle import UPSTREAM_PROBE_INTERVAL_S, Lifecycle
 from fileproxy.loop_lag import LoopLag
 from fileproxy.ops import endpoints, logs
 from fileproxy.runtime import Runtime, uvloop_active
@@ -186,11 +186,11 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
 async def _watch_upstream(app: web.Application) -> None:
     """Probe the upstream with a TCP connect when no response came lately (for /ready)."""
     upstream, lifecycle = app[UPSTREAM], app[LIFECYCLE]
-    timeout = min(app[SETTINGS].connect_timeout, PROBE_INTERVAL_S)
+    timeout = min(app[SETTINGS].connect_timeout, UPSTREAM_PROBE_INTERVAL_S)
     while True:
         if lifecycle.probe_due(time.time(), upstream.last_response_at):
             lifecycle.record_probe(time.time(), await upstream.probe(timeout))
-        await asyncio.sleep(PROBE_INTERVAL_S)
+        await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
 
 
 async def gunicorn_app() -> web.Application:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 READY_MAX_AGE_S = 10.0  # the upstream counts as reachable this long after it answered
-PROBE_INTERVAL_S = 2.0  # a TCP probe runs when no response came for this long
+UPSTREAM_PROBE_INTERVAL_S = 2.0  # a TCP probe runs when no response came for this long
 
 
 @dataclass
@@ -44,4 +44,4 @@ class Lifecycle:
         return True, "ok"
 
     def probe_due(self, now: float, last_response_at: float | None) -> bool:
-        return last_response_at is None or now - last_response_at >= PROBE_INTERVAL_S
+        return last_response_at is None or now - last_response_at >= UPSTREAM_PROBE_INTERVAL_S

@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from yarl import URL
@@ -44,17 +44,17 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float, hi: float) -> Callable[[str], float]:
+def _float(lo: float, hi: float, unit: str = "seconds") -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw.strip())
         except ValueError:
-            raise ValueError(f"expected a number of seconds from {lo:g} to {hi:g}") from None
+            raise ValueError(f"expected a number of {unit} from {lo:g} to {hi:g}") from None
         if not lo <= value <= hi:  # also rejects nan
-            raise ValueError(f"expected a number of seconds from {lo:g} to {hi:g}")
+            raise ValueError(f"expected a number of {unit} from {lo:g} to {hi:g}")
         return value
 
-    parse.allowed = f"seconds {lo:g}..{hi:g}"  # type: ignore[attr-defined]
+    parse.allowed = f"{unit} {lo:g}..{hi:g}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -277,323 +277,388 @@ class SettingSpec:
         return str(getattr(self.parse, "allowed", ""))
 
 
-SETTINGS_TABLE: tuple[SettingSpec, ...] = (
-    # where it listens and what it proxies
-    SettingSpec(
-        "FILEPROXY_BIND", "bind", "127.0.0.1:10080", _bind,
-        "Listen address: HOST:PORT or unix:/path/to.sock.",
-    ),
-    SettingSpec(
-        "FILEPROXY_UPSTREAM", "upstream", "http://127.0.0.1:27804", _url("http", "https"),
-        "Backend base URL; its path is prefixed to every request path; credentials are sent "
-        "as Basic auth and never shown.",
-        secret_url=True,
-    ),
-    SettingSpec(
-        "REDIS_URL", "redis_url", "", _url("redis", "rediss", "unix", optional=True),
-        "Shared state store; empty keeps state in-process (one worker's scope).",
-        secret_url=True,
-    ),
-    SettingSpec(
-        "REDIS_POOL_SIZE", "redis_pool_size", "150", _int(1, 10000),
-        "Maximum connections in the Redis connection pool of each worker.",
-    ),
-    SettingSpec(
-        "FILEPROXY_REDIS_CLUSTER", "redis_cluster", "off", _bool,
-        "on: REDIS_URL names a node of a Redis Cluster (redis-py's cluster client).",
-    ),
-    SettingSpec(
-        "FILEPROXY_REDIS_PREFIX", "redis_prefix", "fileproxy:", _key_prefix,
-        "Start of every Redis key, so several deployments can share one Redis.",
-    ),
-    SettingSpec(
-        "FILEPROXY_REDIS_TIMEOUT", "redis_timeout", "0.25", _float(0.01, 10),
-        "Seconds a Redis call may take (connect, pool slot, answer) before the local "
-        "fallback serves.",
-    ),
-    # upstream client (the seed's names and defaults)
-    SettingSpec(
-        "HTTP_CONNECTOR_LIMIT", "connector_limit", "200", _int(1, 100000),
-        "Maximum concurrent upstream connections per worker.",
-    ),
-    SettingSpec(
-        "HTTP_CONNECTOR_LIMIT_PER_HOST", "connector_limit_per_host", "50", _int(0, 100000),
-        "Maximum concurrent upstream connections per upstream host and port (0: no limit).",
-    ),
-    SettingSpec(
-        "HTTP_KEEPALIVE_TIMEOUT", "keepalive_timeout", "60", _float(0, 3600),
-        "Seconds an idle upstream connection stays in the pool for reuse.",
-    ),
-    SettingSpec(
-        "HTTP_CONNECT_TIMEOUT", "connect_timeout", "15", _float(0.05, 600),
-        "Seconds to establish an upstream connection (then 504).",
-    ),
-    SettingSpec(
-        "HTTP_TOTAL_TIMEOUT", "headers_timeout", "90", _float(0.05, 86400),
-        "Seconds from sending the request (after its body) to the upstream's response "
-        "headers (then 504); never cuts a body that is still flowing.",
-    ),
-    SettingSpec(
-        "FILEPROXY_READ_TIMEOUT", "read_timeout", "60", _float(0.05, 86400),
-        "Seconds the upstream may stay silent between two reads of a body (then abort).",
-    ),
-    SettingSpec(
-        "HTTP_DNS_CACHE_TTL", "dns_cache_ttl", "600", _int(0, 86400),
-        "Seconds upstream DNS answers are cached (0: no cache).",
-    ),
-    SettingSpec(
-        "STREAM_CHUNK_SIZE", "chunk_size", "16384", _int(KIB, 16 * MIB),
-        "Largest piece of a body read from one side and written to the other at once.",
-    ),
-    SettingSpec(
-        "BUFFER_SIZE", "buffer_size", "131072", _int(4 * KIB, 64 * MIB),
-        "Bytes buffered per stream and direction before the sender is paused (backpressure).",
-    ),
-    # the edge: clients
-    SettingSpec(
-        "FILEPROXY_CLIENT_KEEPALIVE_TIMEOUT", "client_keepalive_timeout", "75", _float(0, 3600),
-        "Seconds an idle client connection is kept open; above nginx's upstream "
-        "keepalive_timeout (60) so nginx never reuses a connection we are closing.",
-    ),
-    SettingSpec(
-        "FILEPROXY_MAX_BODY_SIZE", "max_body_size", str(GIB), _int(0, 1 << 50),
-        "Largest request body in bytes, counted while streaming (then 413; 0: no limit).",
-    ),
-    SettingSpec(
-        "FILEPROXY_MAX_HEADER_SIZE", "max_header_size", "8190", _int(256, 1 * MIB),
-        "Longest request line and longest header field in bytes (then 414 / 431).",
-    ),
-    SettingSpec(
-        "FILEPROXY_HEADER_TIMEOUT", "client_header_timeout", "15", _float(0.05, 3600),
-        "Seconds a client may take to send a complete request head, counted from accept or "
-        "from its first byte on a kept-alive connection (then 408 and close; slowloris).",
-    ),
-    SettingSpec(
-        "FILEPROXY_BODY_TIMEOUT", "client_body_timeout", "60", _float(0.05, 86400),
-        "Seconds a client may stay silent between two reads of its request body "
-        "(then 408 and close, nginx's client_body_timeout).",
-    ),
-    SettingSpec(
-        "FILEPROXY_MAX_CONNECTIONS", "max_connections", "auto", _max_connections,
-        "Client connections per worker; requests on connections beyond it get 503 and a close "
-        "(auto: half the open-files limit, each request also holds an upstream socket).",
-    ),
-    SettingSpec(
-        "FILEPROXY_ACTIVE_REQUESTS", "active_requests", "16", _int(0, 1048576),
-        "Requests one worker works on at once, each until its response head is sent (after "
-        "10 ms waiting for its upstream it no longer counts; relayed responses never do); "
-        "the next wait their turn in arrival order, /health and /ready go first (0: no limit).",
-    ),
-    SettingSpec(
-        "FILEPROXY_TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1/32,::1/128", _networks,
-        "Peers whose X-Forwarded-Proto/-Host are kept (e.g. the fronting nginx); "
-        "for others they are overwritten.",
-    ),
-    SettingSpec(
-        "FILEPROXY_ADMIN_ALLOW", "admin_allow", "127.0.0.1/32,::1/128", _networks,
-        "Peers that may read /stats and /metrics (/health and /ready are open to all).",
-    ),
-    SettingSpec(
-        "FILEPROXY_ADMIN_TOKEN", "admin_token", "", _text,
-        "Bearer token that also opens /stats and /metrics (empty: peers only).",
-        secret=True,
-    ),
-    SettingSpec(
-        "FILEPROXY_CORS_ORIGINS", "cors_origins", "", _origins,
-        "Origins allowed to fetch across origins (* for any); empty: no CORS headers.",
-    ),
-    # adaptation
-    SettingSpec(
-        "FILEPROXY_OPTIMIZER", "optimizer", "on", _bool,
-        "Adapt chunk sizes and timeouts to each upstream's network quality and its admission "
-        "rate to its errors; off: the static settings above, no admission limit.",
-    ),
-    SettingSpec(
-        "FILEPROXY_QUALITY_BOUNDARIES", "quality_boundaries_ms", "50,150,300", _boundaries,
-        "RTT boundaries (ms) between the levels good / medium / poor / very poor.",
-    ),
-    SettingSpec(
-        "FILEPROXY_PROFILES", "profiles", "throughput", _profiles,
-        "Chunk size and connect/headers/idle-read timeouts per level: a preset "
-        "(throughput, seed) or good=CHUNK:CONNECT:HEADERS:READ,medium=...,poor=...,very_poor=...",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_MIN", "limit_min", "10", _float(0.1, 1e7),
-        "Lowest admission rate (req/s per upstream and worker) the AIMD limiter may set.",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_MAX", "limit_max", "1000", _float(0.1, 1e7),
-        "Highest admission rate (req/s per upstream and worker).",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_INITIAL", "limit_initial", "100", _float(0.1, 1e7),
-        "Admission rate at start (req/s per upstream and worker).",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_WINDOW", "limit_window", "1", _float(0.05, 60),
-        "Seconds per AIMD decision window.",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_BURST", "limit_burst", "20", _int(1, 100000),
-        "Requests admitted at once above the rate (GCRA burst).",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_ERROR_STATUSES", "limit_error_statuses", "429,502,503,504", _statuses,
-        "Upstream statuses the limiter counts as overload (with connect failures, resets and "
-        "timeouts, always); any other status, 500 included, counts as an answer.",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_STATUS", "limit_status", "503", _choice("503", "429"),
-        "Status for requests over the admission rate (with Retry-After and a JSON body).",
-    ),
-    SettingSpec(
-        "FILEPROXY_LIMIT_ENFORCE", "limit_enforce", "after-cut", _choice("after-cut", "always"),
-        "after-cut: the limit admits only from the first cut until it is back at the maximum "
-        "(a healthy upstream is never throttled); always: a fixed ceiling "
-        "(e.g. LIMIT_MIN = LIMIT_INITIAL = LIMIT_MAX).",
-    ),
-    # TCP options: on the listening socket (inherited by accepted sockets) and on
-    # every upstream socket
-    SettingSpec(
-        "FILEPROXY_TCP_NODELAY", "tcp_nodelay", "on", _bool,
-        "TCP_NODELAY: send small writes at once (what nginx and Envoy do).",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_QUICKACK", "tcp_quickack", "off", _bool,
-        "TCP_QUICKACK at connect/accept; the kernel clears it after a few exchanges.",
-    ),
-    SettingSpec(
-        "FILEPROXY_SO_KEEPALIVE", "so_keepalive", "on", _bool,
-        "SO_KEEPALIVE: detect dead peers of idle connections.",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_KEEPIDLE", "tcp_keepidle", "60", _int(1, 32767),
-        "Seconds idle before the first keepalive probe (Linux default 7200).",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_KEEPINTVL", "tcp_keepintvl", "10", _int(1, 32767),
-        "Seconds between keepalive probes.",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_KEEPCNT", "tcp_keepcnt", "6", _int(1, 127),
-        "Unanswered keepalive probes before the connection is dropped.",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_USER_TIMEOUT", "tcp_user_timeout_ms", "0", _int(0, 1 << 31),
-        "TCP_USER_TIMEOUT in ms: drop a connection whose sent data stays unacknowledged "
-        "this long (0: kernel default).",
-    ),
-    SettingSpec(
-        "FILEPROXY_SO_SNDBUF", "so_sndbuf", "0", _int(0, 1 << 30),
-        "SO_SNDBUF bytes (0: kernel autotuning; a fixed size disables it).",
-    ),
-    SettingSpec(
-        "FILEPROXY_SO_RCVBUF", "so_rcvbuf", "0", _int(0, 1 << 30),
-        "SO_RCVBUF bytes (0: kernel autotuning; a fixed size disables it).",
-    ),
-    SettingSpec(
-        "FILEPROXY_TCP_NOTSENT_LOWAT", "tcp_notsent_lowat", "0", _int(0, 1 << 30),
-        "TCP_NOTSENT_LOWAT bytes: bound unsent data queued in the kernel (0: unset).",
-    ),
-    # production process model
-    SettingSpec(
-        "FILEPROXY_WORKERS", "workers", "auto", _workers,
-        "gunicorn worker processes (auto: the CPU count).",
-    ),
-    SettingSpec(
-        "FILEPROXY_GRACEFUL_TIMEOUT", "graceful_timeout", "300", _float(1, 86400),
-        "Seconds in-flight downloads may run after SIGTERM / reload before workers exit.",
-    ),
-    SettingSpec(
-        "FILEPROXY_DRAIN_DELAY", "drain_delay", "2", _float(0, 300),
-        "Seconds between SIGTERM (/ready turns 503) and closing the listener, so load "
-        "balancers stop sending first.",
-    ),
-    # reporting
-    SettingSpec(
-        "FILEPROXY_STATS_WINDOW", "stats_window", "60", _int(1, 3600),
-        "Seconds of traffic that /stats rates and percentiles cover.",
-    ),
-    SettingSpec(
-        "FILEPROXY_LOG_LEVEL", "log_level", "info",
-        _choice("debug", "info", "warning", "error"),
-        "Log level.",
-    ),
-    SettingSpec(
-        "FILEPROXY_LOG_FORMAT", "log_format", "json", _choice("json", "text"),
-        "Log lines as JSON (production) or plain text.",
-    ),
-    SettingSpec(
-        "FILEPROXY_ACCESS_LOG", "access_log", "on", _bool,
-        "One JSON line per request, on stdout (other logs go to stderr).",
-    ),
-    SettingSpec(
-        "FILEPROXY_LOG_DIR", "log_dir", "", _text,
-        "Also write access.log and error.log into this directory (reopened after rotation).",
-    ),
-)  # fmt: skip
+def setting(
+    env: str,
+    default: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    secret_url: bool = False,
+    secret: bool = False,
+) -> Any:
+    """A field of ``Settings`` and its row of the settings table, declared together."""
+    spec = SettingSpec(env, "", default, parse, help, secret_url, secret)
+    return field(metadata={"spec": spec})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Effective configuration; build with ``Settings.from_env``."""
 
-    bind: BindAddress
-    upstream: URL
-    redis_url: URL | None
-    redis_pool_size: int
-    redis_cluster: bool
-    redis_prefix: str
-    redis_timeout: float
-    connector_limit: int
-    connector_limit_per_host: int
-    keepalive_timeout: float
-    connect_timeout: float
-    headers_timeout: float
-    read_timeout: float
-    dns_cache_ttl: int
-    chunk_size: int
-    buffer_size: int
-    client_keepalive_timeout: float
-    max_body_size: int
-    max_header_size: int
-    client_header_timeout: float
-    client_body_timeout: float
-    max_connections: int
-    active_requests: int
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    admin_token: str
-    cors_origins: tuple[str, ...]
-    workers: int
-    optimizer: bool
-    quality_boundaries_ms: tuple[float, float, float]
-    profiles: str
-    limit_min: float
-    limit_max: float
-    limit_initial: float
-    limit_window: float
-    limit_burst: int
-    limit_error_statuses: tuple[int, ...]
-    limit_status: str
-    limit_enforce: str
-    tcp_nodelay: bool
-    tcp_quickack: bool
-    so_keepalive: bool
-    tcp_keepidle: int
-    tcp_keepintvl: int
-    tcp_keepcnt: int
-    tcp_user_timeout_ms: int
-    so_sndbuf: int
-    so_rcvbuf: int
-    tcp_notsent_lowat: int
-    graceful_timeout: float
-    drain_delay: float
-    stats_window: int
-    log_level: str
-    log_format: str
-    access_log: bool
-    log_dir: str
+    # where it listens and what it proxies
+    bind: BindAddress = setting(
+        "FILEPROXY_BIND",
+        "127.0.0.1:10080",
+        _bind,
+        "Listen address: HOST:PORT or unix:/path/to.sock.",
+    )
+    upstream: URL = setting(
+        "FILEPROXY_UPSTREAM",
+        "http://127.0.0.1:27804",
+        _url("http", "https"),
+        "Backend base URL; its path is prefixed to every request path; credentials are sent "
+        "as Basic auth and never shown.",
+        secret_url=True,
+    )
+    redis_url: URL | None = setting(
+        "REDIS_URL",
+        "",
+        _url("redis", "rediss", "unix", optional=True),
+        "Shared state store; empty keeps state in-process (one worker's scope).",
+        secret_url=True,
+    )
+    redis_pool_size: int = setting(
+        "REDIS_POOL_SIZE",
+        "150",
+        _int(1, 10000),
+        "Maximum connections in the Redis connection pool of each worker.",
+    )
+    redis_cluster: bool = setting(
+        "FILEPROXY_REDIS_CLUSTER",
+        "off",
+        _bool,
+        "on: REDIS_URL names a node of a Redis Cluster (redis-py's cluster client).",
+    )
+    redis_prefix: str = setting(
+        "FILEPROXY_REDIS_PREFIX",
+        "fileproxy:",
+        _key_prefix,
+        "Start of every Redis key, so several deployments can share one Redis.",
+    )
+    redis_timeout: float = setting(
+        "FILEPROXY_REDIS_TIMEOUT",
+        "0.25",
+        _float(0.01, 10),
+        "Seconds a Redis call may take (connect, pool slot, answer) before the local "
+        "fallback serves.",
+    )
+    # upstream client (the seed's names and defaults)
+    connector_limit: int = setting(
+        "HTTP_CONNECTOR_LIMIT",
+        "200",
+        _int(1, 100000),
+        "Maximum concurrent upstream connections per worker.",
+    )
+    connector_limit_per_host: int = setting(
+        "HTTP_CONNECTOR_LIMIT_PER_HOST",
+        "50",
+        _int(0, 100000),
+        "Maximum concurrent upstream connections per upstream host and port (0: no limit).",
+    )
+    keepalive_timeout: float = setting(
+        "HTTP_KEEPALIVE_TIMEOUT",
+        "60",
+        _float(0, 3600),
+        "Seconds an idle upstream connection stays in the pool for reuse.",
+    )
+    connect_timeout: float = setting(
+        "HTTP_CONNECT_TIMEOUT",
+        "15",
+        _float(0.05, 600),
+        "Seconds to establish an upstream connection (then 504).",
+    )
+    headers_timeout: float = setting(
+        "HTTP_TOTAL_TIMEOUT",
+        "90",
+        _float(0.05, 86400),
+        "Seconds from sending the request (after its body) to the upstream's response "
+        "headers (then 504); never cuts a body that is still flowing.",
+    )
+    read_timeout: float = setting(
+        "FILEPROXY_READ_TIMEOUT",
+        "60",
+        _float(0.05, 86400),
+        "Seconds the upstream may stay silent between two reads of a body (then abort).",
+    )
+    dns_cache_ttl: int = setting(
+        "HTTP_DNS_CACHE_TTL",
+        "600",
+        _int(0, 86400),
+        "Seconds upstream DNS answers are cached (0: no cache).",
+    )
+    chunk_size: int = setting(
+        "STREAM_CHUNK_SIZE",
+        "16384",
+        _int(KIB, 16 * MIB),
+        "Largest piece of a body read from one side and written to the other at once.",
+    )
+    buffer_size: int = setting(
+        "BUFFER_SIZE",
+        "131072",
+        _int(4 * KIB, 64 * MIB),
+        "Bytes buffered per stream and direction before the sender is paused (backpressure).",
+    )
+    # the edge: clients
+    client_keepalive_timeout: float = setting(
+        "FILEPROXY_CLIENT_KEEPALIVE_TIMEOUT",
+        "75",
+        _float(0, 3600),
+        "Seconds an idle client connection is kept open; above nginx's upstream "
+        "keepalive_timeout (60) so nginx never reuses a connection we are closing.",
+    )
+    max_body_size: int = setting(
+        "FILEPROXY_MAX_BODY_SIZE",
+        str(GIB),
+        _int(0, 1 << 50),
+        "Largest request body in bytes, counted while streaming (then 413; 0: no limit).",
+    )
+    max_header_size: int = setting(
+        "FILEPROXY_MAX_HEADER_SIZE",
+        "8190",
+        _int(256, 1 * MIB),
+        "Longest request line and longest header field in bytes (then 414 / 431).",
+    )
+    client_header_timeout: float = setting(
+        "FILEPROXY_HEADER_TIMEOUT",
+        "15",
+        _float(0.05, 3600),
+        "Seconds a client may take to send a complete request head, counted from accept or "
+        "from its first byte on a kept-alive connection (then 408 and close; slowloris).",
+    )
+    client_body_timeout: float = setting(
+        "FILEPROXY_BODY_TIMEOUT",
+        "60",
+        _float(0.05, 86400),
+        "Seconds a client may stay silent between two reads of its request body "
+        "(then 408 and close, nginx's client_body_timeout).",
+    )
+    max_connections: int = setting(
+        "FILEPROXY_MAX_CONNECTIONS",
+        "auto",
+        _max_connections,
+        "Client connections per worker; requests on connections beyond it get 503 and a close "
+        "(auto: half the open-files limit, each request also holds an upstream socket).",
+    )
+    active_requests: int = setting(
+        "FILEPROXY_ACTIVE_REQUESTS",
+        "16",
+        _int(0, 1048576),
+        "Requests one worker works on at once, each until its response head is sent (after "
+        "10 ms waiting for its upstream it no longer counts; relayed responses never do); "
+        "the next wait their turn in arrival order, /health and /ready go first (0: no limit).",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        "FILEPROXY_TRUSTED_PROXIES",
+        "127.0.0.1/32,::1/128",
+        _networks,
+        "Peers whose X-Forwarded-Proto/-Host are kept (e.g. the fronting nginx); "
+        "for others they are overwritten.",
+    )
+    admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        "FILEPROXY_ADMIN_ALLOW",
+        "127.0.0.1/32,::1/128",
+        _networks,
+        "Peers that may read /stats and /metrics (/health and /ready are open to all).",
+    )
+    admin_token: str = setting(
+        "FILEPROXY_ADMIN_TOKEN",
+        "",
+        _text,
+        "Bearer token that also opens /stats and /metrics (empty: peers only).",
+        secret=True,
+    )
+    cors_origins: tuple[str, ...] = setting(
+        "FILEPROXY_CORS_ORIGINS",
+        "",
+        _origins,
+        "Origins allowed to fetch across origins (* for any); empty: no CORS headers.",
+    )
+    # adaptation
+    optimizer: bool = setting(
+        "FILEPROXY_OPTIMIZER",
+        "on",
+        _bool,
+        "Adapt chunk sizes and timeouts to each upstream's network quality and its admission "
+        "rate to its errors; off: the static settings above, no admission limit.",
+    )
+    quality_boundaries_ms: tuple[float, float, float] = setting(
+        "FILEPROXY_QUALITY_BOUNDARIES",
+        "50,150,300",
+        _boundaries,
+        "RTT boundaries (ms) between the levels good / medium / poor / very poor.",
+    )
+    profiles: str = setting(
+        "FILEPROXY_PROFILES",
+        "throughput",
+        _profiles,
+        "Chunk size and connect/headers/idle-read timeouts per level: a preset "
+        "(throughput, seed) or good=CHUNK:CONNECT:HEADERS:READ,medium=...,poor=...,very_poor=...",
+    )
+    limit_min: float = setting(
+        "FILEPROXY_LIMIT_MIN",
+        "10",
+        _float(0.1, 1e7, "req/s"),
+        "Lowest admission rate (req/s per upstream and worker) the AIMD limiter may set.",
+    )
+    limit_max: float = setting(
+        "FILEPROXY_LIMIT_MAX",
+        "1000",
+        _float(0.1, 1e7, "req/s"),
+        "Highest admission rate (req/s per upstream and worker).",
+    )
+    limit_initial: float = setting(
+        "FILEPROXY_LIMIT_INITIAL",
+        "100",
+        _float(0.1, 1e7, "req/s"),
+        "Admission rate at start (req/s per upstream and worker).",
+    )
+    limit_window: float = setting(
+        "FILEPROXY_LIMIT_WINDOW",
+        "1",
+        _float(0.05, 60),
+        "Seconds per AIMD decision window.",
+    )
+    limit_burst: int = setting(
+        "FILEPROXY_LIMIT_BURST",
+        "20",
+        _int(1, 100000),
+        "Requests admitted at once above the rate (GCRA burst).",
+    )
+    limit_error_statuses: tuple[int, ...] = setting(
+        "FILEPROXY_LIMIT_ERROR_STATUSES",
+        "429,502,503,504",
+        _statuses,
+        "Upstream statuses the limiter counts as overload (with connect failures, resets and "
+        "timeouts, always); any other status, 500 included, counts as an answer.",
+    )
+    limit_status: str = setting(
+        "FILEPROXY_LIMIT_STATUS",
+        "503",
+        _choice("503", "429"),
+        "Status for requests over the admission rate (with Retry-After and a JSON body).",
+    )
+    limit_enforce: str = setting(
+        "FILEPROXY_LIMIT_ENFORCE",
+        "after-cut",
+        _choice("after-cut", "always"),
+        "after-cut: the limit admits only from the first cut until it is back at the maximum "
+        "(a healthy upstream is never throttled); always: a fixed ceiling "
+        "(e.g. LIMIT_MIN = LIMIT_INITIAL = LIMIT_MAX).",
+    )
+    # TCP options: on the listening socket (inherited by accepted sockets) and on
+    # every upstream socket
+    tcp_nodelay: bool = setting(
+        "FILEPROXY_TCP_NODELAY",
+        "on",
+        _bool,
+        "TCP_NODELAY: send small writes at once (what nginx and Envoy do).",
+    )
+    tcp_quickack: bool = setting(
+        "FILEPROXY_TCP_QUICKACK",
+        "off",
+        _bool,
+        "TCP_QUICKACK at connect/accept; the kernel clears it after a few exchanges.",
+    )
+    so_keepalive: bool = setting(
+        "FILEPROXY_SO_KEEPALIVE",
+        "on",
+        _bool,
+        "SO_KEEPALIVE: detect dead peers of idle connections.",
+    )
+    tcp_keepidle: int = setting(
+        "FILEPROXY_TCP_KEEPIDLE",
+        "60",
+        _int(1, 32767),
+        "Seconds idle before the first keepalive probe (Linux default 7200).",
+    )
+    tcp_keepintvl: int = setting(
+        "FILEPROXY_TCP_KEEPINTVL",
+        "10",
+        _int(1, 32767),
+        "Seconds between keepalive probes.",
+    )
+    tcp_keepcnt: int = setting(
+        "FILEPROXY_TCP_KEEPCNT",
+        "6",
+        _int(1, 127),
+        "Unanswered keepalive probes before the connection is dropped.",
+    )
+    tcp_user_timeout_ms: int = setting(
+        "FILEPROXY_TCP_USER_TIMEOUT",
+        "0",
+        _int(0, 1 << 31),
+        "TCP_USER_TIMEOUT in ms: drop a connection whose sent data stays unacknowledged "
+        "this long (0: kernel default).",
+    )
+    so_sndbuf: int = setting(
+        "FILEPROXY_SO_SNDBUF",
+        "0",
+        _int(0, 1 << 30),
+        "SO_SNDBUF bytes (0: kernel autotuning; a fixed size disables it).",
+    )
+    so_rcvbuf: int = setting(
+        "FILEPROXY_SO_RCVBUF",
+        "0",
+        _int(0, 1 << 30),
+        "SO_RCVBUF bytes (0: kernel autotuning; a fixed size disables it).",
+    )
+    tcp_notsent_lowat: int = setting(
+        "FILEPROXY_TCP_NOTSENT_LOWAT",
+        "0",
+        _int(0, 1 << 30),
+        "TCP_NOTSENT_LOWAT bytes: bound unsent data queued in the kernel (0: unset).",
+    )
+    # production process model
+    workers: int = setting(
+        "FILEPROXY_WORKERS",
+        "auto",
+        _workers,
+        "gunicorn worker processes (auto: the CPU count).",
+    )
+    graceful_timeout: float = setting(
+        "FILEPROXY_GRACEFUL_TIMEOUT",
+        "300",
+        _float(1, 86400),
+        "Seconds in-flight downloads may run after SIGTERM / reload before workers exit.",
+    )
+    drain_delay: float = setting(
+        "FILEPROXY_DRAIN_DELAY",
+        "2",
+        _float(0, 300),
+        "Seconds between SIGTERM (/ready turns 503) and closing the listener, so load "
+        "balancers stop sending first.",
+    )
+    # reporting
+    stats_window: int = setting(
+        "FILEPROXY_STATS_WINDOW",
+        "60",
+        _int(1, 3600),
+        "Seconds of traffic that /stats rates and percentiles cover.",
+    )
+    log_level: str = setting(
+        "FILEPROXY_LOG_LEVEL",
+        "info",
+        _choice("debug", "info", "warning", "error"),
+        "Log level.",
+    )
+    log_format: str = setting(
+        "FILEPROXY_LOG_FORMAT",
+        "json",
+        _choice("json", "text"),
+        "Log lines as JSON (production) or plain text.",
+    )
+    access_log: bool = setting(
+        "FILEPROXY_ACCESS_LOG",
+        "on",
+        _bool,
+        "One JSON line per request, on stdout (other logs go to stderr).",
+    )
+    log_dir: str = setting(
+        "FILEPROXY_LOG_DIR",
+        "",
+        _text,
+        "Also write access.log and error.log into this directory (reopened after rotation).",
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -631,6 +696,12 @@ class Settings:
     def _public(self) -> dict[str, str]:
         # built once: /health shows it on every call, and settings never change
         return {spec.env: value for spec, value in self.public_items()}
+
+
+#: The settings table, in the order of Settings' fields: names, defaults, parsers, help.
+SETTINGS_TABLE: tuple[SettingSpec, ...] = tuple(
+    replace(f.metadata["spec"], attr=f.name) for f in fields(Settings) if "spec" in f.metadata
+)
 
 
 def redact_url(url: URL) -> str:

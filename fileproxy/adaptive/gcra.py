@@ -5,16 +5,31 @@ State is one number, the theoretical arrival time (TAT). With emission interval
 admitted when ``max(TAT, now) - now <= tau`` and then moves TAT on by ``T``: ``burst``
 requests pass at once from idle, after which they pass one per ``T``. A rejected
 request learns when the next one would pass: ``retry_after = max(TAT, now) - tau - now``.
+
+``gcra_step`` is that rule, written once: ``Gcra`` (a worker's own pace) and the
+embedded store's shared clock use it; the Redis store's ``ADMIT`` script is its Lua
+transcription, and the store contract test holds both stores to the same answers.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["Gcra"]
+__all__ = ["Gcra", "gcra_step"]
 
 #: float noise: ``(now + tau) - now - tau`` is not always 0.0 (a microsecond is plenty)
 _EPSILON_S = 1e-6
+
+
+def gcra_step(
+    tat: float, now: float, interval: float, tolerance: float
+) -> tuple[bool, float, float]:
+    """One decision: ``(admitted, seconds until one would be, the TAT after it)``."""
+    tat = max(tat, now)
+    wait = tat - now - tolerance
+    if wait > _EPSILON_S:
+        return False, wait, tat
+    return True, 0.0, tat + interval
 
 
 class Gcra:
@@ -54,13 +69,13 @@ class Gcra:
         while the rate has room, leaving the burst to others; see ``fair_share``).
         """
         self._last_now = now
-        tat = now if self._tat is None else max(self._tat, now)
         tolerance = self._tolerance if burst is None else (burst - 1) * self._interval
-        wait = tat - now - tolerance
-        if wait > _EPSILON_S:
-            return False, wait
-        self._tat = tat + self._interval
-        return True, 0.0
+        admitted, wait, tat = gcra_step(
+            now if self._tat is None else self._tat, now, self._interval, tolerance
+        )
+        if admitted:
+            self._tat = tat
+        return admitted, wait
 
     def start_drained(self, now: float) -> None:
         """No burst credit: one request passes now, the next ones at the rate."""

@@ -28,7 +28,7 @@ from fileproxy.http.aiohttp_server import ServerProtocol
 
 
 class Admittable(Protocol):
-    def admit(self) -> bool:
+    def go_ahead(self) -> bool:
         """Go ahead with the request held back; False if its connection is gone."""
         ...
 
@@ -121,7 +121,7 @@ class ActiveRequestGate:
         while self._waiting and len(self._holders) < self.limit:
             connection = self._waiting.popleft()
             self._holders[connection] = None
-            if not connection.admit():
+            if not connection.go_ahead():
                 del self._holders[connection]  # its connection is gone
 
 
@@ -234,7 +234,7 @@ class GatedProtocol(ServerProtocol):
         gate.wait(self)
         check_later(gate, self.loop)
 
-    def admit(self) -> bool:
+    def go_ahead(self) -> bool:
         """The gate's turn for this connection's request; False if the connection is gone."""
         if not self._held or self.transport is None:
             return False

@@ -54,7 +54,7 @@ from fileproxy.adaptive import (
 from fileproxy.exchange import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR, Exchange
 from fileproxy.settings import Settings
 from fileproxy.state.fleet import FleetView, UpstreamReport
-from fileproxy.state.link import PROBE_INTERVAL_S, PROBE_JITTER, StoreLink
+from fileproxy.state.link import PROBE_JITTER, STORE_PROBE_INTERVAL_S, StoreLink
 from fileproxy.state.store import REPORT_AGE_OUT_S, SharedLimiter, StoreError, Tick, WindowCounts
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ DEFAULT_ERROR_STATUSES = (429, 502, 503, 504)
 #: After the store is back, every worker has probed it within a jittered probe interval
 #: (plus a sync tick); until then a worker's fallback share stays its ceiling, so the
 #: workers still in their fallback and those back in shared mode add up to the limit.
-RECOVERY_GRACE_S = PROBE_INTERVAL_S * (1 + PROBE_JITTER) + 0.3
+RECOVERY_GRACE_S = STORE_PROBE_INTERVAL_S * (1 + PROBE_JITTER) + 0.3
 
 
 def static_profile(settings: Settings) -> LevelProfile:
@@ -136,7 +136,7 @@ class LocalFallback:
         self.enforcing = last.enforcing
         self.always_enforce = always_enforce
 
-    def admit(self, now: float, burst: int | None = None) -> tuple[bool, float]:
+    def try_admit(self, now: float, burst: int | None = None) -> tuple[bool, float]:
         if not self.enforcing:
             return True, 0.0
         return self.gcra.try_admit(now, burst)
@@ -257,20 +257,18 @@ class UpstreamAdaptation:
     async def _admit(self, now: float, burst: int | None) -> tuple[bool, float]:
         """``burst`` None: the configured one; a spare request's: less (``spare_burst``)."""
         if self.fallback is not None or not self.link.available:
-            return self._fallback(now).admit(now, burst)
+            return self._fallback(now).try_admit(now, burst)
         ceiling = self._recovery_ceiling(now)
         if ceiling is not None:
-            admitted, retry_after = ceiling.admit(now, burst)
+            admitted, retry_after = ceiling.try_admit(now, burst)
             if not admitted:
                 return admitted, retry_after
         limit = self.limiter.state.limit
         store_burst = self.burst if burst is None else burst
         try:
-            return await self.link.call(
-                lambda: self.link.store.admit(self.name, limit, store_burst)
-            )
+            return await self.link.call(lambda: self.link.store.pace(self.name, limit, store_burst))
         except StoreError:
-            return self._fallback(now).admit(now, burst)
+            return self._fallback(now).try_admit(now, burst)
 
     def observe_exchange(self, now: float, exchange: Exchange) -> None:
         if not self.enabled:

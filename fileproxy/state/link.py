@@ -20,7 +20,7 @@ from fileproxy.state.store import StateStore, StoreError
 log = logging.getLogger("fileproxy.state")
 
 FAILURES_TO_OPEN = 3
-PROBE_INTERVAL_S = 1.0
+STORE_PROBE_INTERVAL_S = 1.0
 PROBE_JITTER = 0.2  # probes 0.8..1.2 s apart
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ class StoreLink:
     def __init__(self, store: StateStore, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.clock = clock
-        self.breaker = CircuitBreaker(FAILURES_TO_OPEN, PROBE_INTERVAL_S)
+        self.breaker = CircuitBreaker(FAILURES_TO_OPEN, STORE_PROBE_INTERVAL_S)
         self.answered = False  # the store has answered at least once
         self.since = time.time()  # wall clock of the last change of state
         self.rtt_ms: float | None = None

@@ -120,6 +120,7 @@ local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or fmt(now + tolerance))
 if tat < now then tat = now end
 local wait = tat - now - tolerance
+-- the rule of adaptive/gcra.py gcra_step, in Lua
 if wait > 0.001 then return {0, fmt(wait)} end  -- past the rounding of fmt
 local after = tat + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], fmt(after), 'PX', math.ceil(after - now + tonumber(ARGV[3])))
@@ -292,7 +293,7 @@ class RedisStore:
         )
         return bool(reply == 1)
 
-    async def admit(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
+    async def pace(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
         interval_ms = 1000.0 / rate
         admitted, wait_ms = await self._call(
             self._admit,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from fileproxy.adaptive import LimiterState, WindowClose
+from fileproxy.adaptive.gcra import gcra_step
 
 #: A lease outlives a decider that died mid-decision by this long at most.
 LEASE_S = 2.0
@@ -117,7 +118,7 @@ class StateStore(Protocol):
         the counts reset. False when the lease was no longer ours (nothing applied)."""
         ...
 
-    async def admit(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
+    async def pace(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
         """One GCRA admission for the fleet: (admitted, seconds until one would be)."""
         ...
 
@@ -233,19 +234,17 @@ class EmbeddedStore:
         )
         return True
 
-    async def admit(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
+    async def pace(self, upstream: str, rate: float, burst: int) -> tuple[bool, float]:
         now = self.clock()
         interval = 1.0 / rate
         tolerance = (burst - 1) * interval
         gcra = self._admission.get(upstream)
         if gcra is None or now - gcra.tat > ADMISSION_KEEP_S:
-            gcra = self._admission[upstream] = _Gcra(tat=now + tolerance)
-        tat = max(gcra.tat, now)
-        wait = tat - now - tolerance
-        if wait > 1e-6:  # float noise: (now + tolerance) - now - tolerance, now ~ 1.8e9
-            return False, wait
-        gcra.tat = tat + interval
-        return True, 0.0
+            gcra = self._admission[upstream] = _Gcra(tat=now + tolerance)  # starts drained
+        admitted, wait, tat = gcra_step(gcra.tat, now, interval, tolerance)
+        if admitted:
+            gcra.tat = tat
+        return admitted, wait
 
     async def publish(self, worker: str, payload: bytes) -> tuple[float, list[Report]]:
         now = self.clock()

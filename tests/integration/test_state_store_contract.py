@@ -176,16 +176,16 @@ async def test_after_a_cut_silence_recovers_the_limit_by_the_pure_rule(store: St
 
 async def test_gcra_starts_drained_then_paces_the_rate_with_bursts(store: StateStore):
     # a new clock gives no burst credit (a Redis restarted empty lets no burst through)
-    results = [await store.admit(UPSTREAM, 5.0, 3) for _ in range(3)]
+    results = [await store.pace(UPSTREAM, 5.0, 3) for _ in range(3)]
     assert [ok for ok, _ in results] == [True, False, False]
     assert 0.0 < results[1][1] <= 0.2 + 0.01  # one interval at 5 req/s
     # idle for a while: the credit of a burst of 3 builds up, then the rate paces again
     await asyncio.sleep(1.0)
-    results = [await store.admit(UPSTREAM, 5.0, 3) for _ in range(4)]
+    results = [await store.pace(UPSTREAM, 5.0, 3) for _ in range(4)]
     assert [ok for ok, _ in results] == [True, True, True, False]
     await asyncio.sleep(results[3][1] + 0.02)
-    assert (await store.admit(UPSTREAM, 5.0, 3))[0] is True
-    assert (await store.admit("another:1", 5.0, 1))[0] is True  # one clock per upstream
+    assert (await store.pace(UPSTREAM, 5.0, 3))[0] is True
+    assert (await store.pace("another:1", 5.0, 1))[0] is True  # one clock per upstream
 
 
 async def test_reports_come_back_and_age_out(store: StateStore):
@@ -216,7 +216,7 @@ async def test_redis_keys_have_the_prefix_a_hash_tag_and_a_ttl(redis_backend, sh
     )
     try:
         await tick(shared_store, "a", WindowCounts(successes=1, admitted=1))
-        await shared_store.admit(UPSTREAM, 5.0, 1)
+        await shared_store.pace(UPSTREAM, 5.0, 1)
         await shared_store.publish("host:1", b"{}")
         await tick(other, "a", WindowCounts(successes=7, admitted=7))
         client = redis_backend.client()

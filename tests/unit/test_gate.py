@@ -7,7 +7,7 @@ class _Connection:
     def __init__(self, name: str, order: list[str], alive: bool = True) -> None:
         self.name, self.order, self.alive = name, order, alive
 
-    def admit(self) -> bool:
+    def go_ahead(self) -> bool:
         if self.alive:
             self.order.append(self.name)
         return self.alive
