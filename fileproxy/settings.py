@@ -1,8 +1,10 @@
 """The one configuration object, built once from the environment.
 
-Every setting is one row of ``SETTINGS_TABLE``: its environment variable, its type,
-default, bounds and one line of help. Validation, ``fileproxy config``, ``/health``
-and the README table all come from that table; nothing else reads ``os.environ``.
+Every setting is one field of ``Settings``, declared with its row of the settings table
+(``setting(...)``): its environment variable, default, parser (type and bounds) and one
+line of help; ``SETTINGS_TABLE`` is those rows in order. Validation, ``fileproxy
+config``, ``/health`` and the README table all come from it; nothing else reads
+``os.environ``.
 """
 
 from __future__ import annotations
