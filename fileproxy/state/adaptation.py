@@ -51,6 +51,7 @@ from fileproxy.adaptive import (
     profile_table,
     spare_burst,
 )
+from fileproxy.adaptive.limiter_mode import LimiterMode, Mode
 from fileproxy.exchange import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR, Exchange
 from fileproxy.settings import Settings
 from fileproxy.state.fleet import FleetView, UpstreamReport
@@ -175,8 +176,10 @@ class UpstreamAdaptation:
         self.limiter = SharedLimiter(
             LimiterState(limit=float(settings.limit_initial)), enforcing=self.always_enforce
         )
-        self.fallback: LocalFallback | None = None
-        self.recovery: tuple[LocalFallback, float] | None = None  # (ceiling, until)
+        # which limiter answers (adaptive.limiter_mode); ``local`` is this worker's own,
+        # in FALLBACK the limiter and in RECOVERING the ceiling in front of the fleet's
+        self.mode = LimiterMode()
+        self.local: LocalFallback | None = None
         self.fleet_level: Level | None = None
         # until the fleet's reports say how many (Redis down at start: this host's)
         self.live_workers = local_workers
@@ -186,6 +189,11 @@ class UpstreamAdaptation:
         self.rejected = 0
         self._successes = self._errors = self._admitted = 0
         self._transport_sampled_at = -math.inf
+
+    @property
+    def fallback(self) -> LocalFallback | None:
+        """The local limiter while it alone answers (FALLBACK), else None."""
+        return self.local if self.mode.mode is Mode.FALLBACK else None
 
     @property
     def current_limit(self) -> float | None:
@@ -331,12 +339,11 @@ class UpstreamAdaptation:
         except StoreError:
             self._fallback(now).decide(now)
             return
-        if self.fallback is not None:
+        if self.mode.mode is Mode.FALLBACK:
             # Other workers may still be in their fallback for up to a probe interval:
             # this worker's share stays its ceiling until they have all come back.
-            self.recovery = (self.fallback, now + RECOVERY_GRACE_S)
-            self.fallback = None
             log.info("shared admission limit again", extra={"limit": tick.limiter.state.limit})
+        self.mode = self.mode.store_back(now, RECOVERY_GRACE_S)
         self.limiter = tick.limiter
         if tick.lease:
             await self._decide(tick)
@@ -378,28 +385,27 @@ class UpstreamAdaptation:
         _log_decision(decision, tick.limiter.enforcing, enforcing)
 
     def _recovery_ceiling(self, now: float) -> LocalFallback | None:
-        if self.recovery is None:
-            return None
-        ceiling, until = self.recovery
-        if now >= until:
-            self.recovery = None
-            return None
-        return ceiling
+        self.mode = self.mode.at(now)
+        if self.mode.mode is Mode.SHARED:
+            self.local = None
+        return self.local if self.mode.mode is Mode.RECOVERING else None
 
     def _fallback(self, now: float) -> LocalFallback:
-        if self.fallback is None:
-            self.fallback = LocalFallback(
+        if self.mode.mode is not Mode.FALLBACK or self.local is None:
+            self.mode = self.mode.store_failed()
+            self.local = local = LocalFallback(
                 self.config, self.limiter, self.live_workers, self.burst, self.always_enforce, now
             )
             log.warning(
                 "local admission limit until the state store answers",
                 extra={
-                    "limit": round(self.fallback.limiter.limit, 3),
-                    "enforcing": self.fallback.enforcing,
+                    "limit": round(local.limiter.limit, 3),
+                    "enforcing": local.enforcing,
                     "live_workers": self.live_workers,
                 },
             )
-        return self.fallback
+            return local
+        return self.local
 
     def follow_fleet(self, fleet: FleetView | None, now: float) -> None:
         """Take the fleet's level and size from its latest reports (None: store away).
