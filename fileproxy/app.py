@@ -16,10 +16,12 @@ from aiohttp import web
 from fileproxy import loop_lag
 from fileproxy.app_keys import (
     ADAPTATION,
+    ADAPTATIONS,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
     LOOP_LAG,
+    REPLICAS,
     RUNTIME,
     SETTINGS,
     STORE,
@@ -44,7 +46,8 @@ from fileproxy.state.store import EmbeddedStore, StateStore
 from fileproxy.state.sync import Fleet, instance_name
 from fileproxy.state.traffic import TrafficStats
 from fileproxy.upstream import aiohttp_client
-from fileproxy.upstream.client import UpstreamClient, upstream_name
+from fileproxy.upstream.client import UpstreamClient
+from fileproxy.upstream.replicas import ReplicaSet
 from fileproxy.upstream.tcp_options import ListenSockets
 
 log = logging.getLogger("fileproxy")
@@ -134,24 +137,32 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[TRAFFIC] = traffic = TrafficStats(settings.stats_window, time.monotonic())
     store: StateStore = RedisStore(settings) if settings.redis_url else EmbeddedStore()
     app[STORE] = link = StoreLink(store)
-    name = upstream_name(settings.upstream)
-    app[ADAPTATION] = adaptation = UpstreamAdaptation(
-        settings, name, link, local_workers=app[FLEET].local_workers
-    )
-    app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
+    adaptations = [
+        UpstreamAdaptation(settings, spec.name, link, local_workers=app[FLEET].local_workers)
+        for spec in settings.upstreams
+    ]
+    clients = [
+        UpstreamClient(settings, on_connect=adaptation.observe_connect, replica=spec)
+        for adaptation, spec in zip(adaptations, settings.upstreams, strict=True)
+    ]
+    app[ADAPTATIONS] = {adaptation.name: adaptation for adaptation in adaptations}
+    app[REPLICAS] = ReplicaSet(settings, clients)
+    app[ADAPTATION], app[UPSTREAM] = adaptations[0], clients[0]
     app[LOOP_LAG] = lag = LoopLag()
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
         asyncio.create_task(
-            state_sync.run(link, app[FLEET], adaptation, traffic, runtime.pid, runtime.started_wall)
+            state_sync.run(
+                link, app[FLEET], adaptations, traffic, runtime.pid, runtime.started_wall
+            )
         ),
     ]
     log.info(
         "fileproxy worker started",
         extra={
             "bind": str(settings.bind),
-            "upstream": upstream.name,
+            "upstream": ",".join(client.name for client in clients),
             "uvloop": runtime.uvloop_enabled,
             "state_store": store.description,
         },
@@ -160,7 +171,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await _stop(tasks)
-        await upstream.close()
+        for client in clients:
+            await client.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 await store.close()
@@ -184,12 +196,19 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def _watch_upstream(app: web.Application) -> None:
-    """Probe the upstream with a TCP connect when no response came lately (for /ready)."""
-    upstream, lifecycle = app[UPSTREAM], app[LIFECYCLE]
+    """Probe each replica with a TCP connect when no response came lately (for /ready)."""
+    replicas, lifecycle = app[REPLICAS], app[LIFECYCLE]
     timeout = min(app[SETTINGS].connect_timeout, UPSTREAM_PROBE_INTERVAL_S)
     while True:
-        if lifecycle.probe_due(time.time(), upstream.last_response_at):
-            lifecycle.record_probe(time.time(), await upstream.probe(timeout))
+        for replica in replicas.replicas:
+            if lifecycle.probe_due(time.time(), replica.client.last_response_at):
+                ok = await replica.client.probe(timeout)
+                if ok:
+                    replica.last_probe_ok_at = time.time()
+                else:
+                    replica.last_probe_failed_at = time.time()
+                if replica is replicas.first:
+                    lifecycle.record_probe(time.time(), ok)
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
 
 

@@ -13,15 +13,19 @@ from fileproxy.state.link import StoreLink
 from fileproxy.state.sync import Fleet
 from fileproxy.state.traffic import TrafficStats
 from fileproxy.upstream.client import UpstreamClient
+from fileproxy.upstream.replicas import ReplicaSet
 from fileproxy.upstream.tcp_options import ListenSockets
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 TRAFFIC = web.AppKey("traffic", TrafficStats)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)  # the first replica's
+REPLICAS = web.AppKey("replicas", ReplicaSet)
 STORE = web.AppKey("store", StoreLink)
 FLEET = web.AppKey("fleet", Fleet)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)
+ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)  # the first replica's
+# every replica's, by name (host:port)
+ADAPTATIONS = web.AppKey[dict[str, UpstreamAdaptation]]("adaptations")
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)

@@ -29,6 +29,8 @@ class Exchange:
     bytes_out: int = 0  # response body bytes delivered
     cause: str = OK  # termination cause, see CAUSES
     error: str | None = None
+    tries: int = 1  # upstream tries before the response head (retries on other replicas)
+    resumes: int = 0  # times the body was continued from a replica after a failure
 
     @property
     def failed(self) -> bool:

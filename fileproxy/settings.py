@@ -109,6 +109,70 @@ def _url(*schemes: str, optional: bool = False) -> Callable[[str], URL | None]:
 
 
 @dataclass(frozen=True)
+class ReplicaSpec:
+    """One replica of FILEPROXY_UPSTREAM: its base URL, weight and backup flag."""
+
+    url: URL
+    weight: int = 1
+    backup: bool = False
+
+    @property
+    def name(self) -> str:
+        """How the replica is named in /stats, metrics and the shared store's keys."""
+        return f"{self.url.host}:{self.url.port}"
+
+    def __str__(self) -> str:
+        text = redact_url(self.url)
+        if self.weight != 1:
+            text += f";weight={self.weight}"
+        return text + (";backup" if self.backup else "")
+
+
+MAX_REPLICAS = 64
+MAX_WEIGHT = 100
+
+
+def _replicas(raw: str) -> tuple[ReplicaSpec, ...]:
+    """FILEPROXY_UPSTREAM: URL[;weight=N][;backup], comma-separated."""
+    parse_url = _url("http", "https")
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("expected one or more base URLs, comma-separated")
+    if len(parts) > MAX_REPLICAS:
+        raise ValueError(f"expected at most {MAX_REPLICAS} replicas")
+    specs: list[ReplicaSpec] = []
+    for number, part in enumerate(parts, 1):
+        where = f"replica {number}: " if len(parts) > 1 else ""
+        text, *options = (piece.strip() for piece in part.split(";"))
+        try:
+            url = parse_url(text)
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+        assert url is not None
+        weight, backup = 1, False
+        for option in options:
+            key, sep, value = option.partition("=")
+            if key == "weight" and sep and value.isdigit() and 1 <= int(value) <= MAX_WEIGHT:
+                weight = int(value)
+            elif option == "backup":
+                backup = True
+            else:
+                raise ValueError(
+                    f"{where}unknown option {option!r}, expected ;weight=1..{MAX_WEIGHT} or ;backup"
+                )
+        spec = ReplicaSpec(url, weight, backup)
+        if any(other.name == spec.name for other in specs):
+            raise ValueError(f"{where}{spec.name} is listed twice")
+        specs.append(spec)
+    if all(spec.backup for spec in specs):
+        raise ValueError("expected at least one replica that is not ;backup")
+    return tuple(specs)
+
+
+_replicas.allowed = "URL[;weight=N][;backup], comma-separated; scheme http | https"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
 class BindAddress:
     """Where the daemon listens: a TCP host and port, or a unix socket path."""
 
@@ -304,12 +368,14 @@ class Settings:
         _bind,
         "Listen address: HOST:PORT or unix:/path/to.sock.",
     )
-    upstream: URL = setting(
+    upstreams: tuple[ReplicaSpec, ...] = setting(
         "FILEPROXY_UPSTREAM",
         "http://127.0.0.1:27804",
-        _url("http", "https"),
-        "Backend base URL; its path is prefixed to every request path; credentials are sent "
-        "as Basic auth and never shown.",
+        _replicas,
+        "Backend base URL, or several comma-separated (replicas serving the same content, "
+        "balanced, retried and resumed across; URL;weight=N weighs one, URL;backup serves "
+        "only when no other can); its path is prefixed to every request path; credentials "
+        "are sent as Basic auth and never shown.",
         secret_url=True,
     )
     redis_url: URL | None = setting(
@@ -387,6 +453,61 @@ class Settings:
         "600",
         _int(0, 86400),
         "Seconds upstream DNS answers are cached (0: no cache).",
+    )
+    # several replicas: retries, outlier ejection, slow start, resume (issue 15)
+    retries: int = setting(
+        "FILEPROXY_RETRIES",
+        "2",
+        _int(0, 10),
+        "Further tries of a request on other replicas, only before anything was sent to the "
+        "client: any method that never reached an upstream (connect failed), an idempotent "
+        "one whose body (if any) was not sent on a reset, a headers timeout or a "
+        "FILEPROXY_RETRY_STATUSES answer.",
+    )
+    retry_statuses: tuple[int, ...] = setting(
+        "FILEPROXY_RETRY_STATUSES",
+        "502,503,504",
+        _statuses,
+        "Upstream statuses an idempotent request is retried on, at another replica (empty: none).",
+    )
+    retry_budget: float = setting(
+        "FILEPROXY_RETRY_BUDGET",
+        "20",
+        _float(0, 100, "percent"),
+        "Retries in progress at most this percentage of the requests in progress (Envoy's "
+        "retry budget), so an outage is never multiplied.",
+    )
+    retry_min_concurrency: int = setting(
+        "FILEPROXY_RETRY_MIN_CONCURRENCY",
+        "3",
+        _int(0, 10000),
+        "Retries in progress always allowed whatever the budget (Envoy's min_retry_concurrency).",
+    )
+    eject_after: int = setting(
+        "FILEPROXY_EJECT_AFTER",
+        "5",
+        _int(0, 1000),
+        "Consecutive failures (connect failure, reset, timeout, 502-504) that eject a replica "
+        "from balancing (0: never); never more than half the replicas are out.",
+    )
+    eject_time: float = setting(
+        "FILEPROXY_EJECT_TIME",
+        "30",
+        _float(0.1, 3600),
+        "Seconds a replica stays ejected, times the number of its ejections (at most 10x).",
+    )
+    slow_start: float = setting(
+        "FILEPROXY_SLOW_START",
+        "10",
+        _float(0, 3600),
+        "Seconds over which a replica back from ejection ramps up to its full share.",
+    )
+    resumes: int = setting(
+        "FILEPROXY_RESUMES",
+        "3",
+        _int(0, 100),
+        "Times a download whose upstream failed after the response head may continue from "
+        "a replica by Range + If-Range on its strong ETag (0: never; the client is cut).",
     )
     chunk_size: int = setting(
         "STREAM_CHUNK_SIZE",
@@ -663,6 +784,11 @@ class Settings:
     )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def upstream(self) -> URL:
+        """The first replica's base URL (the one upstream of a single-URL setting)."""
+        return self.upstreams[0].url
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: str) -> Settings:
         """Validate every variable; raise ConfigError naming the first bad one."""
@@ -714,7 +840,10 @@ def redact_url(url: URL) -> str:
 
 
 def redact_url_text(text: str) -> str:
-    """Redact credentials from a string that may or may not parse as a URL."""
+    """Redact credentials from a string that may or may not parse as a URL (or several,
+    comma-separated)."""
+    if "," in text:
+        return ",".join(redact_url_text(part) for part in text.split(","))
     scheme, sep, rest = text.partition("://")
     if not sep:
         return text

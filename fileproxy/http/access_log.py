@@ -44,6 +44,10 @@ def log_access(
         )
         if exchange.error:
             fields["error"] = exchange.error
+        if exchange.tries > 1:
+            fields["tries"] = exchange.tries
+        if exchange.resumes:
+            fields["resumes"] = exchange.resumes
         if exchange.cause == CLIENT_ABORT:
             message = "client disconnected"
     if logger.isEnabledFor(logging.INFO):

@@ -75,6 +75,19 @@ def classify(exc: BaseException) -> Failure:
     return Failure(500, "internal_error", "internal error")
 
 
+def try_failure_kind(exc: BaseException) -> str:
+    """How a try at an upstream failed, for the retry rule (``adaptive.retry_budget``):
+    ``connect`` (the request never left), ``timeout`` (no response head in time),
+    ``reset`` (closed before the head), else ``other``."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect"
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "reset"
+    return "other"
+
+
 class RequestHeadTimeout(Exception):
     """The client did not complete its request head within FILEPROXY_HEADER_TIMEOUT."""
 

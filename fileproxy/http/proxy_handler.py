@@ -22,7 +22,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from fileproxy.adaptive import LevelProfile
-from fileproxy.app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
+from fileproxy.adaptive import resume as resume_rule
+from fileproxy.adaptive.retry_budget import CONNECT, STATUS, retryable
+from fileproxy.app_keys import ADAPTATIONS, REPLICAS, SETTINGS, TRAFFIC
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
@@ -38,6 +40,8 @@ from fileproxy.http.headers import (
 )
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamClient, UpstreamResponse
+from fileproxy.upstream.replicas import Replica
+from fileproxy.upstream.resume import ResumableBody
 
 log = logging.getLogger("fileproxy.proxy")
 access_log = logging.getLogger(access_logs.ACCESS_LOGGER)
@@ -52,6 +56,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the respo
 # 12). With it an iteration does at most this much per stream (bench.status_under_load).
 RELAY_SLICE_BYTES = 64 * 1024
 
+# upstream statuses that count as a replica's failure for outlier ejection
+GATEWAY_FAILURES = frozenset({502, 503, 504})
+
 
 def on_unix_socket(request: web.BaseRequest) -> bool:
     """Whether the client came through a unix socket (a local process, e.g. nginx)."""
@@ -64,11 +71,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     traffic = app[TRAFFIC]
     started = time.monotonic()
-    exchange = Exchange(request_id_for(request), app[UPSTREAM].name)
+    replica = app[REPLICAS].choose(started, path=request.raw_path)
+    assert replica is not None  # the first try always has one
+    exchange = Exchange(request_id_for(request), replica.name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
     status = 500  # what aiohttp answers should an unexpected exception escape
-    adaptation = app[ADAPTATION]
+    adaptations = app[ADAPTATIONS]
+    adaptation = adaptations[replica.name]
     try:
         admitted, retry_after = await adaptation.admit(
             started,
@@ -79,9 +89,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             ),
         )
         if admitted:
-            response = await _proxy(request, exchange, started)
+            response = await _proxy(request, exchange, started, replica)
         else:
-            response = _over_limit(request, exchange, retry_after)
+            response = _over_limit(request, exchange, retry_after, adaptation.current_limit)
         if isinstance(response, web.Response) and request.method != "HEAD":
             exchange.bytes_out = response.content_length or 0  # our own JSON error body
         status = response.status
@@ -102,7 +112,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         traffic.in_flight -= 1
         now = time.monotonic()
-        adaptation.observe_exchange(now, exchange)
+        adaptations[exchange.upstream].observe_exchange(now, exchange)  # the replica that answered
         traffic.record(
             now,
             duration_s=now - started,
@@ -114,11 +124,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         )
 
 
-async def _proxy(request: web.Request, exchange: Exchange, started: float) -> web.StreamResponse:
+async def _proxy(
+    request: web.Request, exchange: Exchange, started: float, replica: Replica
+) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    upstream = app[UPSTREAM]
-    adaptation = app[ADAPTATION]
+    replicas = app[REPLICAS]
     target = request.raw_path
     if not target.startswith("/"):
         own = own_origin_form(request, target)
@@ -151,21 +162,58 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         has_body=has_body,
         content_length=content_length,
     )
-    authorization = upstream.authorization
-    if authorization is not None:
-        # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
-        headers["Authorization"] = authorization
-    profile = adaptation.profile(started)
+    # as built for the client's request, before a try adds its replica's Host and credentials
+    pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 or settings.resumes else None
+    tried: list[Replica] = []
     body_errors: list[BaseException] = []
-    try:
-        upstream_resp = await _send_upstream(
-            request, exchange, target, headers, has_body, body_errors, profile, upstream, settings
-        )
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        if not body_errors:
-            failure = _fail(exchange, exc)
-            upstream.mark_failure(time.time(), exchange.error or "")
-            return failure
+    budgeted = False  # this try is a retry counted in the retry budget
+    while True:  # a try per replica, until one answers or no retry is allowed
+        upstream = replica.client
+        adaptation = app[ADAPTATIONS][replica.name]
+        if tried:
+            assert pristine is not None
+            headers = CIMultiDict(pristine)
+        authorization = upstream.authorization
+        if authorization is not None:
+            # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
+            headers["Authorization"] = authorization
+        profile = adaptation.profile(time.monotonic())
+        replicas.begin(replica)
+        try:
+            upstream_resp = await _send_upstream(
+                request, exchange, target, headers, has_body, body_errors, profile, upstream,
+                settings,
+            )  # fmt: skip
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            replicas.end(replica)
+            if budgeted:
+                replicas.budget.finish()
+            if body_errors:
+                break  # the client's body failed: not the replica's fault
+            upstream.mark_failure(time.time(), errors.classify(exc).error)
+            kind = errors.try_failure_kind(exc)
+            replicas.failed(time.monotonic(), replica, kind)
+            retry = _retry_to(request, exchange, replica, tried, kind, has_body)
+            if retry is None:
+                return _fail(exchange, exc)
+            replica, budgeted = retry, kind != CONNECT
+            continue
+        if budgeted:
+            replicas.budget.finish()
+        upstream_status = upstream_resp.status
+        if upstream_status in GATEWAY_FAILURES:
+            replicas.failed(time.monotonic(), replica, f"status {upstream_status}")
+        else:
+            replicas.succeeded(replica)
+        if upstream_status in settings.retry_statuses:
+            retry = _retry_to(request, exchange, replica, tried, STATUS, has_body, upstream_status)
+            if retry is not None:
+                upstream_resp.close()
+                replicas.end(replica)
+                replica, budgeted = retry, True
+                continue
+        break
+    if body_errors:
         cause = body_errors[0]
         broken = not isinstance(cause, errors.ClientRequestError)
         if broken:
@@ -181,7 +229,11 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
     now = time.monotonic()
     exchange.ttfb_s = now - started
     adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info)
+    replicas.headers(now, replica, exchange.ttfb_s)
     upstream.mark_response(time.time())
+    body = _resumable(request, exchange, upstream_resp, replica, target, pristine, profile)
+    if body is not None:
+        upstream_resp.content = body  # type: ignore[assignment]
     try:
         exchange.upstream_status = upstream_resp.status
         # The whole body already arrived (a small file): its response head goes out in
@@ -208,6 +260,93 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end
+        last = body.replica if body is not None else replica
+        replicas.end(last)
+        if exchange.cause == errors.OK and request.method == "GET":
+            now = time.monotonic()
+            replicas.body_done(now, last, target, exchange.bytes_out, now - started)
+
+
+def _retry_to(
+    request: web.Request,
+    exchange: Exchange,
+    failed: Replica,
+    tried: list[Replica],
+    kind: str,
+    has_body: bool,
+    status: int | None = None,
+) -> Replica | None:
+    """The replica for another try after ``failed``, within the rule and the budget; None
+    when the request must not (or cannot) be tried again."""
+    app = request.app
+    settings, replicas = app[SETTINGS], app[REPLICAS]
+    tried.append(failed)
+    if len(tried) > settings.retries:
+        return None
+    # a body is read only once: a request that has one is retried only if it never left
+    if not retryable(
+        request.method,
+        kind,
+        body_started=has_body and kind != CONNECT,
+        status=status,
+        statuses=settings.retry_statuses,
+    ):
+        return None
+    now = time.monotonic()
+    retry = replicas.choose(now, tuple(tried), path=request.raw_path)
+    if retry is None:
+        return None
+    # counted until the retry has its answer (the caller's ``budgeted``); a connect
+    # failure is free: that request reached no upstream
+    if not replicas.budget.start(app[TRAFFIC].in_flight, counted=kind != CONNECT):
+        return None
+    exchange.tries += 1
+    exchange.upstream = retry.name
+    log.info(
+        "retrying at another replica",
+        extra={
+            "request_id": exchange.request_id,
+            "from": failed.name,
+            "to": retry.name,
+            "why": kind if status is None else f"status {status}",
+        },
+    )
+    return retry
+
+
+def _resumable(
+    request: web.Request,
+    exchange: Exchange,
+    upstream_resp: UpstreamResponse,
+    replica: Replica,
+    target: str,
+    pristine: CIMultiDict[str] | None,
+    profile: LevelProfile,
+) -> ResumableBody | None:
+    """The body that can continue from a replica should its upstream fail, or None."""
+    settings = request.app[SETTINGS]
+    if not settings.resumes or pristine is None:
+        return None
+    plan = resume_rule.plan(request.method, upstream_resp.status, upstream_resp.headers)
+    if plan is None:
+        return None
+
+    def resumed(failed: str, to: str) -> None:
+        exchange.resumes += 1
+
+    return ResumableBody(
+        upstream_resp,
+        plan,
+        replicas=request.app[REPLICAS],
+        replica=replica,
+        target=target,
+        headers=pristine,
+        max_resumes=settings.resumes,
+        connect_timeout=profile.connect_timeout_s,
+        headers_timeout=profile.headers_timeout_s,
+        read_timeout=profile.read_timeout_s,
+        on_resume=resumed,
+    )
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -414,13 +553,15 @@ async def continue_or_refuse(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def _over_limit(request: web.Request, exchange: Exchange, retry_after: float) -> web.Response:
+def _over_limit(
+    request: web.Request, exchange: Exchange, retry_after: float, limit: float | None
+) -> web.Response:
     """Over the upstream's admission rate: 503 (or 429) with Retry-After, counted."""
     settings = request.app[SETTINGS]
     failure = errors.Failure(
         int(settings.limit_status),
         "rate_limited",
-        f"over the admission rate of {request.app[ADAPTATION].current_limit} req/s; retry later",
+        f"over the admission rate of {limit} req/s; retry later",
     )
     exchange.cause, exchange.error = errors.REJECTED, failure.error
     return errors.error_response(

@@ -18,10 +18,12 @@ from aiohttp import web
 
 from fileproxy.app_keys import (
     ADAPTATION,
+    ADAPTATIONS,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
     LOOP_LAG,
+    REPLICAS,
     RUNTIME,
     SETTINGS,
     STORE,
@@ -68,7 +70,8 @@ async def health(request: web.Request) -> web.Response:
             limiter=app[ADAPTATION].limiter_mode,
         )
     degraded = link.state == "down"
-    ready, reason = app[LIFECYCLE].readiness(now, upstream.last_response_at)
+    replicas = app[REPLICAS]
+    ready, reason = app[LIFECYCLE].readiness(now, replicas.last_answer_at(time.monotonic()))
     return _json(
         {
             "status": "degraded" if degraded else "ok",
@@ -92,6 +95,8 @@ async def health(request: web.Request) -> web.Response:
                 "last_failure_age_s": _age(now, upstream.last_failure_at),
                 "last_failure": upstream.last_failure,
             },
+            # every replica of FILEPROXY_UPSTREAM: healthy, slow_start, probing or ejected
+            "upstreams": replicas.report(),
             "state_store": store,
             "in_flight": traffic.in_flight,
             "active_requests": gate.report(request),
@@ -117,12 +122,13 @@ async def stats(request: web.Request) -> web.Response:
     runtime, traffic, adaptation = app[RUNTIME], app[TRAFFIC], app[ADAPTATION]
     now = time.monotonic()
     fleet = app[FLEET].fresh(now) if app[STORE].shared else None
+    adaptations, replicas = app[ADAPTATIONS], app[REPLICAS]
     if fleet is not None:
         counters, window = fleet.totals(), fleet.window()
-        rejected = fleet.rejected(adaptation.name)
+        rejected = sum(fleet.rejected(name) for name in adaptations)
     else:
         counters, window = traffic.counters(), traffic.window_parts(now)
-        rejected = adaptation.rejected
+        rejected = sum(a.rejected for a in adaptations.values())
     level = adaptation.current_level()
     body: dict[str, Any] = {
         "performance_optimizer": {
@@ -143,7 +149,19 @@ async def stats(request: web.Request) -> web.Response:
             "optimization_score": runtime.optimization_score,
             "quality_level": level.value if level is not None else None,
         },
-        "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},
+        "upstreams": {
+            replica.name: {
+                **adaptations[replica.name].snapshot(),
+                "replica": replicas.snapshot(now, time.time(), replica),
+            }
+            for replica in replicas.replicas
+        },
+        "retries": {
+            "granted": replicas.budget.granted,
+            "refused_by_budget": replicas.budget.refused,
+            "in_progress": replicas.budget.active,
+        },
+        "resumes": dict(replicas.resumes),
         "scope": "cluster" if fleet is not None else "worker",
         "pid": runtime.pid,
     }
@@ -180,8 +198,17 @@ def _age(now: float, then: float | None) -> float | None:
 
 async def ready(request: web.Request) -> web.Response:
     app = request.app
-    is_ready, reason = app[LIFECYCLE].readiness(time.time(), app[UPSTREAM].last_response_at)
-    return _json({"ready": is_ready, "reason": reason}, status=200 if is_ready else 503)
+    replicas = app[REPLICAS]
+    is_ready, reason = app[LIFECYCLE].readiness(
+        time.time(), replicas.last_answer_at(time.monotonic())
+    )
+    body: dict[str, Any] = {"ready": is_ready, "reason": reason}
+    if len(replicas.replicas) > 1:
+        body["upstreams"] = {
+            name: {"state": state["state"], "usable": state["usable"]}
+            for name, state in replicas.report().items()
+        }
+    return _json(body, status=200 if is_ready else 503)
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:

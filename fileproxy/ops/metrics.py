@@ -22,10 +22,11 @@ from prometheus_client.registry import Collector
 
 from fileproxy.adaptive import LEVELS
 from fileproxy.app_keys import (
-    ADAPTATION,
+    ADAPTATIONS,
     FLEET,
     LIFECYCLE,
     LOOP_LAG,
+    REPLICAS,
     RUNTIME,
     STORE,
     TRAFFIC,
@@ -117,9 +118,12 @@ class FileproxyCollector(Collector):
             "Open upstream connections",
             labels=["pid", "upstream", "state"],
         )
-        for state, count in upstream.pool_size().items():
-            connections.add_metric([pid, name, state], count)
+        replicas = app[REPLICAS]
+        for replica in replicas.replicas:
+            for state, count in replica.client.pool_size().items():
+                connections.add_metric([pid, replica.name, state], count)
         yield connections
+        yield from _replica_metrics(app, pid)
 
         lag = app[LOOP_LAG]
         loop_lag = GaugeMetricFamily(
@@ -143,37 +147,43 @@ class FileproxyCollector(Collector):
         draining.add_metric([pid], float(app[LIFECYCLE].draining))
         yield draining
 
-        adaptation = app[ADAPTATION]
-        if adaptation.enabled:
+        adaptations = app[ADAPTATIONS]
+        if upstream.name in adaptations and adaptations[upstream.name].enabled:
             level = GaugeMetricFamily(
                 "fileproxy_quality_level",
                 "Network quality level of the upstream the worker uses (0 good .. 3 very poor)",
                 labels=["pid", "upstream"],
             )
-            current = adaptation.current_level()
-            if current is not None:
-                level.add_metric([pid, name], LEVELS.index(current))
+            for name, adaptation in adaptations.items():
+                current = adaptation.current_level()
+                if current is not None:
+                    level.add_metric([pid, name], LEVELS.index(current))
             yield level
             limit = GaugeMetricFamily(
                 "fileproxy_rate_limit",
                 "Current admission rate limit (req/s; the fleet's, or the local fallback's)",
                 labels=["pid", "upstream", "mode"],
             )
-            limit.add_metric([pid, name, adaptation.limiter_mode], adaptation.current_limit or 0)
+            for name, adaptation in adaptations.items():
+                limit.add_metric(
+                    [pid, name, adaptation.limiter_mode], adaptation.current_limit or 0
+                )
             yield limit
             rejected = CounterMetricFamily(
                 "fileproxy_rate_limited",
                 "Requests refused over the admission rate",
                 labels=["pid", "upstream"],
             )
-            rejected.add_metric([pid, name], adaptation.rejected)
+            for name, adaptation in adaptations.items():
+                rejected.add_metric([pid, name], adaptation.rejected)
             yield rejected
             decisions = CounterMetricFamily(
                 "fileproxy_limit_decisions",
                 "Window decisions of the fleet's limiter",
                 labels=["pid", "upstream"],
             )
-            decisions.add_metric([pid, name], adaptation.limiter.decisions)
+            for name, adaptation in adaptations.items():
+                decisions.add_metric([pid, name], adaptation.limiter.decisions)
             yield decisions
 
         link = app[STORE]
@@ -207,6 +217,50 @@ def _fleet_metrics(app: web.Application) -> Iterator[GaugeMetricFamily | Counter
         for status_class, count in sorted(report.counters.by_status_class.items()):
             requests.add_metric([report.instance, str(report.pid), status_class], count)
     yield requests
+
+
+def _replica_metrics(
+    app: web.Application, pid: str
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Each replica's health and share, retries and resumes (issue 15)."""
+    replicas = app[REPLICAS]
+    now = time.monotonic()
+    ejected = GaugeMetricFamily(
+        "fileproxy_upstream_ejected",
+        "1 while the replica is ejected from balancing (outlier detection)",
+        labels=["pid", "upstream"],
+    )
+    picked = CounterMetricFamily(
+        "fileproxy_upstream_requests",
+        "Tries sent to the replica (retries and resumes included)",
+        labels=["pid", "upstream"],
+    )
+    ejections = CounterMetricFamily(
+        "fileproxy_upstream_ejections", "Times the replica was ejected", labels=["pid", "upstream"]
+    )
+    for replica in replicas.replicas:
+        ejected.add_metric([pid, replica.name], float(not replicas.usable(now, replica)))
+        picked.add_metric([pid, replica.name], replica.counts["requests"])
+        ejections.add_metric([pid, replica.name], replica.counts["ejections"])
+    yield ejected
+    yield picked
+    yield ejections
+    retries = CounterMetricFamily(
+        "fileproxy_retries",
+        "Retries before the first byte, granted or refused by the retry budget",
+        labels=["pid", "outcome"],
+    )
+    retries.add_metric([pid, "granted"], replicas.budget.granted)
+    retries.add_metric([pid, "refused_by_budget"], replicas.budget.refused)
+    yield retries
+    resumes = CounterMetricFamily(
+        "fileproxy_resumes",
+        "Downloads continued from a replica by Range after their upstream failed mid-body",
+        labels=["pid", "outcome"],
+    )
+    for outcome, count in replicas.resumes.items():
+        resumes.add_metric([pid, outcome], count)
+    yield resumes
 
 
 def render(app: web.Application) -> bytes:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -52,7 +53,11 @@ class Fleet:
 
 
 def worker_report(
-    fleet: Fleet, pid: int, started: float, traffic: TrafficStats, adaptation: UpstreamAdaptation
+    fleet: Fleet,
+    pid: int,
+    started: float,
+    traffic: TrafficStats,
+    adaptations: Sequence[UpstreamAdaptation],
 ) -> WorkerReport:
     return WorkerReport(
         worker=fleet.worker,
@@ -61,7 +66,7 @@ def worker_report(
         started=started,
         counters=traffic.counters(),
         window=traffic.window_parts(time.monotonic()),
-        upstreams={adaptation.name: adaptation.report()},
+        upstreams={adaptation.name: adaptation.report() for adaptation in adaptations},
     )
 
 
@@ -76,7 +81,10 @@ def _parse(reports: list[Report]) -> dict[str, tuple[float, WorkerReport]]:
 
 
 async def publish(
-    link: StoreLink, fleet: Fleet, report: WorkerReport, adaptation: UpstreamAdaptation
+    link: StoreLink,
+    fleet: Fleet,
+    report: WorkerReport,
+    adaptations: Sequence[UpstreamAdaptation],
 ) -> None:
     payload = report.to_bytes()
     try:
@@ -84,30 +92,34 @@ async def publish(
         at, reports = await link.call(lambda: link.store.publish(fleet.worker, payload), probe=True)
     except StoreError:
         fleet.view = None
-        adaptation.follow_fleet(None, time.monotonic())
+        for adaptation in adaptations:
+            adaptation.follow_fleet(None, time.monotonic())
         return
     fleet.view = FleetView(at, _parse(reports))
     fleet.received = time.monotonic()
-    adaptation.follow_fleet(fleet.view, fleet.received)
+    for adaptation in adaptations:
+        adaptation.follow_fleet(fleet.view, fleet.received)
 
 
 async def run(
     link: StoreLink,
     fleet: Fleet,
-    adaptation: UpstreamAdaptation,
+    adaptations: Sequence[UpstreamAdaptation],
     traffic: TrafficStats,
     pid: int,
     started: float,
 ) -> None:
+    """``adaptations``: one per replica of FILEPROXY_UPSTREAM (each its own store keys)."""
     next_report = 0.0
     while True:
         now = time.monotonic()
         try:
-            await adaptation.sync(now)
+            for adaptation in adaptations:
+                await adaptation.sync(now)
             if now >= next_report:
                 next_report = now + REPORT_INTERVAL_S
-                report = worker_report(fleet, pid, started, traffic, adaptation)
-                await publish(link, fleet, report, adaptation)
+                report = worker_report(fleet, pid, started, traffic, adaptations)
+                await publish(link, fleet, report, adaptations)
         except Exception:  # a bug here must not end the sharing for the worker's lifetime
             log.exception("state sync failed; retrying")
         await asyncio.sleep(SYNC_INTERVAL_S)

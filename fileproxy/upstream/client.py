@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from fileproxy.adaptive import TcpInfo
-from fileproxy.settings import Settings
+from fileproxy.settings import ReplicaSpec, Settings
 from fileproxy.upstream import tcp_options
 from fileproxy.upstream.aiohttp_client import (
     ResponseHandler,
@@ -108,6 +108,14 @@ class UpstreamResponse:
     def close(self) -> None:
         self._give_back(False)
 
+    def take_over(self, other: UpstreamResponse) -> None:
+        """Carry on with ``other``'s connection (a download resumed from a replica): this
+        response's own connection is closed; ``release`` and ``close`` then act on
+        ``other``'s, and ``other`` becomes an empty shell. The head stays this one's."""
+        self.close()
+        self._pool, self._protocol, self._body_writer = other._pool, other._protocol, None
+        other._protocol = None  # type: ignore[assignment]
+
     def _give_back(self, reusable: bool) -> None:
         protocol, self._protocol = self._protocol, None  # type: ignore[assignment]
         if protocol is None:
@@ -121,8 +129,14 @@ class UpstreamResponse:
 class UpstreamClient:
     """Requests to the configured upstream; ``send`` takes a raw origin-form target."""
 
-    def __init__(self, settings: Settings, on_connect: ConnectObserver | None = None) -> None:
-        upstream = settings.upstream
+    def __init__(
+        self,
+        settings: Settings,
+        on_connect: ConnectObserver | None = None,
+        replica: ReplicaSpec | None = None,
+    ) -> None:
+        """``replica``: which of FILEPROXY_UPSTREAM's replicas (default: the first)."""
+        upstream = settings.upstream if replica is None else replica.url
         self.origin = upstream.origin()
         self.name = upstream_name(upstream)
         self.last_response_at: float | None = None  # wall clock of the last response headers

@@ -1,0 +1,198 @@
+"""The replicas of FILEPROXY_UPSTREAM: one client (pool, limits, TCP options) each, which
+one gets the next request (``adaptive.balancer``), which are out (``adaptive.ejection``)
+and how many retries may run (``adaptive.retry_budget``).
+
+The brains decide; this shell holds their state per worker, feeds them what the proxy
+observed, and probes the replicas for /ready. Ejections are this worker's own: each
+worker finds a failing replica by itself within FILEPROXY_EJECT_AFTER failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from fileproxy.adaptive.balancer import ReplicaLoad, pick
+from fileproxy.adaptive.ejection import EjectionConfig, OutlierDetector
+from fileproxy.adaptive.retry_budget import RetryBudget
+from fileproxy.settings import ReplicaSpec, Settings
+from fileproxy.upstream.client import UpstreamClient
+
+log = logging.getLogger("fileproxy.upstream")
+
+SIZE_MEMORY = 4096  # paths whose last response length is remembered for the cost
+EJECT_MAX_FACTOR = 10  # an ejection lasts at most 10 x FILEPROXY_EJECT_TIME
+
+
+@dataclass
+class Replica:
+    index: int
+    spec: ReplicaSpec
+    client: UpstreamClient
+    load: ReplicaLoad
+    last_probe_ok_at: float | None = None  # wall clock
+    last_probe_failed_at: float | None = None
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"requests": 0, "failures": 0, "ejections": 0, "resumes": 0}
+    )
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    def last_answer_at(self) -> float | None:
+        """Wall clock of its last response head or successful probe."""
+        times = [t for t in (self.client.last_response_at, self.last_probe_ok_at) if t]
+        return max(times) if times else None
+
+
+class ReplicaSet:
+    def __init__(
+        self, settings: Settings, clients: list[UpstreamClient], rng: random.Random | None = None
+    ) -> None:
+        self.replicas = [
+            Replica(i, spec, client, ReplicaLoad(weight=float(spec.weight)))
+            for i, (spec, client) in enumerate(zip(settings.upstreams, clients, strict=True))
+        ]
+        self.detector = OutlierDetector(
+            EjectionConfig(
+                consecutive=settings.eject_after,
+                base_s=settings.eject_time,
+                max_s=settings.eject_time * EJECT_MAX_FACTOR,
+            ),
+            len(self.replicas),
+        )
+        self.budget = RetryBudget(settings.retry_budget, settings.retry_min_concurrency)
+        self.slow_start_s = settings.slow_start
+        self.rng = rng or random.Random()
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self.resumes = {"ok": 0, "failed": 0}
+
+    @property
+    def first(self) -> Replica:
+        return self.replicas[0]
+
+    def usable(self, now: float, replica: Replica) -> bool:
+        health = self.detector.health[replica.index]
+        was_out = health.ejected_until is not None
+        usable = self.detector.usable(now, replica.index)
+        if was_out and usable:
+            replica.load.warm_from = health.back_at  # slow start
+            log.info("replica back from ejection", extra={"upstream": replica.name})
+        return usable
+
+    def choose(
+        self, now: float, exclude: tuple[Replica, ...] = (), path: str | None = None
+    ) -> Replica | None:
+        """The replica for the next try; None when every usable one was tried."""
+        if len(self.replicas) == 1:
+            return None if exclude else self.first
+        pool = [r for r in self.replicas if r not in exclude and self.usable(now, r)]
+        primaries = [r for r in pool if not r.spec.backup]
+        candidates = primaries or pool
+        if not candidates:
+            if exclude:
+                return None
+            candidates = [r for r in self.replicas if not r.spec.backup]
+        size = self._sizes.get(path) if path is not None else None
+        index = pick(
+            [r.load for r in self.replicas],
+            [r.index for r in candidates],
+            now,
+            self.rng,
+            size=size,
+            slow_start_s=self.slow_start_s,
+        )
+        return self.replicas[index]
+
+    def others_first(self, now: float, failed: Replica) -> list[Replica]:
+        """Replicas to resume from: the usable others (balanced), then ``failed`` itself."""
+        order: list[Replica] = []
+        while (replica := self.choose(now, (failed, *order))) is not None:
+            order.append(replica)
+        return [*order, failed]
+
+    # --- what the proxy observed ---
+
+    def begin(self, replica: Replica) -> None:
+        replica.load.in_flight += 1
+        replica.load.picked += 1
+        replica.counts["requests"] += 1
+
+    def end(self, replica: Replica) -> None:
+        replica.load.in_flight = max(0, replica.load.in_flight - 1)
+
+    def headers(self, now: float, replica: Replica, ttfb_s: float) -> None:
+        replica.load.observe_ttfb(now, ttfb_s)
+
+    def succeeded(self, replica: Replica) -> None:
+        self.detector.success(replica.index)
+
+    def failed(self, now: float, replica: Replica, reason: str) -> None:
+        replica.counts["failures"] += 1
+        until = self.detector.failure(now, replica.index, reason)
+        if until is not None:
+            replica.counts["ejections"] += 1
+            log.warning(
+                "replica ejected",
+                extra={
+                    "upstream": replica.name,
+                    "reason": reason,
+                    "seconds": round(until - now, 3),
+                },
+            )
+
+    def body_done(self, now: float, replica: Replica, path: str, size: int, seconds: float) -> None:
+        replica.load.observe_body(now, size, seconds)
+        self._sizes[path] = size
+        self._sizes.move_to_end(path)
+        if len(self._sizes) > SIZE_MEMORY:
+            self._sizes.popitem(last=False)
+
+    # --- reporting ---
+
+    def last_answer_at(self, now: float) -> float | None:
+        """Wall clock of the latest answer of a replica that is not ejected (/ready)."""
+        times = [
+            t
+            for r in self.replicas
+            if self.usable(now, r) and (t := r.last_answer_at()) is not None
+        ]
+        return max(times) if times else None
+
+    def snapshot(self, now: float, wall: float, replica: Replica) -> dict[str, Any]:
+        usable = self.usable(now, replica)
+        health = self.detector.health[replica.index].snapshot(now)
+        load = replica.load
+        warmth = load.warmth(now, self.slow_start_s)
+        answered = replica.last_answer_at()
+        state = health["state"]
+        if state == "healthy" and warmth < 1.0:
+            state = "slow_start"
+        elif state == "healthy" and (answered is None or wall - answered > 10.0):
+            state = "probing"  # nothing heard lately
+        client = replica.client
+        return {
+            **health,
+            "state": state,
+            "usable": usable,
+            "weight": replica.spec.weight,
+            "backup": replica.spec.backup,
+            "in_flight": load.in_flight,
+            "ttfb_ewma_ms": round(load.ttfb(now) * 1000, 3),
+            "goodput_ewma_bps": round(load.goodput_bps) if load.goodput_bps else None,
+            "slow_start_share": round(warmth, 3),
+            "connections": client.pool_size(),
+            "last_response_age_s": None if answered is None else round(wall - answered, 3),
+            "last_failure": client.last_failure,
+            **replica.counts,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """For /health: every replica's state."""
+        now, wall = time.monotonic(), time.time()
+        return {r.name: self.snapshot(now, wall, r) for r in self.replicas}

@@ -1,0 +1,151 @@
+"""A response body that survives its upstream: read on from a replica by Range.
+
+``ResumableBody`` stands in for ``UpstreamResponse.content`` with the two calls the
+relay makes (``read(n)``, ``is_eof()``), so the relay does not change. When a read
+fails (reset, idle-read timeout, premature close) it asks a replica — the others
+first, then the one that failed — for the missing bytes with ``Range`` and
+``If-Range`` on the first response's strong ETag, and carries on only when the
+answer is the exact continuation (``adaptive.resume``: a 206 with the same ETag and
+exactly the Content-Range asked). Otherwise the original error is raised and the
+client connection is aborted as before: two different contents are never spliced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import StreamReader
+from multidict import CIMultiDict
+
+from fileproxy.adaptive.resume import ResumePlan
+from fileproxy.upstream.client import UpstreamResponse
+from fileproxy.upstream.replicas import Replica, ReplicaSet
+
+log = logging.getLogger("fileproxy.upstream.resume")
+
+READ_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+# conditions of the client's request that must not decide the continuation
+_DROPPED = ("Range", "If-Range", "If-Match", "If-None-Match", "If-Modified-Since",
+            "If-Unmodified-Since")  # fmt: skip
+
+
+class ResumableBody:
+    def __init__(
+        self,
+        response: UpstreamResponse,
+        plan: ResumePlan,
+        *,
+        replicas: ReplicaSet,
+        replica: Replica,
+        target: str,
+        headers: CIMultiDict[str],
+        max_resumes: int,
+        connect_timeout: float | None,
+        headers_timeout: float | None,
+        read_timeout: float | None,
+        on_resume: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.response, self.plan, self.replicas, self.replica = response, plan, replicas, replica
+        self.inner: StreamReader = response.content
+        self.target = target
+        self.headers = headers  # the request's headers as the proxy first built them
+        self.max_resumes = max_resumes
+        self.timeouts = (connect_timeout, headers_timeout, read_timeout)
+        self.on_resume = on_resume
+        self.delivered = 0
+        self.resumes = 0
+        self.expected = plan.last - plan.first + 1
+
+    def is_eof(self) -> bool:
+        return self.inner.is_eof()
+
+    async def read(self, n: int = -1) -> bytes:
+        while True:
+            try:
+                chunk = await self.inner.read(n)
+                if not chunk and self.delivered < self.expected:
+                    raise aiohttp.ClientPayloadError("upstream body ended early")
+            except READ_ERRORS as exc:
+                if self.resumes >= self.max_resumes or not await self._resume(exc):
+                    raise
+                continue
+            self.delivered += len(chunk)
+            return chunk
+
+    async def _resume(self, error: BaseException) -> bool:
+        """Switch to a replica's exact continuation; False when none gives it."""
+        failed = self.replica
+        now = time.monotonic()
+        self.replicas.failed(now, failed, f"mid-body: {type(error).__name__}")
+        self.response.close()  # the broken connection is never reused
+        for candidate in self.replicas.others_first(now, failed):
+            answer = await self._ask(candidate)
+            if answer is None:
+                continue
+            self.response.take_over(answer)
+            self.inner = answer.content
+            self.replicas.end(failed)
+            self.replica = candidate
+            self.resumes += 1
+            self.replicas.resumes["ok"] += 1
+            if self.on_resume is not None:
+                self.on_resume(failed.name, candidate.name)
+            log.info(
+                "download resumed from a replica",
+                extra={
+                    "from": failed.name,
+                    "to": candidate.name,
+                    "offset": self.plan.first + self.delivered,
+                    "error": type(error).__name__,
+                },
+            )
+            return True
+        self.replicas.resumes["failed"] += 1
+        log.warning(
+            "download could not be resumed",
+            extra={"upstream": failed.name, "offset": self.plan.first + self.delivered},
+        )
+        return False
+
+    async def _ask(self, candidate: Replica) -> UpstreamResponse | None:
+        headers = CIMultiDict(self.headers)
+        for name in _DROPPED:
+            headers.popall(name, None)
+        headers.update(self.plan.range_headers(self.delivered))
+        authorization = candidate.client.authorization
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        connect_timeout, headers_timeout, read_timeout = self.timeouts
+        self.replicas.begin(candidate)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(headers_timeout):
+                answer = await candidate.client.send(
+                    "GET",
+                    self.target,
+                    headers,
+                    None,
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                )
+        except READ_ERRORS as exc:
+            self.replicas.end(candidate)
+            self.replicas.failed(time.monotonic(), candidate, type(exc).__name__)
+            return None
+        now = time.monotonic()
+        self.replicas.headers(now, candidate, now - started)
+        why = self.plan.accepts(self.delivered, answer.status, answer.headers)
+        if why is not None:
+            answer.close()
+            self.replicas.end(candidate)
+            log.warning(
+                "replica's continuation refused", extra={"upstream": candidate.name, "why": why}
+            )
+            return None
+        candidate.client.mark_response(time.time())
+        candidate.counts["resumes"] += 1
+        return answer
