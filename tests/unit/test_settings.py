@@ -171,3 +171,39 @@ def test_config_command_redacts_secrets():
     assert "hunter2" not in result.stdout
     assert "REDIS_URL=redis://***@127.0.0.1:6379/0  # env" in result.stdout
     assert "HTTP_CONNECTOR_LIMIT=200  # default" in result.stdout
+
+
+def test_upstream_takes_replicas_with_weights_and_backups():
+    settings = Settings.from_env(
+        {"FILEPROXY_UPSTREAM": "http://a:1/base;weight=3, http://u:pw@b:2 ,http://c:3;backup"}
+    )
+    assert [spec.name for spec in settings.upstreams] == ["a:1", "b:2", "c:3"]
+    assert [(s.weight, s.backup) for s in settings.upstreams] == [(3, False), (1, False), (1, True)]
+    assert settings.upstream == URL("http://a:1/base")  # the first, as with one URL
+    shown = settings.public_dict()["FILEPROXY_UPSTREAM"]
+    assert shown == "http://a:1/base;weight=3,http://***@b:2,http://c:3;backup"
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("http://a:1,http://a:1", "a:1 is listed twice"),
+        ("http://a:1;weight=0", "unknown option 'weight=0'"),
+        ("http://a:1;sticky", "unknown option 'sticky'"),
+        ("http://a:1;backup", "at least one replica that is not ;backup"),
+        ("http://a:1,ftp://b:2", "replica 2: unknown scheme 'ftp'"),
+        (" , ", "one or more base URLs"),
+    ],
+)
+def test_bad_replica_lists_name_the_variable(value, fragment):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"FILEPROXY_UPSTREAM": value})
+    assert info.value.env == "FILEPROXY_UPSTREAM"
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_replica_list_does_not_leak_a_password():
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"FILEPROXY_UPSTREAM": "http://a:1,http://u:hunter2@b:2,ftp://c"})
+    assert "hunter2" not in str(info.value)
