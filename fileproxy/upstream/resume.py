@@ -70,7 +70,10 @@ class ResumableBody:
                 if not chunk and self.delivered < self.expected:
                     raise aiohttp.ClientPayloadError("upstream body ended early")
             except READ_ERRORS as exc:
-                if self.resumes >= self.max_resumes or not await self._resume(exc):
+                if self.resumes >= self.max_resumes:
+                    self._gave_up("FILEPROXY_RESUMES reached")
+                    raise
+                if not await self._resume(exc):
                     raise
                 continue
             self.delivered += len(chunk)
@@ -104,12 +107,20 @@ class ResumableBody:
                 },
             )
             return True
+        self._gave_up("no replica has the exact continuation")
+        return False
+
+    def _gave_up(self, why: str) -> None:
         self.replicas.resumes["failed"] += 1
+        self.response.close()
         log.warning(
             "download could not be resumed",
-            extra={"upstream": failed.name, "offset": self.plan.first + self.delivered},
+            extra={
+                "upstream": self.replica.name,
+                "offset": self.plan.first + self.delivered,
+                "why": why,
+            },
         )
-        return False
 
     async def _ask(self, candidate: Replica) -> UpstreamResponse | None:
         headers = CIMultiDict(self.headers)

@@ -1,0 +1,206 @@
+"""Several upstreams (issue 15): balancing, ejection, retries and mid-download resume,
+against real replica processes (tests/replica_backend.py) serving the same files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from fileproxy.sample_upstream import FILES, file_bytes
+from tests.conftest import Process, _start, free_port, get_json
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def start_replica(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(**options: object) -> Process:
+        port = free_port()
+        args = [sys.executable, "-m", "tests.replica_backend", "--port", str(port)]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        process = _start(args, port, {}, tmp_dir, "replica")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def digest(name: str, seed: int = 0) -> str:
+    h = hashlib.sha256()
+    for chunk in file_bytes(name, seed=seed):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+async def download(
+    client: aiohttp.ClientSession, url: str, rate: float | None = None
+) -> tuple[int, str, int]:
+    """(status, sha256, bytes) of a whole body; a broken one raises."""
+    h, size, began = hashlib.sha256(), 0, time.monotonic()
+    async with client.get(url) as resp:
+        async for chunk in resp.content.iter_chunked(256 * 1024):
+            h.update(chunk)
+            size += len(chunk)
+            if rate:
+                ahead = size / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        return resp.status, h.hexdigest(), size
+
+
+async def counts(client: aiohttp.ClientSession, replica: Process) -> dict[str, int]:
+    return await get_json(client, f"{replica.url}/_count")
+
+
+def replica_list(*replicas: Process | str) -> str:
+    return ",".join(r if isinstance(r, str) else r.url for r in replicas)
+
+
+def access_lines(proxy: Process) -> list[dict[str, object]]:
+    lines = []
+    for line in proxy.log_text().splitlines():
+        if line.startswith("{") and '"method"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+async def test_requests_spread_and_a_slow_replica_gets_little(start_replica, start_proxy, client):
+    fast = [start_replica(ttfb=0.02), start_replica(ttfb=0.02)]
+    slow = start_replica(ttfb=0.2)
+    proxy = start_proxy(replica_list(*fast, slow))
+
+    async def worker() -> None:
+        for _ in range(60):
+            async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+                assert resp.status == 200
+                await resp.read()
+
+    await asyncio.gather(*(worker() for _ in range(4)))
+    got = [(await counts(client, r)).get("GET", 0) for r in (*fast, slow)]
+    assert sum(got) == 240
+    assert all(n > 0.3 * 240 for n in got[:2]), got
+    assert got[2] < 0.1 * 240, got
+    stats = await get_json(client, f"{proxy.url}/stats")
+    names = [f"127.0.0.1:{r.port}" for r in (*fast, slow)]
+    assert sorted(stats["upstreams"]) == sorted(names)
+    health = await get_json(client, f"{proxy.url}/health")
+    assert {health["upstreams"][n]["state"] for n in names} == {"healthy"}
+    metrics = await (await client.get(f"{proxy.url}/metrics")).text()
+    for name in names:
+        assert f'fileproxy_upstream_requests_total{{pid="{proxy.pid}",upstream="{name}"}}' in (
+            metrics
+        )
+
+
+@pytest.mark.slow
+async def test_a_replica_that_resets_every_body_after_1_mib(start_replica, start_proxy, client):
+    good = [start_replica(), start_replica()]
+    bad = start_replica(reset_after=MIB)
+    # never ejected: every download that starts there has to be resumed
+    proxy = start_proxy(replica_list(bad, *good), FILEPROXY_EJECT_AFTER="0")
+    expected = digest("16m.bin")
+    gate = asyncio.Semaphore(4)
+
+    async def one() -> tuple[int, str, int]:
+        async with gate:
+            return await download(client, f"{proxy.url}/files/16m.bin")
+
+    results = await asyncio.gather(*(one() for _ in range(12)))
+    assert results == [(200, expected, FILES["16m.bin"])] * 12
+    assert (await counts(client, bad)).get("GET", 0) > 0
+    stats = await get_json(client, f"{proxy.url}/stats")
+    resumed = [line for line in access_lines(proxy) if line.get("resumes")]
+    assert stats["resumes"]["ok"] == sum(int(line["resumes"]) for line in resumed) > 0  # type: ignore[call-overload]
+    assert stats["resumes"]["failed"] == 0
+
+
+@pytest.mark.slow
+async def test_a_replica_killed_mid_download(start_replica, start_proxy, client):
+    # paced: 64 MiB at 16 MiB/s takes 4 s
+    replicas = [start_replica(pace=16 * MIB) for _ in range(3)]
+    proxy = start_proxy(replica_list(*replicas))
+    expected = digest("64m.bin")
+    downloads = [
+        asyncio.create_task(download(client, f"{proxy.url}/files/64m.bin")) for _ in range(4)
+    ]
+    await asyncio.sleep(1.5)
+    served = [(await counts(client, r)).get("GET", 0) for r in replicas]
+    victim = replicas[max(range(3), key=lambda i: served[i])]
+    assert max(served) > 0
+    os.kill(victim.pid, signal.SIGKILL)
+    results = await asyncio.wait_for(asyncio.gather(*downloads), 60)
+    assert results == [(200, expected, FILES["64m.bin"])] * 4
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["resumes"]["ok"] >= max(served) >= 1
+
+
+@pytest.mark.slow
+async def test_different_contents_are_never_spliced(start_replica, start_proxy, client):
+    cutting = start_replica(seed=0, reset_after=MIB)
+    others = [start_replica(seed=1), start_replica(seed=1)]
+    proxy = start_proxy(replica_list(cutting, *others), FILEPROXY_EJECT_AFTER="0")
+    allowed = {digest("16m.bin", 0), digest("16m.bin", 1)}
+    complete = broken = 0
+    for _ in range(12):
+        try:
+            status, sha, size = await download(client, f"{proxy.url}/files/16m.bin")
+        except aiohttp.ClientPayloadError:
+            broken += 1
+            continue
+        assert status == 200 and size == FILES["16m.bin"]
+        assert sha in allowed  # one content or the other, never a mix
+        complete += 1
+    assert (await counts(client, cutting)).get("GET", 0) > 0
+    assert broken > 0  # what started at the cutting replica cannot be finished elsewhere
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["resumes"]["failed"] == broken
+
+
+async def test_closed_port_retries_and_the_budget(start_replica, start_proxy, client):
+    closed = f"http://127.0.0.1:{free_port()}"
+    up = [start_replica(), start_replica()]
+    proxy = start_proxy(replica_list(closed, *up))
+    gate = asyncio.Semaphore(4)
+
+    async def get() -> int:
+        async with gate, client.get(f"{proxy.url}/files/64k.bin") as resp:
+            await resp.read()
+            return resp.status
+
+    assert await asyncio.gather(*(get() for _ in range(40))) == [200] * 40
+    health = await get_json(client, f"{proxy.url}/health")
+    assert health["upstreams"][closed.removeprefix("http://")]["state"] == "ejected"
+
+    # every replica answers 503 (after 50 ms, so requests overlap)
+    failing = [start_replica(status=503, ttfb=0.05) for _ in range(2)]
+    proxy = start_proxy(replica_list(closed, *failing))
+    posts = await asyncio.gather(
+        *(client.post(f"{proxy.url}/files/x", data=b"payload") for _ in range(20))
+    )
+    assert [r.status for r in posts] == [503] * 20
+    got = [await counts(client, r) for r in failing]
+    assert sum(c.get("POST", 0) for c in got) == 20  # exactly once each
+
+    n = 60
+    gets = await asyncio.gather(*(client.get(f"{proxy.url}/files/4k.bin") for _ in range(n)))
+    assert [r.status for r in gets] == [503] * n
+    got = [await counts(client, r) for r in failing]
+    reached = sum(c.get("GET", 0) for c in got)
+    assert n < reached <= 1.3 * n + 3, reached  # retried, within the budget (20% + 3)
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["retries"]["refused_by_budget"] > 0
