@@ -46,7 +46,8 @@ def create_app(args: argparse.Namespace) -> web.Application:
         if size is None:
             raise web.HTTPNotFound()
         etag = etag_for(name, args.seed)
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+        headers["Content-Type"] = "application/octet-stream"
         start, end, status = 0, size, 200
         wanted = request.headers.get("Range", "")
         if_range = request.headers.get("If-Range")
