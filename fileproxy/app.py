@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import aiohttp_cors
 from aiohttp import web
+from multidict import CIMultiDict
 
 from fileproxy import loop_lag
 from fileproxy.app_keys import (
@@ -47,7 +49,7 @@ from fileproxy.state.sync import Fleet, instance_name
 from fileproxy.state.traffic import TrafficStats
 from fileproxy.upstream import aiohttp_client
 from fileproxy.upstream.client import UpstreamClient
-from fileproxy.upstream.replicas import ReplicaSet
+from fileproxy.upstream.replicas import Replica, ReplicaSet
 from fileproxy.upstream.tcp_options import ListenSockets
 
 log = logging.getLogger("fileproxy")
@@ -152,6 +154,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
+        *([asyncio.create_task(_check_health(app))] if settings.health_path else []),
         asyncio.create_task(
             state_sync.run(
                 link, app[FLEET], adaptations, traffic, runtime.pid, runtime.started_wall
@@ -210,6 +213,37 @@ async def _watch_upstream(app: web.Application) -> None:
                 if replica is replicas.first:
                     lifecycle.record_probe(time.time(), ok)
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
+
+
+async def _check_health(app: web.Application) -> None:
+    """FILEPROXY_HEALTH_PATH: GET it from every replica each interval (active checks)."""
+    settings, replicas = app[SETTINGS], app[REPLICAS]
+
+    async def check(replica: Replica) -> str | None:
+        client = replica.client
+        headers = CIMultiDict({"User-Agent": "fileproxy-health-check"})
+        if client.authorization is not None:
+            headers["Authorization"] = client.authorization
+        try:
+            async with asyncio.timeout(settings.health_timeout):
+                response = await client.send(
+                    "GET",
+                    settings.health_path,
+                    headers,
+                    None,
+                    connect_timeout=settings.health_timeout,
+                    read_timeout=settings.health_timeout,
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return type(exc).__name__
+        response.close()  # the head is the answer; the connection is not reused
+        return None if response.status < 400 else f"status {response.status}"
+
+    while True:
+        results = await asyncio.gather(*(check(r) for r in replicas.replicas))
+        for replica, failure in zip(replicas.replicas, results, strict=True):
+            replicas.checked(time.monotonic(), time.time(), replica, failure)
+        await asyncio.sleep(settings.health_interval)
 
 
 async def gunicorn_app() -> web.Application:

@@ -243,6 +243,16 @@ def _text(raw: str) -> str:
 _text.allowed = "text"  # type: ignore[attr-defined]
 
 
+def _health_path(raw: str) -> str:
+    raw = raw.strip()
+    if raw and (not raw.startswith("/") or any(c.isspace() for c in raw)):
+        raise ValueError("expected an origin-form path starting with /, like /healthz")
+    return raw
+
+
+_health_path.allowed = "empty | /path"  # type: ignore[attr-defined]
+
+
 def _key_prefix(raw: str) -> str:
     if not raw or any(c.isspace() or c in "{}" for c in raw):
         raise ValueError("non-empty, without spaces or braces (braces make Cluster hash tags)")
@@ -501,6 +511,26 @@ class Settings:
         "10",
         _float(0, 3600),
         "Seconds over which a replica back from ejection ramps up to its full share.",
+    )
+    health_path: str = setting(
+        "FILEPROXY_HEALTH_PATH",
+        "",
+        _health_path,
+        "Active health checks: GET this path of every replica each FILEPROXY_HEALTH_INTERVAL; "
+        "a failed check counts as a failure (ejection), a passing one ends an ejection "
+        "(empty: passive health only).",
+    )
+    health_interval: float = setting(
+        "FILEPROXY_HEALTH_INTERVAL",
+        "5",
+        _float(0.1, 3600),
+        "Seconds between two active health checks of a replica.",
+    )
+    health_timeout: float = setting(
+        "FILEPROXY_HEALTH_TIMEOUT",
+        "2",
+        _float(0.05, 600),
+        "Seconds an active health check may take (connect and response head; then it failed).",
     )
     resumes: int = setting(
         "FILEPROXY_RESUMES",

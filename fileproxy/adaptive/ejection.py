@@ -76,6 +76,15 @@ class OutlierDetector:
     def success(self, index: int) -> None:
         self.health[index].failures = 0
 
+    def readmit(self, now: float, index: int) -> bool:
+        """An active health check passed: an ejected replica is back now; whether it was out."""
+        health = self.health[index]
+        health.failures = 0
+        if health.ejected_until is None or now >= health.ejected_until:
+            return False
+        health.back_at, health.ejected_until = now, None
+        return True
+
     def failure(self, now: float, index: int, reason: str) -> float | None:
         """One more failure of replica ``index``; the end of its ejection when it is ejected."""
         health = self.health[index]

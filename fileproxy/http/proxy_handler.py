@@ -190,12 +190,14 @@ async def _proxy(
                 replicas.budget.finish()
             if body_errors:
                 break  # the client's body failed: not the replica's fault
-            upstream.mark_failure(time.time(), errors.classify(exc).error)
+            failure = errors.classify(exc)
+            upstream.mark_failure(time.time(), failure.error)
             kind = errors.try_failure_kind(exc)
             replicas.failed(time.monotonic(), replica, kind)
             retry = _retry_to(request, exchange, replica, tried, kind, has_body)
             if retry is None:
                 return _fail(exchange, exc)
+            _observe_try(request, exchange, replica, failure.cause, None)
             replica, budgeted = retry, kind != CONNECT
             continue
         if budgeted:
@@ -210,6 +212,7 @@ async def _proxy(
             if retry is not None:
                 upstream_resp.close()
                 replicas.end(replica)
+                _observe_try(request, exchange, replica, errors.OK, upstream_status)
                 replica, budgeted = retry, True
                 continue
         break
@@ -312,6 +315,15 @@ def _retry_to(
         },
     )
     return retry
+
+
+def _observe_try(
+    request: web.Request, exchange: Exchange, replica: Replica, cause: str, status: int | None
+) -> None:
+    """A try that was retried elsewhere still tells its replica's adaptation how it went:
+    a failing replica's errors cut its own limit, not the others'."""
+    attempt = Exchange(exchange.request_id, replica.name, upstream_status=status, cause=cause)
+    request.app[ADAPTATIONS][replica.name].observe_exchange(time.monotonic(), attempt)
 
 
 def _resumable(

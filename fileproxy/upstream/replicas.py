@@ -36,6 +36,7 @@ class Replica:
     load: ReplicaLoad
     last_probe_ok_at: float | None = None  # wall clock
     last_probe_failed_at: float | None = None
+    last_check: dict[str, Any] | None = None  # the last active health check
     counts: dict[str, int] = field(
         default_factory=lambda: {"requests": 0, "failures": 0, "ejections": 0, "resumes": 0}
     )
@@ -146,6 +147,18 @@ class ReplicaSet:
                 },
             )
 
+    def checked(self, now: float, wall: float, replica: Replica, failure: str | None) -> None:
+        """An active health check (FILEPROXY_HEALTH_PATH) passed (``failure`` None) or not."""
+        replica.last_check = {"at": wall, "ok": failure is None, "detail": failure}
+        if failure is not None:
+            replica.last_probe_failed_at = wall
+            self.failed(now, replica, f"health check: {failure}")
+            return
+        replica.last_probe_ok_at = wall
+        if self.detector.readmit(now, replica.index):
+            replica.load.warm_from = now  # slow start
+            log.info("replica passed its health check: back", extra={"upstream": replica.name})
+
     def body_done(self, now: float, replica: Replica, path: str, size: int, seconds: float) -> None:
         replica.load.observe_body(now, size, seconds)
         self._sizes[path] = size
@@ -171,7 +184,9 @@ class ReplicaSet:
         warmth = load.warmth(now, self.slow_start_s)
         answered = replica.last_answer_at()
         state = health["state"]
-        if state == "healthy" and warmth < 1.0:
+        if replica.last_check is not None and not replica.last_check["ok"] and usable:
+            state = "probing"  # its health check fails; not ejected (yet)
+        elif state == "healthy" and warmth < 1.0:
             state = "slow_start"
         elif state == "healthy" and (answered is None or wall - answered > 10.0):
             state = "probing"  # nothing heard lately
@@ -189,6 +204,13 @@ class ReplicaSet:
             "connections": client.pool_size(),
             "last_response_age_s": None if answered is None else round(wall - answered, 3),
             "last_failure": client.last_failure,
+            "last_check": None
+            if replica.last_check is None
+            else {
+                "ok": replica.last_check["ok"],
+                "age_s": round(wall - replica.last_check["at"], 3),
+                "detail": replica.last_check["detail"],
+            },
             **replica.counts,
         }
 

@@ -204,3 +204,41 @@ async def test_closed_port_retries_and_the_budget(start_replica, start_proxy, cl
     assert n < reached <= 1.3 * n + 3, reached  # retried, within the budget (20% + 3)
     stats = await get_json(client, f"{proxy.url}/stats")
     assert stats["retries"]["refused_by_budget"] > 0
+
+
+async def test_active_health_checks_eject_without_traffic(start_replica, start_proxy, client):
+    good = [start_replica(), start_replica()]
+    sick = start_replica(status=503)
+    proxy = start_proxy(
+        replica_list(*good, sick),
+        FILEPROXY_HEALTH_PATH="/files/4k.bin",
+        FILEPROXY_HEALTH_INTERVAL="0.1",
+        FILEPROXY_EJECT_AFTER="2",
+    )
+    name = f"127.0.0.1:{sick.port}"
+    deadline = time.monotonic() + 20
+    while True:
+        health = await get_json(client, f"{proxy.url}/health")
+        if health["upstreams"][name]["state"] == "ejected":
+            break
+        assert time.monotonic() < deadline, health["upstreams"]
+        await asyncio.sleep(0.1)
+    assert health["upstreams"][name]["reason"] == "health check: status 503"
+    assert health["upstreams"][name]["last_check"]["ok"] is False
+    ready = await client.get(f"{proxy.url}/ready")
+    assert ready.status == 200
+    assert (await ready.json())["upstreams"][name] == {"state": "ejected", "usable": False}
+    for _ in range(20):
+        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+            assert resp.status == 200
+    assert (await counts(client, sick)).get("GET", 0) > 0  # the checks, not the clients'
+    assert sum([(await counts(client, r)).get("GET", 0) for r in good]) >= 20 + 2
+
+
+async def test_ready_is_503_only_when_no_replica_answers(start_proxy, client):
+    closed = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    proxy = start_proxy(replica_list(*closed))
+    async with client.get(f"{proxy.url}/ready") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert set(body["upstreams"]) == {c.removeprefix("http://") for c in closed}

@@ -53,3 +53,14 @@ def test_one_replica_is_never_ejected_and_zero_means_never():
     never = OutlierDetector(EjectionConfig(consecutive=0), 4)
     for _ in range(10):
         assert never.failure(0.0, 0, "connect") is None
+
+
+def test_a_passing_health_check_ends_an_ejection_early():
+    detector = OutlierDetector(CONFIG, 2)
+    for _ in range(3):
+        detector.failure(0.0, 0, "connect")
+    assert not detector.usable(1.0, 0)
+    assert detector.readmit(2.0, 0)
+    assert detector.usable(2.0, 0)
+    assert detector.health[0].back_at == 2.0
+    assert not detector.readmit(3.0, 0)  # was not out
