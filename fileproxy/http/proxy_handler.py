@@ -163,7 +163,7 @@ async def _proxy(
         content_length=content_length,
     )
     # as built for the client's request, before a try adds its replica's Host and credentials
-    pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 or settings.resumes else None
+    pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 else None
     tried: list[Replica] = []
     body_errors: list[BaseException] = []
     budgeted = False  # this try is a retry counted in the retry budget
@@ -200,6 +200,11 @@ async def _proxy(
             _observe_try(request, exchange, replica, failure.cause, None)
             replica, budgeted = retry, kind != CONNECT
             continue
+        except BaseException:  # cancelled: the client left
+            replicas.end(replica)
+            if budgeted:
+                replicas.budget.finish()
+            raise
         if budgeted:
             replicas.budget.finish()
         upstream_status = upstream_resp.status
@@ -234,7 +239,15 @@ async def _proxy(
     adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info)
     replicas.headers(now, replica, exchange.ttfb_s)
     upstream.mark_response(time.time())
-    body = _resumable(request, exchange, upstream_resp, replica, target, pristine, profile)
+    body = _resumable(
+        request,
+        exchange,
+        upstream_resp,
+        replica,
+        target,
+        pristine if pristine is not None else headers,
+        profile,
+    )
     if body is not None:
         upstream_resp.content = body  # type: ignore[assignment]
     try:
@@ -332,12 +345,13 @@ def _resumable(
     upstream_resp: UpstreamResponse,
     replica: Replica,
     target: str,
-    pristine: CIMultiDict[str] | None,
+    headers: CIMultiDict[str],
     profile: LevelProfile,
 ) -> ResumableBody | None:
-    """The body that can continue from a replica should its upstream fail, or None."""
+    """The body that can continue from a replica should its upstream fail, or None (a body
+    that has already arrived whole has nothing left to resume)."""
     settings = request.app[SETTINGS]
-    if not settings.resumes or pristine is None:
+    if not settings.resumes or upstream_resp.content.is_eof():
         return None
     plan = resume_rule.plan(request.method, upstream_resp.status, upstream_resp.headers)
     if plan is None:
@@ -352,7 +366,7 @@ def _resumable(
         replicas=request.app[REPLICAS],
         replica=replica,
         target=target,
-        headers=pristine,
+        headers=headers,
         max_resumes=settings.resumes,
         connect_timeout=profile.connect_timeout_s,
         headers_timeout=profile.headers_timeout_s,
