@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import aiohttp
+from yarl import URL
 
 from fileproxy.http.errors import classify
 from fileproxy.runtime import new_event_loop
@@ -74,14 +75,16 @@ def check_socket_options(settings: Settings) -> CheckResult:
     return CheckResult("PASS", "socket options", shown)
 
 
-async def check_upstream(settings: Settings) -> CheckResult:
-    url = redact_url(settings.upstream)
+async def check_upstream(settings: Settings, upstream: URL | None = None) -> CheckResult:
+    """One replica of FILEPROXY_UPSTREAM (default: the first)."""
+    target = settings.upstream if upstream is None else upstream
+    url = redact_url(target)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
     started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
             async with asyncio.timeout(settings.headers_timeout):
-                async with session.get(settings.upstream, allow_redirects=False) as resp:
+                async with session.get(target, allow_redirects=False) as resp:
                     ttfb_ms = (time.perf_counter() - started) * 1000
                     status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -117,7 +120,15 @@ async def check_redis(settings: Settings) -> CheckResult:
 
 
 async def _network_checks(settings: Settings) -> list[CheckResult]:
-    return list(await asyncio.gather(check_upstream(settings), check_redis(settings)))
+    *upstreams, redis = await asyncio.gather(
+        *(check_upstream(settings, spec.url) for spec in settings.upstreams), check_redis(settings)
+    )
+    if any(result.verdict == "PASS" for result in upstreams):
+        # one replica down of several: the others serve; a warning, not a failure
+        upstreams = [
+            CheckResult("WARN", r.name, r.detail) if r.verdict == "FAIL" else r for r in upstreams
+        ]
+    return [*upstreams, redis]
 
 
 def run_checks(settings: Settings) -> int:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import aiohttp
 import pytest
 
 from fileproxy.sample_upstream import FILES, file_bytes
-from tests.conftest import Process, _start, free_port, get_json
+from tests.conftest import ROOT, Process, _start, clean_env, free_port, get_json
 
 MIB = 1024 * 1024
 
@@ -242,3 +243,23 @@ async def test_ready_is_503_only_when_no_replica_answers(start_proxy, client):
         assert resp.status == 503
         body = await resp.json()
     assert set(body["upstreams"]) == {c.removeprefix("http://") for c in closed}
+
+
+def test_check_probes_every_replica(sample_upstream):
+    def run(upstream: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fileproxy", "check"],
+            env=clean_env(FILEPROXY_UPSTREAM=upstream),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    one_down = run(f"{sample_upstream.url},http://127.0.0.1:1")
+    assert one_down.returncode == 0, one_down.stdout  # the other serves
+    assert f"PASS upstream: {sample_upstream.url} answered 200" in one_down.stdout
+    assert "WARN upstream: http://127.0.0.1:1: cannot connect" in one_down.stdout
+    all_down = run("http://127.0.0.1:1,http://127.0.0.1:2")
+    assert all_down.returncode == 1
+    assert all_down.stdout.count("FAIL upstream") == 2
