@@ -155,6 +155,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
         *([asyncio.create_task(_check_health(app))] if settings.health_path else []),
+        *([asyncio.create_task(_share_ejections(app))] if len(clients) > 1 else []),
         asyncio.create_task(
             state_sync.run(
                 link, app[FLEET], adaptations, traffic, runtime.pid, runtime.started_wall
@@ -213,6 +214,26 @@ async def _watch_upstream(app: web.Application) -> None:
                 if replica is replicas.first:
                     lifecycle.record_probe(time.time(), ok)
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
+
+
+EJECTION_SHARE_INTERVAL_S = 0.25
+
+
+async def _share_ejections(app: web.Application) -> None:
+    """Outlier ejections go round the fleet: this worker's ride on its report to the
+    state store (about once a second, ``state.sync``), and an ejection another worker
+    reported is taken over here, so one worker's discovery protects every worker
+    within about a second (embedded store: each worker alone)."""
+    replicas, adaptations = app[REPLICAS], app[ADAPTATIONS]
+    while True:
+        now, wall = time.monotonic(), time.time()
+        for replica in replicas.replicas:
+            adaptation = adaptations[replica.name]
+            adaptation.ejection = replicas.ejection(now, wall, replica)
+            shared = adaptation.fleet_ejection
+            if shared is not None and adaptation.ejection is None:
+                replicas.adopt(now, wall, replica, *shared)
+        await asyncio.sleep(EJECTION_SHARE_INTERVAL_S)
 
 
 async def _check_health(app: web.Application) -> None:

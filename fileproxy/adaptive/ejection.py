@@ -76,6 +76,17 @@ class OutlierDetector:
     def success(self, index: int) -> None:
         self.health[index].failures = 0
 
+    def adopt(self, now: float, index: int, until: float, reason: str) -> bool:
+        """Another worker of the fleet ejected replica ``index`` until ``until``: take it
+        over (within max_fraction; the back-off multiplier is not raised); whether taken."""
+        health = self.health[index]
+        if until <= now or not self.usable(now, index):
+            return False
+        if self.ejected(now) + 1 > self.max_ejected:
+            return False
+        health.ejected_until, health.reason, health.failures = until, reason, 0
+        return True
+
     def readmit(self, now: float, index: int) -> bool:
         """An active health check passed: an ejected replica is back now; whether it was out."""
         health = self.health[index]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection
@@ -187,6 +188,10 @@ class UpstreamAdaptation:
         self.token = uuid.uuid4().hex  # names this worker's decision leases
         self.decided_here: deque[Decision] = deque(maxlen=self.config.max_decisions)
         self.rejected = 0
+        # the replica's outlier ejection: this worker's (reported to the fleet) and the
+        # fleet's latest (wall clock, reason), kept here for the replica set to read
+        self.ejection: tuple[float, str] | None = None
+        self.fleet_ejection: tuple[float, str] | None = None
         self._successes = self._errors = self._admitted = 0
         self._transport_sampled_at = -math.inf
 
@@ -415,6 +420,7 @@ class UpstreamAdaptation:
         and a fallback sized on those would give each worker too large a share.
         """
         self.fleet_level = fleet.level(self.name) if fleet is not None else None
+        self.fleet_ejection = fleet.ejection(self.name, time.time()) if fleet else None
         if fleet is None:
             return
         self._sizes.append((now, max(1, fleet.live_workers)))
@@ -432,6 +438,8 @@ class UpstreamAdaptation:
             enforcing=self.enabled and self.enforcing,
             rejected=self.rejected,
             limiter_mode=self.limiter_mode,
+            ejected_until=self.ejection[0] if self.ejection else None,
+            ejected_reason=self.ejection[1] if self.ejection else None,
         )
 
     def snapshot(self) -> dict[str, Any]:

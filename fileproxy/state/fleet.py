@@ -26,6 +26,9 @@ class UpstreamReport:
     enforcing: bool
     rejected: int
     limiter_mode: str  # shared | fallback | off
+    # this worker's outlier ejection of the replica (wall clock), shared with the fleet
+    ejected_until: float | None = None
+    ejected_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,17 @@ class FleetView:
         return fleet_level(
             [r.upstreams[upstream] for _, r in self.reports.values() if upstream in r.upstreams]
         )
+
+    def ejection(self, upstream: str, now: float) -> tuple[float, str] | None:
+        """The latest end of an ejection of ``upstream`` some worker reported (wall
+        clock, after ``now``) and its reason; None when no worker has it ejected."""
+        found = [
+            (r.upstreams[upstream].ejected_until, r.upstreams[upstream].ejected_reason or "")
+            for _, r in self.reports.values()
+            if upstream in r.upstreams
+        ]
+        live = [(until, why) for until, why in found if until is not None and until > now]
+        return max(live) if live else None
 
     def rejected(self, upstream: str) -> int:
         return sum(

@@ -166,6 +166,29 @@ class ReplicaSet:
         if len(self._sizes) > SIZE_MEMORY:
             self._sizes.popitem(last=False)
 
+    # --- the fleet (shared through the state store by the app, see app._share_ejections) ---
+
+    def ejection(self, now: float, wall: float, replica: Replica) -> tuple[float, str] | None:
+        """This worker's own ejection of ``replica``: (end, wall clock; reason), or None."""
+        health = self.detector.health[replica.index]
+        if not self.usable(now, replica) and health.ejected_until is not None:
+            return wall + (health.ejected_until - now), health.reason or ""
+        return None
+
+    def adopt(self, now: float, wall: float, replica: Replica, until: float, reason: str) -> None:
+        """Another worker ejected ``replica`` until ``until`` (wall clock): so does this one."""
+        if not reason.startswith("fleet: "):
+            reason = f"fleet: {reason}"
+        if self.detector.adopt(now, replica.index, now + (until - wall), reason):
+            log.warning(
+                "replica ejected by the fleet",
+                extra={
+                    "upstream": replica.name,
+                    "reason": reason,
+                    "seconds": round(until - wall, 3),
+                },
+            )
+
     # --- reporting ---
 
     def last_answer_at(self, now: float) -> float | None:

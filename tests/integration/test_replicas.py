@@ -263,3 +263,38 @@ def test_check_probes_every_replica(sample_upstream):
     all_down = run("http://127.0.0.1:1,http://127.0.0.1:2")
     assert all_down.returncode == 1
     assert all_down.stdout.count("FAIL upstream") == 2
+
+
+@pytest.mark.slow
+async def test_an_ejection_is_shared_by_the_fleet(start_replica, redis_server, tmp_dir, client):
+    from tests.integration.test_deployment import WORKERS, start_gunicorn
+
+    good = [start_replica(), start_replica()]
+    sick = start_replica(status=503)
+    name = f"127.0.0.1:{sick.port}"
+    instance = start_gunicorn(
+        tmp_dir,
+        replica_list(sick, *good),
+        REDIS_URL=redis_server.url,
+        FILEPROXY_EJECT_AFTER="3",
+        FILEPROXY_ACCESS_LOG="off",
+    )
+    try:
+        # one keep-alive connection: one worker finds the sick replica
+        for _ in range(200):
+            async with client.get(f"{instance.url}/files/4k.bin") as resp:
+                await resp.read()
+            if "replica ejected" in instance.log_text():
+                break
+        found = time.monotonic()
+        seen: dict[int, str] = {}
+        while len(seen) < WORKERS or set(seen.values()) != {"ejected"}:
+            assert time.monotonic() - found < 10, seen
+            async with client.get(
+                f"{instance.url}/health", headers={"Connection": "close"}
+            ) as resp:
+                health = await resp.json()
+            seen[health["pid"]] = health["upstreams"][name]["state"]
+        assert instance.log_text().count("replica ejected by the fleet") >= WORKERS - 1
+    finally:
+        instance.stop()

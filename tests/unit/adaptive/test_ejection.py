@@ -64,3 +64,13 @@ def test_a_passing_health_check_ends_an_ejection_early():
     assert detector.usable(2.0, 0)
     assert detector.health[0].back_at == 2.0
     assert not detector.readmit(3.0, 0)  # was not out
+
+
+def test_an_ejection_from_the_fleet_is_taken_over_within_the_limit():
+    detector = OutlierDetector(CONFIG, 3)
+    assert detector.adopt(0.0, 2, 30.0, "fleet: reset")
+    assert not detector.usable(29.0, 2)
+    assert detector.health[2].ejections == 0  # not this worker's: no longer back-off
+    assert not detector.adopt(0.0, 1, 30.0, "fleet: reset")  # one of three is the limit
+    assert not detector.adopt(0.0, 2, 40.0, "fleet: reset")  # already out
+    assert not detector.adopt(50.0, 1, 40.0, "fleet: reset")  # already over
