@@ -3,8 +3,8 @@ one gets the next request (``adaptive.balancer``), which are out (``adaptive.eje
 and how many retries may run (``adaptive.retry_budget``).
 
 The brains decide; this shell holds their state per worker, feeds them what the proxy
-observed, and probes the replicas for /ready. Ejections are this worker's own: each
-worker finds a failing replica by itself within FILEPROXY_EJECT_AFTER failures.
+observed, and probes the replicas for /ready. Ejections found here are shared with the
+fleet by the app (``ejection`` out, ``adopt`` in; ``app._share_ejections``).
 """
 
 from __future__ import annotations
