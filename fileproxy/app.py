@@ -203,16 +203,20 @@ async def _watch_upstream(app: web.Application) -> None:
     """Probe each replica with a TCP connect when no response came lately (for /ready)."""
     replicas, lifecycle = app[REPLICAS], app[LIFECYCLE]
     timeout = min(app[SETTINGS].connect_timeout, UPSTREAM_PROBE_INTERVAL_S)
+
+    async def probe(replica: Replica) -> None:
+        if not lifecycle.probe_due(time.time(), replica.client.last_response_at):
+            return
+        ok = await replica.client.probe(timeout)
+        if ok:
+            replica.last_probe_ok_at = time.time()
+        else:
+            replica.last_probe_failed_at = time.time()
+        if replica is replicas.first:
+            lifecycle.record_probe(time.time(), ok)
+
     while True:
-        for replica in replicas.replicas:
-            if lifecycle.probe_due(time.time(), replica.client.last_response_at):
-                ok = await replica.client.probe(timeout)
-                if ok:
-                    replica.last_probe_ok_at = time.time()
-                else:
-                    replica.last_probe_failed_at = time.time()
-                if replica is replicas.first:
-                    lifecycle.record_probe(time.time(), ok)
+        await asyncio.gather(*(probe(replica) for replica in replicas.replicas))
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
 
 
