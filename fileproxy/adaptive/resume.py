@@ -79,22 +79,31 @@ def _encoded(headers: Mapping[str, str]) -> bool:
     return encoding not in ("", "identity")
 
 
-def plan(method: str, status: int, headers: Mapping[str, str]) -> ResumePlan | None:
-    """How this response could be resumed, or None when it cannot be (safely)."""
+#: Smaller bodies are not worth the resume machinery (and are the hot path).
+MIN_RESUMABLE_BYTES = 64 * 1024
+
+
+def plan(
+    method: str, status: int, headers: Mapping[str, str], min_length: int = MIN_RESUMABLE_BYTES
+) -> ResumePlan | None:
+    """How this response could be resumed, or None when it cannot be (safely), or when its
+    body is shorter than ``min_length``."""
     if method != "GET" or status not in (200, 206):
         return None
+    length_text = headers.get("Content-Length")
+    if length_text is None or len(length_text) < len(str(min_length)):
+        return None  # no length, or fewer digits than min_length has: shorter
     etag = strong_etag(headers.get("ETag"))
     if etag is None or _encoded(headers):
         return None
     if headers.get("Accept-Ranges", "").strip().lower() != "bytes" and status == 200:
         return None
-    length_text = headers.get("Content-Length")
-    if length_text is None or not length_text.isdigit() or not length_text.isascii():
+    if not length_text.isdigit() or not length_text.isascii():
         return None
     length = int(length_text)
+    if length < max(1, min_length):
+        return None
     if status == 200:
-        if length == 0:
-            return None
         return ResumePlan(etag, 0, length - 1, length)
     span = parse_content_range(headers.get("Content-Range"))
     if span is None or span[1] - span[0] + 1 != length:

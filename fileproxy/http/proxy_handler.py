@@ -278,8 +278,8 @@ async def _proxy(
         upstream_resp.release()  # back to the pool only if the body was read to its end
         last = body.replica if body is not None else replica
         replicas.end(last)
-        if exchange.cause == errors.OK and request.method == "GET":
-            now = time.monotonic()
+        if pristine is not None and exchange.cause == errors.OK and request.method == "GET":
+            now = time.monotonic()  # goodput and size: for balancing several replicas
             replicas.body_done(now, last, target, exchange.bytes_out, now - started)
 
 

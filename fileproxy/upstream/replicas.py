@@ -34,6 +34,7 @@ class Replica:
     spec: ReplicaSpec
     client: UpstreamClient
     load: ReplicaLoad
+    name: str = field(init=False)
     last_probe_ok_at: float | None = None  # wall clock
     last_probe_failed_at: float | None = None
     last_check: dict[str, Any] | None = None  # the last active health check
@@ -41,9 +42,8 @@ class Replica:
         default_factory=lambda: {"requests": 0, "failures": 0, "ejections": 0, "resumes": 0}
     )
 
-    @property
-    def name(self) -> str:
-        return self.client.name
+    def __post_init__(self) -> None:
+        self.name = self.client.name  # host:port
 
     def last_answer_at(self) -> float | None:
         """Wall clock of its last response head or successful probe."""
@@ -72,6 +72,7 @@ class ReplicaSet:
         self.rng = rng or random.Random()
         self._sizes: OrderedDict[str, int] = OrderedDict()
         self.resumes = {"ok": 0, "failed": 0}
+        self.several = len(self.replicas) > 1
 
     @property
     def first(self) -> Replica:
@@ -90,7 +91,7 @@ class ReplicaSet:
         self, now: float, exclude: tuple[Replica, ...] = (), path: str | None = None
     ) -> Replica | None:
         """The replica for the next try; None when every usable one was tried."""
-        if len(self.replicas) == 1:
+        if not self.several:
             return None if exclude else self.first
         pool = [r for r in self.replicas if r not in exclude and self.usable(now, r)]
         primaries = [r for r in pool if not r.spec.backup]
@@ -128,7 +129,8 @@ class ReplicaSet:
         replica.load.in_flight = max(0, replica.load.in_flight - 1)
 
     def headers(self, now: float, replica: Replica, ttfb_s: float) -> None:
-        replica.load.observe_ttfb(now, ttfb_s)
+        if self.several:  # one replica: nothing to balance
+            replica.load.observe_ttfb(now, ttfb_s)
 
     def succeeded(self, replica: Replica) -> None:
         self.detector.success(replica.index)

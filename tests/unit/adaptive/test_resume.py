@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from fileproxy.adaptive.resume import ResumePlan, parse_content_range, plan, strong_etag
+from fileproxy.adaptive.resume import (
+    MIN_RESUMABLE_BYTES,
+    ResumePlan,
+    parse_content_range,
+    plan,
+    strong_etag,
+)
 
 OK_HEAD = {"ETag": '"abc"', "Accept-Ranges": "bytes", "Content-Length": "1000"}
 
 
 def test_a_full_response_with_a_strong_etag_can_be_resumed():
-    assert plan("GET", 200, OK_HEAD) == ResumePlan('"abc"', 0, 999, 1000)
+    assert plan("GET", 200, OK_HEAD, min_length=1) == ResumePlan('"abc"', 0, 999, 1000)
 
 
 def test_a_partial_response_resumes_within_its_range():
     head = {"ETag": '"abc"', "Content-Range": "bytes 100-199/1000", "Content-Length": "100"}
-    resumable = plan("GET", 206, head)
+    resumable = plan("GET", 206, head, min_length=100)
     assert resumable == ResumePlan('"abc"', 100, 199, 1000)
     assert resumable.range_headers(40) == {"Range": "bytes=140-199", "If-Range": '"abc"'}
 
@@ -37,7 +43,16 @@ def test_a_partial_response_resumes_within_its_range():
 )
 def test_no_plan_without_every_guarantee(method, status, change):
     head = {k: v for k, v in {**OK_HEAD, **change}.items() if v is not None}
-    assert plan(method, status, head) is None
+    assert plan(method, status, head, min_length=1) is None
+
+
+def test_small_bodies_are_not_resumed():
+    assert plan("GET", 200, OK_HEAD, min_length=1001) is None
+    assert plan("GET", 200, OK_HEAD) is None  # 1000 bytes: under MIN_RESUMABLE_BYTES
+    big = {**OK_HEAD, "Content-Length": str(MIN_RESUMABLE_BYTES)}
+    assert plan("GET", 200, big) == ResumePlan(
+        '"abc"', 0, MIN_RESUMABLE_BYTES - 1, MIN_RESUMABLE_BYTES
+    )
 
 
 def test_only_the_exact_continuation_is_accepted():
