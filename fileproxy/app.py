@@ -166,8 +166,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await store.close()
         # the buffered access lines, written before the worker exits (a line logged
         # even later is written at exit, see access_log)
-        access_logs.ACCESS.flush()
-        await asyncio.to_thread(access_logs.ACCESS.drain)
+        access_logs.ACCESS.close()
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:

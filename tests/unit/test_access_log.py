@@ -4,7 +4,8 @@
   batches, never one write per line.
 - stdout is shared by every worker: writes to it are whole lines of at most
   PIPE_BUF bytes (a SOCK_SEQPACKET socket shows each write as one message).
-- A full stdout pipe (nobody reading) does not stop the event loop.
+- A full stdout pipe (nobody reading) does not stop the event loop; a stdout never
+  read keeps at most 4 MiB of the newest lines.
 - access.log is reopened when logrotate moved or removed it.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fileproxy.http.access_log import (
+    BACKLOG_BYTES,
     BUFFER_BYTES,
     FLUSH_INTERVAL_S,
     PIPE_BUF,
@@ -111,8 +113,7 @@ async def test_stdout_writes_are_whole_lines_of_at_most_pipe_buf():
         lines[300] = line(300, 3 * PIPE_BUF)  # longer than PIPE_BUF: alone, unsplit
         for one in lines:
             log.add(one)
-        log.flush()
-        assert await asyncio.to_thread(log.drain)
+        assert log.close()  # waits (a blocking poll) while the reader takes it all
         theirs.shutdown(socket.SHUT_WR)
         reader.join(10)
     finally:
@@ -162,10 +163,33 @@ async def test_a_full_stdout_pipe_does_not_stop_the_event_loop(pipe):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    assert await asyncio.to_thread(log.drain, 10.0)
+    assert log.close(10.0)  # at shutdown: waits (poll) for the reader
     reader.join(10)
     task.cancel()
     assert bytes(got) == b"".join(lines)
+    log.configure([])
+
+
+async def test_a_stdout_never_read_keeps_at_most_4_mib_of_the_newest_whole_lines(pipe):
+    r, w = pipe
+    log = AccessLog()
+    sink = StreamSink(w)
+    log.configure([sink])
+    lines = [line(i, 500) for i in range(12_000)]  # 6 MB
+    for one in lines:
+        log.add(one)
+    log.flush()
+    assert len(sink.pending) <= BACKLOG_BYTES
+    assert sink.dropped > 0
+    out = read_available(r).splitlines(keepends=True)  # what the pipe took
+    waiting = sink.pending.splitlines(keepends=True)
+    # the oldest lines went out, the newest wait, those in between were dropped: whole lines
+    assert out == lines[: len(out)]
+    assert waiting == lines[len(out) + sink.dropped :]
+    assert len(out) + sink.dropped + len(waiting) == len(lines)
+    assert not log.close(0.2)  # nobody reads: gives up after the timeout
+    sink.pending = b""
+    log.configure([])
 
 
 async def test_access_log_file_is_reopened_after_rotation(tmp_path: Path):
@@ -191,7 +215,7 @@ async def test_lines_after_the_loop_are_written_at_once(tmp_path: Path):
     log = AccessLog()
     log.configure([WatchedFileSink(str(path))])
     await asyncio.to_thread(log.add, b"no loop here\n")  # no running loop in that thread
-    assert log.drain(5)
+    assert log.close(5)
     assert path.read_bytes() == b"no loop here\n"
 
 
