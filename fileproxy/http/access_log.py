@@ -300,41 +300,66 @@ def _text_line(fields: dict[str, Any], message: str, now: float) -> bytes:
 _HEAD = ("ts", "level", "logger", "msg")
 
 
+def _ms(seconds: float) -> float:
+    """Milliseconds to 3 decimals (``round(x, 3)`` costs 5x more)."""
+    return int(seconds * 1e6 + 0.5) / 1000
+
+
 def log_access(
-    request: web.BaseRequest, status: int, response_bytes: int, duration_s: float
+    request: web.BaseRequest,
+    status: int,
+    response_bytes: int,
+    duration_s: float,
+    exchange: Exchange | None = None,
 ) -> None:
-    """One access line: what the client asked, what it got, and what the proxy saw."""
+    """One access line: what the client asked, what it got, and what the proxy saw.
+
+    ``exchange``: the proxied request's record (looked up in ``request`` if not given).
+    """
     now = time.time()
-    exchange = request.get(EXCHANGE)
-    message = "request"
-    if exchange is not None and exchange.cause == CLIENT_ABORT:
-        message = "client disconnected"
-    fields: dict[str, Any] = {
-        "ts": round(now, 3),
-        "level": "info",
-        "logger": ACCESS_LOGGER,
-        "msg": message,
-        "remote": request.remote,
-        "method": request.method,
-        "path": request.raw_path,
-        "status": status,
-        "response_bytes": response_bytes,
-        "duration_ms": round(duration_s * 1000, 3),
-        "user_agent": request.headers.get("User-Agent"),
-    }
-    if exchange is not None:
+    if exchange is None:
+        exchange = request.get(EXCHANGE)
+    fields: dict[str, Any]
+    if exchange is None:
+        fields = {
+            "ts": int(now * 1000 + 0.5) / 1000,
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "msg": "request",
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.raw_path,
+            "status": status,
+            "response_bytes": response_bytes,
+            "duration_ms": _ms(duration_s),
+            "user_agent": request.headers.get("User-Agent"),
+        }
+    else:
         ttfb_s = exchange.ttfb_s
-        fields["request_id"] = exchange.request_id
-        fields["upstream"] = exchange.upstream
-        fields["upstream_status"] = exchange.upstream_status
-        fields["ttfb_ms"] = None if ttfb_s is None else round(ttfb_s * 1000, 3)
-        fields["bytes_in"] = exchange.bytes_in
-        fields["bytes_out"] = exchange.bytes_out
-        fields["cause"] = exchange.cause
+        fields = {
+            "ts": int(now * 1000 + 0.5) / 1000,
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "msg": "client disconnected" if exchange.cause == CLIENT_ABORT else "request",
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.raw_path,
+            "status": status,
+            "response_bytes": response_bytes,
+            "duration_ms": _ms(duration_s),
+            "user_agent": request.headers.get("User-Agent"),
+            "request_id": exchange.request_id,
+            "upstream": exchange.upstream,
+            "upstream_status": exchange.upstream_status,
+            "ttfb_ms": None if ttfb_s is None else _ms(ttfb_s),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "cause": exchange.cause,
+        }
         if exchange.error:
             fields["error"] = exchange.error
     if ACCESS.text:
-        ACCESS.add(_text_line(fields, message, now))
+        ACCESS.add(_text_line(fields, fields["msg"], now))
     else:
         ACCESS.add(orjson.dumps(fields, default=str, option=_JSON_OPTIONS))
 
@@ -347,7 +372,7 @@ class AccessLogger(AbstractAccessLogger):
         # response the relay's count (aiohttp's stays 0 for a body cut by an abort)
         exchange: Exchange | None = request.get(EXCHANGE)
         sent = exchange.bytes_out if exchange is not None else response.body_length
-        log_access(request, response.status, sent, time_s)
+        log_access(request, response.status, sent, time_s, exchange)
 
     @property
     def enabled(self) -> bool:
