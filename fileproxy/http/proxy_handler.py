@@ -93,7 +93,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         exchange.cause = errors.CLIENT_ABORT
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
-            access_logs.log_access(request, status, exchange.bytes_out, time.monotonic() - started)
+            access_logs.log_access(
+                request, status, exchange.bytes_out, time.monotonic() - started, exchange
+            )
         raise
     finally:
         # Synchronous on purpose: it must run even when the task is being cancelled.
