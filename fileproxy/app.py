@@ -180,6 +180,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 await store.close()
+        # the buffered access lines, written before the worker exits (a line logged
+        # even later is written at exit, see access_log)
+        access_logs.ACCESS.close()
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 
 from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
+from fileproxy.http.aiohttp_server import wake_worker
 from fileproxy.server import DrainingRunner
 from fileproxy.upstream.tcp_options import apply_to_listeners
 
@@ -76,7 +77,7 @@ class _DrainingWorker(GunicornWebWorker):
 
     def _stop(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        self._notify_waiter_done()  # wake the worker loop now, not at its next 1 s tick
+        wake_worker(self)  # the worker loop ends now, not at its next 1 s tick
 
 
 class DrainingWorker(_DrainingWorker):

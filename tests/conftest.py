@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,40 @@ def redis_cluster(tmp_dir: Path) -> Iterator[RedisClusterServers]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def session_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run, for tests that only add keys under a prefix of
+    their own (``unique_prefix``) and never stop, flush or fill it."""
+    from tests.redis_servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def session_redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterServers]:
+    """One 3-master Redis Cluster for the whole run (starting one takes ~2 s), on the
+    terms of ``session_redis_server``."""
+    from tests.redis_servers import RedisClusterServers
+
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    """A Redis key prefix of this test's own, on a server shared by the run."""
+    return f"t{uuid.uuid4().hex[:12]}:"
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -45,6 +45,10 @@ replace it:
     gets its ``Server``: the one place to put fileproxy's in. aiohttp 4 removes it;
     replacement: an ``AppRunner`` subclass overriding ``_make_server``, or a public
     factory argument.
+``GunicornWebWorker._notify_waiter_done()``
+    Wakes aiohttp's gunicorn worker loop at once after ``handle_exit`` (it otherwise
+    notices at its next 1 s tick): a drained worker exits when it is done, not up to a
+    second later (``wake_worker``). Replacement: none.
 ``StreamResponse._send_headers_immediately``
     A response whose head goes out with its first body bytes, in one write
     (``send_head_with_body``). Replacement: none; ``web.Response`` does it for
@@ -67,6 +71,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
+from aiohttp.worker import GunicornWebWorker
 
 from fileproxy.upstream.aiohttp_client import PINNED, AiohttpMoved
 
@@ -243,6 +248,11 @@ def application_class(server_class: type[ProtocolServer]) -> type[web.Applicatio
     return ProtocolApplication
 
 
+def wake_worker(worker: GunicornWebWorker) -> None:
+    """Wake aiohttp's gunicorn worker loop now (after ``handle_exit``)."""
+    worker._notify_waiter_done()
+
+
 def send_head_with_body(response_class: type[web.StreamResponse]) -> None:
     """Responses of ``response_class`` send their head with the first body bytes."""
     response_class._send_headers_immediately = False
@@ -274,6 +284,8 @@ def check() -> None:
         problems.append("_ErrInfo(status=...)")
     if not callable(getattr(web.Application, "_make_handler", None)):
         problems.append("Application._make_handler")
+    if not callable(getattr(GunicornWebWorker, "_notify_waiter_done", None)):
+        problems.append("GunicornWebWorker._notify_waiter_done()")
     if not hasattr(web.StreamResponse, "_send_headers_immediately"):
         problems.append("StreamResponse._send_headers_immediately")
     if problems:

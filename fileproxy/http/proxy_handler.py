@@ -44,7 +44,6 @@ from fileproxy.upstream.replicas import Replica
 from fileproxy.upstream.resume import ResumableBody
 
 log = logging.getLogger("fileproxy.proxy")
-access_log = logging.getLogger(access_logs.ACCESS_LOGGER)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before the response
 
@@ -105,7 +104,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
             access_logs.log_access(
-                access_log, request, status, exchange.bytes_out, time.monotonic() - started
+                request, status, exchange.bytes_out, time.monotonic() - started, exchange
             )
         raise
     finally:

@@ -1,4 +1,9 @@
-"""Logging: JSON lines (production) or text; access log on stdout, the rest on stderr."""
+"""Logging: JSON lines (production) or text; access log on stdout, the rest on stderr.
+
+The access lines do not go through the logging module: ``http/access_log.py`` builds
+and buffers them and writes them in batches (see there); ``configure`` only tells it
+where. Everything else is ordinary logging, one line at a time.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from fileproxy.http.access_log import ACCESS_LOGGER
+from fileproxy.http import access_log
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -18,7 +23,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 class _FormatOnce(logging.Formatter):
     """A formatter that formats a record once, however many handlers write it.
 
-    The access line goes to stdout and, with FILEPROXY_LOG_DIR, to a file too: two
+    A log line goes to stderr and, with FILEPROXY_LOG_DIR, to error.log too: two
     handlers sharing this formatter. The text is kept on the record under a "_" name,
     which neither format outputs.
     """
@@ -72,22 +77,24 @@ class TextFormatter(_FormatOnce):
 def configure(level: str, fmt: str, log_dir: str = "") -> None:
     """Access lines to stdout, everything else to stderr; both also to files in log_dir."""
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
-    access_handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    access_sinks: list[access_log.Sink] = [access_log.StreamSink(access_log.stdout_fd())]
     error_handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        # WatchedFileHandler reopens the file after logrotate moves it.
-        access_handlers.append(logging.handlers.WatchedFileHandler(f"{log_dir}/access.log"))
+        # Both reopen the file after logrotate moves it (no signal, no copytruncate).
+        access_sinks.append(access_log.WatchedFileSink(f"{log_dir}/access.log"))
         error_handlers.append(logging.handlers.WatchedFileHandler(f"{log_dir}/error.log"))
-    for handler in (*access_handlers, *error_handlers):
+    for handler in error_handlers:
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = error_handlers
     root.setLevel(level.upper())
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.handlers[:] = access_handlers
-    access.propagate = False
-    access.setLevel(logging.INFO)
+    access_log.ACCESS.configure(access_sinks, text=fmt != "json")
+    # Nothing logs to the access logger through logging; should something, it goes to
+    # stderr with the rest rather than interleave with the batches on stdout.
+    access = logging.getLogger(access_log.ACCESS_LOGGER)
+    access.handlers[:] = []
+    access.propagate = True
     # aiohttp's own loggers go through ours.
     for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client"):
         logging.getLogger(name).handlers[:] = []

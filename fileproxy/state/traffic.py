@@ -27,6 +27,9 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
 )
 
 
+_STATUS_CLASSES = tuple(f"{n}xx" for n in range(6))  # "0xx" .. "5xx", built once
+
+
 @dataclass
 class _Bucket:
     second: int = -1
@@ -96,13 +99,6 @@ class TrafficStats:
         self.duration_buckets: dict[str, list[int]] = {}
         self.duration_sum_s: dict[str, float] = {}
 
-    def _bucket(self, now: float) -> _Bucket:
-        second = int(now)
-        bucket = self._buckets[second % self.window]
-        if bucket.second != second:
-            bucket.reset(second)
-        return bucket
-
     def record(
         self,
         now: float,
@@ -115,28 +111,36 @@ class TrafficStats:
         failed: bool,
     ) -> None:
         """One finished proxied request; ``failed`` means it was not delivered or got a 5xx."""
-        bucket = self._bucket(now)
+        second = int(now)
+        bucket = self._buckets[second % self.window]
+        if bucket.second != second:
+            bucket.reset(second)
         duration_ms = duration_s * 1000.0
         bucket.requests += 1
-        bucket.errors += failed
         bucket.duration_ms_sum += duration_ms
         bucket.bytes_out += bytes_out
-        status_class = f"{status // 100}xx"
+        status_class = _STATUS_CLASSES[status // 100] if 0 <= status < 600 else f"{status // 100}xx"
         histogram = bucket.histograms.get(status_class)
         if histogram is None:
             histogram = bucket.histograms[status_class] = _new_histogram()
         histogram[bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)] += 1
         self.total_requests += 1
-        self.total_errors += failed
-        self.total_bytes_in += bytes_in
+        if failed:
+            bucket.errors += 1
+            self.total_errors += 1
+        if bytes_in:
+            self.total_bytes_in += bytes_in
         self.total_bytes_out += bytes_out
-        self.by_status_class[status_class] = self.by_status_class.get(status_class, 0) + 1
-        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+        by_status_class = self.by_status_class
+        by_status_class[status_class] = by_status_class.get(status_class, 0) + 1
+        by_cause = self.by_cause
+        by_cause[cause] = by_cause.get(cause, 0) + 1
         cumulative = self.duration_buckets.get(status_class)
         if cumulative is None:
             cumulative = self.duration_buckets[status_class] = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)
+            self.duration_sum_s[status_class] = 0.0
         cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
-        self.duration_sum_s[status_class] = self.duration_sum_s.get(status_class, 0.0) + duration_s
+        self.duration_sum_s[status_class] += duration_s
 
     def window_parts(self, now: float) -> WindowParts:
         """The raw figures of the window, which add up across workers."""

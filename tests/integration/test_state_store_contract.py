@@ -38,9 +38,11 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "embedded":
         yield EmbeddedStore()
         return
-    name = "redis_server" if request.param == "single" else "redis_cluster"
+    # one server (or cluster) for the run; this test's keys under a prefix of its own
+    name = "session_redis_server" if request.param == "single" else "session_redis_cluster"
     backend = request.getfixturevalue(name)
-    redis_store = RedisStore(redis_settings(backend.url, backend.cluster))
+    prefix = request.getfixturevalue("unique_prefix")
+    redis_store = RedisStore(redis_settings(backend.url, backend.cluster, prefix))
     try:
         yield redis_store
     finally:

@@ -66,7 +66,7 @@ _IMPORT = re.compile(
 _PRIVATE_ATTRIBUTES = re.compile(
     r"\._(messages|waiter|request_count|force_close|upgraded|keepalive_handle|manager"
     r"|request_handler|kwargs|make_handler|send_headers_immediately|drain_helper"
-    r"|pause_reading_for_buffer|resume_reading_if_drained|server)\b"
+    r"|pause_reading_for_buffer|resume_reading_if_drained|server|notify_waiter_done)\b"
 )
 
 
