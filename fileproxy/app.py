@@ -23,6 +23,7 @@ from .app_keys import (
     LOOP_LAG,
     RUNTIME,
     SETTINGS,
+    SPOOL,
     STORE,
     TRAFFIC,
     UPSTREAM,
@@ -35,6 +36,7 @@ from .proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
 from .redis_store import RedisStore
 from .runtime import Runtime, uvloop_active
 from .settings import Settings
+from .spool import SpoolStore
 from .state_store import EmbeddedStore, StateStore
 from .state_sync import Fleet, instance_name
 from .store_link import StoreLink
@@ -135,6 +137,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     app[UPSTREAM] = upstream = UpstreamClient(settings, on_connect=adaptation.observe_connect)
     app[LOOP_LAG] = lag = LoopLag()
+    app[SPOOL] = spool_store = SpoolStore(settings, workers=app[FLEET].local_workers)
+    spool_store.open()
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
@@ -156,6 +160,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await _stop(tasks)
         await upstream.close()
+        spool_store.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 await store.close()

@@ -9,6 +9,7 @@ from .lifecycle import Lifecycle
 from .loop_lag import LoopLag
 from .runtime import Runtime
 from .settings import Settings
+from .spool import SpoolStore
 from .state_sync import Fleet
 from .store_link import StoreLink
 from .tcp_options import ListenSockets
@@ -25,3 +26,4 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+SPOOL = web.AppKey("spool", SpoolStore)

@@ -25,6 +25,7 @@ from .app_keys import (
     LOOP_LAG,
     RUNTIME,
     SETTINGS,
+    SPOOL,
     STORE,
     TRAFFIC,
     UPSTREAM,
@@ -96,6 +97,7 @@ async def health(request: web.Request) -> web.Response:
             "in_flight": traffic.in_flight,
             "active_requests": gate.report(request),
             "event_loop": _loop_report(app),
+            "spool": app[SPOOL].report(),
             "tcp": _tcp_report(request),
         }
     )
@@ -144,6 +146,12 @@ async def stats(request: web.Request) -> web.Response:
             "quality_level": level.value if level is not None else None,
         },
         "upstreams": {app[UPSTREAM].name: adaptation.snapshot()},
+        # this worker's clients slower than their upstream, served from a spool right now
+        "slow_clients": {
+            "spooled_now": app[SPOOL].active,
+            "spooled_total": app[SPOOL].responses_spooled,
+            "quality_level": level.value if level is not None else None,
+        },
         "scope": "cluster" if fleet is not None else "worker",
         "pid": runtime.pid,
     }

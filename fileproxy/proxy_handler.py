@@ -21,10 +21,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import errors, logs
+from . import errors, logs, spool
 from .adaptive import LevelProfile
 from .aiohttp_server import send_head_with_body
-from .app_keys import ADAPTATION, SETTINGS, TRAFFIC, UPSTREAM
+from .app_keys import ADAPTATION, SETTINGS, SPOOL, TRAFFIC, UPSTREAM
 from .exchange import EXCHANGE, Exchange, request_id_for
 from .gate import waiting_on_upstream
 from .headers import Redirect, client_facing_base, client_response_headers, upstream_request_headers
@@ -189,7 +189,21 @@ async def _proxy(request: web.Request, exchange: Exchange, started: float) -> we
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
         exchange.status_sent = status
-        await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
+        spill_store = app[SPOOL]
+        length = spool.spill_length(spill_store, request.method, upstream_resp)
+        if length is None:
+            await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
+        else:  # a slow client may get the rest from a spool (see spool)
+            await spool.relay(
+                request,
+                response,
+                upstream_resp,
+                exchange,
+                profile.chunk_size,
+                length,
+                spill_store,
+                app[UPSTREAM].pool.waiting,
+            )
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end

@@ -14,13 +14,14 @@ Two questions, each a function of facts the shell measured (no clock, no I/O):
   status without a body (1xx, 204, 304).
 - ``decide``: should it spill now? Asked only while the client holds the relay back
   (its transport is above the high-water mark), so a client that keeps up never
-  gets here and never touches the spool. The relay then watches for
-  ``observe_s``: how many bytes the client took (its drain rate, measured with the
-  buffers full, so not flattered by them) and how long the relay waited on either
-  side. It spills when the client is the slower side (the relay waited on it longer
-  than on the upstream) and the rest of the body would take the client at least
-  ``min_remaining_s`` at that rate; a client about to finish keeps its connection
-  for the moment it still needs.
+  gets here and never touches the spool. The relay then watches for ``observe_s``
+  (``observe_busy_s`` while other requests wait for an upstream connection: the
+  one this response holds is what they wait for): how many bytes the client took
+  (its drain rate, measured with the buffers full, so not flattered by them) and
+  how long the relay waited on either side. It spills when the client is the
+  slower side (the relay waited on it longer than on the upstream) and the rest of
+  the body would take the client at least ``min_remaining_s`` at that rate; a
+  client about to finish keeps its connection for the moment it still needs.
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ __all__ = [
 @dataclass(frozen=True)
 class SpillPolicy:
     #: seconds the client must have held the relay back before it is judged
-    observe_s: float = 0.25
+    observe_s: float = 0.1
+    #: the same while other requests wait for an upstream connection
+    observe_busy_s: float = 0.02
     #: spill only when the rest of the body needs the client at least this long
     min_remaining_s: float = 1.0
+
+    def observe_for(self, pool_waiters: int) -> float:
+        """Seconds to watch a client that holds the relay back before judging it."""
+        return self.observe_busy_s if pool_waiters > 0 else self.observe_s
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ class RelaySample:
     client_bytes: int  # body bytes handed to the client in that time
     client_wait_s: float  # of that time, waiting for the client to drain
     upstream_wait_s: float  # of that time, waiting for upstream body bytes
-    remaining: int  # body bytes the upstream has still to send (after what was read)
+    remaining: int  # body bytes not yet taken from the upstream connection
+    pool_waiters: int = 0  # requests waiting for an upstream connection right now
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def decide(sample: RelaySample, policy: SpillPolicy) -> SpillVerdict:
     """Spill now, or keep relaying (and ask again at the next blocked write)."""
     if sample.remaining <= 0:
         return SpillVerdict(False, "upstream_done")  # nothing left to free the upstream from
-    if sample.since_s < policy.observe_s:
+    if sample.since_s < policy.observe_for(sample.pool_waiters):
         return SpillVerdict(False, "observing")
     if sample.upstream_wait_s >= sample.client_wait_s:
         return SpillVerdict(False, "upstream_slower")  # spilling would not free it sooner

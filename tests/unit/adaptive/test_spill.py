@@ -7,7 +7,7 @@ import pytest
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, SpillVerdict, decide, never_spilled
 
 MIB = 1 << 20
-POLICY = SpillPolicy(observe_s=0.25, min_remaining_s=1.0)
+POLICY = SpillPolicy(observe_s=0.25, observe_busy_s=0.02, min_remaining_s=1.0)
 
 
 def sample(**changes: float) -> RelaySample:
@@ -34,6 +34,12 @@ def test_nothing_left_upstream_never_spills() -> None:
 def test_judged_only_after_the_observation_time() -> None:
     assert decide(sample(since_s=0.249), POLICY) == SpillVerdict(False, "observing")
     assert decide(sample(since_s=0.25), POLICY).spill
+
+
+def test_judged_sooner_while_requests_wait_for_an_upstream_connection() -> None:
+    assert decide(sample(since_s=0.019, pool_waiters=3), POLICY) == SpillVerdict(False, "observing")
+    assert decide(sample(since_s=0.02, pool_waiters=1), POLICY).spill
+    assert not decide(sample(since_s=0.02, pool_waiters=0), POLICY).spill
 
 
 def test_an_upstream_slower_than_the_client_keeps_the_relay() -> None:
