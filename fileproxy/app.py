@@ -26,10 +26,12 @@ from fileproxy.app_keys import (
     REPLICAS,
     RUNTIME,
     SETTINGS,
+    SPOOL,
     STORE,
     TRAFFIC,
     UPSTREAM,
 )
+from fileproxy.delivery.spool import SpoolStore
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import aiohttp_server
 from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
@@ -151,6 +153,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[REPLICAS] = ReplicaSet(settings, clients)
     app[ADAPTATION], app[UPSTREAM] = adaptations[0], clients[0]
     app[LOOP_LAG] = lag = LoopLag()
+    app[SPOOL] = spool_store = SpoolStore(settings, workers=app[FLEET].local_workers)
+    spool_store.open()
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
@@ -177,6 +181,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _stop(tasks)
         for client in clients:
             await client.close()
+        spool_store.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 await store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from fileproxy.delivery.spool import SpoolStore
 from fileproxy.lifecycle import Lifecycle
 from fileproxy.loop_lag import LoopLag
 from fileproxy.runtime import Runtime
@@ -29,3 +30,4 @@ ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)  # the first replica's
 ADAPTATIONS = web.AppKey[dict[str, UpstreamAdaptation]]("adaptations")
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+SPOOL = web.AppKey("spool", SpoolStore)

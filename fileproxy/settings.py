@@ -336,6 +336,16 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 
 
+def _spool_total(raw: str) -> int | str:
+    """auto (resolved per worker at start, see fileproxy.delivery.spool.auto_max_total) or bytes."""
+    if raw.strip().lower() == "auto":
+        return "auto"
+    return _int(0, 1 << 50)(raw)
+
+
+_spool_total.allowed = "auto | integer 0..1125899906842624"  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One row of the settings table."""
@@ -550,6 +560,36 @@ class Settings:
         "131072",
         _int(4 * KIB, 64 * MIB),
         "Bytes buffered per stream and direction before the sender is paused (backpressure).",
+    )
+    # slow clients: the spool (fileproxy.delivery.spool, fileproxy.adaptive.spill)
+    spool: bool = setting(
+        "FILEPROXY_SPOOL",
+        "on",
+        _bool,
+        "Spill the rest of a response a slow client cannot keep up with to a spool (memory up "
+        "to BUFFER_SIZE, then a temp file) and free its upstream connection; off: the upstream "
+        "waits for the client.",
+    )
+    spool_dir: str = setting(
+        "FILEPROXY_SPOOL_DIR",
+        "",
+        _text,
+        "Directory of the spool's unlinked temp files (empty: a private directory under the "
+        "system temp dir); not writable: responses fall back to waiting for the client.",
+    )
+    spool_max_file: int = setting(
+        "FILEPROXY_SPOOL_MAX_FILE",
+        str(GIB),
+        _int(0, 1 << 50),
+        "Bytes one response may hold on disk; beyond, the rest waits for the client "
+        "(nginx's proxy_max_temp_file_size; 0: memory only).",
+    )
+    spool_max_total: int | str = setting(
+        "FILEPROXY_SPOOL_MAX_TOTAL",
+        "auto",
+        _spool_total,
+        "Bytes all spooled responses of a worker may hold on disk (auto: half the spool "
+        "filesystem's free space at start, shared among the workers).",
     )
     # the edge: clients
     client_keepalive_timeout: float = setting(

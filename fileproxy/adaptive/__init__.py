@@ -7,6 +7,7 @@
 - ``fair_share``: per-client shares of an enforced rate (the heaviest client refused first).
 - ``circuit_breaker``: when to stop calling the shared store and when to try again.
 - ``tcp_info``: Linux TCP_INFO parsing for transport RTT observations.
+- ``spill``: whether a response spills to the spool rather than pin its upstream.
 """
 
 from fileproxy.adaptive.aimd_limiter import (
@@ -36,6 +37,7 @@ from fileproxy.adaptive.quality_classifier import (
     profile_table,
     weighted_percentile,
 )
+from fileproxy.adaptive.spill import RelaySample, SpillPolicy, SpillVerdict, never_spilled
 from fileproxy.adaptive.tcp_info import TcpInfo, parse_tcp_info
 
 __all__ = [
@@ -55,12 +57,16 @@ __all__ = [
     "LimiterState",
     "Outcome",
     "QualityClassifier",
+    "RelaySample",
+    "SpillPolicy",
+    "SpillVerdict",
     "TcpInfo",
     "Transition",
     "WindowClose",
     "WindowOutcome",
     "close_window",
     "enforcing_after",
+    "never_spilled",
     "parse_profile_table",
     "parse_tcp_info",
     "profile_table",

@@ -24,7 +24,8 @@ from multidict import CIMultiDict
 from fileproxy.adaptive import LevelProfile
 from fileproxy.adaptive import resume as resume_rule
 from fileproxy.adaptive.retry_budget import CONNECT, STATUS, retryable
-from fileproxy.app_keys import ADAPTATIONS, REPLICAS, SETTINGS, TRAFFIC
+from fileproxy.app_keys import ADAPTATIONS, REPLICAS, SETTINGS, SPOOL, TRAFFIC
+from fileproxy.delivery import spool
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
@@ -271,7 +272,21 @@ async def _proxy(
             request.transport.set_write_buffer_limits(high=settings.buffer_size)
         await response.prepare(request)
         exchange.status_sent = status
-        await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
+        spill_store = app[SPOOL]
+        length = spool.spill_length(spill_store, request.method, upstream_resp)
+        if length is None:
+            await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
+        else:  # a slow client may get the rest from a spool (see delivery.spool)
+            await spool.relay(
+                request,
+                response,
+                upstream_resp,
+                exchange,
+                profile.chunk_size,
+                length,
+                spill_store,
+                upstream.pool.waiting,
+            )
         return response
     finally:
         upstream_resp.release()  # back to the pool only if the body was read to its end

@@ -26,6 +26,7 @@ from fileproxy.app_keys import (
     REPLICAS,
     RUNTIME,
     SETTINGS,
+    SPOOL,
     STORE,
     TRAFFIC,
     UPSTREAM,
@@ -101,6 +102,7 @@ async def health(request: web.Request) -> web.Response:
             "in_flight": traffic.in_flight,
             "active_requests": gate.report(request),
             "event_loop": _loop_report(app),
+            "spool": app[SPOOL].report(),
             "tcp": _tcp_report(request),
         }
     )
@@ -155,6 +157,12 @@ async def stats(request: web.Request) -> web.Response:
                 "replica": replicas.snapshot(now, time.time(), replica),
             }
             for replica in replicas.replicas
+        },
+        # this worker's clients slower than their upstream, served from a spool right now
+        "slow_clients": {
+            "spooled_now": app[SPOOL].active,
+            "spooled_total": app[SPOOL].responses_spooled,
+            "quality_level": level.value if level is not None else None,
         },
         "retries": {
             "granted": replicas.budget.granted,

@@ -28,6 +28,7 @@ from fileproxy.app_keys import (
     LOOP_LAG,
     REPLICAS,
     RUNTIME,
+    SPOOL,
     STORE,
     TRAFFIC,
     UPSTREAM,
@@ -141,6 +142,8 @@ class FileproxyCollector(Collector):
         loop_lag_max.add_metric([pid], lag.max_s(time.monotonic()))
         yield loop_lag_max
 
+        yield from _spool_metrics(app, pid)
+
         draining = GaugeMetricFamily(
             "fileproxy_draining", "1 while the worker drains before exit", labels=["pid"]
         )
@@ -196,6 +199,47 @@ class FileproxyCollector(Collector):
             up.add_metric([pid], float(link.state == "up"))
             yield up
             yield from _fleet_metrics(app)
+
+
+def _spool_metrics(
+    app: web.Application, pid: str
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The worker's spool for slow clients (see spool): what it holds and what it did."""
+    spool = app[SPOOL]
+    held = GaugeMetricFamily(
+        "fileproxy_spool_bytes", "Bytes held by spooled responses", labels=["pid", "where"]
+    )
+    held.add_metric([pid, "disk"], spool.bytes_on_disk)
+    held.add_metric([pid, "memory"], spool.bytes_in_memory)
+    yield held
+    files = GaugeMetricFamily("fileproxy_spool_files", "Open spool files", labels=["pid"])
+    files.add_metric([pid], spool.files)
+    yield files
+    active = GaugeMetricFamily(
+        "fileproxy_spool_active",
+        "Responses served from a spool right now (clients slower than the upstream)",
+        labels=["pid"],
+    )
+    active.add_metric([pid], spool.active)
+    yield active
+    spooled = CounterMetricFamily(
+        "fileproxy_spooled_responses", "Responses that spilled to a spool", labels=["pid"]
+    )
+    spooled.add_metric([pid], spool.responses_spooled)
+    yield spooled
+    spooled_bytes = CounterMetricFamily(
+        "fileproxy_spooled_bytes", "Body bytes that went through a spool", labels=["pid"]
+    )
+    spooled_bytes.add_metric([pid], spool.bytes_spooled)
+    yield spooled_bytes
+    fallbacks = CounterMetricFamily(
+        "fileproxy_spool_fallbacks",
+        "Spooled responses that stopped using the disk and waited for their client, by reason",
+        labels=["pid", "reason"],
+    )
+    for reason, count in spool.fallbacks.items():
+        fallbacks.add_metric([pid, reason], count)
+    yield fallbacks
 
 
 def _fleet_metrics(app: web.Application) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

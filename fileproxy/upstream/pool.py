@@ -70,6 +70,10 @@ class ConnectionPool:
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
+    def waiting(self) -> int:
+        """Requests waiting for a connection (the pool is at its limit)."""
+        return len(self._waiters)
+
     @property
     def in_use(self) -> int:
         return len(self._lent)

@@ -4,7 +4,7 @@
     1  settings, runtime, lifecycle, loop_lag, exchange   the one config object, the record of
        an exchange, facts every floor reads
     2  state/, upstream/             shared state and the upstream side (neither imports the other)
-    3  http/, app_keys               the client-facing edge and the proxy path
+    3  http/, delivery/, app_keys    the client-facing edge, the proxy path, the spool
     4  ops/                          /health /ready /stats /metrics, logs, check
     5  app, cli, server, gunicorn_worker, sample_upstream, __main__   assembly and entry points
 
@@ -29,6 +29,7 @@ FLOORS = {
     "state": 2,
     "upstream": 2,
     "http": 3,
+    "delivery": 3,
     "app_keys": 3,
     "ops": 4,
     "app": 5,
