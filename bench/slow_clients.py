@@ -327,13 +327,12 @@ async def measure(
     row.backend_done_s = round(last - wall0, 2) if last is not None else None
     row.clients_done_s = round(row.clients_done_s, 2)
     if name.startswith("spool"):
-        row.spooled = 0
-        for _ in range(8):  # each answer is one worker's: ask until both answered
-            try:
+        per_worker: dict[int, int] = {}
+        for _ in range(12):  # each answer is one worker's: ask until both answered
+            with contextlib.suppress(OSError):
                 health = await asyncio.to_thread(_health, port)
-                row.spooled = max(row.spooled, health["spool"]["responses_spooled"])
-            except OSError:
-                pass
+                per_worker[health["pid"]] = health["spool"]["responses_spooled"]
+        row.spooled = sum(per_worker.values())
     return row
 
 

@@ -67,6 +67,8 @@ SPOOL_PIECE = 256 * 1024
 # piece read back from the file at once: the client's transport holds at most its high-water
 # mark plus this
 FILE_READ = 64 * 1024
+# how often a finished spooled response looks whether its client took the last bytes
+FLUSH_POLL_S = 0.05
 # threads doing the spool's disk I/O: page-cache copies, a few are plenty
 IO_THREADS = 4
 # auto FILEPROXY_SPOOL_MAX_TOTAL: this share of the free space at start, split among workers
@@ -321,12 +323,15 @@ class Spool:
             return data
         pending = self._write_at - self._read_at
         if pending > 0 and self._fd is not None:
-            data = await self._io(os.pread, self._fd, min(pending, FILE_READ), self._read_at)
-            if not data:
+            # the buffer comes from the loop's thread: bytes made by pread in an I/O thread
+            # would come from that thread's malloc arena, which keeps freed memory resident
+            buffer = bytearray(min(pending, FILE_READ))
+            size = await self._io(os.preadv, self._fd, [buffer], self._read_at)
+            if not size:
                 raise OSError(errno.EIO, "spool file shorter than written")
-            self._read_at += len(data)
+            self._read_at += size
             self._room.set()
-            return data  # type: ignore[no-any-return]
+            return bytes(buffer) if size == len(buffer) else bytes(buffer[:size])
         if self.complete or self.error is not None:
             return b""
         return None
@@ -503,8 +508,7 @@ async def relay(
                 upstream_resp.close()  # do not pool a half-read connection
                 return
             finally:
-                if not pending.done():
-                    pending.cancel()
+                _settle(pending)
             watch.client_bytes += len(chunk)
         exchange.bytes_out += len(chunk)
         unyielded += len(chunk)
@@ -548,6 +552,19 @@ def _upstream_failed(exc: BaseException, request: web.Request, exchange: Exchang
         request.transport.abort()
 
 
+def _settle(pending: asyncio.Future[None]) -> None:
+    """A write no longer waited for: cancelled if still running, and its failure (the
+    client gone) taken, so it is never logged as an exception nobody retrieved."""
+    if not pending.done():
+        pending.cancel()
+    pending.add_done_callback(_take_result)
+
+
+def _take_result(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _spooled(
     request: web.Request,
     response: web.StreamResponse,
@@ -567,8 +584,7 @@ async def _spooled(
         await _serve(spool, request, response, exchange, pending, pending_bytes)
     finally:
         store.active -= 1
-        if not pending.done():
-            pending.cancel()
+        _settle(pending)
         if not filler.done():
             filler.cancel()  # the client left: stop reading the upstream
             upstream_resp.close()
@@ -645,6 +661,23 @@ async def _serve(
         await response.write_eof()
     except ConnectionError:
         exchange.cause = errors.CLIENT_ABORT
+        return
+    await _flushed(request)
+
+
+async def _flushed(request: web.Request) -> None:
+    """Until the client's transport has handed its last bytes to the kernel.
+
+    A slow client's tail (up to the high-water mark) waits in the transport's buffer
+    after ``write_eof``; a worker that exits once its handlers returned (the end of a
+    graceful drain) would drop it, and the body would end short. The handler stays
+    until it is out: no upstream connection is held meanwhile.
+    """
+    transport = request.transport
+    while transport is not None and not transport.is_closing():
+        if transport.get_write_buffer_size() == 0:
+            return
+        await asyncio.sleep(FLUSH_POLL_S)
 
 
 def close_quietly(fd: int) -> None:

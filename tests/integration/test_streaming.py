@@ -77,7 +77,9 @@ async def test_a_client_that_does_not_read_pauses_the_upstream(start_backend, st
     app = web.Application()
     app.router.add_get("/huge", huge)
     backend = await start_backend(app)
-    proxy = start_proxy(backend.url)
+    # a client that reads nothing spills to the spool (issue 14) until its per-response
+    # cap, and then pauses the upstream as before
+    proxy = start_proxy(backend.url, FILEPROXY_SPOOL_MAX_FILE=str(8 * MIB))
     rss_before = rss_bytes(proxy.pid)
 
     resp = await client.get(f"{proxy.url}/huge")
@@ -94,7 +96,7 @@ async def test_a_client_that_does_not_read_pauses_the_upstream(start_backend, st
 
         # reading again resumes the upstream
         received = 0
-        while received < 8 * MIB:
+        while received < 32 * MIB:  # past what the spool and the buffers held
             chunk = await asyncio.wait_for(resp.content.read(256 * 1024), 10)
             assert chunk
             received += len(chunk)
