@@ -124,7 +124,9 @@ async def _bytes_written_while_client_stalls(start_backend, start_proxy, **env: 
     app = web.Application()
     app.router.add_get("/endless", endless)
     backend = await start_backend(app)
-    proxy = start_proxy(backend.url, **env)
+    # the relay's own backpressure: with the spool on, a stalled client's response would
+    # spill to disk instead (bounded by FILEPROXY_SPOOL_MAX_FILE, see test_spool.py)
+    proxy = start_proxy(backend.url, FILEPROXY_SPOOL="off", **env)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
