@@ -110,10 +110,14 @@ def test_serve_drain_sends_the_last_buffered_bytes(sample_upstream, start_proxy)
 def test_drain_is_bounded_by_the_graceful_timeout_then_resets(sample_upstream, start_proxy):
     """A client that stops reading for good: the process still exits at the graceful
     timeout, and the client sees a reset, not an end that looks like the body's."""
+    # The relay's path, where a handler returns with its tail still in the transport's
+    # buffer. A spooled response's handler itself waits for its tail to reach the kernel
+    # (delivery.spool), so with the spool on this client would hold no unsent bytes.
     proxy = start_proxy(
         sample_upstream.url,
         FILEPROXY_DRAIN_DELAY="0",
         FILEPROXY_GRACEFUL_TIMEOUT="3",
+        FILEPROXY_SPOOL="off",
         **BUFFERED,
     )
     path = "/files/16m.bin"
