@@ -483,7 +483,7 @@ async def relay(
             try:
                 due = watch.since + store.policy.observe_for(pool_waiting()) - started
                 await asyncio.wait((pending,), timeout=max(0.0, due))
-                if not pending.done():
+                while not pending.done():
                     now = clock()
                     watch.client_wait_s += now - started
                     started = now
@@ -500,7 +500,11 @@ async def relay(
                             request, response, upstream_resp, exchange, pending, len(chunk), store
                         )
                         return
-                    await asyncio.wait((pending,))
+                    # judged again while this write still waits: one early "not yet" (the
+                    # upstream was the slower side so far) must not pin the upstream for
+                    # as long as a client that stopped reading holds this write
+                    interval = store.policy.observe_for(pool_waiting())
+                    await asyncio.wait((pending,), timeout=interval)
                 watch.client_wait_s += clock() - started
                 pending.result()
             except ConnectionError:
