@@ -23,14 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procs import free_port
+
 SIZES = (8 * 1024, 16 * 1024, 32 * 1024, 64 * 1024, 256 * 1024)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int) -> None:

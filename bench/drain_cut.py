@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.procs import free_port
 from fileproxy.sample_upstream import FILES, file_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,12 +176,6 @@ def wait_for_log(log: Path, text: str, count: int, timeout: float = 60.0) -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"{text!r} not logged {count} times")
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stop(popen: subprocess.Popen[bytes]) -> None:

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bench.procs import group_cpu_seconds
+from bench.procs import free_port, group_cpu_seconds
 from bench.run import clean_env, nginx_conf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,13 +87,6 @@ async def _hello(request: web.Request) -> web.Response:
 HELLO_BODY = b"x" * 1024
 hello_app = web.Application()  # the "aiohttp" contender: gunicorn bench.hot_path:hello_app
 hello_app.router.add_get("/{tail:.*}", _hello)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

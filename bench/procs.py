@@ -1,14 +1,23 @@
-"""Memory and CPU of process groups, read from /proc (every contender runs in its own group)."""
+"""Memory and CPU of process groups, read from /proc (every contender runs in its own group),
+and the free loopback port every bench script starts its processes on."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:

@@ -38,18 +38,13 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.procs import free_port
 from bench.run import clean_env, nginx_conf
 from fileproxy.sample_upstream import FILES, file_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

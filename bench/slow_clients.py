@@ -50,6 +50,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procs import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PIECE = 16 * 1024  # bytes a client reads at once
 
@@ -191,12 +193,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the standalone comparison ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

@@ -37,16 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.health_probe import percentile
+from bench.procs import free_port
 from bench.run import clean_env, nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

@@ -16,24 +16,18 @@ import asyncio
 import platform
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
 
+from bench.procs import free_port
 from fileproxy.settings import Settings
 from fileproxy.state.adaptation import UpstreamAdaptation
 from fileproxy.state.link import StoreLink
 from fileproxy.state.redis_store import RedisStore
 from fileproxy.state.store import EmbeddedStore, StateStore
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def timed_admits(adaptation: UpstreamAdaptation, calls: int) -> list[float]:
