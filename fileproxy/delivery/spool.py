@@ -448,10 +448,10 @@ async def relay(
     clock = time.monotonic
     while True:
         if watch is None:
-            chunk_read = await _read_or_abort(read, chunk_size, request, upstream_resp, exchange)
+            chunk_read = await read_or_abort(read, chunk_size, request, upstream_resp, exchange)
         else:
             started = clock()
-            chunk_read = await _read_or_abort(read, chunk_size, request, upstream_resp, exchange)
+            chunk_read = await read_or_abort(read, chunk_size, request, upstream_resp, exchange)
             watch.upstream_wait_s += clock() - started
         if chunk_read is None:
             return
@@ -525,7 +525,7 @@ async def relay(
         exchange.cause = errors.CLIENT_ABORT
 
 
-async def _read_or_abort(
+async def read_or_abort(
     read: Any,
     size: int,
     request: web.Request,

@@ -518,22 +518,8 @@ async def _relay(
     read = upstream_resp.content.read
     unyielded = 0  # bytes relayed since this stream last gave the loop a turn
     while True:
-        try:
-            chunk = await read(chunk_size)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            failure = errors.classify(exc)
-            exchange.cause, exchange.error = failure.cause, failure.error
-            log.warning(
-                "upstream failed mid-body, aborting client connection",
-                extra={
-                    "request_id": exchange.request_id,
-                    "error": failure.error,
-                    "bytes_out": exchange.bytes_out,
-                },
-            )
-            upstream_resp.close()
-            if request.transport is not None:
-                request.transport.abort()
+        chunk = await spool.read_or_abort(read, chunk_size, request, upstream_resp, exchange)
+        if chunk is None:  # the upstream failed mid-body: the client connection is aborted
             return
         if not chunk:
             break
