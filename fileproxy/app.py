@@ -35,7 +35,7 @@ from fileproxy.delivery.spool import SpoolStore
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import aiohttp_server
 from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
-from fileproxy.http.gate import leave_on_response_prepare
+from fileproxy.http.gate import leave_as_head_goes_out
 from fileproxy.http.proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
 from fileproxy.lifecycle import UPSTREAM_PROBE_INTERVAL_S, Lifecycle
 from fileproxy.loop_lag import LoopLag
@@ -105,8 +105,7 @@ def create_app(
         local_workers=workers,
     )
     app.cleanup_ctx.append(_lifecycle)
-    app.on_response_prepare.append(leave_on_response_prepare)
-    app.on_response_prepare.append(keep_content_type_as_sent)
+    app.on_response_prepare.append(_head_going_out)
     app.router.add_get("/health", endpoints.health, allow_head=True)
     app.router.add_get("/ready", endpoints.ready, allow_head=True)
     app.router.add_get("/stats", endpoints.admin_only(endpoints.stats))
@@ -116,6 +115,12 @@ def create_app(
     # Every other path and method is proxied (after the CORS routes, when there are).
     app.router.add_route("*", "/{target:.*}", proxy, expect_handler=continue_or_refuse)
     return app
+
+
+async def _head_going_out(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, one coroutine for both: the gate, then the Content-Type."""
+    leave_as_head_goes_out(request)
+    keep_content_type_as_sent(response)
 
 
 def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> None:

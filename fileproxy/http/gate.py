@@ -7,10 +7,10 @@ and who is next (``FILEPROXY_ACTIVE_REQUESTS``).
   admits them; the gate's one timer is armed here.
 - The request's side: the connection is the request's ``GateMember`` (request key
   ``GATE_MEMBER``, set by the edge's middleware); the proxy handler tells it when it
-  waits on its upstream, and ``leave_on_response_prepare`` when its head goes out.
+  waits on its upstream, and ``leave_as_head_goes_out`` when its head goes out.
 
 A request leaves the gate through one exit, ``GatedProtocol.leave_gate``, at the
-first of: its response head is prepared (``leave_on_response_prepare``), the edge
+first of: its response head is prepared (``leave_as_head_goes_out``), the edge
 answers an error itself (``handle_error``), its connection is lost; or it gives its
 place back after waiting ``UPSTREAM_HOLD_S`` on its upstream (``expire``).
 """
@@ -160,8 +160,8 @@ def waiting_on_upstream(request: web.BaseRequest) -> None:
         member.wait_on_upstream()
 
 
-async def leave_on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: a request whose response head goes out leaves the gate."""
+def leave_as_head_goes_out(request: web.BaseRequest) -> None:
+    """A request whose response head goes out leaves the gate (app's on_response_prepare)."""
     member: GateMember | None = request.get(GATE_MEMBER)
     if member is not None:
         member.leave_gate()

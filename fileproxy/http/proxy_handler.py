@@ -402,10 +402,11 @@ class _WholeResponse(_RelayedResponse):
 send_head_with_body(_WholeResponse)
 
 
-async def keep_content_type_as_sent(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: aiohttp adds ``Content-Type: application/octet-stream``
-    to a response with a body and none (RFC 9110 says a sender *should* send one);
-    the proxy passes what the upstream sent and invents nothing, as nginx does."""
+def keep_content_type_as_sent(response: web.StreamResponse) -> None:
+    """Before a head goes out (app's on_response_prepare): aiohttp adds ``Content-Type:
+    application/octet-stream`` to a response with a body and none (RFC 9110 says a
+    sender *should* send one); the proxy passes what the upstream sent and invents
+    nothing, as nginx does."""
     if isinstance(response, _RelayedResponse) and not response.upstream_content_type:
         response.headers.popall("Content-Type", None)
 
