@@ -35,6 +35,12 @@ wrk itself and the backend share the 2 cores with the contender.
 source tree, e.g. ``git archive`` of an earlier commit unpacked in DIR, for an
 A/B measurement of a change alternated with the same backend.
 
+``--time-access-log`` starts every contender that logs through
+``bench/access_log_timer.py``, which times fileproxy's access-log path inside the
+worker, and adds its CPU per line (and its share of the contender's CPU per
+request) to the table: the cost of the log without the noise of comparing two
+req/s figures.
+
 ``--health`` also samples ``GET /health`` of fp_on while wrk saturates it (new
 connection each, 10 ms apart) and prints p50/p99/max.
 """
@@ -64,6 +70,7 @@ from bench.procs import free_port, group_cpu_seconds
 from bench.run import clean_env, nginx_conf
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
 PYTHON = sys.executable
 LABELS = {
     "direct": "direct (nginx static)",
@@ -98,10 +105,17 @@ class Contender:
 
 
 class Bench:
-    def __init__(self, root: Path, ref: Path | None = None, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ref: Path | None = None,
+        access_log: bool = False,
+        time_access_log: bool = False,
+    ) -> None:
         self.root = root
         self.ref = ref
         self.access_log = access_log  # on for every fileproxy contender, not only fp_log
+        self.time_access_log = time_access_log  # see bench/access_log_timer.py
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.backend_port = free_port()
         (root / "www").mkdir()
@@ -201,8 +215,27 @@ class Bench:
                 assert self.ref is not None
                 env["PYTHONPATH"] = str(self.ref)  # its fileproxy, not the installed one
             argv = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+            if logged and self.time_access_log:
+                timings = self.timer_dir(key)
+                timings.mkdir()
+                env["ACCESS_LOG_TIMER_DIR"] = str(timings)
+                argv[1:3] = [str(BENCH / "access_log_timer.py")]
             popen = self._spawn(key, argv, env)
         return Contender(key, port, popen)
+
+    def timer_dir(self, key: str) -> Path:
+        return self.root / f"{key}-access-log-timer"
+
+    def access_log_cost(self, key: str) -> tuple[int, float] | None:
+        """(lines, µs per line) the timed access log of ``key`` measured, if it did."""
+        directory = self.timer_dir(key)
+        if not directory.is_dir():
+            return None
+        lines, seconds = 0, 0.0
+        for path in directory.glob("*.json"):
+            figures = json.loads(path.read_text())
+            lines, seconds = lines + figures["lines"], seconds + figures["seconds"]
+        return (lines, seconds / lines * 1e6) if lines else None
 
     def wait_ready(self, contender: Contender, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -377,6 +410,11 @@ def main() -> None:
         action="store_true",
         help="access log on (stdout and FILEPROXY_LOG_DIR) for every fileproxy contender",
     )
+    parser.add_argument(
+        "--time-access-log",
+        action="store_true",
+        help="time the access log inside each logging contender (bench/access_log_timer.py)",
+    )
     parser.add_argument("--health", action="store_true", help="probe /health of fp_on under load")
     args = parser.parse_args()
     keys = [k for k in args.contenders.split(",") if k]
@@ -391,7 +429,12 @@ def main() -> None:
         if shutil.which(program) is None and not Path(f"/usr/sbin/{program}").exists():
             sys.exit(f"missing {program}: apt-get install -y {program}")
     with tempfile.TemporaryDirectory(prefix="fileproxy-hot-path-") as tmp:
-        bench = Bench(Path(tmp), args.ref.resolve() if args.ref else None, args.access_log)
+        bench = Bench(
+            Path(tmp),
+            args.ref.resolve() if args.ref else None,
+            args.access_log,
+            args.time_access_log,
+        )
         contenders: list[Contender] = []
         try:
             time.sleep(0.3)
@@ -413,7 +456,18 @@ def main() -> None:
                     bench.stop(contender.popen)
             bench.stop(bench.backend)
             bench.stop(bench.redis)
+        costs = {c.key: bench.access_log_cost(c.key) for c in contenders}
     print(table(contenders, args))
+    for contender in contenders:
+        cost = costs[contender.key]
+        if cost is not None:
+            lines, per_line = cost
+            cpu = statistics.median(r["cpu_us_per_req"] for r in contender.runs)
+            print(
+                f"- access log of {contender.key}, timed in its worker: {per_line:.2f} µs per "
+                f"line over {lines:,} lines, {per_line / cpu * 100:.1f}% of its {cpu:.0f} µs "
+                "of CPU per request"
+            )
 
 
 if __name__ == "__main__":
