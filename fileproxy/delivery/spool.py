@@ -9,7 +9,8 @@ high-water mark), the relay measures for a moment and asks ``adaptive.spill.deci
 On a spill the rest of the upstream body goes into a per-response ``Spool``:
 
 - memory up to ``BUFFER_SIZE``, then an unlinked temp file in the spool directory
-  (``O_TMPFILE``, else ``mkstemp`` and ``unlink`` at once: a crash leaves nothing);
+  (``O_TMPFILE``, else ``mkstemp`` and ``unlink`` at once: a crash leaves no file;
+  a killed worker's empty private directory is removed by the next worker's start);
 - read from the upstream at the upstream's pace by a filler task, which gives the
   connection back to the pool (keep-alive) the moment the body is complete;
 - served to the client at the client's pace; every disk read and write runs on
@@ -43,10 +44,11 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -75,6 +77,8 @@ IO_THREADS = 4
 AUTO_SHARE = 0.5
 
 FALLBACK_REASONS = ("read_only", "enospc", "max_file", "max_total", "io_error")
+# a worker's private spool directory (FILEPROXY_SPOOL_DIR unset): <prefix><pid>-<random>
+PRIVATE_DIR_PREFIX = "fileproxy-spool-"
 
 
 def auto_max_total(free_bytes: int, workers: int) -> int:
@@ -89,6 +93,79 @@ def auto_max_total(free_bytes: int, workers: int) -> int:
     falls back the same way.
     """
     return int(max(0, free_bytes) * AUTO_SHARE) // max(1, workers)
+
+
+def private_dir_pid(name: str) -> int | None:
+    """The worker pid in a private spool directory's name, None for any other name."""
+    if not name.startswith(PRIVATE_DIR_PREFIX):
+        return None
+    pid, sep, suffix = name[len(PRIVATE_DIR_PREFIX) :].partition("-")
+    if not (sep and suffix and pid.isascii() and pid.isdigit()) or "-" in suffix:
+        return None
+    return int(pid) or None
+
+
+def stale_private_dirs(names: Iterable[str], alive: Callable[[int], bool]) -> list[str]:
+    """Which of these private spool directories (names in one parent, each a directory
+    owned by us) belong to a worker that is gone, so nothing will ever remove them.
+
+    A worker removes its own at exit; one killed (SIGKILL, OOM) leaves it behind:
+    empty (its files were unlinked from the start) but there for good. ``alive``
+    is asked once per pid. A pid reused by another process keeps a directory until
+    that one is gone too. Workers that share a temp dir but not a pid namespace
+    (containers mounting one host /tmp) would see each other as gone: give them
+    their own TMPDIR or FILEPROXY_SPOOL_DIR."""
+    verdicts: dict[int, bool] = {}
+    stale = []
+    for name in names:
+        pid = private_dir_pid(name)
+        if pid is None:
+            continue
+        if pid not in verdicts:
+            verdicts[pid] = alive(pid)
+        if not verdicts[pid]:
+            stale.append(name)
+    return sorted(stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def sweep_stale_private_dirs(parent: str) -> list[str]:
+    """Remove the private spool directories in ``parent`` left by workers that are gone
+    (only directories, only ours); the paths removed. Errors are ignored: a sweep that
+    cannot remove something leaves it for the next worker's."""
+    uid = os.geteuid()
+    ours = []
+    try:
+        with os.scandir(parent) as entries:
+            for entry in entries:
+                if private_dir_pid(entry.name) is None:
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+                    ours.append(entry.name)
+    except OSError:
+        return []
+    removed = []
+    for name in stale_private_dirs(ours, _pid_alive):
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
 
 
 def _fallback_reason(exc: OSError) -> str:
@@ -132,7 +209,14 @@ class SpoolStore:
         if not self.enabled:
             return
         if not self._configured_dir:
-            self.dir = tempfile.mkdtemp(prefix=f"fileproxy-spool-{os.getpid()}-")
+            parent = tempfile.gettempdir()
+            removed = sweep_stale_private_dirs(parent)
+            if removed:
+                log.info(
+                    "removed spool directories of workers that are gone",
+                    extra={"removed": removed},
+                )
+            self.dir = tempfile.mkdtemp(prefix=f"{PRIVATE_DIR_PREFIX}{os.getpid()}-", dir=parent)
             self._private = True
         if self._configured_total == "auto":
             try:
@@ -285,7 +369,12 @@ class Spool:
         except OSError as exc:
             log.warning(
                 "spool file not usable, the response waits for its client",
-                extra={"spool_dir": store.dir, "error": f"{type(exc).__name__}: {exc.strerror}"},
+                extra={
+                    "spool_dir": store.dir,
+                    "error": f"{type(exc).__name__}: {exc.strerror}",
+                    # spooled before: still served, in order, before the rest
+                    "file_bytes": self._write_at - self._read_at,
+                },
             )
             return _fallback_reason(exc)
         self._write_at += size
