@@ -169,10 +169,14 @@ async def test_300_slow_clients_complete_without_pinning_upstream_connections(
     assert max(held) <= upstream_limit, max(held)
     backend_done = backend_last_sent(static_backend.directory)
     assert backend_done is not None
+    # the mechanism itself: the last first byte went out before the backend had sent its
+    # last body byte (a wave starts as soon as the previous one's bodies are spooled)
+    assert max(ttfb) < backend_done - wall0 + 1.0, (max(ttfb), backend_done - wall0, waves)
     # the backend sent everything long before the clients had it all
     assert backend_done - wall0 < clients_done / 3, (backend_done - wall0, clients_done)
     growth = max(rss) - rss_before
-    assert growth < 160 * MIB, f"gunicorn tree RSS grew {growth / MIB:.0f} MiB"
+    # issue 14: "well under 256 MiB for the tree" (measured 120-163 MiB on this box)
+    assert growth < 200 * MIB, f"gunicorn tree RSS grew {growth / MIB:.0f} MiB"
 
 
 def _worker_pids(gunicorn: Process) -> list[int]:
