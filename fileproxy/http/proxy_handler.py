@@ -80,14 +80,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     adaptations = app[ADAPTATIONS]
     adaptation = adaptations[replica.name]
     try:
-        admitted, retry_after = await adaptation.admit(
-            started,
-            lambda: client_key(
-                request.remote,
-                request.headers.get("X-Forwarded-For"),
-                app[SETTINGS].trusted_proxies,
-            ),
-        )
+        if adaptation.admits_all:  # the usual case: no coroutine, no client key
+            admitted, retry_after = True, 0.0
+        else:
+            admitted, retry_after = await adaptation.admit(
+                started,
+                lambda: client_key(
+                    request.remote,
+                    request.headers.get("X-Forwarded-For"),
+                    app[SETTINGS].trusted_proxies,
+                ),
+            )
         if admitted:
             response = await _proxy(request, exchange, started, replica)
         else:

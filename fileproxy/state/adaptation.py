@@ -240,6 +240,11 @@ class UpstreamAdaptation:
         level = self.current_level()
         return self.static if level is None else self.profiles[level]
 
+    @property
+    def admits_all(self) -> bool:
+        """Every request is admitted now (no limit enforced): ``admit`` need not be asked."""
+        return not self.enabled or (self.fallback is None and not self.limiter.enforcing)
+
     async def admit(
         self, now: float, client_of: Callable[[], str] | None = None
     ) -> tuple[bool, float]:
@@ -252,7 +257,7 @@ class UpstreamAdaptation:
         light one still passes. The share is of this worker's part of the
         rate: the limit over the fleet's live workers (a worker alone: the whole limit).
         """
-        if not self.enabled or (self.fallback is None and not self.limiter.enforcing):
+        if self.admits_all:
             return True, 0.0
         if self.fallback is not None:
             rate = self.fallback.gcra.rate
