@@ -7,6 +7,8 @@
 - A full stdout pipe (nobody reading) does not stop the event loop; a stdout never
   read keeps at most 4 MiB of the newest lines.
 - access.log is reopened when logrotate moved or removed it.
+- A regular-file stdout takes a batch in one write; a request's line is built when its
+  batch is written, in order with the other lines.
 """
 
 from __future__ import annotations
@@ -251,3 +253,49 @@ def test_text_lines_have_the_logging_layout_of_the_other_lines():
         setattr(record, key, fields[key])
     expected = TextFormatter().format(record) + "\n"
     assert _text_line(fields, "request", now).decode() == expected
+
+
+async def test_a_regular_file_stdout_takes_each_batch_whole_in_order(tmp_path: Path):
+    """A regular file is not split into PIPE_BUF pieces (one write a batch); every line,
+    short or longer than PIPE_BUF, arrives whole and in order."""
+    path = tmp_path / "stdout.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        log = AccessLog()
+        log.configure([StreamSink(fd)])
+        lines = [line(i, 2 * PIPE_BUF if i % 50 == 7 else 200) for i in range(400)]
+        for one in lines:
+            log.add(one)
+        assert log.close()
+        assert path.read_bytes() == b"".join(lines)
+        log.configure([])
+    finally:
+        os.close(fd)
+
+
+async def test_a_request_record_is_rendered_when_its_batch_is_written(tmp_path: Path):
+    """``add_record`` keeps the values; the line is built at flush, in order with lines."""
+    import orjson
+
+    from fileproxy.exchange import Exchange
+    from fileproxy.http.access_log import render
+
+    path = tmp_path / "access.log"
+    log = AccessLog()
+    log.configure([WatchedFileSink(str(path))])
+    exchange = Exchange("rid-1", "up:80", upstream_status=206)
+    exchange.bytes_out = 1000
+    log.add(b"before\n")
+    record = (1_800_000_000.5, "10.0.0.1", "GET", "/f?x=1", 206, 1000, 0.0125, 'ua "q"', exchange)
+    log.add_record(record)
+    log.add(b"after\n")
+    assert log.close()
+    first, middle, last = path.read_bytes().splitlines(keepends=True)
+    assert (first, last) == (b"before\n", b"after\n")
+    assert middle == render(record)
+    fields = orjson.loads(middle)
+    assert fields["path"] == "/f?x=1" and fields["user_agent"] == 'ua "q"'
+    assert fields["status"] == 206 and fields["upstream_status"] == 206
+    assert fields["request_id"] == "rid-1" and fields["bytes_out"] == 1000
+    assert fields["duration_ms"] == 12.5 and fields["ts"] == 1_800_000_000.5
+    log.configure([])
