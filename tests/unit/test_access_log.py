@@ -256,8 +256,8 @@ def test_text_lines_have_the_logging_layout_of_the_other_lines():
 
 
 async def test_a_regular_file_stdout_takes_each_batch_whole_in_order(tmp_path: Path):
-    """A regular file is not split into PIPE_BUF pieces (one write a batch); every line,
-    short or longer than PIPE_BUF, arrives whole and in order."""
+    """A regular-file stdout is written a batch at a time, not in PIPE_BUF pieces: every
+    line, short or longer than PIPE_BUF, still arrives whole and in order."""
     path = tmp_path / "stdout.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
