@@ -27,7 +27,8 @@ the largest event-loop lag fileproxy reported in /health meanwhile.
         [--rcvbuf 16384] [--contenders spool_on,spool_off,nginx] [--deadline 120]
 
 ``slow_get`` and ``static_backend_conf`` are used by
-tests/integration/test_spool.py.
+tests/integration/test_spool.py; ``slow_get`` is also the client of bench.many_clients
+(the ``many`` workload of bench.run, on the impaired links).
 """
 
 from __future__ import annotations
@@ -75,13 +76,17 @@ async def slow_get(
     port: int,
     path: str,
     *,
-    rate: float,
+    rate: float | None,
     rcvbuf: int,
     deadline_s: float,
     host: str = "127.0.0.1",
     headers: str = "",
 ) -> Download:
-    """GET ``path`` on a fresh connection, reading the body at ``rate`` bytes/s."""
+    """GET ``path`` on a fresh connection, reading the body at ``rate`` bytes/s.
+
+    ``rate`` None: read as fast as the connection delivers (bench.many_clients: the
+    impaired link paces the client).
+    """
     loop = asyncio.get_running_loop()
     result = Download()
     started = time.monotonic()
@@ -118,6 +123,8 @@ async def slow_get(
                     break
                 digest.update(data)
                 result.received += len(data)
+                if rate is None:
+                    continue
                 ahead = body_started + result.received / rate - time.monotonic()
                 if ahead > 0:
                     await asyncio.sleep(ahead)
