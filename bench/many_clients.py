@@ -10,7 +10,7 @@ record that bench.report aggregates (completion, errors by kind, time to first
 byte).
 
     python -m bench.many_clients --host 10.77.0.2 --port 8084 --path /many.bin \\
-        --clients 120 --sha256 HEX [--rcvbuf 32768] [--deadline 600]
+        --clients 120 --sha256 HEX [--rcvbuf 32768] [--deadline 600] [--keep-alive]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 rcvbuf=args.rcvbuf,
                 deadline_s=args.deadline,
                 host=args.host,
+                close=not args.keep_alive,
             )
             for _ in range(args.clients)
         )
@@ -87,6 +88,11 @@ def main() -> None:
     parser.add_argument("--sha256", required=True)
     parser.add_argument("--rcvbuf", type=int, default=32768)
     parser.add_argument("--deadline", type=float, default=600)
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="no Connection: close (the client closes after the body; see slow_get)",
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

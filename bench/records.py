@@ -382,6 +382,7 @@ class ManyWorkload:
     rows: dict[str, ManyRow]
     note: str = ""  # the sizing and its arithmetic, as the harness chose it
     deadline_s: float | None = None  # each client's
+    keep_alive: bool = False  # the requests' Connection (runs of 2026-12-04 15:42: close)
 
     @classmethod
     def from_json(cls, d: JSON) -> ManyWorkload:
@@ -394,6 +395,7 @@ class ManyWorkload:
             rows={k: ManyRow.from_json(r) for k, r in d["rows"].items()},
             note=d.get("note", ""),
             deadline_s=d.get("deadline_s"),
+            keep_alive=d.get("keep_alive", False),
         )
 
     def to_json(self) -> JSON:
@@ -406,6 +408,7 @@ class ManyWorkload:
             "rows": {k: r.to_json() for k, r in self.rows.items()},
             "note": self.note,
             "deadline_s": self.deadline_s,
+            "keep_alive": self.keep_alive,
         }
 
 

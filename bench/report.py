@@ -185,7 +185,13 @@ def many_markdown(scen_title: str, many: ManyWorkload) -> list[str]:
         "",
         f"bench/many_clients.py in the client namespace starts {many.clients} downloads at "
         f"once, each on its own connection with SO_RCVBUF {many.rcvbuf // 1024} KiB, the body "
-        "read as it arrives; all share the scenario's one shaped link (tbf on each veth end: no "
+        "read as it arrives, "
+        + (
+            "keep-alive requests (the client closes after the body)"
+            if many.keep_alive
+            else "requests with `Connection: close` (the server closes after the body)"
+        )
+        + "; all share the scenario's one shaped link (tbf on each veth end: no "
         "per-flow shaping here). One run per contender, in the order "
         f"{' '.join(many.order)}. completed = status 200 with every byte and the right "
         "SHA-256; timeout = not complete within each client's deadline"

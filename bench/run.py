@@ -61,7 +61,11 @@ plus the proxy's upstream read buffer before the rest shows as busy: >= 768 KiB)
 and the 5 contenders should take ~8 min per scenario (~480 s x the link rate):
 
 - poor, 10 Mbit/s (~9.3 Mbit/s of goodput measured with 20 flows): 110 x 1 MiB =
-  115 MB = ~92 s of link time per contender;
+  115 MB = ~92 s of link time per contender. Condition (2) is NOT met there: the
+  proxies' send buffers autotune to ~2 MiB on this link (ss: 2,080,512 bytes on
+  every client socket 15 s into a run), so any proxy hands a 1 MiB body to the
+  kernel at once; meeting it needs > 2-4 MiB per response (tcp_wmem max 4 MiB):
+  110 x 4 MiB = ~370 s per contender, 31 min for five;
 - very poor, 1 Mbit/s: more than 100 clients x >= 768 KiB = >= 79 MB = ~660 s per
   contender (55 min for five): by default 8 x 768 KiB = 6.3 MB = ~50 s, fewer
   clients than any pool (the spool and the connections held are measured, the wait
@@ -71,10 +75,12 @@ and the 5 contenders should take ~8 min per scenario (~480 s x the link rate):
 - on the poor link 110 flows x 4 packets exceed its ~215 (130 + the tbf queue's
   85): the shared link stays overloaded, losses put flows into exponential
   retransmission back-off, and some starve for a minute or more whoever serves
-  them. nginx (``send_timeout`` 60 s) then closes them, the kernel gives the
-  orphaned socket up without a RST the client sees, and the client waits until its
-  deadline (2x the link's time for everything, at least 120 s): ``timeout`` in the
-  direct row is that, not the backend;
+  them. With ``Connection: close`` (the first run, 2026-12-04 15:42) every server
+  closed right after handing the body to its kernel; the orphaned socket gets
+  tcp_orphan_retries (8) instead of tcp_retries2 (15) and was aborted
+  (TcpExtTCPAbortOnTimeout) without a RST the client saw, which then waited for its
+  deadline (2x the link's time for everything, at least 120 s): ``timeout`` in every
+  row, direct included. The requests are keep-alive since (the client closes);
 - BENCH_FULL=1: the issue's 300 x 4 MiB on the poor link (~1,000 s per contender)
   and 110 x 1 MiB on the very poor one (~920 s per contender): ~2.7 h more;
   ``--many CLIENTS:KIB`` sets both links' figures.
@@ -200,6 +206,10 @@ class ManySpec:
     clients: int
     size: int
     rcvbuf: int = 32 * 1024  # each client's SO_RCVBUF
+    # keep-alive requests: with Connection: close every server closes once the last bytes
+    # are in its kernel buffer, and an orphaned socket gets tcp_orphan_retries (8), not
+    # tcp_retries2 (15): on the overloaded shared link starved flows were aborted unseen
+    keep_alive: bool = True
 
     def expected_s(self, scenario: Scenario) -> float:
         """Seconds the shared link needs for every byte at its nominal rate."""
@@ -221,25 +231,29 @@ MANY = {"poor": ManySpec(110, MIB), "very_poor": ManySpec(8, 768 * 1024)}
 MANY_FULL = {"poor": ManySpec(300, 4 * MIB), "very_poor": ManySpec(110, MIB)}
 MANY_NOTE = (
     "Sizing (bench/run.py MANY): (1) more clients than the proxies' upstream pools: "
-    'fileproxy 2 workers x HTTP_CONNECTOR_LIMIT_PER_HOST 50 = 100, "before" 2 x 30 = 60 '
-    "(a request waits for a slot within the connect timeout, 15 s / 8 s, then 504 / 500); "
-    "(2) a response larger than what the client side absorbs while a proxy without a spool "
-    "keeps its upstream: the proxy's socket send buffer (autotuned from tcp_wmem 4K/16K/4M; "
-    "110-165 KB in ss on the very poor link), its transport buffer (BUFFER_SIZE 128 KiB; "
-    "asyncio's 64 KiB for \"before\") and the client's SO_RCVBUF (32 KiB): ~300 KiB; and "
-    "for the rest to show as busy, more than the proxy's upstream read buffer (BUFFER_SIZE) "
-    "on top: >= 768 KiB; (3) the 5 contenders within ~8 min per scenario: ~480 s x the "
-    "link's rate. Poor link, 10 Mbit/s (9.3 measured with 20 flows): 110 x 1 MiB = 115 MB "
-    "= ~92 s of link time per contender. Very poor link, 1 Mbit/s: (1) and (2) together "
-    "need >= 101 x 768 KiB = 79 MB = ~660 s per contender (55 min for five), so by default "
-    "8 x 768 KiB = 6.3 MB = ~50 s: fewer clients than any pool (the spool and the upstream "
-    "connections held are measured, the wait for a pool slot is not), and few enough that "
-    "the flows' smallest windows (BBR keeps >= 4 packets each) fit the link's ~50 packets "
-    "(bandwidth-delay product + tbf queue). On the poor link 110 flows x 4 packets exceed "
-    "its ~215 (130 + the tbf queue's 85): the link stays overloaded, losses put flows in "
-    "exponential retransmission back-off and some starve for a minute or more whoever "
-    "serves them (see the direct row). BENCH_FULL=1: the issue's 300 x 4 MiB on the poor "
-    "link (~1,000 s per contender) and 110 x 1 MiB on the very poor one (~920 s)."
+    'fileproxy 2 workers x HTTP_CONNECTOR_LIMIT_PER_HOST 50 = 100, "before" 2 x 30 = 60 (a '
+    "request waits for a slot within the connect timeout, 15 s / 8 s, then 504 / 500); (2) "
+    "a response larger than what the client side absorbs while a proxy without a spool "
+    "keeps its upstream: the proxy's socket send buffer (autotuned from tcp_wmem 4K/16K/4M;"
+    " 110-165 KB in ss on the very poor link), its transport buffer (BUFFER_SIZE 128 KiB; "
+    "asyncio's 64 KiB for \"before\") and the client's SO_RCVBUF (32 KiB): ~300 KiB; and for "
+    "the rest to show as busy, more than the proxy's upstream read buffer (BUFFER_SIZE) on "
+    "top: >= 768 KiB; (3) the 5 contenders within ~8 min per scenario: ~480 s x the link's "
+    "rate. Poor link, 10 Mbit/s (9.3 measured with 20 flows): 110 x 1 MiB = 115 MB = ~92 s "
+    "of link time per contender; but there the send buffers autotune much larger (ss: "
+    "2,080,512 bytes on every client socket of fileproxy 15 s into the run, 0.5-1 MB unsent"
+    " in each), so a 1 MiB response fits the kernel whatever the proxy and condition (2) is"
+    " not met: it would need > 2-4 MiB per response (tcp_wmem's maximum is 4 MiB), 110 x 4 "
+    "MiB = ~370 s per contender, 31 min for five. Very poor link, 1 Mbit/s: (1) and (2) "
+    "together need >= 101 x 768 KiB = 79 MB = ~660 s per contender (55 min for five), so by"
+    " default 8 x 768 KiB = 6.3 MB = ~50 s: fewer clients than any pool (the spool and the "
+    "upstream connections held are measured, the wait for a pool slot is not), and few "
+    "enough that the flows' smallest windows (BBR keeps >= 4 packets each) fit the link's "
+    "~50 packets (bandwidth-delay product + tbf queue). On the poor link 110 flows x 4 "
+    "packets exceed its ~215 (130 + the tbf queue's 85): the link stays overloaded, losses "
+    "put flows in exponential retransmission back-off and some starve for a minute or more "
+    "whoever serves them (see the direct row). BENCH_FULL=1: the issue's 300 x 4 MiB on the"
+    " poor link (~1,000 s per contender) and 110 x 1 MiB on the very poor one (~920 s)."
 )
 
 
@@ -641,6 +655,7 @@ class Bench:
                 PYTHON, "-m", "bench.many_clients", "--host", SERVER_IP, "--port", str(port),
                 "--path", path, "--clients", str(spec.clients), "--sha256", sha256,
                 "--rcvbuf", str(spec.rcvbuf), "--deadline", f"{deadline:g}",
+                *(["--keep-alive"] if spec.keep_alive else []),
             ],
         )  # fmt: skip
         upstream: dict[str, Any] | None = None
@@ -964,6 +979,7 @@ def run_many(
         rows={k: aggregate_many(v) for k, v in runs.items()},
         note=MANY_NOTE,
         deadline_s=spec.deadline_s(scenario),
+        keep_alive=spec.keep_alive,
     )
 
 

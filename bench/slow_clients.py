@@ -81,11 +81,14 @@ async def slow_get(
     deadline_s: float,
     host: str = "127.0.0.1",
     headers: str = "",
+    close: bool = True,
 ) -> Download:
     """GET ``path`` on a fresh connection, reading the body at ``rate`` bytes/s.
 
     ``rate`` None: read as fast as the connection delivers (bench.many_clients: the
-    impaired link paces the client).
+    impaired link paces the client). ``close`` False: no ``Connection: close`` (a
+    keep-alive request); the client closes once it has the whole body, so the server
+    never closes a connection with unsent bytes in its kernel buffer.
     """
     loop = asyncio.get_running_loop()
     result = Download()
@@ -96,7 +99,8 @@ async def slow_get(
         sock.setblocking(False)
         async with asyncio.timeout(deadline_s):
             await loop.sock_connect(sock, (host, port))
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+            connection = "Connection: close\r\n" if close else ""
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}{connection}\r\n"
             await loop.sock_sendall(sock, request.encode())
             head = b""
             while b"\r\n\r\n" not in head:
