@@ -80,7 +80,9 @@ and the 5 contenders should take ~8 min per scenario (~480 s x the link rate):
   tcp_orphan_retries (8) instead of tcp_retries2 (15) and was aborted
   (TcpExtTCPAbortOnTimeout) without a RST the client saw, which then waited for its
   deadline (2x the link's time for everything, at least 120 s): ``timeout`` in every
-  row, direct included. The requests are keep-alive since (the client closes);
+  row, direct included. The requests are keep-alive since (the client closes),
+  which did not remove the timeouts (2026-12-04-1618: direct 11, nginx 12,
+  fileproxy 9 of 110): starved flows outlast a 2x deadline whoever serves them;
 - BENCH_FULL=1: the issue's 300 x 4 MiB on the poor link (~1,000 s per contender)
   and 110 x 1 MiB on the very poor one (~920 s per contender): ~2.7 h more;
   ``--many CLIENTS:KIB`` sets both links' figures.

@@ -316,7 +316,9 @@ def test_staircase_records_round_trip():
     assert list(RateStaircase.from_json(rate).to_json()["steps"][0]) == list(rate["steps"][0])
 
 
-@pytest.mark.parametrize("stem", ["2026-12-02-0314", "2026-12-02-0323", "2026-12-04-1607"])
+@pytest.mark.parametrize(
+    "stem", ["2026-12-02-0314", "2026-12-02-0323", "2026-12-04-1607", "2026-12-04-1618"]
+)
 def test_stored_run_renders_as_committed(tmp_path, stem):
     """--render of a stored run (table, staircase, SSE, SSE soak, many) gives its committed .md."""
     path = tmp_path / f"{stem}.json"
