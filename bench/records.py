@@ -304,6 +304,115 @@ class LongDownload:
 
 
 @dataclass
+class ManyRun:
+    """One run of the ``many`` workload through one contender (``Bench.measure_many``).
+
+    ``clients``: per client [kind, status, ttfb_s, done_s, bytes] as bench/many_clients.py
+    prints it (kind "ok" = complete, status 200, SHA-256 right). ``upstream``: the
+    contender's ESTABLISHED connections to the backend (``ss -tnp``, owned by its
+    processes): ``baseline`` before the run, ``samples`` [t_s, established, busy]
+    every ~0.2 s (busy: bytes waiting between the backend and the proxy); None for
+    direct (no upstream).
+    """
+
+    contender: str
+    scenario: str
+    started: int
+    size: int
+    rcvbuf: int
+    wall_s: float
+    loadavg_1m_before: float
+    cpu_s: dict[str, float]
+    clients: list[list[Any]]
+    upstream: JSON | None = None
+    error: str | None = None  # the client process failed: its output's tail
+
+    @classmethod
+    def from_json(cls, d: JSON) -> ManyRun:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_json(self) -> JSON:
+        out: JSON = {
+            k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("upstream", "error")
+        }
+        _put(out, "upstream", self.upstream)
+        _put(out, "error", self.error)
+        return out
+
+
+@dataclass
+class ManyRow:
+    """One contender's ``many`` runs summed (``report.aggregate_many``)."""
+
+    runs: int
+    started: int
+    completed: int  # byte-exact, status 200
+    errors: dict[str, int]  # by kind: status_504, reset, short_body, timeout, no_head, ...
+    ttfb_p50_s: float | None
+    ttfb_p99_s: float | None
+    done_p50_s: float | None  # start to last byte of the completed downloads
+    wall_s: float  # the slowest run's
+    upstream_baseline: int | None  # None: direct, no upstream
+    upstream_max: int | None  # most ESTABLISHED upstream connections at once
+    busy_max: int | None  # ... of which the most busy at once (bytes waiting backend -> proxy)
+    busy_mean: float | None  # ... and their mean over the samples
+    cpu_pct: float | None  # the contender's processes, % of one core over the runs
+
+    @property
+    def ratio(self) -> float:
+        return self.completed / self.started if self.started else 0.0
+
+    @classmethod
+    def from_json(cls, d: JSON) -> ManyRow:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def to_json(self) -> JSON:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class ManyWorkload:
+    """``many``: N concurrent downloads of one file over the scenario's shared link."""
+
+    clients: int
+    size: int
+    rcvbuf: int
+    order: list[str]
+    runs: dict[str, list[ManyRun]]
+    rows: dict[str, ManyRow]
+    note: str = ""  # the sizing and its arithmetic, as the harness chose it
+    deadline_s: float | None = None  # each client's
+    keep_alive: bool = False  # the requests' Connection (runs of 2026-12-04 15:42: close)
+
+    @classmethod
+    def from_json(cls, d: JSON) -> ManyWorkload:
+        return cls(
+            clients=d["clients"],
+            size=d["size"],
+            rcvbuf=d["rcvbuf"],
+            order=d["order"],
+            runs={k: [ManyRun.from_json(r) for r in v] for k, v in d["runs"].items()},
+            rows={k: ManyRow.from_json(r) for k, r in d["rows"].items()},
+            note=d.get("note", ""),
+            deadline_s=d.get("deadline_s"),
+            keep_alive=d.get("keep_alive", False),
+        )
+
+    def to_json(self) -> JSON:
+        return {
+            "clients": self.clients,
+            "size": self.size,
+            "rcvbuf": self.rcvbuf,
+            "order": self.order,
+            "runs": {k: [r.to_json() for r in v] for k, v in self.runs.items()},
+            "rows": {k: r.to_json() for k, r in self.rows.items()},
+            "note": self.note,
+            "deadline_s": self.deadline_s,
+            "keep_alive": self.keep_alive,
+        }
+
+
+@dataclass
 class ScenarioResult:
     """One network scenario: its emulation as verified, its workloads, what came after."""
 
@@ -317,6 +426,7 @@ class ScenarioResult:
     fileproxy_stats: dict[str, JSON] = field(default_factory=dict)
     counters_after: JSON | None = None
     delayer: JSON | None = None
+    many: ManyWorkload | None = None  # runs before 2026-12-04 have none
 
     @classmethod
     def from_json(cls, d: JSON) -> ScenarioResult:
@@ -332,6 +442,7 @@ class ScenarioResult:
             fileproxy_stats=d.get("fileproxy_stats", {}),
             counters_after=d.get("counters_after"),
             delayer=d.get("delayer"),
+            many=ManyWorkload.from_json(d["many"]) if "many" in d else None,
         )
 
     def to_json(self) -> JSON:
@@ -348,6 +459,7 @@ class ScenarioResult:
         out["fileproxy_stats"] = self.fileproxy_stats
         out["counters_after"] = self.counters_after
         out["delayer"] = self.delayer
+        _put(out, "many", self.many.to_json() if self.many else None)
         return out
 
 

@@ -34,6 +34,9 @@ from bench.records import (
     PROBE_BOUND,
     WORKERS,
     WRK_TIMEOUT_S,
+    ManyRow,
+    ManyRun,
+    ManyWorkload,
     RangeCheck,
     RateStaircase,
     Report,
@@ -113,6 +116,121 @@ def aggregate(
     )
 
 
+def nearest_rank(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by nearest rank; None without values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def aggregate_many(runs: list[ManyRun]) -> ManyRow:
+    """One contender's ``many`` runs: completion, errors by kind, TTFB, upstream held.
+
+    A client that printed nothing (its process failed) counts as started and not
+    completed, under ``no_result``. Upstream figures: the most ESTABLISHED connections
+    of the contender to the backend in any sample, the most of them busy (bytes waiting
+    between the backend and the proxy), and that count's mean over every sample; None
+    for direct.
+    """
+    started = sum(r.started for r in runs)
+    completed = 0
+    errors: dict[str, int] = {}
+    ttfb: list[float] = []
+    done: list[float] = []
+    for r in runs:
+        for kind, _status, first, last, _bytes in r.clients:
+            if first is not None:
+                ttfb.append(float(first))
+            if kind == "ok":
+                completed += 1
+                if last is not None:
+                    done.append(float(last))
+            else:
+                errors[kind] = errors.get(kind, 0) + 1
+        missing = r.started - len(r.clients)
+        if missing > 0:
+            errors["no_result"] = errors.get("no_result", 0) + missing
+    ups = [r.upstream for r in runs if r.upstream is not None]
+    samples = [s for u in ups for s in u["samples"]]
+    cpu = sum(r.cpu_s.get("contender", r.cpu_s.get("backend", 0.0)) for r in runs)
+    wall = sum(r.wall_s for r in runs)
+
+    def rounded(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
+    return ManyRow(
+        runs=len(runs),
+        started=started,
+        completed=completed,
+        errors=dict(sorted(errors.items())),
+        ttfb_p50_s=rounded(nearest_rank(ttfb, 50), 3),
+        ttfb_p99_s=rounded(nearest_rank(ttfb, 99), 3),
+        done_p50_s=rounded(nearest_rank(done, 50), 1),
+        wall_s=max((r.wall_s for r in runs), default=0.0),
+        upstream_baseline=max(u["baseline"] for u in ups) if ups else None,
+        upstream_max=max((int(s[1]) for s in samples), default=0) if ups else None,
+        busy_max=max((int(s[2]) for s in samples), default=0) if ups else None,
+        busy_mean=round(sum(s[2] for s in samples) / len(samples), 1) if samples else None,
+        cpu_pct=round(cpu / wall * 100, 1) if wall else None,
+    )
+
+
+def many_markdown(scen_title: str, many: ManyWorkload) -> list[str]:
+    """The ``many`` section of a scenario: one row per contender."""
+    size = many.size / 1024
+    size_text = f"{size / 1024:g} MiB" if size >= 1024 else f"{size:g} KiB"
+    lines = [
+        f"### {scen_title}: {many.clients} concurrent downloads of {size_text} (`many`)",
+        "",
+        f"bench/many_clients.py in the client namespace starts {many.clients} downloads at "
+        f"once, each on its own connection with SO_RCVBUF {many.rcvbuf // 1024} KiB, the body "
+        "read as it arrives, "
+        + (
+            "keep-alive requests (the client closes after the body)"
+            if many.keep_alive
+            else "requests with `Connection: close` (the server closes after the body)"
+        )
+        + "; all share the scenario's one shaped link (tbf on each veth end: no "
+        "per-flow shaping here). One run per contender, in the order "
+        f"{' '.join(many.order)}. completed = status 200 with every byte and the right "
+        "SHA-256; timeout = not complete within each client's deadline"
+        + (f" ({many.deadline_s:g} s)" if many.deadline_s else "")
+        + ". TTFB = from before connect() to the first response byte. Upstream = the "
+        "contender's ESTABLISHED connections to the backend (`ss -tnp`, its own processes "
+        "only; every ~0.2 s): the most at once (and before the run; idle pooled ones count), and "
+        "how many of them were busy, at most and on average: bytes waiting between the backend "
+        "and the proxy (proxy-side Recv-Q or backend-side Send-Q > 0: the proxy did not read "
+        "its upstream as fast as the backend sent, i.e. a client held it). A connection held "
+        "while the rest of its body sits in the proxy's own read buffer counts as held, not "
+        "busy. CPU = the contender's processes (direct: the backend), "
+        "% of one core over the run.",
+        "",
+    ]
+    if many.note:
+        lines += [many.note, ""]
+    lines += [
+        "| contender | completed | errors | TTFB p50 / p99 s | done p50 s | wall s "
+        "| upstream held max (before) | busy max / mean | CPU % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in many.rows.items():
+        errs = ", ".join(f"{k} {n}" for k, n in row.errors.items()) or "0"
+        failed = [r.error for r in many.runs.get(key, []) if r.error]
+        if failed:
+            errs += f"; client process: {failed[0][-80:]!r}"
+        held = "-" if row.upstream_max is None else f"{row.upstream_max} ({row.upstream_baseline})"
+        busy = "-" if row.busy_max is None else f"{row.busy_max} / {fmt(row.busy_mean, 1)}"
+        lines.append(
+            f"| {LABELS.get(key, key)} | {row.completed}/{row.started} ({row.ratio:.0%}) "
+            f"| {errs} | {fmt(row.ttfb_p50_s, 2)} / {fmt(row.ttfb_p99_s, 2)} "
+            f"| {fmt(row.done_p50_s, 1)} | {fmt(row.wall_s, 1)} | {held} | {busy} "
+            f"| {fmt(row.cpu_pct, 0)} |"
+        )
+    lines.append("")
+    return lines
+
+
 def fmt(value: float | None, digits: int = 0) -> str:
     if value is None:
         return "-"
@@ -139,6 +257,13 @@ def load_text(report: Report) -> str:
         for scen in report.scenarios
         for wl in scen.workloads
         for runs in wl.runs.values()
+        for r in runs
+    ]
+    loads += [
+        r.loadavg_1m_before
+        for scen in report.scenarios
+        if scen.many is not None
+        for runs in scen.many.runs.values()
         for r in runs
     ]
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "unknown"
@@ -298,6 +423,8 @@ def markdown(report: Report) -> str:
             )
         if extras:
             lines.extend([*extras, ""])
+        if scen.many is not None:
+            lines.extend(many_markdown(scen.title, scen.many))
     if report.extras:
         lines.extend(extras_markdown(report.extras, LABELS))
     lines.extend(report.notes)
@@ -415,6 +542,8 @@ def rerender(path: Path, with_chart: bool) -> None:
             )
         for wl in scen.workloads:
             wl.rows = {k: aggregate(runs, scenario, wl.key, probe) for k, runs in wl.runs.items()}
+        if scen.many is not None:
+            scen.many.rows = {k: aggregate_many(runs) for k, runs in scen.many.runs.items()}
     soak = (report.extras or {}).get("sse_soak")
     if soak:
         soak.update(soak_verdict(soak).to_json())

@@ -1,6 +1,6 @@
 """The seed's three network scenarios, measured with wrk, side by side.
 
-    sudo .venv/bin/python -m bench.run                 # about 13 minutes
+    sudo .venv/bin/python -m bench.run                 # about 30 minutes
     sudo BENCH_FULL=1 .venv/bin/python -m bench.run    # 3x longer runs, 64 MiB files, soaks
     .venv/bin/python -m bench.run --scenarios normal --workloads small --duration-scale 0.4
     .venv/bin/python -m bench.run --workloads range,stair,sse,sse_soak --duration-scale 0.2
@@ -33,6 +33,60 @@ rate, loss counters), then every workload is measured for every contender in
 the order A B C D E E D C B A (drift on a shared machine cancels out), and
 the two runs of each contender are averaged.
 
+The ``many`` workload (poor and very poor links; issue 14: slow clients must never
+hold upstream connections): N downloads of one file start at once from
+bench/many_clients.py in the client namespace (one asyncio process, each client
+``bench.slow_clients.slow_get`` on its own connection, SO_RCVBUF 32 KiB, reading
+the body as it arrives). The link is the scenario's one shaped link, shared by
+every client: the emulation has tbf on each veth end and no per-flow shaping (no
+netem, fq or htb classes per flow here), so "each client on its own impaired path"
+is not available; the N flows divide the link. Per contender, one run each in the
+order of ``--contenders`` (A B C D E: one pass takes ~8 min per scenario, two
+would not fit): completed byte-exact / started, errors by kind (status_504, reset,
+short_body, timeout, no_head, ...), time to first byte p50 / p99, wall time, and
+the contender's upstream connections, sampled with ``ss -tnp`` in the server
+namespace every ~0.2 s and kept only when owned by the contender's processes
+(idle pooled connections of the other contenders do not count): the most
+ESTABLISHED at once, and the most / mean "busy" ones (bytes waiting between the
+backend and the proxy: the proxy reads its upstream only as fast as a client
+takes the body).
+
+Sizing (``MANY``; ``MANY_NOTE`` says the same in the report): the client count
+should exceed the proxies' upstream pools (fileproxy 2 workers x 50 per host =
+100; "before" 2 x 30 = 60), each response should exceed what the client side
+absorbs while a proxy without a spool keeps its upstream (the proxy's send buffer,
+autotuned from tcp_wmem 4K/16K/4M, 110-165 KB seen in ss on the very poor link;
+BUFFER_SIZE 128 KiB of transport buffer; the client's 32 KiB SO_RCVBUF: ~300 KiB,
+plus the proxy's upstream read buffer before the rest shows as busy: >= 768 KiB),
+and the 5 contenders should take ~8 min per scenario (~480 s x the link rate):
+
+- poor, 10 Mbit/s (~9.3 Mbit/s of goodput measured with 20 flows): 110 x 1 MiB =
+  115 MB = ~92 s of link time per contender. Condition (2) is NOT met there: the
+  proxies' send buffers autotune to ~2 MiB on this link (ss: 2,080,512 bytes on
+  every client socket 15 s into a run), so any proxy hands a 1 MiB body to the
+  kernel at once; meeting it needs > 2-4 MiB per response (tcp_wmem max 4 MiB):
+  110 x 4 MiB = ~370 s per contender, 31 min for five;
+- very poor, 1 Mbit/s: more than 100 clients x >= 768 KiB = >= 79 MB = ~660 s per
+  contender (55 min for five): by default 8 x 768 KiB = 6.3 MB = ~50 s, fewer
+  clients than any pool (the spool and the connections held are measured, the wait
+  for a pool slot is not), and few enough that the flows' smallest windows (BBR
+  keeps >= 4 packets each) fit the link's ~50 packets (bandwidth-delay product +
+  tbf queue);
+- on the poor link 110 flows x 4 packets exceed its ~215 (130 + the tbf queue's
+  85): the shared link stays overloaded, losses put flows into exponential
+  retransmission back-off, and some starve for a minute or more whoever serves
+  them. With ``Connection: close`` (the first run, 2026-12-04 15:42) every server
+  closed right after handing the body to its kernel; the orphaned socket gets
+  tcp_orphan_retries (8) instead of tcp_retries2 (15) and was aborted
+  (TcpExtTCPAbortOnTimeout) without a RST the client saw, which then waited for its
+  deadline (2x the link's time for everything, at least 120 s): ``timeout`` in every
+  row, direct included. The requests are keep-alive since (the client closes),
+  which did not remove the timeouts (2026-12-04-1618: direct 11, nginx 12,
+  fileproxy 9 of 110): starved flows outlast a 2x deadline whoever serves them;
+- BENCH_FULL=1: the issue's 300 x 4 MiB on the poor link (~1,000 s per contender)
+  and 110 x 1 MiB on the very poor one (~920 s per contender): ~2.7 h more;
+  ``--many CLIENTS:KIB`` sets both links' figures.
+
 Output: a markdown table (printed, and ``bench/results/<date>.md``), the raw
 figures (``.json``) and a chart (``.png``, when matplotlib is importable).
 """
@@ -42,6 +96,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -52,6 +107,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +123,7 @@ from bench.netem import (
     netem_available,
     write_file,
 )
-from bench.procs import PeakMemory, group_cpu_seconds, host_busy_seconds
+from bench.procs import PeakMemory, group_cpu_seconds, group_pids, host_busy_seconds
 from bench.records import (
     BACKEND_PORT,
     CONTENDERS,
@@ -76,6 +132,8 @@ from bench.records import (
     WORKERS,
     WRK_TIMEOUT_S,
     LongDownload,
+    ManyRun,
+    ManyWorkload,
     RangeCheck,
     Report,
     RunResult,
@@ -83,7 +141,7 @@ from bench.records import (
     WorkloadResult,
     WrkStats,
 )
-from bench.report import NOTES, aggregate, rerender, write_report
+from bench.report import NOTES, aggregate, aggregate_many, rerender, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -115,7 +173,7 @@ WORKLOAD_LABELS = {
 }
 # the wrk workloads of the per-scenario table, and the extra ones (bench/extras.py,
 # on the clean link); "soak" and "stair_rate" run by default only with BENCH_FULL=1
-TABLE_WORKLOADS = ("small", "file", "range")
+TABLE_WORKLOADS = ("small", "file", "range", "many")
 EXTRA_WORKLOADS = ("stair", "sse", "sse_soak", "soak", "stair_rate")
 
 
@@ -141,6 +199,64 @@ def workloads_for(scenario: str, full: bool, scale: float) -> list[Workload]:
     if scenario == "clean" or (full and scenario == "normal"):
         rows.append(Workload("range", "/64m.bin", 16, max(1, round(2 * factor))))
     return rows
+
+
+@dataclass(frozen=True)
+class ManySpec:
+    """The ``many`` workload of a scenario: `clients` downloads of `size` bytes at once."""
+
+    clients: int
+    size: int
+    rcvbuf: int = 32 * 1024  # each client's SO_RCVBUF
+    # keep-alive requests: with Connection: close every server closes once the last bytes
+    # are in its kernel buffer, and an orphaned socket gets tcp_orphan_retries (8), not
+    # tcp_retries2 (15): on the overloaded shared link starved flows were aborted unseen
+    keep_alive: bool = True
+
+    def expected_s(self, scenario: Scenario) -> float:
+        """Seconds the shared link needs for every byte at its nominal rate."""
+        return self.clients * self.size * 8 / (scenario.rate_mbit * 1e6)
+
+    def deadline_s(self, scenario: Scenario) -> float:
+        """Each client's deadline: 2x the link's time for everything, at least 120 s.
+
+        A client whose connection the server dropped without a RST the client saw
+        (nginx's send_timeout, 60 s, then the kernel's orphan retries) waits for it.
+        """
+        return round(max(120.0, 2 * self.expected_s(scenario)))
+
+
+MIB = 1 << 20
+# see MANY_NOTE: 8 min per scenario for the 5 contenders by default; the issue's figures
+# (300 x 4 MiB, ~100 x 1 MiB) with BENCH_FULL=1
+MANY = {"poor": ManySpec(110, MIB), "very_poor": ManySpec(8, 768 * 1024)}
+MANY_FULL = {"poor": ManySpec(300, 4 * MIB), "very_poor": ManySpec(110, MIB)}
+MANY_NOTE = (
+    "Sizing (bench/run.py MANY): (1) more clients than the proxies' upstream pools: "
+    'fileproxy 2 workers x HTTP_CONNECTOR_LIMIT_PER_HOST 50 = 100, "before" 2 x 30 = 60 (a '
+    "request waits for a slot within the connect timeout, 15 s / 8 s, then 504 / 500); (2) "
+    "a response larger than what the client side absorbs while a proxy without a spool "
+    "keeps its upstream: the proxy's socket send buffer (autotuned from tcp_wmem 4K/16K/4M;"
+    " 110-165 KB in ss on the very poor link), its transport buffer (BUFFER_SIZE 128 KiB; "
+    "asyncio's 64 KiB for \"before\") and the client's SO_RCVBUF (32 KiB): ~300 KiB; and for "
+    "the rest to show as busy, more than the proxy's upstream read buffer (BUFFER_SIZE) on "
+    "top: >= 768 KiB; (3) the 5 contenders within ~8 min per scenario: ~480 s x the link's "
+    "rate. Poor link, 10 Mbit/s (9.3 measured with 20 flows): 110 x 1 MiB = 115 MB = ~92 s "
+    "of link time per contender; but there the send buffers autotune much larger (ss: "
+    "2,080,512 bytes on every client socket of fileproxy 15 s into the run, 0.5-1 MB unsent"
+    " in each), so a 1 MiB response fits the kernel whatever the proxy and condition (2) is"
+    " not met: it would need > 2-4 MiB per response (tcp_wmem's maximum is 4 MiB), 110 x 4 "
+    "MiB = ~370 s per contender, 31 min for five. Very poor link, 1 Mbit/s: (1) and (2) "
+    "together need >= 101 x 768 KiB = 79 MB = ~660 s per contender (55 min for five), so by"
+    " default 8 x 768 KiB = 6.3 MB = ~50 s: fewer clients than any pool (the spool and the "
+    "upstream connections held are measured, the wait for a pool slot is not), and few "
+    "enough that the flows' smallest windows (BBR keeps >= 4 packets each) fit the link's "
+    "~50 packets (bandwidth-delay product + tbf queue). On the poor link 110 flows x 4 "
+    "packets exceed its ~215 (130 + the tbf queue's 85): the link stays overloaded, losses "
+    "put flows in exponential retransmission back-off and some starve for a minute or more "
+    "whoever serves them (see the direct row). BENCH_FULL=1: the issue's 300 x 4 MiB on the"
+    " poor link (~1,000 s per contender) and 110 x 1 MiB on the very poor one (~920 s)."
+)
 
 
 # -- processes -------------------------------------------------------------------
@@ -490,6 +606,114 @@ class Bench:
                 result.health = {"error": str(exc)}
         return result
 
+    def many_file(self, size: int) -> tuple[str, str]:
+        """The ``many`` workload's file of `size` bytes: its path and SHA-256."""
+        target = self.www / f"many-{size}.bin"
+        if not target.exists():
+            write_file(target, size)
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        return f"/{target.name}", digest
+
+    def upstream_held(self, key: str) -> tuple[int, int]:
+        """The contender's ESTABLISHED connections to the backend, and how many of them
+        are busy: bytes wait between the backend and the proxy (the proxy side's Recv-Q
+        or the backend side's Send-Q > 0: the proxy is not reading its upstream as fast as
+        the backend sends, i.e. a client holds it back).
+
+        ``ss -tnp`` in the server namespace; a connection counts only when its proxy-side
+        socket belongs to one of the contender's processes: idle pooled connections of the
+        others are not counted. A held connection whose rest of the body already sits in
+        the proxy's own read buffer (BUFFER_SIZE) shows as established, not as busy.
+        """
+        pids = {str(pid) for pid in group_pids(self.running[key].pid)}
+        out = self.bed.sh(
+            self.bed.server_ns, "ss", "-tnpH", "state", "established",
+            f"( sport = :{BACKEND_PORT} or dport = :{BACKEND_PORT} )", check=False,
+        )  # fmt: skip
+        backend_sendq: dict[str, int] = {}  # the proxy's port -> backend side Send-Q
+        proxy_side: list[tuple[str, int]] = []  # (the proxy's port, Recv-Q) of ours
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or not (fields[0].isdigit() and fields[1].isdigit()):
+                continue
+            local, peer = fields[2], fields[3]
+            if local.endswith(f":{BACKEND_PORT}"):
+                backend_sendq[peer.rsplit(":", 1)[1]] = int(fields[1])
+            elif set(re.findall(r"pid=(\d+)", line)) & pids:
+                proxy_side.append((local.rsplit(":", 1)[1], int(fields[0])))
+        busy = sum(1 for port, recvq in proxy_side if recvq > 0 or backend_sendq.get(port, 0) > 0)
+        return len(proxy_side), busy
+
+    def measure_many(
+        self, scenario: Scenario, key: str, spec: ManySpec, path: str, sha256: str
+    ) -> ManyRun:
+        """``spec.clients`` downloads at once from the client namespace (bench.many_clients)
+        while ``ss`` samples the contender's upstream connections every ~0.2 s."""
+        port = self.port(key)
+        deadline = spec.deadline_s(scenario)
+        argv = self.bed.ns_argv(
+            self.bed.client_ns,
+            [
+                PYTHON, "-m", "bench.many_clients", "--host", SERVER_IP, "--port", str(port),
+                "--path", path, "--clients", str(spec.clients), "--sha256", sha256,
+                "--rcvbuf", str(spec.rcvbuf), "--deadline", f"{deadline:g}",
+                *(["--keep-alive"] if spec.keep_alive else []),
+            ],
+        )  # fmt: skip
+        upstream: dict[str, Any] | None = None
+        stop = threading.Event()
+        samples: list[list[float]] = []
+        if key != "direct":
+            upstream = {"baseline": self.upstream_held(key)[0], "samples": samples}
+        group = self.running[key].pid
+        cpu_before = group_cpu_seconds(group)
+        busy_before = host_busy_seconds()
+        loadavg = float(Path("/proc/loadavg").read_text().split()[0])
+        started = time.monotonic()
+
+        def sample() -> None:
+            while not stop.is_set():
+                held, busy = self.upstream_held(key)
+                samples.append([round(time.monotonic() - started, 2), held, busy])
+                stop.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if upstream is not None:
+            sampler.start()
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=deadline + 60, check=False, cwd=REPO
+            )
+            output, error = done.stdout, None if done.returncode == 0 else done.stderr[-1000:]
+        except subprocess.TimeoutExpired as exc:
+            output, error = "", f"client process not done after {deadline + 60:g} s: {exc}"
+        wall = time.monotonic() - started
+        stop.set()
+        if sampler.is_alive():
+            sampler.join(10)
+        cpu = round(group_cpu_seconds(group) - cpu_before, 2)
+        busy = host_busy_seconds() - busy_before
+        clients: list[list[Any]] = []
+        try:
+            data = json.loads(output.strip().splitlines()[-1])
+            clients, wall = data["clients"], data["wall_s"]
+        except (ValueError, IndexError, KeyError) as exc:
+            error = error or f"no JSON from the clients ({exc}): {output[-500:]}"
+        name = "backend" if key == "direct" else "contender"
+        return ManyRun(
+            contender=key,
+            scenario=scenario.name,
+            started=spec.clients,
+            size=spec.size,
+            rcvbuf=spec.rcvbuf,
+            wall_s=round(wall, 2),
+            loadavg_1m_before=loadavg,
+            cpu_s={name: cpu, "machine": round(busy, 2)},
+            clients=clients,
+            upstream=upstream,
+            error=error,
+        )
+
 
 def health_path(key: str, workload: Workload) -> str:
     """What the health probe asks for: fileproxy's /health; of nginx, which has none,
@@ -595,6 +819,7 @@ class Options:
     long_download: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     fp_env: dict[str, str] = field(default_factory=dict)
+    many: ManySpec | None = None  # --many: the same clients x size on both links
 
 
 def run(options: Options) -> Report:
@@ -693,6 +918,11 @@ def run(options: Options) -> Report:
                         runs=runs,
                     )
                 )
+            spec = (MANY_FULL if options.full else MANY).get(name)
+            if spec is not None and options.many is not None:
+                spec = options.many
+            if "many" in options.workloads and spec is not None:
+                scen.many = run_many(bench, scenario, options.contenders, spec)
             if name == "very_poor" and options.long_download:
                 scen.long_download = []
                 for key in [k for k in options.contenders if k != "direct"]:
@@ -719,6 +949,40 @@ def run(options: Options) -> Report:
         shutil.rmtree(root, ignore_errors=True)
     report.run_time_s = round(time.monotonic() - started, 1)
     return report
+
+
+def run_many(
+    bench: Bench, scenario: Scenario, contenders: list[str], spec: ManySpec
+) -> ManyWorkload:
+    """The ``many`` workload of one scenario: one run per contender, in the given order."""
+    path, sha256 = bench.many_file(spec.size)
+    runs: dict[str, list[ManyRun]] = {k: [] for k in contenders}
+    print(f"  many: {spec.clients} x {spec.size / 1024:g} KiB at once "
+          f"(the link needs {spec.expected_s(scenario):.0f} s for it)", flush=True)  # fmt: skip
+    for key in contenders:
+        result = bench.measure_many(scenario, key, spec, path, sha256)
+        runs[key].append(result)
+        row = aggregate_many([result])
+        print(
+            f"  many {key:7s} {row.completed}/{row.started} ok, errors {row.errors or 0}, "
+            f"ttfb p50/p99 {row.ttfb_p50_s}/{row.ttfb_p99_s} s, wall {row.wall_s} s, "
+            f"upstream max {row.upstream_max} (baseline {row.upstream_baseline}), "
+            f"busy max/mean {row.busy_max}/{row.busy_mean}"
+            + (f"; FAILED: {result.error[:200]}" if result.error else ""),
+            flush=True,
+        )
+        bench.wait_quiet(bench.port(key), 10)
+    return ManyWorkload(
+        clients=spec.clients,
+        size=spec.size,
+        rcvbuf=spec.rcvbuf,
+        order=list(contenders),
+        runs=runs,
+        rows={k: aggregate_many(v) for k, v in runs.items()},
+        note=MANY_NOTE,
+        deadline_s=spec.deadline_s(scenario),
+        keep_alive=spec.keep_alive,
+    )
 
 
 def main() -> None:
@@ -748,6 +1012,11 @@ def main() -> None:
         help="on the very poor link, download 8 MiB (~80 s) through each proxy, byte-exact "
         "(on by default with BENCH_FULL=1)",
     )
+    parser.add_argument(
+        "--many", metavar="CLIENTS:KIB", default=None,
+        help="the many workload's clients and file size on the poor and very poor links "
+        "(default: 110:1024 and 16:768; BENCH_FULL=1: 300:4096 and 110:1024)",
+    )  # fmt: skip
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only rebuild .md/.png from a stored .json"
     )
@@ -797,6 +1066,9 @@ def main() -> None:
         extra={"soak_streams": args.soak_streams},
         fp_env=dict(item.split("=", 1) for item in args.fp_env),
     )
+    if args.many:
+        clients, _, kib = args.many.partition(":")
+        options.many = ManySpec(int(clients), int(kib) * 1024)
     unknown = set(options.scenarios) - set(SCENARIOS)
     unknown |= set(options.contenders) - set(LABELS)
     unknown |= set(options.workloads) - set(TABLE_WORKLOADS + EXTRA_WORKLOADS)

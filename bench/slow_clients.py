@@ -27,7 +27,8 @@ the largest event-loop lag fileproxy reported in /health meanwhile.
         [--rcvbuf 16384] [--contenders spool_on,spool_off,nginx] [--deadline 120]
 
 ``slow_get`` and ``static_backend_conf`` are used by
-tests/integration/test_spool.py.
+tests/integration/test_spool.py; ``slow_get`` is also the client of bench.many_clients
+(the ``many`` workload of bench.run, on the impaired links).
 """
 
 from __future__ import annotations
@@ -75,13 +76,20 @@ async def slow_get(
     port: int,
     path: str,
     *,
-    rate: float,
+    rate: float | None,
     rcvbuf: int,
     deadline_s: float,
     host: str = "127.0.0.1",
     headers: str = "",
+    close: bool = True,
 ) -> Download:
-    """GET ``path`` on a fresh connection, reading the body at ``rate`` bytes/s."""
+    """GET ``path`` on a fresh connection, reading the body at ``rate`` bytes/s.
+
+    ``rate`` None: read as fast as the connection delivers (bench.many_clients: the
+    impaired link paces the client). ``close`` False: no ``Connection: close`` (a
+    keep-alive request); the client closes once it has the whole body, so the server
+    never closes a connection with unsent bytes in its kernel buffer.
+    """
     loop = asyncio.get_running_loop()
     result = Download()
     started = time.monotonic()
@@ -91,7 +99,8 @@ async def slow_get(
         sock.setblocking(False)
         async with asyncio.timeout(deadline_s):
             await loop.sock_connect(sock, (host, port))
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+            connection = "Connection: close\r\n" if close else ""
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}{connection}\r\n"
             await loop.sock_sendall(sock, request.encode())
             head = b""
             while b"\r\n\r\n" not in head:
@@ -118,6 +127,8 @@ async def slow_get(
                     break
                 digest.update(data)
                 result.received += len(data)
+                if rate is None:
+                    continue
                 ahead = body_started + result.received / rate - time.monotonic()
                 if ahead > 0:
                     await asyncio.sleep(ahead)

@@ -15,6 +15,8 @@ import pytest
 from bench.extras import STAIR_P99_MS, judge, soak_verdict
 from bench.netem import SCENARIOS
 from bench.records import (
+    ManyRun,
+    ManyWorkload,
     RangeCheck,
     RateStaircase,
     Report,
@@ -25,7 +27,16 @@ from bench.records import (
     WorkloadResult,
     WrkStats,
 )
-from bench.report import NOTES, aggregate, markdown, report_json, rerender
+from bench.report import (
+    NOTES,
+    aggregate,
+    aggregate_many,
+    many_markdown,
+    markdown,
+    nearest_rank,
+    report_json,
+    rerender,
+)
 
 RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results"
 
@@ -305,10 +316,128 @@ def test_staircase_records_round_trip():
     assert list(RateStaircase.from_json(rate).to_json()["steps"][0]) == list(rate["steps"][0])
 
 
-@pytest.mark.parametrize("stem", ["2026-12-02-0314", "2026-12-02-0323"])
+@pytest.mark.parametrize(
+    "stem", ["2026-12-02-0314", "2026-12-02-0323", "2026-12-04-1607", "2026-12-04-1618"]
+)
 def test_stored_run_renders_as_committed(tmp_path, stem):
-    """--render of a stored run (table, staircase, SSE, SSE soak) gives its committed .md."""
+    """--render of a stored run (table, staircase, SSE, SSE soak, many) gives its committed .md."""
     path = tmp_path / f"{stem}.json"
     path.write_text((RESULTS / f"{stem}.json").read_text())
     rerender(path, with_chart=False)
-    assert (tmp_path / f"{stem}.md").read_text() == (RESULTS / f"{stem}.md").read_text()
+    # a run written with its chart links it at the end (not drawn here)
+    committed = (
+        (RESULTS / f"{stem}.md").read_text().replace(f"\n![benchmark chart]({stem}.png)\n", "")
+    )
+    assert (tmp_path / f"{stem}.md").read_text() == committed
+
+
+# -- the many workload --------------------------------------------------------------------
+
+
+def many_run(key: str, clients: list[list[object]], samples: list[list[float]] | None,
+             started: int | None = None, error: str | None = None) -> ManyRun:  # fmt: skip
+    return ManyRun(
+        contender=key,
+        scenario="poor",
+        started=len(clients) if started is None else started,
+        size=1 << 20,
+        rcvbuf=32768,
+        wall_s=100.0,
+        loadavg_1m_before=1.2,
+        cpu_s={"backend" if key == "direct" else "contender": 20.0, "machine": 90.0},
+        clients=clients,  # type: ignore[arg-type]
+        upstream=None if samples is None else {"baseline": 2, "samples": samples},
+        error=error,
+    )
+
+
+def test_nearest_rank():
+    assert nearest_rank([], 50) is None
+    assert nearest_rank([3.0, 1.0, 2.0], 50) == 2.0
+    assert nearest_rank([float(x) for x in range(1, 101)], 99) == 99.0
+    assert nearest_rank([5.0], 99) == 5.0
+
+
+def test_aggregate_many_completion_errors_ttfb_upstream():
+    ok = ["ok", 200, 0.5, 90.0, 1 << 20]
+    clients = [
+        ok, ok, ok,
+        ["status_504", 504, 15.2, 15.3, 160],
+        ["short_body", 200, 0.4, 45.0, 700_000],
+        ["reset", 0, None, None, 0],
+    ]  # fmt: skip
+    samples = [[0.0, 2, 0], [0.2, 60, 58], [0.4, 60, 60], [0.6, 40, 10]]
+    row = aggregate_many([many_run("before", clients, samples, started=7)])
+    assert (row.runs, row.started, row.completed) == (1, 7, 3)
+    # by kind, sorted; the client the process never reported on counts as no_result
+    assert row.errors == {"no_result": 1, "reset": 1, "short_body": 1, "status_504": 1}
+    assert list(row.errors) == sorted(row.errors)
+    assert row.ratio == pytest.approx(3 / 7)
+    # TTFB over every client that got a first byte (also failed ones), done over completed
+    assert row.ttfb_p50_s == 0.5 and row.ttfb_p99_s == 15.2
+    assert row.done_p50_s == 90.0
+    assert (row.upstream_baseline, row.upstream_max, row.busy_max) == (2, 60, 60)
+    assert row.busy_mean == pytest.approx(32.0)
+    assert row.cpu_pct == pytest.approx(20.0)
+    # direct has no upstream: no upstream figures
+    direct = aggregate_many([many_run("direct", [ok, ok], None)])
+    assert (direct.completed, direct.errors, direct.upstream_max, direct.busy_max) == (
+        2, {}, None, None,
+    )  # fmt: skip
+    assert direct.cpu_pct == pytest.approx(20.0)
+
+
+def many_workload() -> ManyWorkload:
+    ok = ["ok", 200, 0.5, 90.0, 1 << 20]
+    runs = {
+        "direct": [many_run("direct", [ok, ok], None)],
+        "nginx": [many_run("nginx", [ok, ok], [[0.1, 2, 0], [0.3, 4, 1]])],
+        "fp_off": [many_run("fp_off", [ok, ["status_504", 504, 15.0, 15.1, 100]], [[0.1, 3, 2]])],
+        "fp_on": [many_run("fp_on", [], [], started=2, error="Traceback: boom")],
+    }
+    return ManyWorkload(
+        clients=2, size=768 * 1024, rcvbuf=32768, order=list(runs), runs=runs,
+        rows={k: aggregate_many(v) for k, v in runs.items()}, note="Sizing: small.",
+    )  # fmt: skip
+
+
+def test_many_markdown_rows():
+    lines = many_markdown("poor", many_workload())
+    assert lines[0] == "### poor: 2 concurrent downloads of 768 KiB (`many`)"
+    assert "One run per contender, in the order direct nginx fp_off fp_on." in lines[2]
+    assert "Sizing: small." in lines
+    header = lines.index(
+        "| contender | completed | errors | TTFB p50 / p99 s | done p50 s | wall s "
+        "| upstream held max (before) | busy max / mean | CPU % |"
+    )
+    assert lines[header + 2 : header + 6] == [
+        "| direct (nginx static) | 2/2 (100%) | 0 | 0.50 / 0.50 | 90.0 | 100.0 | - | - | 20 |",
+        "| nginx proxy_pass | 2/2 (100%) | 0 | 0.50 / 0.50 | 90.0 | 100.0 | 4 (2) | 1 / 0.5 | 20 |",
+        "| fileproxy, optimizer off | 1/2 (50%) | status_504 1 | 0.50 / 15.00 | 90.0 | 100.0 "
+        "| 3 (2) | 2 / 2.0 | 20 |",
+        "| fileproxy, optimizer on | 0/2 (0%) | no_result 2; client process: 'Traceback: boom' "
+        "| - / - | - | 100.0 | 0 (2) | 0 / - | 20 |",
+    ]
+    assert lines[-1] == ""
+    assert (
+        lines[0].replace("768 KiB", "1 MiB")
+        == many_markdown("poor", ManyWorkload(2, 1 << 20, 32768, [], {}, {}))[0]
+    )
+
+
+def test_many_in_the_report_round_trip_and_rerender(tmp_path):
+    report = small_report()
+    report.scenarios[0].many = many_workload()
+    text = markdown(report)
+    assert "### normal: 2 concurrent downloads of 768 KiB (`many`)" in text
+    # the many section follows the scenario's table and bullets, before the notes
+    assert text.index("`/stats` of fileproxy") < text.index("(`many`)") < text.index(NOTES[0])
+    stored = json.loads(report_json(report))
+    assert list(stored["scenarios"][0])[-1] == "many"
+    assert Report.from_json(stored).to_json() == stored
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(stored))
+    rerender(path, with_chart=False)
+    assert (tmp_path / "run.md").read_text() == text
+    # a scenario without the many workload keeps the JSON it always had
+    assert "many" not in json.loads(report_json(small_report()))["scenarios"][0]
