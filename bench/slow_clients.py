@@ -13,9 +13,12 @@ small window. Contenders, each in front of the same static nginx backend:
 On loopback the kernel grows a socket's send buffer to ``tcp_wmem``'s maximum (4 MiB
 here) at once: the proxies' client sockets would swallow a whole 4 MiB file each, and
 300 of them push the kernel into TCP memory pressure (drops, retransmit back-off),
-which then is what gets measured. A WAN client's send buffer stays near its
-bandwidth-delay product; ``--sndbuf`` (default 32 KiB: ``FILEPROXY_SO_SNDBUF`` for
-fileproxy, ``listen ... sndbuf=`` for nginx) stands for that.
+which then is what gets measured. On the emulated WAN links of ``bench.run`` the
+send buffers grew to 2-4 MiB too (its ``many`` workload): a proxy hands the kernel the
+first few MiB of any response, and the spool is for the rest of files larger than
+that. A small send buffer makes a 4 MiB file stand for such a file here: ``--sndbuf``
+(default 32 KiB: ``FILEPROXY_SO_SNDBUF`` for fileproxy, ``listen ... sndbuf=`` for
+nginx).
 
 Reported per contender: completed byte-exact / started, errors (status, short
 body, reset), time to first byte p50 / p99 (connect to the status line), the most

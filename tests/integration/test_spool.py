@@ -7,8 +7,10 @@ SO_RCVBUF reading at a fixed pace (bench.slow_clients.slow_get).
 On loopback the kernel grows a socket's send buffer to tcp_wmem's maximum (4 MiB
 here) at once, so the proxy's client socket alone would swallow a multi-MiB file
 and nothing would ever wait for the client (300 such sockets push the kernel into
-TCP memory pressure instead). A WAN client's send buffer stays near its
-bandwidth-delay product: ``FILEPROXY_SO_SNDBUF=32768`` stands for that here; every
+TCP memory pressure instead). On the emulated poor link (``bench.run --workloads
+many``) ``ss`` showed send buffers of 2-4 MiB as well: a proxy hands the kernel the
+first few MiB of any response, and what the spool is for is the rest of a larger
+file. ``FILEPROXY_SO_SNDBUF=32768`` makes a 4 MiB file here stand for such a file; every
 other setting is at its default unless a test says otherwise.
 """
 
