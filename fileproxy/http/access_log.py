@@ -9,8 +9,9 @@ logged later), so a graceful stop or reload loses no line.
 
 A request only takes its line's values (a tuple); the lines are built when the
 batch is written, all in one loop. Built in the request's path, between the
-proxy's own work, a line cost 7.3 µs in a running worker (in a loop: 2.2); built
-in a batch it costs about what the loop costs (see README, Performance).
+proxy's own work, a line cost 7.3 µs in a running worker (the same code in a loop:
+2.2); built in the batch, about 3.5 (README, Performance; ``bench.hot_path
+--time-access-log``).
 
 Written from the event loop itself, never waiting on a reader:
 
@@ -227,17 +228,17 @@ class AccessLog:
         self.text = text
 
     def add(self, line: bytes) -> None:
+        """A line, written as it is."""
         self._lines.append(line)
-        self._size += len(line)
-        if self._size >= BUFFER_BYTES:
-            self.flush()
-        elif self._timer is None:
-            self._arm()
+        self._grown(len(line))
 
     def add_record(self, record: Record) -> None:
         """A request's line, built when the batch is written (``render``)."""
         self._lines.append(record)
-        self._size += RECORD_BYTES
+        self._grown(RECORD_BYTES)
+
+    def _grown(self, size: int) -> None:
+        self._size += size
         if self._size >= BUFFER_BYTES:
             self.flush()
         elif self._timer is None:
