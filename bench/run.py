@@ -85,7 +85,10 @@ and the 5 contenders should take ~8 min per scenario (~480 s x the link rate):
   fileproxy 9 of 110): starved flows outlast a 2x deadline whoever serves them;
 - BENCH_FULL=1: the issue's 300 x 4 MiB on the poor link (~1,000 s per contender)
   and 110 x 1 MiB on the very poor one (~920 s per contender): ~2.7 h more;
-  ``--many CLIENTS:KIB`` sets both links' figures.
+  ``--many CLIENTS:KIB`` sets both links' figures. The run that pins upstreams in
+  ~12 min per contender: ``--scenarios poor --workloads many --many 105:4096``
+  (2026-12-04-1717: "before" completed 0 of 105, 45 x 504 and 60 bodies cut;
+  fileproxy 93, nginx 98, direct 95, only the link's timeouts).
 
 Output: a markdown table (printed, and ``bench/results/<date>.md``), the raw
 figures (``.json``) and a chart (``.png``, when matplotlib is importable).
