@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,21 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procs import free_port
+from bench.procs import free_port, wait_port
 
 SIZES = (8 * 1024, 16 * 1024, 32 * 1024, 64 * 1024, 256 * 1024)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def cpu_seconds(pid: int) -> float:

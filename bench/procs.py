@@ -6,11 +6,24 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``; else the bench stops."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 
 
 def free_port() -> int:

@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,24 +37,13 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import free_port
+from bench.procs import free_port, wait_port
 from bench.run import clean_env, nginx_conf
 from fileproxy.sample_upstream import FILES, file_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MIB = 1024 * 1024
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 class Procs:

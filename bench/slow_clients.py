@@ -54,7 +54,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import free_port
+from bench.procs import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PIECE = 16 * 1024  # bytes a client reads at once
@@ -207,17 +207,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the standalone comparison ------------------------------------------------------
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -376,7 +365,7 @@ def main() -> None:
         conf = static_backend_conf(bdir, backend, www)
         back = subprocess.Popen([nginx, "-c", str(conf), "-p", str(bdir)])
         try:
-            wait_port(backend)
+            wait_port(backend, timeout=30)
             for name in args.contenders.split(","):
                 port = free_port()
                 if name == "nginx":
@@ -400,7 +389,7 @@ def main() -> None:
                     )
                 proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
                 try:
-                    wait_port(port)
+                    wait_port(port, timeout=30)
                     time.sleep(2)  # every worker up
                     row = asyncio.run(measure(name, port, backend, bdir, args, sha))
                 finally:

@@ -37,22 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.health_probe import percentile
-from bench.procs import free_port
+from bench.procs import free_port, wait_port
 from bench.run import clean_env, nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 
 
 def fetch(port: int, path: str, timeout: float = 10.0) -> tuple[float, bytes]:
