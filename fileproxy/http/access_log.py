@@ -366,43 +366,29 @@ def log_access(
 def render(record: Record, text: bool = False) -> bytes:
     """The access line of a request's record: JSON, or the text layout."""
     now, remote, method, path, status, response_bytes, duration_s, user_agent, exchange = record
-    fields: dict[str, Any]
-    if exchange is None:
-        fields = {
-            "ts": int(now * 1000 + 0.5) / 1000,
-            "level": "info",
-            "logger": ACCESS_LOGGER,
-            "msg": "request",
-            "remote": remote,
-            "method": method,
-            "path": path,
-            "status": status,
-            "response_bytes": response_bytes,
-            "duration_ms": _ms(duration_s),
-            "user_agent": user_agent,
-        }
-    else:
+    aborted = exchange is not None and exchange.cause == CLIENT_ABORT
+    fields: dict[str, Any] = {
+        "ts": int(now * 1000 + 0.5) / 1000,
+        "level": "info",
+        "logger": ACCESS_LOGGER,
+        "msg": "client disconnected" if aborted else "request",
+        "remote": remote,
+        "method": method,
+        "path": path,
+        "status": status,
+        "response_bytes": response_bytes,
+        "duration_ms": _ms(duration_s),
+        "user_agent": user_agent,
+    }
+    if exchange is not None:  # a proxied request: what the proxy saw of it
         ttfb_s = exchange.ttfb_s
-        fields = {
-            "ts": int(now * 1000 + 0.5) / 1000,
-            "level": "info",
-            "logger": ACCESS_LOGGER,
-            "msg": "client disconnected" if exchange.cause == CLIENT_ABORT else "request",
-            "remote": remote,
-            "method": method,
-            "path": path,
-            "status": status,
-            "response_bytes": response_bytes,
-            "duration_ms": _ms(duration_s),
-            "user_agent": user_agent,
-            "request_id": exchange.request_id,
-            "upstream": exchange.upstream,
-            "upstream_status": exchange.upstream_status,
-            "ttfb_ms": None if ttfb_s is None else _ms(ttfb_s),
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "cause": exchange.cause,
-        }
+        fields["request_id"] = exchange.request_id
+        fields["upstream"] = exchange.upstream
+        fields["upstream_status"] = exchange.upstream_status
+        fields["ttfb_ms"] = None if ttfb_s is None else _ms(ttfb_s)
+        fields["bytes_in"] = exchange.bytes_in
+        fields["bytes_out"] = exchange.bytes_out
+        fields["cause"] = exchange.cause
         if exchange.error:
             fields["error"] = exchange.error
         if exchange.tries > 1:
