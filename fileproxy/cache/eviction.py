@@ -158,13 +158,17 @@ class LruEviction(Generic[K]):
         victims: list[K] = []
         if self._used <= budget:
             return victims
-        for key in list(self._sizes):
+        used = self._used
+        for key, size in self._sizes.items():  # oldest first; collect, then remove
             if self._pins.pinned(key):
                 continue
-            self._used -= self._sizes.pop(key)
             victims.append(key)
-            if self._used <= budget:
+            used -= size
+            if used <= budget:
                 break
+        for key in victims:
+            del self._sizes[key]
+        self._used = used
         return victims
 
 
