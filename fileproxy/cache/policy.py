@@ -167,9 +167,9 @@ class CacheControl:
 
 
 _DIRECTIVE = re.compile(
-    r"""\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)   # name (a token)
-        \s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s"]*)))?  # =token or ="quoted string"
-        \s*(?:,|$)""",
+    r"""[ \t]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)   # name (a token); OWS is space and tab only
+        [ \t]*(?:=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^," \t]*)))?  # =token or ="quoted string"
+        [ \t]*(?:,|$)""",
     re.VERBOSE,
 )
 _DELTA = re.compile(r"[0-9]+")

@@ -204,6 +204,9 @@ def test_rfc9111_5_2_directive_arguments_may_be_quoted_and_unknown_ones_are_igno
     # a malformed member is skipped up to the next comma
     assert lifetime(("Cache-Control", 'foo="unterminated, max-age=60')) == 60
     assert lifetime(("Cache-Control", "max-age=60, ,, =oops, public")) == 60
+    # bytes from the backend: only space and tab are whitespace; a 0xA0 spoils the number
+    assert lifetime((b"Cache-Control", b" max-age=60 ,\tpublic")) == 60
+    assert lifetime((b"Cache-Control", b"max-age=60\xa0")) == 0
     cc = parse_cache_control([b"Public, MAX-AGE=10", 'no-cache="Set-Cookie, X-A"'])
     assert (cc.public, cc.max_age, cc.no_cache, cc.invalid) == (True, 10, True, False)
 
