@@ -751,7 +751,10 @@ def invalidated_uris(
     origin = _origin(target_uri)
     for name in ("location", "content-location"):
         for value in _values(response_headers, name)[:1]:
-            resolved = urljoin(target_uri, value.strip())
+            try:
+                resolved = urljoin(target_uri, value.strip())
+            except ValueError:  # not a URI (e.g. an unclosed IPv6 literal): nothing to drop
+                continue
             if _origin(resolved) == origin and resolved not in uris:
                 uris.append(resolved)
     return uris

@@ -6,6 +6,8 @@ from __future__ import annotations
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fileproxy.cache.policy import (
     DELTA_SECONDS_MAX,
@@ -570,6 +572,8 @@ def test_rfc9111_4_4_location_and_content_location_only_on_the_same_origin() -> 
         ("Content-Location", "https://files.example/y"),
     ]
     assert invalidated_uris("PUT", target, 201, elsewhere) == [target]
+    not_uris = [("Location", "http://[::1/x"), ("Content-Location", "http://files.example:99999/")]
+    assert invalidated_uris("DELETE", target, 200, not_uris) == [target]
 
 
 # ---------------------------------------------------------------- Cache-Status (RFC 9211)
@@ -587,3 +591,70 @@ def test_rfc9211_2_cache_status_values() -> None:
     assert cache_status(fwd=Forward.BYPASS, detail='no "room"\x01') == (
         'fileproxy; fwd=bypass; detail="no \\"room\\""'
     )
+
+
+# ---------------------------------------------------------------- robustness
+
+FIELD_NAMES = st.sampled_from(
+    [
+        b"Cache-Control",
+        b"cache-control",
+        b"Pragma",
+        b"Expires",
+        b"Date",
+        b"Age",
+        b"Last-Modified",
+        b"ETag",
+        b"Vary",
+        b"Authorization",
+        b"Set-Cookie",
+        b"Location",
+        b"Content-Location",
+        b"Connection",
+        b"X-Other",
+    ]
+)
+FIELD_VALUES = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from(
+        [
+            b"max-age=60",
+            b'max-age="60',
+            b"s-maxage=99999999999999999999999",
+            b"no-cache, max-stale, min-fresh=x",
+            b"stale-while-revalidate=-1, stale-if-error=5",
+            b"*",
+            b'W/"\xff"',
+            b"Sun, 06 Nov 1994 08:49:37 GMT",
+            b"http://[::1/x",
+            b"http://h:99999/",
+        ]
+    ),
+)
+HEADERS = st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_headers=HEADERS, response_headers=HEADERS, status=st.integers(100, 599))
+def test_any_bytes_from_clients_and_backends_get_an_answer(
+    request_headers: list[HeaderField], response_headers: list[HeaderField], status: int
+) -> None:
+    """Malformed, duplicate, non-UTF-8 fields never raise: each rule answers."""
+    verdict = storable("GET", request_headers, status, response_headers)
+    assert isinstance(verdict, Storability)
+    response = StoredResponse.of(status, response_headers, request_headers, T0, T0 + 1)
+    assert freshness_lifetime(status, response_headers, response_time=T0) >= 0
+    decision = reuse("GET", request_headers, response, T0 + 5)
+    assert isinstance(decision.action, Reuse)
+    assert int(age_value(response, T0 + 5)) >= 0
+    stale_if_error_allowed(request_headers, response, T0 + 5, 503)
+    conditional_headers(response)
+    freshen(response, response_headers, T0 + 5, T0 + 6)
+    variant_matches(response, request_headers)
+    assert invalidated_uris("POST", "http://h/x", 201, response_headers)[0] == "http://h/x"
+    status_field = cache_status(
+        hit=True,
+        ttl=decision.ttl,
+        detail=bytes(response_headers[0][1]).decode("latin-1") if response_headers else None,
+    )
+    assert all(" " <= c <= "~" for c in status_field)  # always a valid field value
