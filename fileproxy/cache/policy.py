@@ -22,7 +22,7 @@ The questions the cache's shell asks, in the order of an exchange:
 - ``stale_if_error_allowed(...)``: whether an error (500/502/503/504 or no answer) may
   be covered with the stale stored response.
 - ``invalidated_uris(...)``: what a successful unsafe request invalidates.
-- ``age_value(stored, now)`` and ``cache_status(...)``: the ``Age`` and RFC 9211
+- ``age_value(stored, now)`` and ``ReuseDecision.cache_status(...)``: the ``Age`` and RFC 9211
   ``Cache-Status`` of what is sent.
 
 Choices where RFC 9111 leaves room, all on the safe side for a shared cache:
@@ -518,6 +518,31 @@ class ReuseDecision:
     ttl: float = 0.0
     fwd: Forward | None = None
     detail: str | None = None
+
+    @property
+    def served_from_cache(self) -> bool:
+        """The stored response is sent now (fresh, or stale where allowed)."""
+        return self.action in (Reuse.FRESH, Reuse.STALE, Reuse.STALE_WHILE_REVALIDATE)
+
+    def cache_status(
+        self, *, fwd_status: int | None = None, stored: bool = False, ttl: float | None = None
+    ) -> str:
+        """The ``Cache-Status`` of the response sent for this decision (RFC 9211).
+
+        Served from the cache: ``hit`` with the stored response's ttl (negative when
+        stale, with the detail that allowed it). Forwarded: ``fwd``, and what the shell
+        knows after the exchange: the upstream's status, whether the answer was stored
+        (or a 304 freshened the stored one), and its ttl then.
+        """
+        if self.served_from_cache:
+            detail = None if self.action is Reuse.FRESH else self.detail
+            return cache_status(hit=True, ttl=self.ttl, detail=detail)
+        if self.action is Reuse.GATEWAY_TIMEOUT:
+            return cache_status(detail="only-if-cached")
+        detail = self.detail if self.fwd is None or self.detail != self.fwd.value else None
+        return cache_status(
+            fwd=self.fwd, fwd_status=fwd_status, stored=stored, ttl=ttl, detail=detail
+        )
 
 
 def has_validator(headers: Headers) -> bool:

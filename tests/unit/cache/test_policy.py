@@ -593,6 +593,32 @@ def test_rfc9211_2_cache_status_values() -> None:
     )
 
 
+def test_rfc9211_2_cache_status_of_each_decision() -> None:
+    response = stored(("Cache-Control", "max-age=60, stale-while-revalidate=30"), ETAG)
+    assert reuse("GET", [], response, T0 + 20).cache_status() == "fileproxy; hit; ttl=40"
+    assert reuse("GET", [], response, T0 + 70).cache_status() == (
+        "fileproxy; hit; ttl=-10; detail=stale-while-revalidate"
+    )
+    max_stale = reuse("GET", [("Cache-Control", "max-stale=99")], stored(MAX_AGE_60), T0 + 61)
+    assert max_stale.cache_status() == "fileproxy; hit; ttl=-1; detail=max-stale"
+    revalidated = reuse("GET", [], response, T0 + 100)
+    assert revalidated.cache_status(fwd_status=304, stored=True, ttl=60) == (
+        "fileproxy; fwd=stale; fwd-status=304; ttl=60; stored"
+    )
+    no_cache = reuse("GET", [("Cache-Control", "no-cache")], response, T0)
+    assert no_cache.cache_status(fwd_status=200) == (
+        "fileproxy; fwd=request; fwd-status=200; detail=request-no-cache"
+    )
+    assert reuse("GET", [], None, T0).cache_status(fwd_status=200, stored=True, ttl=60) == (
+        "fileproxy; fwd=uri-miss; fwd-status=200; ttl=60; stored"
+    )
+    assert reuse("PUT", [], None, T0).cache_status(fwd_status=201) == (
+        "fileproxy; fwd=method; fwd-status=201"
+    )
+    only = reuse("GET", [("Cache-Control", "only-if-cached")], None, T0)
+    assert only.cache_status() == "fileproxy; detail=only-if-cached"
+
+
 # ---------------------------------------------------------------- robustness
 
 FIELD_NAMES = st.sampled_from(
