@@ -1,6 +1,7 @@
 """The layout's floors: every import inside fileproxy goes to the same floor or a lower one.
 
     0  adaptive/      pure brains: no I/O, no asyncio, nothing of fileproxy outside adaptive/
+       cache/         the cache's pure rules (RFC 9111, eviction): the same floor, the same purity
     1  settings, runtime, lifecycle, loop_lag, exchange   the one config object, the record of
        an exchange, facts every floor reads
     2  state/, upstream/             shared state and the upstream side (neither imports the other)
@@ -21,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "fileproxy"
 
 FLOORS = {
     "adaptive": 0,
+    "cache": 0,
     "settings": 1,
     "runtime": 1,
     "lifecycle": 1,
@@ -43,8 +45,14 @@ FLOORS = {
 # modules that may be imported from anywhere (no fileproxy imports of their own)
 ANYWHERE = {"fileproxy", "fileproxy.__init__"}
 # floors whose modules may not import each other though they share a floor
-SIBLINGS_APART = {("state", "upstream"), ("upstream", "state")}
-# what pure brains may import besides the standard library's pure modules
+SIBLINGS_APART = {
+    ("state", "upstream"),
+    ("upstream", "state"),
+    ("adaptive", "cache"),
+    ("cache", "adaptive"),
+}
+# the pure floors: what they may import besides the standard library's pure modules
+PURE = {"adaptive", "cache"}
 BRAINS_FORBIDDEN = {"asyncio", "aiohttp", "redis", "socket", "uvloop", "gunicorn", "os", "time"}
 
 
@@ -69,7 +77,7 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
             if module.startswith("fileproxy"):
                 if module == "fileproxy" or (
                     module.count(".") == 1
-                    and unit_of(module) in ("adaptive", "state", "upstream", "http", "ops")
+                    and unit_of(module) in ("adaptive", "cache", "state", "upstream", "http", "ops")
                 ):
                     found += [(f"{module}.{alias.name}", node.lineno) for alias in node.names]
                 else:
@@ -90,8 +98,8 @@ def violations() -> list[str]:
         floor = FLOORS[unit]
         for imported, line in imports_of(path):
             where = f"{path.relative_to(PACKAGE.parent)}:{line}"
-            if unit == "adaptive" and imported.split(".")[0] in BRAINS_FORBIDDEN:
-                bad.append(f"{where}: the brains import {imported} (no I/O in adaptive/)")
+            if unit in PURE and imported.split(".")[0] in BRAINS_FORBIDDEN:
+                bad.append(f"{where}: the brains import {imported} (no I/O in {unit}/)")
             if not imported.startswith("fileproxy") or imported in ANYWHERE:
                 continue
             target = unit_of(imported)
