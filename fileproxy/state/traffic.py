@@ -78,6 +78,34 @@ class StatsSnapshot:
     latency_by_status_class: dict[str, ClassLatency]
 
 
+@dataclass
+class UpstreamCounters:
+    """Since start, the requests one upstream (replica) delivered or failed: the per-upstream
+    series of /metrics."""
+
+    by_status_class: dict[str, int] = field(default_factory=dict)
+    by_cause: dict[str, int] = field(default_factory=dict)
+    # cumulative duration histogram (CUMULATIVE_BOUNDS_S, last: above all) and sum per class
+    duration_buckets: dict[str, list[int]] = field(default_factory=dict)
+    duration_sum_s: dict[str, float] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(
+        self, status_class: str, cause: str, duration_s: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        self.by_status_class[status_class] = self.by_status_class.get(status_class, 0) + 1
+        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+        cumulative = self.duration_buckets.get(status_class)
+        if cumulative is None:
+            cumulative = self.duration_buckets[status_class] = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)
+            self.duration_sum_s[status_class] = 0.0
+        cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
+        self.duration_sum_s[status_class] += duration_s
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+
 class TrafficStats:
     """Counters since start plus figures over the last ``window`` seconds."""
 
@@ -98,11 +126,14 @@ class TrafficStats:
         # cumulative duration histogram and sum per status class (last bucket: above all)
         self.duration_buckets: dict[str, list[int]] = {}
         self.duration_sum_s: dict[str, float] = {}
+        # the same per upstream (the replica that delivered the response, or failed last)
+        self.upstreams: dict[str, UpstreamCounters] = {}
 
     def record(
         self,
         now: float,
         *,
+        upstream: str,
         duration_s: float,
         status: int,
         cause: str,
@@ -110,7 +141,8 @@ class TrafficStats:
         bytes_out: int,
         failed: bool,
     ) -> None:
-        """One finished proxied request; ``failed`` means it was not delivered or got a 5xx."""
+        """One finished proxied request; ``upstream``: the replica it is credited to (the
+        one that delivered its response); ``failed``: not delivered, or a 5xx."""
         second = int(now)
         bucket = self._buckets[second % self.window]
         if bucket.second != second:
@@ -141,6 +173,10 @@ class TrafficStats:
             self.duration_sum_s[status_class] = 0.0
         cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
         self.duration_sum_s[status_class] += duration_s
+        counters = self.upstreams.get(upstream)
+        if counters is None:
+            counters = self.upstreams[upstream] = UpstreamCounters()
+        counters.add(status_class, cause, duration_s, bytes_in, bytes_out)
 
     def window_parts(self, now: float) -> WindowParts:
         """The raw figures of the window, which add up across workers."""
