@@ -10,10 +10,10 @@ logged later), so a graceful stop or reload loses no line.
 A request only takes its line's values (a tuple); the lines are built when the
 batch is written, all in one loop. What a client or backend sent is written as bytes:
 those that are not UTF-8 as ``\\xHH`` (``escape``); a record whose line cannot be built
-is dropped alone and counted, never holding back the batch. Built in the request's path, between the
-proxy's own work, a line cost 7.3 µs in a running worker (the same code in a loop:
-2.2); built in the batch, about 3.5 (README, Performance; ``bench.hot_path
---time-access-log``).
+is dropped alone and counted, never holding back the batch. Built in the request's
+path, between the proxy's own work, a line cost 7.3 µs in a running worker (the same
+code in a loop: 2.2); built in the batch, about 3.5 (README, Performance;
+``bench.hot_path --time-access-log``).
 
 Written from the event loop itself, never waiting on a reader:
 
