@@ -8,10 +8,12 @@ event-loop timer), and at shutdown (app cleanup, then ``atexit`` for anything
 logged later), so a graceful stop or reload loses no line.
 
 A request only takes its line's values (a tuple); the lines are built when the
-batch is written, all in one loop. Built in the request's path, between the
-proxy's own work, a line cost 7.3 µs in a running worker (the same code in a loop:
-2.2); built in the batch, about 3.5 (README, Performance; ``bench.hot_path
---time-access-log``).
+batch is written, all in one loop. What a client or backend sent is written as bytes:
+those that are not UTF-8 as ``\\xHH`` (``escape``); a record whose line cannot be built
+is dropped alone and counted, never holding back the batch. Built in the request's
+path, between the proxy's own work, a line cost 7.3 µs in a running worker (the same
+code in a loop: 2.2); built in the batch, about 3.5 (README, Performance;
+``bench.hot_path --time-access-log``).
 
 Written from the event loop itself, never waiting on a reader:
 
@@ -215,6 +217,7 @@ class AccessLog:
         self.text = False  # FILEPROXY_LOG_FORMAT=text
         self.sinks: list[Sink] = []
         self.failures = 0
+        self.unrendered = 0  # records dropped because their line could not be built
         self._lines: list[bytes | Record] = []  # lines, and records still to render
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -258,11 +261,13 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         text = self.text
-        data = b"".join(
-            [item if isinstance(item, bytes) else render(item, text) for item in self._lines]
-        )
-        self._lines = []
-        self._size = 0
+        lines, self._lines, self._size = self._lines, [], 0
+        try:
+            data = b"".join(
+                [item if isinstance(item, bytes) else render(item, text) for item in lines]
+            )
+        except Exception:  # one bad record must not take the others with it
+            data = self._render_each(lines, text)
         pending = False
         for sink in self.sinks:
             if data or sink.pending:
@@ -278,6 +283,25 @@ class AccessLog:
                 pending = pending or bool(sink.pending)
         if pending:
             self._arm_retry()
+
+    def _render_each(self, lines: list[bytes | Record], text: bool) -> bytes:
+        """The batch line by line: a record that cannot be rendered is dropped and counted,
+        the others are written."""
+        rendered = []
+        for item in lines:
+            if isinstance(item, bytes):
+                rendered.append(item)
+                continue
+            try:
+                rendered.append(render(item, text))
+            except Exception as exc:
+                self.unrendered += 1
+                if self.unrendered == 1 or self.unrendered % 1000 == 0:
+                    log.error(
+                        "access line could not be rendered, dropped",
+                        extra={"error": repr(exc), "dropped_total": self.unrendered},
+                    )
+        return b"".join(rendered)
 
     def _arm_retry(self) -> None:
         try:
@@ -323,7 +347,11 @@ def _text_line(fields: dict[str, Any], message: str, now: float) -> bytes:
     ct = time.localtime(now)
     stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', ct)},{int((now - int(now)) * 1000):03d}"
     extras = " ".join(f"{k}={v}" for k, v in fields.items() if k not in _HEAD)
-    return f"{stamp} INFO {ACCESS_LOGGER}: {message} {extras}\n".encode(errors="replace")
+    line = f"{stamp} INFO {ACCESS_LOGGER}: {message} {extras}\n"
+    try:
+        return line.encode()
+    except UnicodeEncodeError:  # bytes from the wire that are not UTF-8
+        return escape(line).encode()
 
 
 _HEAD = ("ts", "level", "logger", "msg")
@@ -397,7 +425,26 @@ def render(record: Record, text: bool = False) -> bytes:
             fields["resumes"] = exchange.resumes
     if text:
         return _text_line(fields, fields["msg"], now)
-    return orjson.dumps(fields, default=str, option=_JSON_OPTIONS)
+    try:
+        return orjson.dumps(fields, default=str, option=_JSON_OPTIONS)
+    except TypeError:  # bytes from the wire that are not UTF-8 (see escape)
+        escaped = {k: escape(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return orjson.dumps(escaped, default=str, option=_JSON_OPTIONS)
+
+
+def escape(text: str) -> str:
+    """``text`` as it can be written to a UTF-8 log: the bytes of the wire that were not
+    UTF-8 as ``\\xHH`` (as nginx's ``escape=default`` writes bytes above 0x7F).
+
+    aiohttp decodes what a client or backend sent (request target, header values) as
+    UTF-8 with ``surrogateescape``: each byte that is not UTF-8 becomes a lone surrogate,
+    which neither orjson nor a UTF-8 encoder writes. Only such a line pays for this.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -118,6 +118,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         adaptations[exchange.upstream].observe_exchange(now, exchange)  # the replica that answered
         traffic.record(
             now,
+            upstream=exchange.upstream,
             duration_s=now - started,
             status=status,
             cause=exchange.cause,
@@ -376,6 +377,7 @@ def _resumable(
 
     def resumed(failed: str, to: str) -> None:
         exchange.resumes += 1
+        exchange.upstream = to  # the replica that delivers the rest
 
     return ResumableBody(
         upstream_resp,

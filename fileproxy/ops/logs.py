@@ -61,7 +61,13 @@ class JsonFormatter(_FormatOnce):
         line.update(_extras(record))
         if record.exc_info and record.levelno >= logging.ERROR:
             line["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except TypeError:  # bytes from the wire that are not UTF-8: as the access log does
+            escaped = {
+                k: access_log.escape(v) if isinstance(v, str) else v for k, v in line.items()
+            }
+            return orjson.dumps(escaped, default=str).decode()
 
 
 class TextFormatter(_FormatOnce):

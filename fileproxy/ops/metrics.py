@@ -34,7 +34,7 @@ from fileproxy.app_keys import (
     UPSTREAM,
 )
 from fileproxy.http import errors
-from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S
+from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S, UpstreamCounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,7 +51,6 @@ class FileproxyCollector(Collector):
         app = self._app
         traffic, upstream, runtime = app[TRAFFIC], app[UPSTREAM], app[RUNTIME]
         pid = str(runtime.pid)
-        name = upstream.name
 
         info = InfoMetricFamily("fileproxy", "fileproxy build and runtime", labels=["pid"])
         info.add_metric([pid], {"version": runtime.version})
@@ -63,13 +62,18 @@ class FileproxyCollector(Collector):
         uvloop.add_metric([pid], float(runtime.uvloop_enabled))
         yield uvloop
 
+        # every series of a proxied request is the upstream's that delivered it (the
+        # replica that finished it after a retry or resume), one per configured replica
+        names = [replica.name for replica in app[REPLICAS].replicas]
+        per_upstream = [(n, traffic.upstreams.get(n) or UpstreamCounters()) for n in names]
         requests = CounterMetricFamily(
             "fileproxy_requests",
             "Proxied requests by status class sent to the client",
             labels=["pid", "upstream", "status_class"],
         )
-        for status_class, count in sorted(traffic.by_status_class.items()):
-            requests.add_metric([pid, name, status_class], count)
+        for name, counters in per_upstream:
+            for status_class, count in sorted(counters.by_status_class.items()):
+                requests.add_metric([pid, name, status_class], count)
         yield requests
 
         causes = CounterMetricFamily(
@@ -77,8 +81,9 @@ class FileproxyCollector(Collector):
             "Proxied requests by how they ended",
             labels=["pid", "upstream", "cause"],
         )
-        for cause in errors.CAUSES:
-            causes.add_metric([pid, name, cause], traffic.by_cause.get(cause, 0))
+        for name, counters in per_upstream:
+            for cause in errors.CAUSES:
+                causes.add_metric([pid, name, cause], counters.by_cause.get(cause, 0))
         yield causes
 
         histogram = HistogramMetricFamily(
@@ -87,25 +92,27 @@ class FileproxyCollector(Collector):
             labels=["pid", "upstream", "status_class"],
         )
         bounds = (*(str(b) for b in CUMULATIVE_BOUNDS_S), "+Inf")
-        for status_class, counts in sorted(traffic.duration_buckets.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(bounds, counts, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            histogram.add_metric(
-                [pid, name, status_class], buckets, traffic.duration_sum_s[status_class]
-            )
+        for name, counters in per_upstream:
+            for status_class, counts in sorted(counters.duration_buckets.items()):
+                cumulative, buckets = 0, []
+                for bound, count in zip(bounds, counts, strict=True):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                histogram.add_metric(
+                    [pid, name, status_class], buckets, counters.duration_sum_s[status_class]
+                )
         yield histogram
 
         sent = CounterMetricFamily(
             "fileproxy_response_bytes", "Response body bytes delivered", labels=["pid", "upstream"]
         )
-        sent.add_metric([pid, name], traffic.total_bytes_out)
-        yield sent
         received = CounterMetricFamily(
             "fileproxy_request_bytes", "Request body bytes forwarded", labels=["pid", "upstream"]
         )
-        received.add_metric([pid, name], traffic.total_bytes_in)
+        for name, counters in per_upstream:
+            sent.add_metric([pid, name], counters.bytes_out)
+            received.add_metric([pid, name], counters.bytes_in)
+        yield sent
         yield received
 
         in_flight = GaugeMetricFamily(

@@ -78,6 +78,34 @@ class StatsSnapshot:
     latency_by_status_class: dict[str, ClassLatency]
 
 
+@dataclass
+class UpstreamCounters:
+    """Since start, the requests one upstream (replica) delivered or failed: the per-upstream
+    series of /metrics."""
+
+    by_status_class: dict[str, int] = field(default_factory=dict)
+    by_cause: dict[str, int] = field(default_factory=dict)
+    # cumulative duration histogram (CUMULATIVE_BOUNDS_S, last: above all) and sum per class
+    duration_buckets: dict[str, list[int]] = field(default_factory=dict)
+    duration_sum_s: dict[str, float] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(
+        self, status_class: str, cause: str, duration_s: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        self.by_status_class[status_class] = self.by_status_class.get(status_class, 0) + 1
+        self.by_cause[cause] = self.by_cause.get(cause, 0) + 1
+        cumulative = self.duration_buckets.get(status_class)
+        if cumulative is None:
+            cumulative = self.duration_buckets[status_class] = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)
+            self.duration_sum_s[status_class] = 0.0
+        cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
+        self.duration_sum_s[status_class] += duration_s
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+
 class TrafficStats:
     """Counters since start plus figures over the last ``window`` seconds."""
 
@@ -93,16 +121,15 @@ class TrafficStats:
         self.total_errors = 0
         self.total_bytes_in = 0
         self.total_bytes_out = 0
-        self.by_status_class: dict[str, int] = {}
-        self.by_cause: dict[str, int] = {}
-        # cumulative duration histogram and sum per status class (last bucket: above all)
-        self.duration_buckets: dict[str, list[int]] = {}
-        self.duration_sum_s: dict[str, float] = {}
+        # by status class and cause, per upstream (the replica that delivered the response,
+        # or failed last); the totals over all of them are added up when read
+        self.upstreams: dict[str, UpstreamCounters] = {}
 
     def record(
         self,
         now: float,
         *,
+        upstream: str,
         duration_s: float,
         status: int,
         cause: str,
@@ -110,7 +137,8 @@ class TrafficStats:
         bytes_out: int,
         failed: bool,
     ) -> None:
-        """One finished proxied request; ``failed`` means it was not delivered or got a 5xx."""
+        """One finished proxied request; ``upstream``: the replica it is credited to (the
+        one that delivered its response); ``failed``: not delivered, or a 5xx."""
         second = int(now)
         bucket = self._buckets[second % self.window]
         if bucket.second != second:
@@ -131,16 +159,35 @@ class TrafficStats:
         if bytes_in:
             self.total_bytes_in += bytes_in
         self.total_bytes_out += bytes_out
-        by_status_class = self.by_status_class
-        by_status_class[status_class] = by_status_class.get(status_class, 0) + 1
-        by_cause = self.by_cause
-        by_cause[cause] = by_cause.get(cause, 0) + 1
-        cumulative = self.duration_buckets.get(status_class)
-        if cumulative is None:
-            cumulative = self.duration_buckets[status_class] = [0] * (len(CUMULATIVE_BOUNDS_S) + 1)
-            self.duration_sum_s[status_class] = 0.0
-        cumulative[bisect.bisect_left(CUMULATIVE_BOUNDS_S, duration_s)] += 1
-        self.duration_sum_s[status_class] += duration_s
+        counters = self.upstreams.get(upstream)
+        if counters is None:
+            counters = self.upstreams[upstream] = UpstreamCounters()
+        counters.add(status_class, cause, duration_s, bytes_in, bytes_out)
+
+    @property
+    def by_status_class(self) -> dict[str, int]:
+        """Requests since start by status class sent, over every upstream."""
+        return _add_up([u.by_status_class for u in self.upstreams.values()])
+
+    @property
+    def by_cause(self) -> dict[str, int]:
+        """Requests since start by termination cause, over every upstream."""
+        return _add_up([u.by_cause for u in self.upstreams.values()])
+
+    @property
+    def duration_buckets(self) -> dict[str, list[int]]:
+        """Cumulative duration histogram per status class (last bucket: above all)."""
+        classes = sorted({c for u in self.upstreams.values() for c in u.duration_buckets})
+        return {
+            c: _merge(
+                [u.duration_buckets[c] for u in self.upstreams.values() if c in u.duration_buckets]
+            )
+            for c in classes
+        }
+
+    @property
+    def duration_sum_s(self) -> dict[str, float]:
+        return _add_up([u.duration_sum_s for u in self.upstreams.values()])
 
     def window_parts(self, now: float) -> WindowParts:
         """The raw figures of the window, which add up across workers."""
@@ -244,13 +291,6 @@ class Counters:
 
     @classmethod
     def combine(cls, parts: list[Counters]) -> Counters:
-        def add(maps: list[dict[str, int]] | list[dict[str, float]]) -> dict[str, Any]:
-            total: dict[str, Any] = {}
-            for m in maps:
-                for k, v in m.items():
-                    total[k] = total.get(k, 0) + v
-            return dict(sorted(total.items()))
-
         classes = sorted({c for p in parts for c in p.duration_buckets})
         return cls(
             requests=sum(p.requests for p in parts),
@@ -258,14 +298,23 @@ class Counters:
             bytes_in=sum(p.bytes_in for p in parts),
             bytes_out=sum(p.bytes_out for p in parts),
             in_flight=sum(p.in_flight for p in parts),
-            by_status_class=add([p.by_status_class for p in parts]),
-            by_cause=add([p.by_cause for p in parts]),
+            by_status_class=_add_up([p.by_status_class for p in parts]),
+            by_cause=_add_up([p.by_cause for p in parts]),
             duration_buckets={
                 c: _merge([p.duration_buckets[c] for p in parts if c in p.duration_buckets])
                 for c in classes
             },
-            duration_sum_s=add([p.duration_sum_s for p in parts]),
+            duration_sum_s=_add_up([p.duration_sum_s for p in parts]),
         )
+
+
+def _add_up(maps: list[dict[str, int]] | list[dict[str, float]]) -> dict[str, Any]:
+    """Several maps of counts as one, in key order."""
+    total: dict[str, Any] = {}
+    for m in maps:
+        for k, v in m.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
 
 
 def _percentile(histogram: list[int], q: float) -> float:

@@ -304,3 +304,90 @@ async def test_an_ejection_is_shared_by_the_fleet(start_replica, redis_server, t
         assert instance.log_text().count("replica ejected by the fleet") >= WORKERS - 1
     finally:
         instance.stop()
+
+
+async def per_upstream(
+    client: aiohttp.ClientSession, proxy: Process
+) -> dict[str, dict[str, float]]:
+    """/metrics' per-upstream series of proxied requests: {upstream: {series: value}}, the
+    status classes, causes and histogram buckets of a series added up."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = await (await client.get(f"{proxy.url}/metrics")).text()
+    wanted = (
+        "fileproxy_requests_total",
+        "fileproxy_response_bytes_total",
+        "fileproxy_request_duration_seconds_count",
+        "fileproxy_request_terminations_total",
+    )
+    got: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                series = got.setdefault(sample.labels["upstream"], dict.fromkeys(wanted, 0.0))
+                series[sample.name] += sample.value
+    return got
+
+
+async def test_metrics_credit_each_request_to_the_replica_that_served_it(
+    start_replica, start_proxy, client
+):
+    replicas = [start_replica(), start_replica(), start_replica()]
+    proxy = start_proxy(replica_list(*replicas))
+
+    async def worker() -> None:
+        for _ in range(30):
+            async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+                assert resp.status == 200
+                await resp.read()
+
+    await asyncio.gather(*(worker() for _ in range(4)))
+    served = {f"127.0.0.1:{r.port}": (await counts(client, r)).get("GET", 0) for r in replicas}
+    assert sum(served.values()) == 120
+    assert sum(n > 0 for n in served.values()) >= 2, served  # spread, or this proves nothing
+    metrics = await per_upstream(client, proxy)
+    assert set(metrics) == set(served), metrics
+    for name, count in served.items():
+        assert metrics[name] == {
+            "fileproxy_requests_total": count,
+            "fileproxy_response_bytes_total": count * FILES["4k.bin"],
+            "fileproxy_request_duration_seconds_count": count,
+            "fileproxy_request_terminations_total": count,
+        }, (name, metrics, served)
+
+
+async def test_a_resumed_download_is_credited_to_the_replica_that_finished_it(
+    start_replica, start_proxy, client
+):
+    bad = start_replica(reset_after=256 * 1024)  # cuts every body: never finishes one
+    good = start_replica()
+    bad_name, good_name = f"127.0.0.1:{bad.port}", f"127.0.0.1:{good.port}"
+    # bad weighs more, so that downloads start there; never ejected, so they keep doing so
+    proxy = start_proxy(f"{bad.url};weight=4,{good.url}", FILEPROXY_EJECT_AFTER="0")
+    expected = digest("1m.bin")
+    gate = asyncio.Semaphore(3)
+
+    async def one() -> tuple[int, str, int]:
+        async with gate:
+            return await download(client, f"{proxy.url}/files/1m.bin")
+
+    results = await asyncio.gather(*(one() for _ in range(12)))
+    assert results == [(200, expected, FILES["1m.bin"])] * 12
+    assert (await counts(client, bad)).get("GET", 0) > 0
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["resumes"]["ok"] > 0 and stats["resumes"]["failed"] == 0, stats["resumes"]
+
+    deadline = time.monotonic() + 15  # access lines are written in batches (~1 s)
+    while len(lines := [x for x in access_lines(proxy) if x["path"] == "/files/1m.bin"]) < 12:
+        assert time.monotonic() < deadline, lines
+        await asyncio.sleep(0.2)
+    resumed = [line for line in lines if line.get("resumes")]
+    assert len(resumed) == stats["resumes"]["ok"], lines
+    assert {line["upstream"] for line in resumed} == {good_name}, resumed
+    assert {line["upstream"] for line in lines} == {good_name}, lines
+
+    metrics = await per_upstream(client, proxy)
+    assert metrics[bad_name]["fileproxy_requests_total"] == 0, metrics
+    assert metrics[bad_name]["fileproxy_response_bytes_total"] == 0, metrics
+    assert metrics[good_name]["fileproxy_requests_total"] == 12, metrics
+    assert metrics[good_name]["fileproxy_response_bytes_total"] == 12 * FILES["1m.bin"], metrics

@@ -299,3 +299,70 @@ async def test_a_request_record_is_rendered_when_its_batch_is_written(tmp_path: 
     assert fields["request_id"] == "rid-1" and fields["bytes_out"] == 1000
     assert fields["duration_ms"] == 12.5 and fields["ts"] == 1_800_000_000.5
     log.configure([])
+
+
+def test_bytes_that_are_not_utf8_are_written_as_escapes():
+    """A header value as aiohttp hands it over (UTF-8 with surrogateescape): each byte
+    that is not UTF-8 becomes ``\\xHH``, valid UTF-8 stays as it is, in both formats."""
+    import orjson
+
+    from fileproxy.exchange import Exchange
+    from fileproxy.http.access_log import escape, render
+
+    raw = "café ".encode() + bytes(range(0x80, 0x100))
+    value = raw.decode("utf-8", "surrogateescape")
+    escaped = "café " + "".join(f"\\x{b:02x}" for b in range(0x80, 0x100))
+    assert escape(value) == escaped
+    assert escape("plain") == "plain"
+    record = (
+        1_800_000_000.5,
+        "10.0.0.1",
+        "GET",
+        "/a",
+        200,
+        1,
+        0.001,
+        value,
+        Exchange(value, "u:1"),
+    )
+    fields = orjson.loads(render(record))
+    assert fields["user_agent"] == escaped and fields["request_id"] == escaped
+    assert f" user_agent={escaped} ".encode() in render(record, text=True)
+
+
+async def test_a_record_that_cannot_be_rendered_blocks_no_other_line(tmp_path: Path):
+    """Dropped and counted alone: the lines around it and every later batch are written."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no text")
+
+    path = tmp_path / "access.log"
+    log = AccessLog()
+    log.configure([WatchedFileSink(str(path))])
+    bad = (1.0, "10.0.0.1", "GET", "/bad", 200, 1, 0.001, Unprintable(), None)
+    good = (1.0, "10.0.0.1", "GET", "/good", 200, 1, 0.001, "ua", None)
+    log.add(b"before\n")
+    log.add_record(bad)  # type: ignore[arg-type]
+    log.add_record(good)
+    log.flush()
+    log.add_record(good)
+    assert log.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == b"before" and len(lines) == 3, lines
+    assert all(b'"path":"/good"' in line for line in lines[1:]), lines
+    assert log.unrendered == 1
+    log.configure([])
+
+
+def test_other_json_log_lines_escape_such_bytes_too():
+    """A log line whose ``extra`` carries a value from the wire is written, escaped."""
+    import logging
+
+    import orjson
+
+    from fileproxy.ops.logs import JsonFormatter
+
+    record = logging.LogRecord("fileproxy", logging.WARNING, "", 0, "bad", (), None)
+    record.detail = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert orjson.loads(JsonFormatter().format(record))["detail"] == "caf\\xe9"

@@ -32,11 +32,11 @@ def test_reports_survive_the_wire_and_add_up_per_instance() -> None:
     for traffic, durations in ((a, (0.01, 0.02)), (b, (0.5,))):
         for duration in durations:
             traffic.record(
-                9.0, duration_s=duration, status=200, cause="ok", bytes_in=0, bytes_out=1000,
-                failed=False,
+                9.0, upstream="u:1", duration_s=duration, status=200, cause="ok", bytes_in=0,
+                bytes_out=1000, failed=False,
             )  # fmt: skip
-    b.record(9.5, duration_s=0.1, status=502, cause="upstream_error", bytes_in=0, bytes_out=0,
-             failed=True)  # fmt: skip
+    b.record(9.5, upstream="u:1", duration_s=0.1, status=502, cause="upstream_error", bytes_in=0,
+             bytes_out=0, failed=True)  # fmt: skip
     reports = [report("h:11", "h:10", 11, a), report("h:21", "h:20", 21, b)]
     wired = [WorkerReport.from_bytes(r.to_bytes()) for r in reports]
     assert wired == reports

@@ -6,6 +6,7 @@ from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S, LATENCY_BOUNDS_MS, Traf
 def _record(stats, now, duration_s, bytes_sent, failed, status=200, cause="ok", bytes_in=0):
     stats.record(
         now,
+        upstream="u:1",
         duration_s=duration_s,
         status=status,
         cause=cause,
@@ -97,3 +98,19 @@ def test_latency_percentiles_per_status_class():
     assert ok.requests == 10 and 10.0 <= ok.p99_ms <= 11.2
     assert timeout.requests == 1 and 2000.0 <= timeout.p50_ms <= 2240.0
     assert 10.0 <= snap.p50_response_time_ms <= 11.2  # all classes together
+
+
+def test_cumulative_counters_per_upstream():
+    """The same counters per upstream: each request credited to the one named."""
+    stats = TrafficStats(60, now=0.0)
+    for upstream, status, cause, sent in (("a:1", 200, "ok", 10), ("b:1", 200, "ok", 20),
+                                          ("b:1", 502, "upstream_error", 0)):  # fmt: skip
+        stats.record(1.0, upstream=upstream, duration_s=0.01, status=status, cause=cause,
+                     bytes_in=1, bytes_out=sent, failed=status >= 500)  # fmt: skip
+    a, b = stats.upstreams["a:1"], stats.upstreams["b:1"]
+    assert (a.by_status_class, b.by_status_class) == ({"2xx": 1}, {"2xx": 1, "5xx": 1})
+    assert (a.by_cause, b.by_cause) == ({"ok": 1}, {"ok": 1, "upstream_error": 1})
+    assert (a.bytes_out, b.bytes_out, a.bytes_in, b.bytes_in) == (10, 20, 1, 2)
+    assert {c: sum(n) for c, n in b.duration_buckets.items()} == {"2xx": 1, "5xx": 1}
+    assert b.duration_sum_s == {"2xx": 0.01, "5xx": 0.01}
+    assert stats.total_requests == 3 and stats.by_status_class == {"2xx": 2, "5xx": 1}
