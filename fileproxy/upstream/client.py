@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from yarl import URL
 
 from fileproxy.adaptive import TcpInfo
 from fileproxy.settings import ReplicaSpec, Settings
-from fileproxy.upstream import tcp_options
+from fileproxy.upstream import tcp_options, tls
 from fileproxy.upstream.aiohttp_client import (
     ResponseHandler,
     prepare_for_response,
@@ -165,7 +164,7 @@ class UpstreamClient:
             dns_ttl=settings.dns_cache_ttl,
             new_socket=self._new_socket,
             on_connect=on_connect,
-            tls=ssl.create_default_context() if upstream.scheme == "https" else None,
+            tls=tls.client_context(settings) if upstream.scheme == "https" else None,
         )
 
     def _new_socket(self, addr_info: Any) -> socket.socket:

@@ -15,8 +15,9 @@ origin needs. Its semantics are the connector's, which the seed's settings name:
 - the upstream's address is resolved once per ``dns_ttl`` seconds (0: on every
   new connection; an IP address is never resolved).
 
-Errors are aiohttp's own (``ClientConnectorError``, ``ConnectionTimeoutError``),
-which ``errors.classify`` maps to statuses.
+Errors are aiohttp's own (``ClientConnectorError``, ``ConnectionTimeoutError``, and
+for TLS ``ClientConnectorCertificateError`` and ``ClientConnectorSSLError``, as its
+connector raises them), which ``errors.classify`` maps to statuses.
 """
 
 from __future__ import annotations
@@ -213,6 +214,10 @@ class ConnectionPool:
             raise aiohttp.ConnectionTimeoutError(
                 f"Connection timeout to host {self.host}:{self.port}"
             ) from exc
+        except ssl.CertificateError as exc:  # the certificate did not verify (errno 1: EPERM)
+            raise aiohttp.ClientConnectorCertificateError(self.key, exc) from exc
+        except ssl.SSLError as exc:  # any other TLS failure (e.g. https to a plain-HTTP port)
+            raise aiohttp.ClientConnectorSSLError(self.key, exc) from exc
         except OSError as exc:
             raise aiohttp.ClientConnectorError(self.key, exc) from exc
         if self._on_connect is not None:
