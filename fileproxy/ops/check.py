@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import socket
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -74,6 +76,32 @@ def check_socket_options(settings: Settings) -> CheckResult:
             "FAIL", "socket options", f"the kernel refused {', '.join(refused)}; unset them"
         )
     return CheckResult("PASS", "socket options", shown)
+
+
+def check_spool(settings: Settings) -> CheckResult:
+    """The spool's directory takes a file (the daemon would otherwise run without a spool,
+    slow clients holding their upstream connections, with one warning per worker)."""
+    if not settings.spool:
+        return CheckResult("PASS", "spool", "off (FILEPROXY_SPOOL=off)")
+    if settings.spool_dir:
+        directory, where = settings.spool_dir, f"FILEPROXY_SPOOL_DIR={settings.spool_dir}"
+    else:
+        directory = tempfile.gettempdir()
+        where = f"private directories under {directory}"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass  # created and gone: the directory takes the spool's files
+        stat = os.statvfs(directory)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return CheckResult(
+            "FAIL",
+            "spool",
+            f"{where}: cannot create a file there ({reason}); make it a directory the "
+            "daemon's user can write, unset FILEPROXY_SPOOL_DIR or set FILEPROXY_SPOOL=off",
+        )
+    free_gib = stat.f_bavail * stat.f_frsize / (1 << 30)
+    return CheckResult("PASS", "spool", f"{where}, {free_gib:.1f} GiB free")
 
 
 async def check_upstream(settings: Settings, upstream: URL | None = None) -> CheckResult:
@@ -203,6 +231,7 @@ def run_checks(settings: Settings) -> int:
         check_uvloop(),
         check_open_files(),
         check_socket_options(settings),
+        check_spool(settings),
     ]
     loop = new_event_loop()
     try:
