@@ -78,7 +78,10 @@ class UpstreamResponse:
     to its end) or ``close`` (never reused); after either, both are no-ops.
     """
 
-    __slots__ = ("_body_writer", "_pool", "_protocol", "content", "headers", "reason", "status")
+    __slots__ = (
+        "_body_writer", "_pool", "_protocol", "content", "headers", "raw_headers", "reason",
+        "status",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -89,9 +92,13 @@ class UpstreamResponse:
         headers: CIMultiDictProxy[str],
         content: StreamReader,
         body_writer: asyncio.Task[None] | None,
+        raw_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self._pool, self._protocol, self._body_writer = pool, protocol, body_writer
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
+        # the fields as received, one per field of ``headers`` and in the same order: the
+        # names spelled as the upstream spelled them (``headers`` has aiohttp's spelling)
+        self.raw_headers = raw_headers
 
     def tcp_info(self) -> TcpInfo | None:
         """TCP_INFO of the upstream socket that carries this response."""
@@ -271,7 +278,14 @@ class UpstreamClient:
                 writer.cancel()
             raise
         return UpstreamResponse(
-            self.pool, protocol, message.code, message.reason, message.headers, payload, writer
+            self.pool,
+            protocol,
+            message.code,
+            message.reason,
+            message.headers,
+            payload,
+            writer,
+            message.raw_headers,
         )
 
     def mark_response(self, now: float) -> None:

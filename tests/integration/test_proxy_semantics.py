@@ -401,6 +401,38 @@ async def test_hop_by_hop_response_headers_do_not_reach_the_client(
         assert resp.headers.getall("X-Backend-End-To-End") == ["kept"]
 
 
+async def test_response_header_names_keep_the_backends_spelling(start_backend, start_proxy):
+    """Byte for byte, as nginx passes them: aiohttp's parser spells the names it knows its
+    own way (ETag arrives as "Etag", cache-control as "Cache-Control"); a client or script
+    matching names case-sensitively must see what the backend sent."""
+    spelled = {
+        "ETag": '"v1"',
+        "cache-control": "no-cache",
+        "x-lower-case": "1",
+        "X-UPPER-CASE": "2",
+        "last-MODIFIED": "Mon, 07 Dec 2026 18:00:00 GMT",
+    }
+    recorder = Recorder()
+    backend = await start_backend(recorder.app())
+
+    async def named(request: web.Request) -> web.Response:
+        moved = {"location": f"{backend.url}/next"}  # into the upstream: rewritten
+        return web.Response(status=302, body=b"", headers={**spelled, **moved})
+
+    recorder.routes["/named"] = named
+    proxy = start_proxy(backend.url)
+    request = raw_request(
+        "GET", "/named", [("Host", f"127.0.0.1:{proxy.port}"), ("Connection", "close")]
+    )
+    resp = await raw_http(proxy.port, request)
+    assert resp.status == 302, resp.body
+    names = [name for name, _ in resp.headers]
+    for name, value in spelled.items():
+        assert (name, value) in resp.headers, (name, resp.headers)
+    assert ("location", f"http://127.0.0.1:{proxy.port}/next") in resp.headers, resp.headers
+    assert "Etag" not in names and "Location" not in names, names
+
+
 # --------------------------------------------------------------------------------------------
 # X-Forwarded-*, trusted proxies and X-Request-ID
 # --------------------------------------------------------------------------------------------
