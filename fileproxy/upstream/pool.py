@@ -86,10 +86,14 @@ class ConnectionPool:
     def idle_protocols(self) -> list[ResponseHandler]:
         return [protocol for protocol, _ in self._idle]
 
-    async def acquire(self, connect_timeout: float | None) -> tuple[ResponseHandler, bool]:
+    async def acquire(
+        self, connect_timeout: float | None, *, idle_at_most: float | None = None
+    ) -> tuple[ResponseHandler, bool]:
         """A connection for one request, and whether it was reused from the pool.
 
         Waits (FIFO) while ``limit`` slots are taken; the caller bounds that wait.
+        ``idle_at_most``: reuse only a connection given back less than that many seconds
+        ago, else open a new one (the idle ones stay for other requests).
         """
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
@@ -98,7 +102,7 @@ class ConnectionPool:
         else:
             self._busy += 1
         try:
-            protocol = self._take_idle(time.monotonic())
+            protocol = self._take_idle(time.monotonic(), idle_at_most)
             reused = protocol is not None
             if protocol is None:
                 protocol = await self._connect(connect_timeout)
@@ -169,13 +173,20 @@ class ConnectionPool:
         """An idle connection still open and given back less than keepalive_timeout ago."""
         return now - since < self._keepalive and protocol.is_connected()
 
-    def _take_idle(self, now: float) -> ResponseHandler | None:
+    def _take_idle(self, now: float, idle_at_most: float | None = None) -> ResponseHandler | None:
+        """The most recently given back connection still reusable, if it has not been idle
+        ``idle_at_most`` seconds (the others, given back before it, have been idle longer)."""
         idle = self._idle
         while idle:
-            protocol, since = idle.pop()
-            if self._reusable(protocol, since, now):
+            protocol, since = idle[-1]
+            if not self._reusable(protocol, since, now):
+                idle.pop()
+                protocol.close()
+            elif idle_at_most is not None and now - since >= idle_at_most:
+                return None
+            else:
+                idle.pop()
                 return protocol
-            protocol.close()
         return None
 
     def _expire_idle(self) -> None:
