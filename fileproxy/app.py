@@ -49,7 +49,7 @@ from fileproxy.state.redis_store import RedisStore
 from fileproxy.state.store import EmbeddedStore, StateStore
 from fileproxy.state.sync import Fleet, instance_name
 from fileproxy.state.traffic import TrafficStats
-from fileproxy.upstream import aiohttp_client
+from fileproxy.upstream import aiohttp_client, tls
 from fileproxy.upstream.client import UpstreamClient
 from fileproxy.upstream.replicas import Replica, ReplicaSet
 from fileproxy.upstream.tcp_options import ListenSockets
@@ -171,6 +171,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             )
         ),
     ]
+    unverified = tls.unverified_warning(settings)
+    if unverified is not None:
+        log.warning(unverified)
     log.info(
         "fileproxy worker started",
         extra={

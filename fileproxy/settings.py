@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -135,9 +136,12 @@ MAX_WEIGHT = 100
 def _replicas(raw: str) -> tuple[ReplicaSpec, ...]:
     """FILEPROXY_UPSTREAM: URL[;weight=N][;backup], comma-separated."""
     parse_url = _url("http", "https")
-    parts = [part.strip() for part in raw.split(",") if part.strip()]
-    if not parts:
+    parts = [part.strip() for part in raw.split(",")]
+    if not any(parts):
         raise ValueError("expected one or more base URLs, comma-separated")
+    if not all(parts):
+        # a trailing or doubled comma is a typo (a replica left out?), not a list to tidy
+        raise ValueError("an empty entry (a stray comma): expected base URLs, comma-separated")
     if len(parts) > MAX_REPLICAS:
         raise ValueError(f"expected at most {MAX_REPLICAS} replicas")
     specs: list[ReplicaSpec] = []
@@ -170,6 +174,25 @@ def _replicas(raw: str) -> tuple[ReplicaSpec, ...]:
 
 
 _replicas.allowed = "URL[;weight=N][;backup], comma-separated; scheme http | https"  # type: ignore[attr-defined]
+
+
+def _ca_file(raw: str) -> str:
+    """FILEPROXY_UPSTREAM_CA: a PEM file with at least one CA certificate, loaded here once
+    so that a missing or unreadable file stops the daemon at start, not its first request."""
+    path = raw.strip()
+    if not path:
+        return ""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ValueError("no such file; expected a PEM file of CA certificates") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ValueError(f"expected a PEM file of CA certificates ({reason})") from None
+    return path
+
+
+_ca_file.allowed = "empty | path to a PEM file"  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -397,6 +420,20 @@ class Settings:
         "only when no other can); its path is prefixed to every request path; credentials "
         "are sent as Basic auth and never shown.",
         secret_url=True,
+    )
+    upstream_ca: str = setting(
+        "FILEPROXY_UPSTREAM_CA",
+        "",
+        _ca_file,
+        "PEM file of the CA certificates an https upstream's certificate must chain to, "
+        "instead of the system's trust store (a private CA); empty: the system's.",
+    )
+    upstream_tls_verify: bool = setting(
+        "FILEPROXY_UPSTREAM_TLS_VERIFY",
+        "on",
+        _bool,
+        "Verify an https upstream's certificate and host name; off accepts any certificate, "
+        "so anyone on the path can pose as the upstream (a warning is logged at start).",
     )
     redis_url: URL | None = setting(
         "REDIS_URL",

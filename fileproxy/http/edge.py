@@ -39,6 +39,7 @@ from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import ProtocolServer, application_class
 from fileproxy.http.gate import GATE_MEMBER, ActiveRequestGate, GatedProtocol
 from fileproxy.http.headers import request_id_for
+from fileproxy.http.target import path_problem
 
 log = logging.getLogger("fileproxy.http.edge")
 
@@ -49,7 +50,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def refuse_what_a_reverse_proxy_must_not_serve(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
-    """CONNECT, TRACE, HTTP versions other than 1.x, and targets no route takes: JSON errors.
+    """CONNECT, TRACE, HTTP versions other than 1.x, targets nginx refuses (a path that does
+    not decode, ``target.path_problem``) and targets no route takes: JSON errors.
 
     Without this aiohttp's router answers ``CONNECT host:port`` (or ``OPTIONS *``)
     with a text/plain 404 and keeps a CONNECT connection open as a tunnel. TRACE
@@ -65,6 +67,8 @@ async def refuse_what_a_reverse_proxy_must_not_serve(
         extra = {"Allow": ALLOWED_METHODS}
     elif request.version.major != 1:
         failure = errors.Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
+    elif (problem := path_problem(request.raw_path)) is not None:
+        failure = errors.Failure(400, "bad_target", problem)  # what nginx refuses (see target)
     if failure is None:
         protocol = request.protocol
         if isinstance(protocol, GatedProtocol) and protocol.gate is not None:

@@ -62,6 +62,14 @@ def classify(exc: BaseException) -> Failure:
         return exc.failure
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return Failure(504, "upstream_timeout", _timeout_detail(exc))
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = certificate_failure(exc.certificate_error)
+        return Failure(
+            502, "upstream_certificate_invalid", f"upstream certificate verify failed: {reason}"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        reason = getattr(exc.os_error, "reason", None) or type(exc.os_error).__name__
+        return Failure(502, "upstream_tls_failed", f"TLS handshake with upstream failed ({reason})")
     if isinstance(exc, aiohttp.ClientConnectorError):
         # errno name only: the OS message would show the upstream's address to the client
         reason = errno.errorcode.get(exc.os_error.errno or 0, type(exc.os_error).__name__)
@@ -73,6 +81,25 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, aiohttp.ClientError | OSError):
         return Failure(502, "upstream_failed", f"upstream connection failed ({type(exc).__name__})")
     return Failure(500, "internal_error", "internal error")
+
+
+# OpenSSL's X509_V_ERR_* codes whose words need a gloss: the host-name checks (OpenSSL's
+# message quotes the upstream's host, never shown to a client), and the chain that ends
+# at a CA this machine does not trust.
+_NAME_MISMATCH = {62: "hostname mismatch", 64: "IP address mismatch"}
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
+
+
+def certificate_failure(error: BaseException) -> str:
+    """Why a certificate did not verify, in OpenSSL's words (``self-signed certificate``,
+    ``certificate has expired``...), without the upstream's address."""
+    code = getattr(error, "verify_code", None)
+    if code in _NAME_MISMATCH:
+        return f"{_NAME_MISMATCH[code]} (the certificate does not name the upstream's host)"
+    message = getattr(error, "verify_message", None) or "certificate not trusted"
+    if code in _UNTRUSTED_ISSUER:
+        return f"{message} (issued by a CA not trusted here)"
+    return str(message)
 
 
 def try_failure_kind(exc: BaseException) -> str:

@@ -65,15 +65,28 @@ def _dropped(also_drop: frozenset[istr]) -> frozenset[istr]:
     return HOP_BY_HOP | also_drop
 
 
+RawHeaders = tuple[tuple[bytes, bytes], ...]  # a parsed message's ``raw_headers``
+
+
+@functools.lru_cache(maxsize=1024)
+def _spelled(raw_name: bytes) -> str:
+    return raw_name.decode("utf-8", "surrogateescape")  # as aiohttp's parser decodes names
+
+
 def end_to_end(
     headers: Headers,
     also_drop: frozenset[istr] = frozenset(),
     out: CIMultiDict[str] | None = None,
+    spelled: RawHeaders | None = None,
 ) -> CIMultiDict[str]:
     """A copy without hop-by-hop fields, keeping duplicates (e.g. several Set-Cookie) in order.
 
     The fields are added to ``out`` when given (e.g. a response's own, still empty,
     headers: one copy instead of two), else to a new CIMultiDict; it is returned.
+    With ``spelled`` (the message's ``raw_headers``, one per field of ``headers``, in
+    order) each name is copied as the sender spelled it, byte for byte, as nginx does:
+    aiohttp's parser gives the names it knows its own spelling (``ETag`` becomes
+    ``Etag``).
     """
     drop = _dropped(also_drop)
     if "Connection" in headers:
@@ -81,9 +94,14 @@ def end_to_end(
     if out is None:
         out = CIMultiDict()
     add = out.add
-    for name, value in headers.items():
+    if not spelled:
+        for name, value in headers.items():
+            if name not in drop:
+                add(name, value)
+        return out
+    for (name, value), (raw_name, _) in zip(headers.items(), spelled, strict=True):
         if name not in drop:
-            add(name, value)
+            add(_spelled(raw_name), value)
     return out
 
 
@@ -149,6 +167,7 @@ def client_response_headers(
     *,
     status: int = 200,
     redirect: Redirect | None = None,
+    spelled: RawHeaders | None = None,
 ) -> CIMultiDict[str]:
     """Headers to send to the client for an upstream response (added to ``out`` if given).
 
@@ -156,13 +175,16 @@ def client_response_headers(
     complete); Transfer-Encoding is regenerated. A response that may have a body but
     has no length is a stream (SSE, live logs): ``X-Accel-Buffering: no`` tells a
     fronting nginx not to buffer it. A ``Location`` pointing into the upstream is
-    rewritten as ``redirect`` says (nginx's ``proxy_redirect default``).
+    rewritten as ``redirect`` says (nginx's ``proxy_redirect default``). Names keep
+    the upstream's spelling when ``spelled`` (its ``raw_headers``) is given.
     """
-    out = end_to_end(upstream, out=out)
+    out = end_to_end(upstream, out=out, spelled=spelled)
     if "Content-Length" not in out and status not in _BODYLESS_STATUSES and status >= 200:
         out[X_ACCEL_BUFFERING] = "no"
     if redirect is not None and LOCATION in out:
-        out[LOCATION] = redirect.rewrite(out[LOCATION])
+        # assigned under the name as it is spelled there (assigning re-spells it)
+        name = next(key for key in out if key.lower() == "location")
+        out[name] = redirect.rewrite(out[LOCATION])
     out[X_REQUEST_ID] = request_id
     return out
 

@@ -271,6 +271,7 @@ async def _proxy(
             response.headers,
             status=status,
             redirect=redirect,
+            spelled=upstream_resp.raw_headers,
         )
         if request.transport is not None:
             request.transport.set_write_buffer_limits(high=settings.buffer_size)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from yarl import URL
 
 from fileproxy.adaptive import TcpInfo
 from fileproxy.settings import ReplicaSpec, Settings
-from fileproxy.upstream import tcp_options
+from fileproxy.upstream import tcp_options, tls
 from fileproxy.upstream.aiohttp_client import (
     ResponseHandler,
     prepare_for_response,
@@ -44,6 +43,15 @@ from fileproxy.upstream.tcp_info import read_tcp_info
 # Methods a request may be retried with when a pooled connection turned out closed
 # before it answered (RFC 9110 9.2.2), as aiohttp and nginx do.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # TRACE: 405
+# A request that cannot be sent again (a POST, one whose body streamed) reuses a pooled
+# connection only if it was given back less than this many seconds ago; else it gets a new
+# one. An upstream closes an idle connection when its keep-alive timer fires (gunicorn's
+# default: 2 s, the shortest in common use); a request already on its way on that
+# connection is lost with it, and only a request that can be retried may be sent again.
+# Squid opens a new connection for every such request (server_pconn_for_nonretriable);
+# a connection idle under a second is far from any keep-alive timer, and reusing it keeps
+# a stream of POSTs from paying a connect each (measured: about half the requests/s).
+RISKY_REUSE_IDLE_S = 1.0
 # Without a body these still say so (Content-Length: 0), as aiohttp's client does.
 _BODYLESS_BY_NATURE = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_LINE_SIZE = _MAX_FIELD_SIZE = 8190  # aiohttp's client defaults
@@ -79,7 +87,10 @@ class UpstreamResponse:
     to its end) or ``close`` (never reused); after either, both are no-ops.
     """
 
-    __slots__ = ("_body_writer", "_pool", "_protocol", "content", "headers", "reason", "status")
+    __slots__ = (
+        "_body_writer", "_pool", "_protocol", "content", "headers", "raw_headers", "reason",
+        "status",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -90,9 +101,13 @@ class UpstreamResponse:
         headers: CIMultiDictProxy[str],
         content: StreamReader,
         body_writer: asyncio.Task[None] | None,
+        raw_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self._pool, self._protocol, self._body_writer = pool, protocol, body_writer
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
+        # the fields as received, one per field of ``headers`` and in the same order: the
+        # names spelled as the upstream spelled them (``headers`` has aiohttp's spelling)
+        self.raw_headers = raw_headers
 
     def tcp_info(self) -> TcpInfo | None:
         """TCP_INFO of the upstream socket that carries this response."""
@@ -165,7 +180,7 @@ class UpstreamClient:
             dns_ttl=settings.dns_cache_ttl,
             new_socket=self._new_socket,
             on_connect=on_connect,
-            tls=ssl.create_default_context() if upstream.scheme == "https" else None,
+            tls=tls.client_context(settings) if upstream.scheme == "https" else None,
         )
 
     def _new_socket(self, addr_info: Any) -> socket.socket:
@@ -190,7 +205,10 @@ class UpstreamClient:
         any, streams after the head, chunked unless ``headers`` has a Content-Length;
         the idle-read timeout starts once it was sent. A request without a body and
         with an idempotent method is sent once more, on another connection, when a
-        pooled connection turned out closed before answering.
+        pooled connection turned out closed before answering. Any other request (a POST,
+        one with a body) can never be sent again (RFC 9112 9.3.1), so it takes a pooled
+        connection only if that one was idle less than ``RISKY_REUSE_IDLE_S``, else a new
+        one: see there.
         """
         target = f"{self._prefix}{raw_target}"
         headers["Host"] = self._host_header
@@ -203,7 +221,9 @@ class UpstreamClient:
         retry = body is None and method in IDEMPOTENT_METHODS
         pool = self.pool
         while True:
-            protocol, reused = await pool.acquire(connect_timeout)
+            protocol, reused = await pool.acquire(
+                connect_timeout, idle_at_most=None if retry else RISKY_REUSE_IDLE_S
+            )
             try:
                 return await self._exchange(protocol, method, head, body, chunked, read_timeout)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -272,7 +292,14 @@ class UpstreamClient:
                 writer.cancel()
             raise
         return UpstreamResponse(
-            self.pool, protocol, message.code, message.reason, message.headers, payload, writer
+            self.pool,
+            protocol,
+            message.code,
+            message.reason,
+            message.headers,
+            payload,
+            writer,
+            message.raw_headers,
         )
 
     def mark_response(self, now: float) -> None:

@@ -15,8 +15,9 @@ origin needs. Its semantics are the connector's, which the seed's settings name:
 - the upstream's address is resolved once per ``dns_ttl`` seconds (0: on every
   new connection; an IP address is never resolved).
 
-Errors are aiohttp's own (``ClientConnectorError``, ``ConnectionTimeoutError``),
-which ``errors.classify`` maps to statuses.
+Errors are aiohttp's own (``ClientConnectorError``, ``ConnectionTimeoutError``, and
+for TLS ``ClientConnectorCertificateError`` and ``ClientConnectorSSLError``, as its
+connector raises them), which ``errors.classify`` maps to statuses.
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ class ConnectionPool:
     def idle_protocols(self) -> list[ResponseHandler]:
         return [protocol for protocol, _ in self._idle]
 
-    async def acquire(self, connect_timeout: float | None) -> tuple[ResponseHandler, bool]:
+    async def acquire(
+        self, connect_timeout: float | None, *, idle_at_most: float | None = None
+    ) -> tuple[ResponseHandler, bool]:
         """A connection for one request, and whether it was reused from the pool.
 
         Waits (FIFO) while ``limit`` slots are taken; the caller bounds that wait.
+        ``idle_at_most``: reuse only a connection given back less than that many seconds
+        ago, else open a new one (the idle ones stay for other requests).
         """
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
@@ -97,7 +102,7 @@ class ConnectionPool:
         else:
             self._busy += 1
         try:
-            protocol = self._take_idle(time.monotonic())
+            protocol = self._take_idle(time.monotonic(), idle_at_most)
             reused = protocol is not None
             if protocol is None:
                 protocol = await self._connect(connect_timeout)
@@ -168,13 +173,20 @@ class ConnectionPool:
         """An idle connection still open and given back less than keepalive_timeout ago."""
         return now - since < self._keepalive and protocol.is_connected()
 
-    def _take_idle(self, now: float) -> ResponseHandler | None:
+    def _take_idle(self, now: float, idle_at_most: float | None = None) -> ResponseHandler | None:
+        """The most recently given back connection still reusable, if it has not been idle
+        ``idle_at_most`` seconds (the others, given back before it, have been idle longer)."""
         idle = self._idle
         while idle:
-            protocol, since = idle.pop()
-            if self._reusable(protocol, since, now):
+            protocol, since = idle[-1]
+            if not self._reusable(protocol, since, now):
+                idle.pop()
+                protocol.close()
+            elif idle_at_most is not None and now - since >= idle_at_most:
+                return None
+            else:
+                idle.pop()
                 return protocol
-            protocol.close()
         return None
 
     def _expire_idle(self) -> None:
@@ -213,6 +225,10 @@ class ConnectionPool:
             raise aiohttp.ConnectionTimeoutError(
                 f"Connection timeout to host {self.host}:{self.port}"
             ) from exc
+        except ssl.CertificateError as exc:  # the certificate did not verify (errno 1: EPERM)
+            raise aiohttp.ClientConnectorCertificateError(self.key, exc) from exc
+        except ssl.SSLError as exc:  # any other TLS failure (e.g. https to a plain-HTTP port)
+            raise aiohttp.ClientConnectorSSLError(self.key, exc) from exc
         except OSError as exc:
             raise aiohttp.ClientConnectorError(self.key, exc) from exc
         if self._on_connect is not None:

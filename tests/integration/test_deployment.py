@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fileproxy.sample_upstream import file_bytes
 from fileproxy.settings import Settings
-from tests.conftest import ROOT, Process, free_port, require_binary, wait_for_port
+from tests.conftest import ROOT, Process, clean_env, free_port, require_binary, wait_for_port
 
 SITE = ROOT / "conf" / "nginx" / "fileproxy.conf"
 UNIT = ROOT / "conf" / "fileproxy.service"
@@ -907,3 +907,36 @@ async def test_unix_socket_deployment(sample_upstream, tmp_dir):
         if nginx is not None:
             nginx.stop()
         assert gunicorn.stop(timeout=GRACEFUL_TIMEOUT + 10) == 0
+
+
+def test_check_fails_on_a_spool_directory_that_takes_no_file(sample_upstream, tmp_dir):
+    """Without a usable directory the daemon runs without a spool (slow clients hold their
+    upstream connections): `fileproxy check` must say so, not pass."""
+
+    def spool_line(**env: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "fileproxy", "check"],
+            env=clean_env(FILEPROXY_UPSTREAM=sample_upstream.url, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        lines = [line for line in done.stdout.splitlines() if line[5:].startswith("spool:")]
+        assert len(lines) == 1, done.stdout
+        return done.returncode, lines[0]
+
+    code, line = spool_line(FILEPROXY_SPOOL_DIR="/nonexistent")
+    assert code == 1, line
+    assert line.startswith("FAIL spool: FILEPROXY_SPOOL_DIR=/nonexistent: cannot create a file"), (
+        line
+    )
+    a_file = tmp_dir / "not-a-directory"
+    a_file.write_bytes(b"")
+    code, line = spool_line(FILEPROXY_SPOOL_DIR=str(a_file))
+    assert code == 1 and line.startswith("FAIL spool:"), line
+
+    code, line = spool_line(FILEPROXY_SPOOL_DIR=str(tmp_dir))
+    assert code == 0 and line.startswith(f"PASS spool: FILEPROXY_SPOOL_DIR={tmp_dir}, "), line
+    code, line = spool_line(FILEPROXY_SPOOL="off")
+    assert code == 0 and line == "PASS spool: off (FILEPROXY_SPOOL=off)", line

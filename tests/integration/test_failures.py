@@ -550,3 +550,120 @@ async def test_client_disconnect_from_an_idle_sse_stream_releases_the_upstream(
     when = await asyncio.wait_for(cancelled_at, 10)
     assert when - closed_at < 5, f"the upstream was released only {when - closed_at:.2f}s later"
     await _assert_disconnect_accounted(client, proxy, request_id, aborts_before)
+
+
+# --------------------------------------------------------------------------------------------
+# a pooled connection the backend closes while the next request is on its way
+# --------------------------------------------------------------------------------------------
+
+
+class DelayingLink:
+    """A TCP relay in front of a backend: what the proxy sends arrives ``delay`` seconds
+    later, what the backend sends (its FIN too) at once. A link with latency, where a
+    backend's keep-alive timer can fire while a request is on its way to it."""
+
+    def __init__(self, backend_port: int, delay: float) -> None:
+        self.backend_port, self.delay = backend_port, delay
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> DelayingLink:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        backend_r, backend_w = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        loop = asyncio.get_running_loop()
+
+        on_the_way: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def receive() -> None:
+            while data := await client_r.read(65536):
+                on_the_way.put_nowait((loop.time() + self.delay, data))
+            on_the_way.put_nowait((loop.time() + self.delay, b""))
+
+        async def deliver() -> None:  # each piece ``delay`` after it arrived, in order
+            while True:
+                due, data = await on_the_way.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    break
+                backend_w.write(data)
+            backend_w.close()
+
+        async def downstream() -> None:  # at once; the backend's close closes the client's
+            while data := await backend_r.read(65536):
+                client_w.write(data)
+            client_w.close()
+
+        try:
+            await asyncio.gather(receive(), deliver(), downstream())
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            client_w.close()
+            backend_w.close()
+            self.tasks.discard(task)
+
+
+@pytest.mark.slow
+async def test_a_post_does_not_meet_a_pooled_connection_the_backend_is_closing(start_proxy, client):
+    """The backend (aiohttp, keep-alive 2 s as gunicorn's default) closes its idle
+    connection while the proxy's next POST is on the link (0.6 s on the way): on that
+    pooled connection the POST would be lost, and a proxy must not send it again
+    (RFC 9112 9.3.1): a 502. A request that cannot be retried reuses only a connection
+    idle less than a second, else gets a new one; back-to-back POSTs and GETs reuse."""
+
+    carried_by: list[tuple[str, object]] = []  # (method, the backend's peer: a connection)
+
+    async def echo(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        carried_by.append((request.method, request.transport.get_extra_info("peername")))
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, keepalive_timeout=2.0, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    backend_port = runner.addresses[0][1]
+    try:
+        async with DelayingLink(backend_port, delay=0.6) as link:
+            proxy = start_proxy(link.url)
+            for n in range(2):
+                async with client.post(f"{proxy.url}/form", data=b"x=%d" % n) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert await resp.read() == b"x=%d" % n
+                # sent 1.6 s after the answer: it reaches the backend at 2.2 s, after its
+                # keep-alive timer (2 s) closed the connection it was pooled on
+                await asyncio.sleep(1.6)
+            for path in ("/form", "/again"):  # back to back: the same connection
+                async with client.post(f"{proxy.url}{path}", data=b"last") as resp:
+                    assert resp.status == 200, await resp.text()
+            for _ in range(2):
+                async with client.get(f"{proxy.url}/file") as resp:
+                    assert resp.status == 200
+    finally:
+        await runner.cleanup()
+    posts = [peer for method, peer in carried_by if method == "POST"]
+    gets = [peer for method, peer in carried_by if method == "GET"]
+    assert len(posts) == 4 and len(set(posts[:3])) == 3, carried_by  # spaced: one each
+    assert posts[3] == posts[2], carried_by  # back to back: reused
+    assert gets == [posts[3]] * 2, carried_by

@@ -401,6 +401,38 @@ async def test_hop_by_hop_response_headers_do_not_reach_the_client(
         assert resp.headers.getall("X-Backend-End-To-End") == ["kept"]
 
 
+async def test_response_header_names_keep_the_backends_spelling(start_backend, start_proxy):
+    """Byte for byte, as nginx passes them: aiohttp's parser spells the names it knows its
+    own way (ETag arrives as "Etag", cache-control as "Cache-Control"); a client or script
+    matching names case-sensitively must see what the backend sent."""
+    spelled = {
+        "ETag": '"v1"',
+        "cache-control": "no-cache",
+        "x-lower-case": "1",
+        "X-UPPER-CASE": "2",
+        "last-MODIFIED": "Mon, 07 Dec 2026 18:00:00 GMT",
+    }
+    recorder = Recorder()
+    backend = await start_backend(recorder.app())
+
+    async def named(request: web.Request) -> web.Response:
+        moved = {"location": f"{backend.url}/next"}  # into the upstream: rewritten
+        return web.Response(status=302, body=b"", headers={**spelled, **moved})
+
+    recorder.routes["/named"] = named
+    proxy = start_proxy(backend.url)
+    request = raw_request(
+        "GET", "/named", [("Host", f"127.0.0.1:{proxy.port}"), ("Connection", "close")]
+    )
+    resp = await raw_http(proxy.port, request)
+    assert resp.status == 302, resp.body
+    names = [name for name, _ in resp.headers]
+    for name, value in spelled.items():
+        assert (name, value) in resp.headers, (name, resp.headers)
+    assert ("location", f"http://127.0.0.1:{proxy.port}/next") in resp.headers, resp.headers
+    assert "Etag" not in names and "Location" not in names, names
+
+
 # --------------------------------------------------------------------------------------------
 # X-Forwarded-*, trusted proxies and X-Request-ID
 # --------------------------------------------------------------------------------------------
@@ -626,6 +658,68 @@ async def test_path_sent_by_aiohttp_with_encoded_url_is_kept(start_backend, star
     async with client.get(yarl.URL(f"{proxy.url}{target}", encoded=True)) as resp:
         assert resp.status == 200
     assert recorder.last.raw_path == target
+
+
+# what nginx refuses (400) and what it passes: checked against a real nginx in the test
+TARGETS_NGINX_JUDGES = [
+    "/%zz", "/a%zzb", "/%", "/a%2", "/%1g", "/%%", "/%00", "/a/.%00",
+    "/../x", "/..", "/a/../../b", "/%2e%2e/x", "/.%2e/x", "/..%2fx", "/a%2f..%2f..%2fx",
+    "/a//../..", "/a/%zz/../b",
+    "/ok", "/%2F", "/%e9", "/%25", "/%41", "/a%2fb", "/a/../b", "/a/..", "/./x", "/a/%2e%2e",
+    "/a/.../b", "/?a=%zz", "/a/..?x=../..", "/a?%", "/a%23b", "/a%3fb",
+]  # fmt: skip
+
+
+@pytest.fixture
+def nginx_answering(tmp_dir):
+    """A real nginx whose every location answers 204: its 400s come from its request parser."""
+    from tests.conftest import free_port, start_process
+    from tests.integration.test_deployment import nginx_binary
+
+    port = free_port()
+    conf = tmp_dir / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+worker_processes 1;
+pid {tmp_dir}/nginx.pid;
+error_log {tmp_dir}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {tmp_dir}/cbt; proxy_temp_path {tmp_dir}/pt;
+    fastcgi_temp_path {tmp_dir}/ft; uwsgi_temp_path {tmp_dir}/ut; scgi_temp_path {tmp_dir}/st;
+    access_log off;
+    server {{ listen 127.0.0.1:{port}; location / {{ return 204; }} }}
+}}
+"""
+    )
+    args = [nginx_binary(), "-c", str(conf), "-p", str(tmp_dir), "-e", f"{tmp_dir}/nginx-error.log"]
+    process = start_process(args, port, {}, tmp_dir / "nginx-stdout.log")
+    yield process
+    process.stop()
+
+
+async def test_targets_nginx_refuses_get_a_json_400_and_never_reach_the_backend(
+    start_backend, start_proxy, nginx_answering
+):
+    recorder = Recorder()
+    backend = await start_backend(recorder.app())
+    proxy = start_proxy(backend.url)
+    passed = []
+    for target in TARGETS_NGINX_JUDGES:
+        request = raw_request("GET", target, [("Host", "files.example"), ("Connection", "close")])
+        by_nginx = await raw_http(nginx_answering.port, request)
+        assert by_nginx.status in (204, 400), (target, by_nginx.status)
+        resp = await raw_http(proxy.port, request)
+        if by_nginx.status == 400:
+            assert resp.status == 400, (target, resp.status, resp.body)
+            body = json.loads(resp.body)
+            assert body["error"] == "bad_target", (target, body)
+            assert "request path" in body["detail"], (target, body)
+        else:
+            assert resp.status == 200, (target, resp.status, resp.body)
+            passed.append(target)
+    assert "/%zz" not in passed and "/ok" in passed
+    assert [seen.raw_path for seen in recorder.seen] == passed
 
 
 async def test_absolute_form_target_is_refused(start_backend, start_proxy):

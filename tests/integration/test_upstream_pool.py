@@ -86,6 +86,26 @@ async def test_idle_connections_expire_after_the_keepalive_timeout(backend_port)
         pool.close()
 
 
+async def test_idle_at_most_opens_a_new_connection_beside_an_older_idle_one(backend_port):
+    pool = _pool(backend_port, limit=2)
+    try:
+        first, _ = await pool.acquire(1.0)
+        pool.release(first, True)
+        again, reused = await pool.acquire(1.0, idle_at_most=5.0)
+        assert reused and again is first  # idle a moment only
+        pool.release(again, True)
+        await asyncio.sleep(0.3)
+        fresh, reused = await pool.acquire(1.0, idle_at_most=0.2)
+        assert not reused and fresh is not first
+        assert pool.idle == 1 and pool.in_use == 1  # the idle one stays for the next
+        pool.release(fresh, True)
+        latest, reused = await pool.acquire(1.0)
+        assert reused and latest is fresh  # the most recently used first
+        pool.release(latest, True)
+    finally:
+        pool.close()
+
+
 async def test_a_connection_given_back_unfinished_is_closed_not_pooled(backend_port):
     pool = _pool(backend_port, limit=2)
     try:

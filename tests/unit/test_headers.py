@@ -126,3 +126,18 @@ def test_a_unix_socket_peer_is_a_trusted_local_process():
     assert out["X-Forwarded-Proto"] == "https"
     assert out["X-Forwarded-Host"] == "cdn.example"
     assert "X-Forwarded-For" not in out  # no address to append
+
+
+def test_names_are_copied_as_the_sender_spelled_them():
+    # as aiohttp's parser gives them: its own spelling for the names it knows
+    parsed = CIMultiDict(
+        [("Etag", '"v1"'), ("Connection", "X-Hop"), ("X-Hop", "1"), ("x-mine", "2")]
+    )
+    raw = ((b"ETag", b'"v1"'), (b"connection", b"X-Hop"), (b"x-hop", b"1"), (b"x-mine", b"2"))
+    out = client_response_headers(parsed, "rid", status=200, spelled=raw)
+    assert list(out.items()) == [
+        ("ETag", '"v1"'),
+        ("x-mine", "2"),
+        ("X-Accel-Buffering", "no"),
+        ("X-Request-ID", "rid"),
+    ]

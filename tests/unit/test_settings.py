@@ -193,6 +193,9 @@ def test_upstream_takes_replicas_with_weights_and_backups():
         ("http://a:1;backup", "at least one replica that is not ;backup"),
         ("http://a:1,ftp://b:2", "replica 2: unknown scheme 'ftp'"),
         (" , ", "one or more base URLs"),
+        ("http://a:1,", "an empty entry (a stray comma)"),
+        ("http://a:1, ,http://b:2", "an empty entry (a stray comma)"),
+        (",http://a:1", "an empty entry (a stray comma)"),
     ],
 )
 def test_bad_replica_lists_name_the_variable(value, fragment):
@@ -207,3 +210,20 @@ def test_a_bad_replica_list_does_not_leak_a_password():
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"FILEPROXY_UPSTREAM": "http://a:1,http://u:hunter2@b:2,ftp://c"})
     assert "hunter2" not in str(info.value)
+
+
+def test_upstream_ca_must_be_a_pem_file_of_certificates(tmp_path):
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("this is no certificate\n")
+    for value, fragment in [
+        (str(tmp_path / "missing.pem"), "no such file"),
+        (str(not_pem), "expected a PEM file of CA certificates"),
+        (str(tmp_path), "expected a PEM file of CA certificates"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"FILEPROXY_UPSTREAM_CA": value})
+        assert info.value.env == "FILEPROXY_UPSTREAM_CA", value
+        assert fragment in str(info.value), str(info.value)
+        assert "\n" not in str(info.value)
+    settings = Settings.from_env({})
+    assert (settings.upstream_ca, settings.upstream_tls_verify) == ("", True)
