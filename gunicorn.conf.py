@@ -33,9 +33,7 @@ keepalive = math.ceil(_settings.client_keepalive_timeout)
 # in-flight downloads get FILEPROXY_GRACEFUL_TIMEOUT; the worker then cuts what is
 # left itself (logs each, removes its spool) and exits. The master SIGKILLs a worker
 # still there graceful_timeout after its SIGTERM: CUT_OFF_MARGIN_S later than that.
-graceful_timeout = (
-    math.ceil(_settings.drain_delay + _settings.graceful_timeout) + CUT_OFF_MARGIN_S
-)
+graceful_timeout = math.ceil(_settings.drain_delay + _settings.graceful_timeout) + CUT_OFF_MARGIN_S
 # Worker heartbeat: the aiohttp worker notifies the arbiter every second.
 timeout = 30
 # No periodic worker restarts: they would cut long downloads.
