@@ -4,19 +4,13 @@ On SIGTERM (a stop, or the old workers of a HUP reload) the worker first turns
 /ready to 503 and keeps serving for ``FILEPROXY_DRAIN_DELAY`` seconds, then
 closes its listener and lets in-flight downloads finish within the graceful
 timeout, their last buffered bytes handed to the kernel (``server.DrainingRunner``),
-then exits. Cut at the graceful timeout, what is still in flight is logged (cause
-``shutdown``) and the worker exits well before the master's own graceful timeout
-(gunicorn.conf.py).
-
-HUP sent to a worker itself (``systemctl kill -s HUP``, which signals every process
-of the unit) does not stop it: it reopens the log files, as USR1 does (gunicorn's
-USR1 to the master reaches every worker). HUP to the master is gunicorn's reload.
+then exits. What the graceful timeout cuts is logged (cause ``shutdown``) and the
+worker exits before the master's own graceful timeout (gunicorn.conf.py).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -26,7 +20,6 @@ from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 
 from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS, SETTINGS
 from fileproxy.http.aiohttp_server import wake_worker
-from fileproxy.ops import logs
 from fileproxy.server import DrainingRunner
 from fileproxy.upstream.tcp_options import apply_to_listeners
 
@@ -72,15 +65,6 @@ class _DrainingWorker(GunicornWebWorker):
         for sock in self.sockets:
             sock.listen(self.cfg.backlog)
         super().notify()
-
-    def init_signals(self) -> None:
-        super().init_signals()
-        self.loop.add_signal_handler(signal.SIGHUP, self.handle_usr1, signal.SIGHUP, None)
-
-    def handle_usr1(self, sig: int, frame: FrameType | None) -> None:
-        """USR1 (from the master) or HUP: gunicorn's log files and ours reopened."""
-        super().handle_usr1(sig, frame)
-        logs.reopen_files()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self._app
