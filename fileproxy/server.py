@@ -88,7 +88,8 @@ class DrainingRunner(web.AppRunner):
     def cut_off(self) -> None:
         """The graceful timeout ended: cancel the requests still in flight."""
         self.app[LIFECYCLE].cut_off(time.time())
-        in_flight = list(self.app.get(IN_FLIGHT, ()))
+        running = self.app[IN_FLIGHT]
+        in_flight = list(running)  # a copy: each handler leaves the set as it ends
         if in_flight:
             log.warning(
                 "graceful timeout: cutting the requests still in flight",
