@@ -7,6 +7,7 @@ stops gunicorn here with one line naming the variable, exit code 2.
 import math
 import sys
 
+from fileproxy.lifecycle import CUT_OFF_MARGIN_S
 from fileproxy.settings import ConfigError, Settings
 
 try:
@@ -29,8 +30,10 @@ workers = _settings.workers
 # reuse a connection we are closing (sporadic 502 "upstream prematurely closed").
 keepalive = math.ceil(_settings.client_keepalive_timeout)
 # After SIGTERM / HUP a worker drains (FILEPROXY_DRAIN_DELAY, /ready 503), then
-# in-flight downloads get FILEPROXY_GRACEFUL_TIMEOUT before it is killed.
-graceful_timeout = math.ceil(_settings.drain_delay + _settings.graceful_timeout)
+# in-flight downloads get FILEPROXY_GRACEFUL_TIMEOUT; the worker then cuts what is
+# left itself (logs each, removes its spool) and exits. The master SIGKILLs a worker
+# still there graceful_timeout after its SIGTERM: CUT_OFF_MARGIN_S later than that.
+graceful_timeout = math.ceil(_settings.drain_delay + _settings.graceful_timeout) + CUT_OFF_MARGIN_S
 # Worker heartbeat: the aiohttp worker notifies the arbiter every second.
 timeout = 30
 # No periodic worker restarts: they would cut long downloads.

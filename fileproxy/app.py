@@ -20,6 +20,7 @@ from fileproxy.app_keys import (
     ADAPTATION,
     ADAPTATIONS,
     FLEET,
+    IN_FLIGHT,
     LIFECYCLE,
     LISTEN_SOCKETS,
     LOOP_LAG,
@@ -98,6 +99,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
+    app[IN_FLIGHT] = set()
     app[LISTEN_SOCKETS] = ListenSockets()
     app[FLEET] = Fleet(
         worker=instance_name(os.getpid()),

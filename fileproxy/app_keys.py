@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from aiohttp import web
 
 from fileproxy.delivery.spool import SpoolStore
@@ -25,6 +28,8 @@ REPLICAS = web.AppKey("replicas", ReplicaSet)
 STORE = web.AppKey("store", StoreLink)
 FLEET = web.AppKey("fleet", Fleet)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# the proxy handlers running now: the drain cuts those left at the graceful timeout
+IN_FLIGHT = web.AppKey[set[asyncio.Task[Any]]]("in_flight")
 ADAPTATION = web.AppKey("adaptation", UpstreamAdaptation)  # the first replica's
 # every replica's, by name (host:port)
 ADAPTATIONS = web.AppKey[dict[str, UpstreamAdaptation]]("adaptations")

@@ -11,7 +11,8 @@ CLIENT_ABORT = "client_abort"  # the client went away or sent a broken body
 UPSTREAM_ERROR = "upstream_error"  # refused, reset, invalid response, broke mid-body
 TIMEOUT = "timeout"  # connect, response headers or idle read took too long
 REJECTED = "rejected"  # refused by the proxy itself (bad target, body too large, ...)
-CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED)
+SHUTDOWN = "shutdown"  # cut at the end of the graceful timeout of a stop or reload
+CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED, SHUTDOWN)
 
 EXCHANGE = "fileproxy.exchange"  # key of the record in the aiohttp request
 

@@ -4,7 +4,8 @@ On SIGTERM (a stop, or the old workers of a HUP reload) the worker first turns
 /ready to 503 and keeps serving for ``FILEPROXY_DRAIN_DELAY`` seconds, then
 closes its listener and lets in-flight downloads finish within the graceful
 timeout, their last buffered bytes handed to the kernel (``server.DrainingRunner``),
-then exits.
+then exits. What the graceful timeout cuts is logged (cause ``shutdown``) and the
+worker exits before the master's own graceful timeout (gunicorn.conf.py).
 """
 
 from __future__ import annotations

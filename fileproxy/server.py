@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from fileproxy.app import create_app
-from fileproxy.app_keys import LIFECYCLE, LISTEN_SOCKETS
+from fileproxy.app_keys import IN_FLIGHT, LIFECYCLE, LISTEN_SOCKETS
 from fileproxy.ops import logs
 from fileproxy.runtime import new_event_loop
 from fileproxy.settings import BindAddress, Settings
@@ -26,6 +26,10 @@ log = logging.getLogger("fileproxy")
 
 LISTEN_BACKLOG = 1024
 FLUSH_POLL_S = 0.01  # how often the drain looks at the closing connections' write buffers
+# aiohttp's own wait for the handlers ends this much after the runner's cut-off, never
+# in the same loop iteration: a handler that ends just as that wait times out makes
+# aiohttp fail with InvalidStateError ("Unhandled exception") instead of closing
+AIOHTTP_WAIT_AFTER_CUT_OFF_S = 1.0
 
 
 class ListenError(Exception):
@@ -52,28 +56,58 @@ class DrainingRunner(web.AppRunner):
     end. Only public aiohttp names: ``server.connections``, each protocol's
     ``transport``, and the ``shutdown()`` hook that ``cleanup()`` calls after the
     listeners closed.
+
+    The handlers still running at the graceful timeout are cancelled by the runner
+    itself (``cut_off``: the proxy handler logs each, cause ``shutdown``). aiohttp's
+    own wait would give them the timeout twice (a first wait, then a cancel of the
+    request's body only and a second wait), and gunicorn's master, which counts
+    from its SIGTERM, would kill the worker before it logged them and removed its
+    spool directory.
     """
 
     def __init__(self, app: web.Application, *, shutdown_timeout: float, **kwargs: Any) -> None:
-        super().__init__(app, shutdown_timeout=shutdown_timeout, **kwargs)
+        super().__init__(
+            app, shutdown_timeout=shutdown_timeout + AIOHTTP_WAIT_AFTER_CUT_OFF_S, **kwargs
+        )
         self.graceful_timeout = shutdown_timeout
         self.flush_deadline: float | None = None
         self.closing: list[asyncio.Transport] = []
+        self.cut_off_timer: asyncio.TimerHandle | None = None
 
     async def shutdown(self) -> None:
         # cleanup() calls this once the sites stopped (no new connection) and before it
         # waits for the handlers, which close their transports when done.
-        self.flush_deadline = asyncio.get_running_loop().time() + self.graceful_timeout
+        loop = asyncio.get_running_loop()
+        self.flush_deadline = loop.time() + self.graceful_timeout
         server = self.server
         if server is not None:
             self.closing = [p.transport for p in server.connections if p.transport is not None]
+        self.cut_off_timer = loop.call_at(self.flush_deadline, self.cut_off)
         await super().shutdown()
 
+    def cut_off(self) -> None:
+        """The graceful timeout ended: cancel the requests still in flight."""
+        self.app[LIFECYCLE].cut_off(time.time())
+        running = self.app[IN_FLIGHT]
+        in_flight = list(running)  # a copy: each handler leaves the set as it ends
+        if in_flight:
+            log.warning(
+                "graceful timeout: cutting the requests still in flight",
+                extra={"requests": len(in_flight)},
+            )
+        for task in in_flight:
+            task.cancel()
+
     async def cleanup(self) -> None:
-        await super().cleanup()
-        if self.flush_deadline is not None:
-            await flush_transports(self.closing, self.flush_deadline)
-        self.closing = []
+        try:
+            await super().cleanup()
+            if self.flush_deadline is not None:
+                await flush_transports(self.closing, self.flush_deadline)
+        finally:
+            if self.cut_off_timer is not None:
+                self.cut_off_timer.cancel()
+                self.cut_off_timer = None
+            self.closing = []
 
 
 async def flush_transports(transports: list[asyncio.Transport], deadline: float) -> None:
@@ -180,6 +214,7 @@ async def _run(settings: Settings, sockets: list[socket.socket]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
     try:
         for sock in sockets:
             await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
@@ -191,6 +226,13 @@ async def _run(settings: Settings, sockets: list[socket.socket]) -> None:
         await asyncio.sleep(settings.drain_delay)
     finally:
         await runner.cleanup()
+
+
+def reopen_log_files() -> None:
+    """SIGHUP (logrotate's ``postrotate kill -HUP``): reopen the log files that were
+    moved; nothing else changes and no request is cut."""
+    logs.reopen_files()
+    log.info("log files reopened (SIGHUP); settings are read at start only")
 
 
 def serve(settings: Settings) -> None:

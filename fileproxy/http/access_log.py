@@ -173,7 +173,7 @@ class WatchedFileSink:
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
 
-    def _reopen_if_moved(self) -> None:
+    def reopen_if_moved(self) -> None:
         try:
             st = os.stat(self.path)
             moved = (st.st_dev, st.st_ino) != self._id
@@ -185,7 +185,7 @@ class WatchedFileSink:
             self._open()
 
     def write(self, data: bytes) -> None:
-        self._reopen_if_moved()
+        self.reopen_if_moved()
         view = memoryview(data)
         written = 0
         while written < len(data):
@@ -329,6 +329,12 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         return True
+
+    def reopen_files(self) -> None:
+        """Reopen the files that were moved or removed now, not at the next batch (HUP)."""
+        for sink in self.sinks:
+            if isinstance(sink, WatchedFileSink):
+                sink.reopen_if_moved()
 
     def _after_fork(self) -> None:
         # the parent's buffered lines are the parent's to write; its timer is not ours

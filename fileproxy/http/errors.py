@@ -28,6 +28,9 @@ from fileproxy.exchange import (
     REJECTED as REJECTED,
 )
 from fileproxy.exchange import (
+    SHUTDOWN as SHUTDOWN,
+)
+from fileproxy.exchange import (
     TIMEOUT as TIMEOUT,
 )
 from fileproxy.exchange import (

@@ -24,7 +24,15 @@ from multidict import CIMultiDict
 from fileproxy.adaptive import LevelProfile
 from fileproxy.adaptive import resume as resume_rule
 from fileproxy.adaptive.retry_budget import CONNECT, STATUS, retryable
-from fileproxy.app_keys import ADAPTATIONS, REPLICAS, SETTINGS, SPOOL, TRAFFIC
+from fileproxy.app_keys import (
+    ADAPTATIONS,
+    IN_FLIGHT,
+    LIFECYCLE,
+    REPLICAS,
+    SETTINGS,
+    SPOOL,
+    TRAFFIC,
+)
 from fileproxy.delivery import spool
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
@@ -76,6 +84,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(request_id_for(request), replica.name)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
+    task = asyncio.current_task()
+    in_flight = app[IN_FLIGHT]
+    if task is not None:
+        in_flight.add(task)  # cut by the drain if still here at the graceful timeout
     status = 500  # what aiohttp answers should an unexpected exception escape
     adaptations = app[ADAPTATIONS]
     adaptation = adaptations[replica.name]
@@ -100,11 +112,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         status = response.status
         return response
     except asyncio.CancelledError:
-        # handler_cancellation: the client went away while we waited on something;
+        # handler_cancellation: the client went away while we waited on something, or
+        # the drain cut this request at the graceful timeout (server.DrainingRunner);
         # aiohttp writes no access line for a cancelled handler, so we do.
         # The access line's rule (nginx's): the status the client was sent, 499 only
         # when it left before the response head went out.
-        exchange.cause = errors.CLIENT_ABORT
+        cut = app[LIFECYCLE].cutting_off
+        exchange.cause = errors.SHUTDOWN if cut else errors.CLIENT_ABORT
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
             access_logs.log_access(
@@ -114,6 +128,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     finally:
         # Synchronous on purpose: it must run even when the task is being cancelled.
         traffic.in_flight -= 1
+        if task is not None:
+            in_flight.discard(task)
         now = time.monotonic()
         adaptations[exchange.upstream].observe_exchange(now, exchange)  # the replica that answered
         traffic.record(

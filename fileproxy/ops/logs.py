@@ -80,6 +80,15 @@ class TextFormatter(_FormatOnce):
         return f"{text} {extras}" if extras else text
 
 
+def reopen_files() -> None:
+    """access.log and error.log reopened now if logrotate moved or removed them (HUP,
+    USR1); without a signal they are reopened at their next line."""
+    access_log.ACCESS.reopen_files()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.reopenIfNeeded()
+
+
 def configure(level: str, fmt: str, log_dir: str = "") -> None:
     """Access lines to stdout, everything else to stderr; both also to files in log_dir."""
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()

@@ -53,7 +53,7 @@ from fileproxy.adaptive import (
     spare_burst,
 )
 from fileproxy.adaptive.limiter_mode import LimiterMode, Mode
-from fileproxy.exchange import CLIENT_ABORT, TIMEOUT, UPSTREAM_ERROR, Exchange
+from fileproxy.exchange import CLIENT_ABORT, SHUTDOWN, TIMEOUT, UPSTREAM_ERROR, Exchange
 from fileproxy.settings import Settings
 from fileproxy.state.fleet import FleetView, UpstreamReport
 from fileproxy.state.link import PROBE_JITTER, STORE_PROBE_INTERVAL_S, StoreLink
@@ -98,7 +98,9 @@ def limiter_outcome(
         return Outcome.ERROR
     if status is None:
         return None  # rejected by the proxy itself, or the client left before an answer
-    return Outcome.IGNORED if exchange.cause == CLIENT_ABORT else Outcome.SUCCESS
+    # the client left, or the proxy cut the response at shutdown: the upstream answered
+    # but the exchange says nothing about its health
+    return Outcome.IGNORED if exchange.cause in (CLIENT_ABORT, SHUTDOWN) else Outcome.SUCCESS
 
 
 def limiter_config(settings: Settings) -> LimiterConfig:

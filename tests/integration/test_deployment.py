@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fileproxy.lifecycle import CUT_OFF_MARGIN_S
 from fileproxy.sample_upstream import file_bytes
 from fileproxy.settings import Settings
 from tests.conftest import ROOT, Process, clean_env, free_port, require_binary, wait_for_port
@@ -522,8 +523,10 @@ def test_systemd_unit_matches_gunicorn_and_fileproxy():
         assert service[key] == "yes", key
     assert service["SystemCallArchitectures"] == "native"
     # systemd must not SIGKILL what gunicorn still lets finish: gunicorn's own
-    # graceful_timeout is ceil(DRAIN_DELAY + GRACEFUL_TIMEOUT)
-    gunicorn_graceful = math.ceil(DEFAULTS.drain_delay + DEFAULTS.graceful_timeout)
+    # graceful_timeout is ceil(DRAIN_DELAY + GRACEFUL_TIMEOUT) + the cut-off's margin
+    gunicorn_graceful = (
+        math.ceil(DEFAULTS.drain_delay + DEFAULTS.graceful_timeout) + CUT_OFF_MARGIN_S
+    )
     assert int(service["TimeoutStopSec"]) >= gunicorn_graceful + 10
     # a configuration error (exit 2) is not retried forever
     assert service["RestartPreventExitStatus"] == "2"

@@ -7,7 +7,7 @@ import pytest
 
 from fileproxy.adaptive import Outcome, TcpInfo
 from fileproxy.exchange import Exchange
-from fileproxy.http.errors import CLIENT_ABORT, OK, TIMEOUT, UPSTREAM_ERROR
+from fileproxy.http.errors import CLIENT_ABORT, OK, SHUTDOWN, TIMEOUT, UPSTREAM_ERROR
 from fileproxy.http.headers import client_key
 from fileproxy.settings import Settings
 from fileproxy.state.adaptation import (
@@ -80,6 +80,7 @@ def _exchange(status: int | None, cause: str = OK) -> Exchange:
         (None, TIMEOUT, Outcome.ERROR),
         (200, CLIENT_ABORT, Outcome.IGNORED),
         (None, CLIENT_ABORT, None),
+        (200, SHUTDOWN, Outcome.IGNORED),  # cut by the graceful timeout of a stop
     ],
 )
 def test_only_overload_signals_are_limiter_errors(status, cause, outcome):
