@@ -747,7 +747,8 @@ class Settings:
         "after-cut",
         _choice("after-cut", "always"),
         "after-cut: the limit admits only from the first cut until it is back at the maximum "
-        "(a healthy upstream is never throttled); always: a fixed ceiling "
+        "(a healthy upstream is never throttled, nor is one whose failures are one path's); "
+        "always: a fixed ceiling "
         "(e.g. LIMIT_MIN = LIMIT_INITIAL = LIMIT_MAX).",
     )
     # TCP options: on the listening socket (inherited by accepted sockets) and on

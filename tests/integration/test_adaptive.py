@@ -321,8 +321,10 @@ async def test_under_overload_the_heavy_client_is_refused_and_a_light_one_admitt
                 client, proxy, lambda lim: lim["enforcing"] and 429 in hammer.statuses, 20
             )
             assert limiter["enforcing"] and 429 in hammer.statuses, limiter
-            # well under its share (20 req/s / 2 clients): 4 req/s for 4 s
-            fetch = Load(light, f"{proxy.url}/good", workers=1, pace=0.25)
+            # well under its share (20 req/s / 2 clients): 4 req/s for 4 s, on the same
+            # failing path (issue 20.1: /good answering beside it would make /busy one
+            # broken path, no overload); admitted, it gets the upstream's 503
+            fetch = Load(light, f"{proxy.url}/busy", workers=1, pace=0.25)
             refused_before = hammer.statuses.count(429)
             await asyncio.sleep(4)
             good = await fetch.stop()
@@ -334,7 +336,7 @@ async def test_under_overload_the_heavy_client_is_refused_and_a_light_one_admitt
     assert limiter["limit"] <= 40, limiter  # cut toward the minimum and enforced
     assert refused_meanwhile > 100, refused_meanwhile  # the heavy client is refused...
     assert len(good) >= 8, good
-    assert good.count(200) >= 0.9 * len(good), {s: good.count(s) for s in set(good)}
+    assert good.count(503) >= 0.9 * len(good), {s: good.count(s) for s in set(good)}
     assert set(bad) <= {503, 429}
 
 
@@ -443,6 +445,9 @@ async def test_one_path_flooded_with_429_or_503_leaves_the_others_served(
     print(f"\n{code} flood: others served {share:.1%} of {len(good)}; flood {len(bad)}")
     assert len(bad) > 200, len(bad)
     assert all(status == code and backend for status, backend in bad[:10]), bad[:10]
+    if code == 429:  # passed on with the backend's Retry-After, never retried or counted
+        async with client.get(f"{proxy.url}/status/429") as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == "1"
     assert share >= 0.95, ({s: good.count(s) for s in set(good)}, limiter["decisions"])
     assert limiter["enforcing"] is False, limiter
 
@@ -463,6 +468,7 @@ async def test_an_upstream_answering_503_everywhere_is_still_cut_and_recovers_wh
     finally:
         bad, good = await flood.stop(), await others.stop()
     assert limiter["enforcing"] and limiter["limit"] <= 20, limiter
+    cut_to = limiter["limit"]
     refused = sum(1 for status, backend in bad + good if status == 503 and not backend)
     assert refused > 0  # the proxy's own refusals: the upstream is protected
     down[0] = False
@@ -471,7 +477,7 @@ async def test_an_upstream_answering_503_everywhere_is_still_cut_and_recovers_wh
         client, proxy, lambda lim: not lim["enforcing"] and lim["limit"] == 200, 20
     )
     assert limiter["enforcing"] is False and limiter["limit"] == 200, limiter
-    print(f"\nall-503: cut to {min(d['new'] for d in limiter['decisions'] + [{'new': 200}])}")
+    print(f"\nall-503: cut to {cut_to}, refused {refused}; back at 200 when quiet")
     statuses = []
     for _ in range(20):
         async with client.get(f"{proxy.url}/get") as resp:
