@@ -5,7 +5,8 @@ Starts a backend (this script, ``backend`` mode: ``/good`` 200, ``/broken`` 500,
 a subprocess on a free loopback port, stopped by PID), then for ``--seconds``:
 
 - the heavy client (source address 127.0.0.2): 8 loops on ``/broken`` (or ``/busy``
-  with ``--bad busy``: a real overload signal);
+  with ``--bad busy``: an overload signal until issue 20; since then one path's 503s
+  while ``/good`` answers are that path's, and the limit is no longer cut);
 - the light client (127.0.0.3): 2 loops on ``/good`` (``--light-pace``: seconds
   between a loop's requests; 0, the default, as fast as it can);
 

@@ -32,6 +32,7 @@ class Exchange:
     error: str | None = None
     tries: int = 1  # upstream tries before the response head (retries on other replicas)
     resumes: int = 0  # times the body was continued from a replica after a failure
+    path: str = ""  # the request target's path, without its query (the limiter's evidence)
 
     @property
     def failed(self) -> bool:

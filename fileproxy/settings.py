@@ -532,13 +532,23 @@ class Settings:
         "20",
         _float(0, 100, "percent"),
         "Retries in progress at most this percentage of the requests in progress (Envoy's "
-        "retry budget), so an outage is never multiplied.",
+        "retry budget), with FILEPROXY_RETRY_MIN_CONCURRENCY as a floor: a cap on bursts of "
+        "retries; FILEPROXY_RETRY_TOKENS limits them over time.",
     )
     retry_min_concurrency: int = setting(
         "FILEPROXY_RETRY_MIN_CONCURRENCY",
         "3",
         _int(0, 10000),
         "Retries in progress always allowed whatever the budget (Envoy's min_retry_concurrency).",
+    )
+    retry_tokens: float = setting(
+        "FILEPROXY_RETRY_TOKENS",
+        "20",
+        _float(0, 1000, "tokens"),
+        "gRPC's retry throttling: tokens start at this maximum, a failed try (reset, timeout, "
+        "502-504) costs 1, an answer gives 0.1 back, and a request is retried only while more "
+        "than half are left: with every replica failing, about 1 try per request after the "
+        "first few (0: no throttle, the budget alone).",
     )
     eject_after: int = setting(
         "FILEPROXY_EJECT_AFTER",
@@ -756,10 +766,12 @@ class Settings:
     )
     limit_error_statuses: tuple[int, ...] = setting(
         "FILEPROXY_LIMIT_ERROR_STATUSES",
-        "429,502,503,504",
+        "502,503,504",
         _statuses,
         "Upstream statuses the limiter counts as overload (with connect failures, resets and "
-        "timeouts, always); any other status, 500 included, counts as an answer.",
+        "timeouts, always), unless one path fails while the other paths answer (that path's "
+        "failures are passed on, not counted); any other status, 500 and 429 included, "
+        "counts as an answer.",
     )
     limit_status: str = setting(
         "FILEPROXY_LIMIT_STATUS",
@@ -772,7 +784,8 @@ class Settings:
         "after-cut",
         _choice("after-cut", "always"),
         "after-cut: the limit admits only from the first cut until it is back at the maximum "
-        "(a healthy upstream is never throttled); always: a fixed ceiling "
+        "(a healthy upstream is never throttled, nor is one whose failures are one path's); "
+        "always: a fixed ceiling "
         "(e.g. LIMIT_MIN = LIMIT_INITIAL = LIMIT_MAX).",
     )
     # TCP options: on the listening socket (inherited by accepted sockets) and on

@@ -8,8 +8,9 @@ returns the ``Decision``, after which the shell calls ``gcra.set_rate(limiter.li
 Outcomes
     SUCCESS and ERROR are the samples. ERROR is an overload signal only: a connect
     failure, reset or timeout, or an upstream status of ``FILEPROXY_LIMIT_ERROR_STATUSES``
-    (429, 502, 503, 504 by default); any other answer, a 500 included, is a SUCCESS (the
-    upstream answered: one broken URL is no reason to throttle the others). IGNORED
+    (502, 503, 504 by default) that is the upstream's, not one path's (the shell weighs
+    them with ``failure_spread``); any other answer, a 500 or a 429 included, is a SUCCESS
+    (the upstream answered: one broken URL is no reason to throttle the others). IGNORED
     (client abort) counts as an admitted request for utilisation but says nothing about
     the upstream. The limiter's own rejections are not recorded. Record when the verdict
     is known: at response headers, or at the failure.

@@ -81,7 +81,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     replica = app[REPLICAS].choose(started, path=request.raw_path)
     assert replica is not None  # the first try always has one
-    exchange = Exchange(request_id_for(request), replica.name)
+    exchange = Exchange(request_id_for(request), replica.name, path=request.path)
     request[EXCHANGE] = exchange
     traffic.in_flight += 1
     task = asyncio.current_task()
@@ -370,7 +370,9 @@ def _observe_try(
 ) -> None:
     """A try that was retried elsewhere still tells its replica's adaptation how it went:
     a failing replica's errors cut its own limit, not the others'."""
-    attempt = Exchange(exchange.request_id, replica.name, upstream_status=status, cause=cause)
+    attempt = Exchange(
+        exchange.request_id, replica.name, upstream_status=status, cause=cause, path=exchange.path
+    )
     request.app[ADAPTATIONS][replica.name].observe_exchange(time.monotonic(), attempt)
 
 

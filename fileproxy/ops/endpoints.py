@@ -167,6 +167,8 @@ async def stats(request: web.Request) -> web.Response:
         "retries": {
             "granted": replicas.budget.granted,
             "refused_by_budget": replicas.budget.refused,
+            "refused_by_throttle": replicas.budget.throttled,
+            "throttle_tokens": round(replicas.budget.throttle.tokens, 3),
             "in_progress": replicas.budget.active,
         },
         "resumes": dict(replicas.resumes),

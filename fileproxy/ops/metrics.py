@@ -298,11 +298,12 @@ def _replica_metrics(
     yield ejections
     retries = CounterMetricFamily(
         "fileproxy_retries",
-        "Retries before the first byte, granted or refused by the retry budget",
+        "Retries before the first byte, granted or refused by the retry budget or throttle",
         labels=["pid", "outcome"],
     )
     retries.add_metric([pid, "granted"], replicas.budget.granted)
     retries.add_metric([pid, "refused_by_budget"], replicas.budget.refused)
+    retries.add_metric([pid, "refused_by_throttle"], replicas.budget.throttled)
     yield retries
     resumes = CounterMetricFamily(
         "fileproxy_resumes",

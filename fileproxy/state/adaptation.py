@@ -18,9 +18,11 @@ until the limit has grown back to its maximum with errors below 2%. A healthy
 upstream is never throttled by a limit that is still ramping up from its start
 value — measured with wrk, enforcing from the start refused 47,325 of 48,500
 requests to a healthy upstream in 8 s while the limit climbed from 100 to 358
-req/s. Errors are overload signals only (``limiter_outcome``); a cut wears off
-without traffic (the idle rule of ``aimd_limiter``); while enforcing, each client
-gets its fair share first (``admit``, ``adaptive.fair_share``).
+req/s. Errors are overload signals only (``limiter_outcome``), and a failure status
+counts only when it is the upstream's, not one path's (``adaptive.failure_spread``:
+settled at each sync); a 429 is the backend limiting one user and never counts. A cut
+wears off without traffic (the idle rule of ``aimd_limiter``); while enforcing, each
+client gets its fair share first (``admit``, ``adaptive.fair_share``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from fileproxy.adaptive import (
     profile_table,
     spare_burst,
 )
+from fileproxy.adaptive.failure_spread import FailureSpread
 from fileproxy.adaptive.limiter_mode import LimiterMode, Mode
 from fileproxy.exchange import CLIENT_ABORT, SHUTDOWN, TIMEOUT, UPSTREAM_ERROR, Exchange
 from fileproxy.settings import Settings
@@ -64,8 +67,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fileproxy.state.adaptation")
 
-#: FILEPROXY_LIMIT_ERROR_STATUSES' default: the statuses of an overloaded upstream
-DEFAULT_ERROR_STATUSES = (429, 502, 503, 504)
+#: FILEPROXY_LIMIT_ERROR_STATUSES' default: the statuses of an overloaded upstream (429
+#: is not one: RFC 6585, the backend limiting one user; it is passed on, never counted)
+DEFAULT_ERROR_STATUSES = (502, 503, 504)
 #: a client key longer than this (a forged X-Forwarded-For) is cut
 
 #: After the store is back, every worker has probed it within a jittered probe interval
@@ -90,8 +94,9 @@ def limiter_outcome(
     """What an exchange tells the limiter; None when it never involved the upstream.
 
     Overload signals only are errors: a connect failure, reset or timeout, or a status
-    of ``error_statuses`` (FILEPROXY_LIMIT_ERROR_STATUSES). Any other answer, a 500 of
-    one broken URL included, is a success: the upstream answered.
+    of ``error_statuses`` (FILEPROXY_LIMIT_ERROR_STATUSES; such a status is then weighed
+    by ``failure_status`` and ``adaptive.failure_spread``). Any other answer, a 500 of
+    one broken URL or a 429 included, is a success: the upstream answered.
     """
     status = exchange.upstream_status
     if exchange.cause in (UPSTREAM_ERROR, TIMEOUT) or status in error_statuses:
@@ -101,6 +106,14 @@ def limiter_outcome(
     # the client left, or the proxy cut the response at shutdown: the upstream answered
     # but the exchange says nothing about its health
     return Outcome.IGNORED if exchange.cause in (CLIENT_ABORT, SHUTDOWN) else Outcome.SUCCESS
+
+
+def failure_status(exchange: Exchange, error_statuses: Collection[int]) -> bool:
+    """An error that is an answer (a status of ``error_statuses``), not a transport failure:
+    it may be one path's rather than the upstream's (``adaptive.failure_spread``)."""
+    return exchange.cause not in (UPSTREAM_ERROR, TIMEOUT) and (
+        exchange.upstream_status in error_statuses
+    )
 
 
 def limiter_config(settings: Settings) -> LimiterConfig:
@@ -173,6 +186,7 @@ class UpstreamAdaptation:
         self.config = limiter_config(settings)
         self.error_statuses = frozenset(settings.limit_error_statuses)
         self.fair_share = FairShare()
+        self.spread = FailureSpread()  # whose failure statuses: a path's or the upstream's
         self.burst = settings.limit_burst
         self.always_enforce = settings.limit_enforce == "always"
         # the fleet's limiter as last seen in the store
@@ -296,14 +310,35 @@ class UpstreamAdaptation:
         outcome = limiter_outcome(exchange, self.error_statuses)
         if outcome is None:
             return
-        if self.fallback is not None:
-            self.fallback.limiter.record(now, outcome)
+        if outcome is Outcome.ERROR:
+            if failure_status(exchange, self.error_statuses):
+                self.spread.fail(now, exchange.path)  # weighed at the next sync (``_settle``)
+                return
+            self.spread.fail(now, exchange.path, pending=False)
+        elif outcome is Outcome.SUCCESS:
+            self.spread.answered(now, exchange.path)
+        self._count(now, outcome)
+
+    def _count(self, now: float, outcome: Outcome, n: int = 1) -> None:
+        if n <= 0:
             return
-        self._admitted += 1
+        if self.fallback is not None:
+            for _ in range(n):
+                self.fallback.limiter.record(now, outcome)
+            return
+        self._admitted += n
         if outcome is Outcome.SUCCESS:
-            self._successes += 1
+            self._successes += n
         elif outcome is Outcome.ERROR:
-            self._errors += 1
+            self._errors += n
+
+    def _settle(self, now: float) -> None:
+        """The failure statuses since the last sync: errors when the upstream's, else
+        admitted requests that say nothing about it (their path was isolated)."""
+        before = self.spread.discounted
+        counted = self.spread.settle(now)
+        self._count(now, Outcome.ERROR, counted)
+        self._count(now, Outcome.IGNORED, self.spread.discounted - before)
 
     def observe_headers(
         self, now: float, ttfb_s: float, read_tcp_info: Callable[[], TcpInfo | None]
@@ -336,6 +371,7 @@ class UpstreamAdaptation:
         """Add this worker's counts to the fleet's window; decide it when leased to us."""
         if not self.enabled:
             return
+        self._settle(now)
         counts = self._take_counts()
         try:
             tick = await self.link.call(
@@ -481,6 +517,7 @@ class UpstreamAdaptation:
             "enforcing": self.enforcing,
             "rejected_total": self.rejected,
             "fair_share": self.fair_share.snapshot(),
+            "failure_statuses": self.spread.snapshot(),
             "window_start": state.window_start,
             "cooldown_until": state.cooldown_until,
             "decision_count": self.limiter.decisions,

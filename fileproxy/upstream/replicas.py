@@ -18,7 +18,7 @@ from typing import Any
 
 from fileproxy.adaptive.balancer import ReplicaLoad, pick
 from fileproxy.adaptive.ejection import EjectionConfig, OutlierDetector
-from fileproxy.adaptive.retry_budget import RetryBudget
+from fileproxy.adaptive.retry_budget import CONNECT, RetryBudget, RetryThrottle
 from fileproxy.settings import ReplicaSpec, Settings
 from fileproxy.upstream.client import UpstreamClient
 
@@ -67,7 +67,11 @@ class ReplicaSet:
             ),
             len(self.replicas),
         )
-        self.budget = RetryBudget(settings.retry_budget, settings.retry_min_concurrency)
+        self.budget = RetryBudget(
+            settings.retry_budget,
+            settings.retry_min_concurrency,
+            RetryThrottle(max_tokens=settings.retry_tokens),
+        )
         self.slow_start_s = settings.slow_start
         self.rng = rng or random.Random()
         self._sizes: OrderedDict[str, int] = OrderedDict()
@@ -134,8 +138,16 @@ class ReplicaSet:
 
     def succeeded(self, replica: Replica) -> None:
         self.detector.success(replica.index)
+        self.budget.answered_try()
 
     def failed(self, now: float, replica: Replica, reason: str) -> None:
+        """A try at ``replica`` failed (``reason``: a retry kind, ``status N``, ...); a
+        connect failure reached no upstream and costs the retry throttle nothing."""
+        if reason != CONNECT:
+            self.budget.failed_try()
+        self._failed(now, replica, reason)
+
+    def _failed(self, now: float, replica: Replica, reason: str) -> None:
         replica.counts["failures"] += 1
         until = self.detector.failure(now, replica.index, reason)
         if until is not None:
@@ -154,7 +166,7 @@ class ReplicaSet:
         replica.last_check = {"at": wall, "ok": failure is None, "detail": failure}
         if failure is not None:
             replica.last_probe_failed_at = wall
-            self.failed(now, replica, f"health check: {failure}")
+            self._failed(now, replica, f"health check: {failure}")  # no try: no token
             return
         replica.last_probe_ok_at = wall
         if self.detector.readmit(now, replica.index):

@@ -196,21 +196,23 @@ async def test_closed_port_retries_and_the_budget(start_replica, start_proxy, cl
     # every replica answers 503 (after 50 ms, so requests overlap)
     failing = [start_replica(status=503, ttfb=0.05) for _ in range(2)]
     proxy = start_proxy(replica_list(closed, *failing))
+    n = 60
+    gets = await asyncio.gather(*(client.get(f"{proxy.url}/files/4k.bin") for _ in range(n)))
+    assert [r.status for r in gets] == [503] * n
+    got = [await counts(client, r) for r in failing]
+    reached = sum(c.get("GET", 0) for c in got)
+    # retried, within the budget (20% + 3) and the throttle (until half its tokens are spent)
+    assert n < reached <= 1.3 * n + 3, reached
+    stats = await get_json(client, f"{proxy.url}/stats")
+    retries = stats["retries"]
+    assert retries["refused_by_budget"] + retries["refused_by_throttle"] > 0, retries
+
     posts = await asyncio.gather(
         *(client.post(f"{proxy.url}/files/x", data=b"payload") for _ in range(20))
     )
     assert [r.status for r in posts] == [503] * 20
     got = [await counts(client, r) for r in failing]
     assert sum(c.get("POST", 0) for c in got) == 20  # exactly once each
-
-    n = 60
-    gets = await asyncio.gather(*(client.get(f"{proxy.url}/files/4k.bin") for _ in range(n)))
-    assert [r.status for r in gets] == [503] * n
-    got = [await counts(client, r) for r in failing]
-    reached = sum(c.get("GET", 0) for c in got)
-    assert n < reached <= 1.3 * n + 3, reached  # retried, within the budget (20% + 3)
-    stats = await get_json(client, f"{proxy.url}/stats")
-    assert stats["retries"]["refused_by_budget"] > 0
 
 
 async def test_active_health_checks_eject_without_traffic(start_replica, start_proxy, client):
@@ -391,3 +393,24 @@ async def test_a_resumed_download_is_credited_to_the_replica_that_finished_it(
     assert metrics[bad_name]["fileproxy_response_bytes_total"] == 0, metrics
     assert metrics[good_name]["fileproxy_requests_total"] == 12, metrics
     assert metrics[good_name]["fileproxy_response_bytes_total"] == 12 * FILES["1m.bin"], metrics
+
+
+@pytest.mark.parametrize("eject_after", ["0", "5"])
+async def test_an_outage_one_request_at_a_time_is_not_multiplied(
+    eject_after, start_replica, start_proxy, client
+):
+    """Issue 20.13: every replica answers 503 and GETs come one at a time. The budget's
+    floor (3 retries in progress) always held at one request in flight, so each GET went
+    to every replica; the retry throttle stops retries once the tries keep failing."""
+    failing = [start_replica(status=503) for _ in range(3)]
+    proxy = start_proxy(replica_list(*failing), FILEPROXY_EJECT_AFTER=eject_after)
+    n = 60
+    for _ in range(n):
+        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+            assert resp.status == 503
+            await resp.read()
+    reached = sum([(await counts(client, r)).get("GET", 0) for r in failing])
+    stats = await get_json(client, f"{proxy.url}/stats")
+    print(f"\n{n} GETs, eject_after {eject_after}: {reached} tries ({reached / n:.2f}/GET)")
+    assert n < reached <= 1.15 * n, (reached, stats["retries"])
+    assert stats["retries"]["refused_by_throttle"] > 0, stats["retries"]

@@ -72,7 +72,7 @@ def _exchange(status: int | None, cause: str = OK) -> Exchange:
         (500, OK, Outcome.SUCCESS),  # one broken URL: the upstream answered
         (501, OK, Outcome.SUCCESS),
         (505, OK, Outcome.SUCCESS),
-        (429, OK, Outcome.ERROR),
+        (429, OK, Outcome.SUCCESS),  # the backend limiting one user (issue 20.1)
         (502, OK, Outcome.ERROR),
         (503, OK, Outcome.ERROR),
         (504, OK, Outcome.ERROR),
@@ -92,6 +92,43 @@ def test_the_error_statuses_are_configurable():
     assert limiter_outcome(_exchange(500), adaptation.error_statuses) is Outcome.ERROR
     assert limiter_outcome(_exchange(503), adaptation.error_statuses) is Outcome.SUCCESS
     assert limiter_outcome(_exchange(None, TIMEOUT), ()) is Outcome.ERROR  # always
+
+
+def _fed(adaptation: UpstreamAdaptation, now: float, status: int, path: str, n: int) -> None:
+    for _ in range(n):
+        exchange = _exchange(status)
+        exchange.path = path
+        adaptation.observe_exchange(now, exchange)
+
+
+def test_one_paths_503s_while_the_others_answer_are_not_counted():
+    """Issue 20.1: the failure statuses wait for the sync, which weighs them."""
+    adaptation = _adaptation()
+    _fed(adaptation, 10.0, 200, "/get", 5)
+    _fed(adaptation, 10.1, 503, "/status/503", 200)
+    adaptation._settle(10.2)
+    counts = adaptation._take_counts()
+    assert (counts.successes, counts.errors, counts.admitted) == (5, 0, 205)
+    assert adaptation.snapshot()["limiter"]["failure_statuses"]["discounted"] == 200
+
+
+def test_503s_everywhere_are_counted():
+    adaptation = _adaptation()
+    _fed(adaptation, 10.0, 503, "/get", 20)
+    _fed(adaptation, 10.1, 503, "/status/503", 200)
+    adaptation._settle(10.2)
+    counts = adaptation._take_counts()
+    assert (counts.successes, counts.errors, counts.admitted) == (0, 220, 220)
+
+
+def test_transport_failures_count_at_once():
+    adaptation = _adaptation()
+    _fed(adaptation, 10.0, 200, "/get", 5)
+    exchange = _exchange(None, TIMEOUT)
+    exchange.path = "/slow"
+    adaptation.observe_exchange(10.1, exchange)
+    counts = adaptation._take_counts()
+    assert (counts.successes, counts.errors, counts.admitted) == (5, 1, 6)
 
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))

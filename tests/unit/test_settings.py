@@ -93,7 +93,7 @@ def test_bad_values_name_the_variable_the_value_and_what_is_allowed(env, value, 
 
 
 def test_limiter_error_statuses():
-    assert Settings.from_env({}).limit_error_statuses == (429, 502, 503, 504)
+    assert Settings.from_env({}).limit_error_statuses == (502, 503, 504)
     chosen = Settings.from_env({"FILEPROXY_LIMIT_ERROR_STATUSES": " 503, 500 ,503,"})
     assert chosen.limit_error_statuses == (500, 503)
     assert chosen.public_dict()["FILEPROXY_LIMIT_ERROR_STATUSES"] == "500,503"
