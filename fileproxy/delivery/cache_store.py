@@ -1104,10 +1104,13 @@ class Fill:
             self._release_sync()
 
     def _abandon_sync(self) -> None:
-        """Nothing of an abandoned fill stays: body unlinked first (that frees the space a
-        full disk needs for the index's own write), then its row."""
+        """Nothing of an abandoned fill stays: the body truncated and unlinked first (that
+        frees its space at once, even while readers hold it open — they are told to abort —
+        and a full disk needs that space for the index's own write), then its row."""
         index = self.store.index
         try:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._body_fd, 0)
             os.close(self._body_fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(index.body_path(self.generation))
