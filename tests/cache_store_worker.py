@@ -12,8 +12,9 @@ event (with ``t``, time.monotonic(): one clock for every process on the host):
   taking the fill over (``takeover``, from the committed prefix) when its filler dies; the
   bytes read go into one sha256 in order: event ``read`` with ``sha256``, ``bytes``,
   ``first_byte`` (when the first byte was read).
-- ``read``: read the object (``read`` event); with ``hold``, print ``holding`` once open
-  and wait until the file ``hold`` names exists before reading.
+- ``read``: read the object (``read`` event) with ``readers`` readers at once (1); with
+  ``hold``, print ``holding`` once open and wait until the file ``hold`` names exists.
+- ``range``: read the bytes ``range`` = [start, end) only (``range`` event with ``sha256``).
 - ``fills``: fill each key of ``keys`` in turn at once (events ``filled``/``refused``).
 """
 
@@ -128,13 +129,25 @@ async def run(job: dict[str, Any]) -> None:
             async with store.open_reader(job["key"]) as reader:
                 await read_following(store, reader, job)
         elif mode == "read":
+
+            async def one() -> None:
+                async with store.open_reader(job["key"]) as reader:
+                    emit("opened", generation=reader.generation)
+                    if job.get("hold"):
+                        emit("holding", generation=reader.generation)
+                        while not Path(job["hold"]).exists():
+                            await asyncio.sleep(0.02)
+                    await read_following(store, reader, job)
+
+            await asyncio.gather(*(one() for _ in range(job.get("readers", 1))))
+        elif mode == "range":
+            start, end = job["range"]
             async with store.open_reader(job["key"]) as reader:
                 emit("opened", generation=reader.generation)
-                if job.get("hold"):
-                    emit("holding", generation=reader.generation)
-                    while not Path(job["hold"]).exists():
-                        await asyncio.sleep(0.02)
-                await read_following(store, reader, job)
+                piece = bytearray()
+                while len(piece) < end - start:
+                    piece += await reader.read(start + len(piece), end - start - len(piece))
+                emit("range", sha256=hashlib.sha256(piece).hexdigest())
         elif mode == "fills":
             for key, seed in job["keys"]:
                 data = body(seed, job["length"])

@@ -494,12 +494,12 @@ class _Index:
         """Take what keeps ``row`` from being removed by another process: its lease if it
         is filling (a fill whose process died holds none), and an exclusive lock on its body
         (readers hold shared ones). None if someone holds either."""
-        doomed = _Doomed(row.id)
-        if row.state == "filling":
-            doomed.lock_path = self.lock_path(row.key, row.variant)
-            doomed.lock_fd = _acquire_lease(doomed.lock_path)
-            if doomed.lock_fd is None:
-                return None
+        lock_path = self.lock_path(row.key, row.variant)
+        # the lease, so the lock file goes too (a complete object's may be held by a fill
+        # about to replace it: that fill keeps it)
+        doomed = _Doomed(row.id, lock_path=lock_path, lock_fd=_acquire_lease(lock_path))
+        if doomed.lock_fd is None and row.state == "filling":
+            return None
         try:
             doomed.body_fd = os.open(self.body_path(row.id), os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(doomed.body_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -606,6 +606,7 @@ class CacheStore:
         self._pins: collections.Counter[int] = collections.Counter()
         self._hits: collections.Counter[int] = collections.Counter()
         self._live: dict[int, Fill] = {}
+        self._follows: dict[int, _Follow] = {}  # generation -> readers polling its record
         self.counters: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------ lifecycle
@@ -754,6 +755,41 @@ class CacheStore:
             "purged": self.counters["purged"],
         }
 
+    async def _poll(self, generation: int, fd: int) -> None:
+        """Until the progress record of ``generation`` (read through ``fd``) changes, or at
+        most ``LEASE_PROBE_S``. The readers of one object in this process share the polling:
+        one of them reads the record every ``POLL_S``, the others sleep until it sees a
+        change (or leaves), so a herd of readers costs the polls of one."""
+        follow = self._follows.get(generation)
+        if follow is None:
+            follow = self._follows[generation] = _Follow()
+        follow.users += 1
+        try:
+            if follow.leading:
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                follow.waiters.append(waiter)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, LEASE_PROBE_S)
+                return
+            follow.leading = True
+            try:
+                seen = _read_record(fd)
+                deadline = time.monotonic() + LEASE_PROBE_S
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(POLL_S)
+                    if _read_record(fd) != seen:
+                        break
+            finally:
+                follow.leading = False
+                waiters, follow.waiters = follow.waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        finally:
+            follow.users -= 1
+            if not follow.users:
+                del self._follows[generation]
+
     def _pin(self, generation: int) -> None:
         self._pins[generation] += 1
 
@@ -761,6 +797,21 @@ class CacheStore:
         self._pins[generation] -= 1
         if self._pins[generation] <= 0:
             del self._pins[generation]
+
+
+class _Follow:
+    """The readers in this process that poll one fill's record (see ``CacheStore._poll``)."""
+
+    __slots__ = ("leading", "users", "waiters")
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.users = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+
+def _read_record(fd: int) -> bytes:
+    return os.pread(fd, FillProgress.SIZE, 0) if fd >= 0 else b""
 
 
 def _undo_after(
@@ -1341,7 +1392,7 @@ class Reader:
                     continue
                 if progress is not None and progress.state is FillState.PAUSED:
                     raise FillOrphaned(progress.prefix)
-                await asyncio.sleep(POLL_S)
+                await self.store._poll(self.generation, self._lock_fd)
                 if time.monotonic() - quiet_since < LEASE_PROBE_S:
                     continue
                 quiet_since = time.monotonic()

@@ -271,6 +271,74 @@ async def test_a_fill_that_fails_leaves_nothing_and_its_readers_abort(tmp_dir: P
         assert stats["fills_abandoned"] == 2 and stats["objects"] == 0
 
 
+@pytest.mark.timeout(90)
+async def test_a_herd_of_readers_in_another_process_follows_one_fill_byte_exact(
+    tmp_dir: Path, workers: list[Worker]
+) -> None:
+    """20 readers in one process share the polling of the fill's record; each gets every
+    byte once, in order."""
+    cache = tmp_dir / "cache"
+    length = 6 * MIB
+    data = body(14, length)
+    job = {"dir": str(cache), "key": "/herd", "seed": 14, "length": length}
+    async with CacheStore(cache, max_size=1 << 30, chunk_size=CHUNK) as store:
+        async with store.fill("/herd", HEAD, length) as fill:
+            herd = start(workers, mode="read", readers=20, **job)
+            await asyncio.to_thread(herd.wait_for, "opened")
+            for offset in range(0, length, 128 * 1024):
+                await fill.write(offset, data[offset : offset + 128 * 1024])
+                await asyncio.sleep(0.005)
+            await fill.complete()
+        assert await asyncio.to_thread(herd.finish) == 0, herd
+    reads = herd.named("read")
+    assert len(reads) == 20
+    assert all(r["sha256"] == sha(data) and r["bytes"] == length for r in reads), reads
+
+
+@pytest.mark.timeout(90)
+async def test_a_range_far_into_a_cold_object_is_filled_chunk_first_and_kept_for_later(
+    tmp_dir: Path, workers: list[Worker]
+) -> None:
+    cache = tmp_dir / "cache"
+    length = 10 * MIB + 12345
+    data = body(15, length)
+    wanted = (9 * MIB + 100, 9 * MIB + 100 + 64 * 1024)
+    job = {"dir": str(cache), "key": "/far", "seed": 15, "length": length}
+    async with CacheStore(cache, max_size=1 << 30, chunk_size=CHUNK) as store:
+        async with store.fill("/far", HEAD, length) as fill:
+            ranged = start(workers, mode="range", range=wanted, **job)
+            await asyncio.to_thread(ranged.wait_for, "opened")
+            assert fill.missing(*wanted) == [(9 * MIB, 10 * MIB)]
+            await fill.write(9 * MIB, data[9 * MIB : 10 * MIB])  # its chunk, committed
+            got = await asyncio.to_thread(ranged.wait_for, "range")
+            assert got["sha256"] == sha(data[wanted[0] : wanted[1]])
+            assert fill.written == 0  # nothing of the prefix yet
+            fill.pause()
+        assert await asyncio.to_thread(ranged.finish) == 0, ranged
+        (partial,) = await store.variants("/far")
+        assert not partial.complete and list(partial.chunks.present()) == [9]
+        async with store.resume("/far") as fill:
+            assert fill.missing() == [(0, 9 * MIB), (10 * MIB, length)]
+            await fill.write(0, data[: 9 * MIB])
+            await fill.write(10 * MIB, data[10 * MIB :])
+            await fill.complete()
+        assert sha(await read_all(store, "/far")) == sha(data)
+
+
+async def test_a_304_merge_replaces_the_stored_head_losslessly(tmp_dir: Path) -> None:
+    async with CacheStore(tmp_dir / "cache", max_size=1 << 30, chunk_size=CHUNK) as store:
+        async with store.fill("/h", HEAD, 3, variant=b"br") as fill:
+            await fill.write(0, b"abc")
+            await fill.complete()
+        merged = StoredHead(200, ((b"ETag", b'"v2"'), (b"X-Raw", b"\xff\x00\x80")), 10.0, 11.0)
+        assert await store.update_head("/h", b"br", merged)
+        assert not await store.update_head("/h", b"gzip", merged)
+        (stored,) = await store.variants("/h")
+        assert stored.head == merged and stored.variant == b"br"
+        async with store.open_reader("/h", b"br") as reader:
+            assert reader.head == merged
+
+
 # ---------------------------------------------------------------- the budget
 
 
