@@ -12,11 +12,12 @@ in another process learns of new bytes.
   (random, so writes do not fall in step with the polls): the time from a write to the
   moment that reader's ``wait_for`` returns the new bytes, per poll interval
   (``--polls``), and the CPU that reader burns while a fill stalls (3 s without a write:
-  polls plus a lease probe every 0.25 s). The same latency for a reader in the filling
+  polls plus a lease probe every 0.25 s); then ``--herd`` readers in one process at the
+  default interval (they share one poll). The same latency for a reader in the filling
   process (woken by the fill directly) for reference.
 
     .venv/bin/python -m bench.cache_store [--mib 256] [--runs 3] [--polls 0.005,0.02,0.05]
-        [--dir DIR] [--out FILE.md]
+        [--herd 20] [--dir DIR] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -190,28 +191,41 @@ async def throughput(args: argparse.Namespace, base: Path) -> tuple[list[str], l
 # ---------------------------------------------------------------- wake-up across processes
 
 
-async def follow(directory: str, poll: float) -> None:
-    """The child: follow /wake, report when each byte count became readable and the CPU
-    spent waiting on a stalled fill."""
+async def follow(directory: str, poll: float, readers: int) -> None:
+    """The child: ``readers`` readers follow /wake; when each byte count became readable to
+    each, and the CPU the process spent while they all wait on a stalled fill."""
     cache_store.POLL_S = poll
-    seen: list[tuple[int, float]] = []
+    seen: list[list[tuple[int, float]]] = [[] for _ in range(readers)]
+    stall_at = WAKE_PIECES * WAKE_PIECE
+    arrived = asyncio.Semaphore(0)
     store = CacheStore(directory, max_size=1 << 40)
-    async with store, store.open_reader("/wake") as reader:
+
+    async def one(log: list[tuple[int, float]]) -> None:
+        async with store.open_reader("/wake") as reader:
+            arrived.release()
+            offset = 0
+            while offset < stall_at:
+                offset = await reader.wait_for(offset)
+                log.append((offset, time.monotonic()))
+            arrived.release()
+            await reader.wait_for(offset)  # the fill stalls here
+
+    async with store:
+        tasks = [asyncio.create_task(one(log)) for log in seen]
+        for _ in range(readers):
+            await arrived.acquire()
         print(json.dumps({"opened": True}), flush=True)
-        offset = 0
-        stall_at = WAKE_PIECES * WAKE_PIECE
-        while offset < stall_at:
-            offset = await reader.wait_for(offset)
-            seen.append((offset, time.monotonic()))
+        for _ in range(readers):
+            await arrived.acquire()
         cpu, wall = cpu_s(), time.monotonic()
-        offset = await reader.wait_for(offset)  # the fill stalls here
+        await asyncio.gather(*tasks)
         stalled_cpu, stalled_wall = cpu_s() - cpu, time.monotonic() - wall
     print(json.dumps({"seen": seen, "stall_cpu": stalled_cpu, "stall_wall": stalled_wall}))
 
 
-async def wake(poll: float | None, base: Path) -> dict[str, Any]:
-    """One fill here; a follower in another process (``poll``) or in this one (None)."""
-    directory = base / f"wake-{poll}"
+async def wake(poll: float | None, base: Path, readers: int = 1) -> dict[str, Any]:
+    """One fill here; followers in another process (``poll``) or one in this one (None)."""
+    directory = base / f"wake-{poll}-{readers}"
     length = (WAKE_PIECES + 1) * WAKE_PIECE
     data = os.urandom(length)
     written: list[tuple[int, float]] = []
@@ -227,6 +241,7 @@ async def wake(poll: float | None, base: Path) -> dict[str, Any]:
                     "--follow",
                     str(directory),
                     str(poll),
+                    str(readers),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -260,11 +275,14 @@ async def wake(poll: float | None, base: Path) -> dict[str, Any]:
     if poll is not None:
         out, _ = await asyncio.to_thread(child.communicate, timeout=60)
         result = json.loads(out.strip().splitlines()[-1])
-        seen = [(int(o), float(t)) for o, t in result["seen"]]
+        logs = [[(int(o), float(t)) for o, t in log] for log in result["seen"]]
+    else:
+        logs = [seen]
     latencies = []
-    for end, at in written:
-        woke = next(t for o, t in seen if o >= end)
-        latencies.append(max(0.0, woke - at) * 1000)
+    for log in logs:
+        for end, at in written:
+            woke = next(t for o, t in log if o >= end)
+            latencies.append(max(0.0, woke - at) * 1000)
     shutil.rmtree(directory)
     return {
         "p50": pct(latencies, 0.5),
@@ -290,10 +308,12 @@ async def wakeups(args: argparse.Namespace, base: Path) -> list[str]:
         f"| same process (woken by the fill) | - | {local['p50']:.2f} | {local['p99']:.2f} "
         f"| {local['max']:.2f} | - |"
     )
-    for poll in args.polls:
-        r = await wake(poll, base)
+    runs = [(poll, 1) for poll in args.polls] + [(cache_store.POLL_S, args.herd)]
+    for poll, readers in runs:
+        r = await wake(poll, base, readers)
+        who = "other process" if readers == 1 else f"other process, {readers} readers"
         lines.append(
-            f"| other process | {poll * 1000:.0f} ms | {r['p50']:.2f} | {r['p99']:.2f} "
+            f"| {who} | {poll * 1000:.0f} ms | {r['p50']:.2f} | {r['p99']:.2f} "
             f"| {r['max']:.2f} | {r['stall_cpu_pct']:.2f}% of a core |"
         )
     lines.append("")
@@ -337,12 +357,13 @@ def parse_floats(text: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--follow"]:
-        asyncio.run(follow(argv[1], float(argv[2])))
+        asyncio.run(follow(argv[1], float(argv[2]), int(argv[3])))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--polls", type=parse_floats, default=[0.005, 0.02, 0.05])
+    parser.add_argument("--herd", type=int, default=20, help="readers in one process")
     parser.add_argument("--dir", help="where the cache directories go (default: the temp dir)")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args(argv)
