@@ -317,6 +317,8 @@ async def test_a_range_far_into_a_cold_object_is_filled_chunk_first_and_kept_for
         assert await asyncio.to_thread(ranged.finish) == 0, ranged
         (partial,) = await store.variants("/far")
         assert not partial.complete and list(partial.chunks.present()) == [9]
+        stats = await store.stats()
+        assert stats["bytes_on_disk"] == MIB and stats["bytes_reserved"] == length
         async with store.resume("/far") as fill:
             assert fill.missing() == [(0, 9 * MIB), (10 * MIB, length)]
             await fill.write(0, data[: 9 * MIB])
