@@ -152,10 +152,10 @@ def test_two_processes_on_one_key_fill_it_once_and_the_other_reads_as_it_is_writ
 ) -> None:
     length = 8 * MIB
     job = {"dir": str(tmp_dir / "cache"), "key": "/big", "seed": 1, "length": length}
-    # 4 MiB/s: the fill takes ~2 s, long enough for the second process to join it
-    first = start(workers, mode="fill-or-read", rate=4 * MIB, **job)
+    # 2 MiB/s: the fill takes ~4 s, long enough for the second process to join it
+    first = start(workers, mode="fill-or-read", rate=2 * MIB, **job)
     first.wait_for("lease")
-    second = start(workers, mode="fill-or-read", rate=4 * MIB, **job)
+    second = start(workers, mode="fill-or-read", rate=2 * MIB, **job)
     assert first.finish() == 0, first
     assert second.finish() == 0, second
     expected = sha(body(1, length))
@@ -165,7 +165,7 @@ def test_two_processes_on_one_key_fill_it_once_and_the_other_reads_as_it_is_writ
     (read,) = second.named("read")
     assert read["sha256"] == expected and read["bytes"] == length
     # the reader had its first byte long before the fill ended: it followed the fill
-    assert read["first_byte"] < filled[0]["t"] - 0.5, (read, filled)
+    assert read["first_byte"] < filled[0]["t"] - 1.0, (read, filled)
 
 
 @pytest.mark.slow
@@ -564,7 +564,8 @@ async def test_cancelled_at_any_await_a_fill_or_reader_leaks_nothing_and_holds_n
         await task
         await store.purge("/c")
         outcomes = []
-        for steps in range(0, turns + 1, max(1, turns // 40)):
+        # (a run takes a varying number of turns: thread hops; go on past the measured one)
+        for steps in range(0, 2 * turns, max(1, turns // 40)):
             task = asyncio.create_task(fill_and_follow())
             for _ in range(steps):
                 await asyncio.sleep(0)
@@ -584,7 +585,7 @@ async def test_cancelled_at_any_await_a_fill_or_reader_leaks_nothing_and_holds_n
             async with store.fill("/c", HEAD, 1) as probe:  # the lease is free
                 await probe.write(0, b"x")
             await store.purge("/c")
-        assert outcomes.count("cancelled") >= 20, outcomes
+        assert outcomes.count("cancelled") >= 10 and "done" in outcomes, outcomes
 
 
 async def test_a_reader_in_another_process_wakes_within_a_few_polls(
@@ -602,10 +603,10 @@ async def test_a_reader_in_another_process_wakes_within_a_few_polls(
             await asyncio.sleep(0.3)  # it waits for byte 0
             await fill.write(0, data[:MIB])
             wrote = time.monotonic()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0)  # a reader woken only at the end would be this late
             await fill.write(MIB, data[MIB:])
             await fill.complete()
         assert await asyncio.to_thread(reader.finish) == 0, reader
         (read,) = reader.named("read")
         assert read["sha256"] == sha(data)
-        assert 0 <= read["first_byte"] - wrote < 0.5, read["first_byte"] - wrote
+        assert 0 <= read["first_byte"] - wrote < 1.5, read["first_byte"] - wrote
