@@ -20,18 +20,24 @@ objects are never victims: when only pinned objects are left, ``evict`` returns 
 could and ``used`` stays above the budget (the shell then refuses new fills: it fails
 soft). Sizes are bytes; keys are any hashable value.
 
+``snapshot()`` lists a policy's whole state as plain ``(queue, key, size, mark)`` entries
+in order, and ``restore(entries)`` rebuilds it in an empty policy of the same kind: several
+processes sharing one disk index keep the policy's state in that index between uses (pins
+are not part of the state: they belong to the process holding the reader).
+
 ``DEFAULT_EVICTION`` names the policy the cache uses, chosen by ``bench/cache_eviction.py``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from typing import Generic, Literal, Protocol, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 __all__ = [
     "DEFAULT_EVICTION",
     "EVICTION_POLICIES",
+    "EvictionEntry",
     "EvictionPolicy",
     "LruEviction",
     "S3FifoEviction",
@@ -40,6 +46,9 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+#: one entry of a policy's state: (queue, key, size, mark); the mark is a frequency or a bit
+EvictionEntry = tuple[str, K, int, int]
 
 #: S3-FIFO's small queue: this share of the budget's bytes (the paper's 10%)
 SMALL_SHARE = 0.10
@@ -83,6 +92,15 @@ class EvictionPolicy(Protocol[K]):
         """Victims, in eviction order, until ``used <= budget`` or only pinned are left."""
         ...
 
+    def snapshot(self) -> list[EvictionEntry[K]]:
+        """The whole state (pins aside), in order, for ``restore`` in another process."""
+        ...
+
+    def restore(self, entries: Iterable[Sequence[Any]]) -> None:
+        """Rebuild the state of ``snapshot`` in this empty policy (ValueError if not empty
+        or an entry is not one of this policy's)."""
+        ...
+
 
 class _Pins(Generic[K]):
     """Counts of readers per key (kept apart from membership: a removed key may be pinned)."""
@@ -107,6 +125,22 @@ class _Pins(Generic[K]):
 def _check_size(size: int) -> None:
     if size < 0:
         raise ValueError(f"an object's size is at least 0 bytes, got {size}")
+
+
+def _entries(
+    entries: Iterable[Sequence[Any]], queues: tuple[str, ...], held: int
+) -> list[tuple[str, Any, int, int]]:
+    """Entries checked for ``restore``: four fields, a known queue, sizes of at least 0."""
+    if held:
+        raise ValueError("restore needs an empty policy")
+    checked = []
+    for entry in entries:
+        if len(entry) != 4 or entry[0] not in queues:
+            raise ValueError(f"not an entry of this policy: {entry!r}")
+        queue, key, size, mark = entry
+        _check_size(int(size))
+        checked.append((str(queue), key, int(size), int(mark)))
+    return checked
 
 
 class LruEviction(Generic[K]):
@@ -170,6 +204,13 @@ class LruEviction(Generic[K]):
             del self._sizes[key]
         self._used = used
         return victims
+
+    def snapshot(self) -> list[EvictionEntry[K]]:
+        return [("lru", key, size, 0) for key, size in self._sizes.items()]
+
+    def restore(self, entries: Iterable[Sequence[Any]]) -> None:
+        for _, key, size, _ in _entries(entries, ("lru",), len(self)):
+            self.admit(key, size)
 
 
 class _Node(Generic[K]):
@@ -277,6 +318,26 @@ class SieveEviction(Generic[K]):
             victims.append(node.key)
             passes_left = 2 * len(self._nodes)
         return victims
+
+    def snapshot(self) -> list[EvictionEntry[K]]:
+        entries: list[EvictionEntry[K]] = []
+        node = self._oldest
+        while node is not None:
+            entries.append(("fifo", node.key, node.size, int(node.visited)))
+            node = node.newer
+        if self._hand is not None:
+            entries.append(("hand", self._hand.key, 0, 0))
+        return entries
+
+    def restore(self, entries: Iterable[Sequence[Any]]) -> None:
+        for queue, key, size, mark in _entries(entries, ("fifo", "hand"), len(self)):
+            if queue == "hand":
+                if key not in self._nodes:
+                    raise ValueError(f"the hand points at no object: {key!r}")
+                self._hand = self._nodes[key]
+                continue
+            self.admit(key, size)
+            self._nodes[key].visited = bool(mark)
 
 
 class S3FifoEviction(Generic[K]):
@@ -409,6 +470,30 @@ class S3FifoEviction(Generic[K]):
         while self._ghost and self._ghost_used > limit:
             _, size = self._ghost.popitem(last=False)
             self._ghost_used -= size
+
+    def snapshot(self) -> list[EvictionEntry[K]]:
+        entries: list[EvictionEntry[K]] = []
+        entries += [("small", key, size, self._freq[key]) for key, size in self._small.items()]
+        entries += [("main", key, size, self._freq[key]) for key, size in self._main.items()]
+        entries += [("ghost", key, size, 0) for key, size in self._ghost.items()]
+        return entries
+
+    def restore(self, entries: Iterable[Sequence[Any]]) -> None:
+        held = len(self) + len(self._ghost)
+        for queue, key, size, mark in _entries(entries, ("small", "main", "ghost"), held):
+            if queue == "ghost":
+                self._ghost[key] = size
+                self._ghost_used += size
+                continue
+            if key in self._freq:
+                raise ValueError(f"an object held twice: {key!r}")
+            if queue == "small":
+                self._small[key] = size
+                self._small_used += size
+            else:
+                self._main[key] = size
+                self._main_used += size
+            self._freq[key] = min(max(mark, 0), MAX_FREQ)
 
 
 EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy[Hashable]]] = {

@@ -273,3 +273,74 @@ def test_bytes_add_up_and_pinned_objects_survive(
         assert policy.used == sum(sizes.values())
         assert len(policy) == len(sizes)
         assert all(k in policy for k in sizes)
+
+
+# ---------------------------------------------------------------- state kept in a shared index
+
+
+OPS_NO_PINS = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "hit", "remove", "evict", "handover"]),
+        st.integers(0, 12),
+        st.integers(0, 50),
+    ),
+    max_size=120,
+)
+
+
+@pytest.mark.parametrize("name", sorted(EVICTION_POLICIES))
+@settings(max_examples=150, deadline=None)
+@given(ops=OPS_NO_PINS)
+def test_a_restored_snapshot_decides_exactly_as_the_original(
+    name: str, ops: list[tuple[str, int, int]]
+) -> None:
+    """Processes hand the policy's state to each other through the index at any point
+    ("handover": snapshot, through JSON's lists, into a fresh policy): the victims never
+    differ from one policy kept in memory all along."""
+    kept: EvictionPolicy[Hashable] = new_eviction_policy(name)
+    handed: EvictionPolicy[Hashable] = new_eviction_policy(name)
+    for op, key, number in ops:
+        if op == "handover":
+            state = [list(entry) for entry in handed.snapshot()]
+            handed = new_eviction_policy(name)
+            handed.restore(state)
+            assert handed.snapshot() == kept.snapshot()
+        elif op == "admit":
+            kept.admit(key, number)
+            handed.admit(key, number)
+        elif op == "hit":
+            assert kept.hit(key) == handed.hit(key)
+        elif op == "remove":
+            assert kept.remove(key) == handed.remove(key)
+        else:
+            assert kept.evict(number * 4) == handed.evict(number * 4)
+        assert kept.used == handed.used and len(kept) == len(handed)
+
+
+def test_snapshots_name_the_queues() -> None:
+    s3: S3FifoEviction[str] = S3FifoEviction()
+    admit_all(s3, "abc", 10)
+    s3.hit("a")
+    s3.evict(25)  # a moves to main, b leaves for the ghost
+    assert s3.snapshot() == [("small", "c", 10, 0), ("main", "a", 10, 0), ("ghost", "b", 10, 0)]
+    sieve: SieveEviction[str] = SieveEviction()
+    admit_all(sieve, "ab")
+    sieve.hit("a")
+    sieve.evict(1)  # a's bit cleared, b evicted; the hand moves past b
+    assert sieve.snapshot() == [("fifo", "a", 1, 0)]
+    lru: LruEviction[str] = LruEviction()
+    admit_all(lru, "ab")
+    lru.hit("a")
+    assert lru.snapshot() == [("lru", "b", 1, 0), ("lru", "a", 1, 0)]
+
+
+@pytest.mark.parametrize("name", sorted(EVICTION_POLICIES))
+def test_restore_refuses_a_policy_in_use_and_foreign_entries(name: str) -> None:
+    policy = new_eviction_policy(name)
+    with pytest.raises(ValueError, match="not an entry"):
+        policy.restore([("nowhere", "a", 1, 0)])
+    with pytest.raises(ValueError, match="not an entry"):
+        policy.restore([("lru", "a")])
+    policy.admit("a", 1)
+    with pytest.raises(ValueError, match="empty"):
+        policy.restore(policy.snapshot())
