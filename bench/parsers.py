@@ -255,6 +255,7 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: deque[bytes] = deque()  # pipelined heads waiting for their turn
         self.upstream: Upstream | None = None
+        self.busy = False
         loop = asyncio.get_running_loop()
         self.heads: HttptoolsRequestHeads | AiohttpRequestHeads = (
             HttptoolsRequestHeads(self.on_head)
@@ -277,13 +278,14 @@ class Client(asyncio.Protocol):
         self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         self.pending.append(build_head(method + b" " + target + b" HTTP/1.1\r\n", headers))
-        if self.upstream is None:
+        if not self.busy:
             self.next_exchange()
 
     def next_exchange(self) -> None:
         if not self.pending or self.transport is None:
             return
         head = self.pending.popleft()
+        self.busy = True  # one exchange at a time, from the lease to the last body byte
         if self.proxy.idle:
             self.upstream = self.proxy.idle.pop()
             self.upstream.send(self, head)
@@ -297,6 +299,7 @@ class Client(asyncio.Protocol):
 
     def exchange_done(self) -> None:
         self.upstream = None
+        self.busy = False
         self.next_exchange()
 
     def pause_writing(self) -> None:
