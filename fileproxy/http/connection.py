@@ -14,17 +14,19 @@ answered strictly in order (pipelining); past ``pipeline_limit`` queued requests
 machine says "pause reading". Keep-alive is h11's cycle: the writer ends a response in
 ``IDLE`` (the next queued request becomes current) or ``MUST_CLOSE``.
 
-Inputs and the table they go through::
+The tables (READER_TRANSITIONS, WRITER_TRANSITIONS) in short::
 
-    reader                                  writer
-    IDLE --head_start--> HEAD               IDLE --(a request is queued)--> SEND_RESPONSE
-    IDLE|HEAD --head--> BODY                SEND_RESPONSE --1xx--> SEND_RESPONSE
-    BODY --data--> BODY                     SEND_RESPONSE --head--> SEND_BODY
-    BODY --end--> IDLE | DONE | MIGHT_SWITCH  SEND_RESPONSE --101 / 2xx to CONNECT--> SWITCHED
-    MIGHT_SWITCH --(101 sent)--> SWITCHED   SEND_BODY --data--> SEND_BODY
-    MIGHT_SWITCH --(refused)--> IDLE | DONE SEND_BODY --end--> IDLE | MUST_CLOSE
-    any --parse error / refusal--> ERROR    IDLE --(nothing more will come)--> MUST_CLOSE
-    any --eof--> CLOSED                     any --abort / closed--> CLOSED
+    reader, the client's requests
+      IDLE --head_start--> HEAD --head--> BODY --data--> BODY
+      BODY --end--> IDLE (keep-alive) | DONE (the last request) | MIGHT_SWITCH (Upgrade, CONNECT)
+      MIGHT_SWITCH --101 / 2xx to CONNECT--> SWITCHED | --refused--> IDLE | DONE
+      a head refused with 413 / 417 --> DONE; a parse error or refused framing --> ERROR
+      eof --> CLOSED; DONE and ERROR absorb whatever the parser still reports
+    writer, our responses
+      IDLE --a request is queued--> SEND_RESPONSE --1xx--> SEND_RESPONSE
+      SEND_RESPONSE --head--> SEND_BODY --data--> SEND_BODY --end--> IDLE | MUST_CLOSE
+      SEND_RESPONSE --101 / 2xx to CONNECT--> SWITCHED
+      IDLE --the reader is DONE, CLOSED or ERROR--> MUST_CLOSE; abort --> CLOSED
 
 An input a state has no row for is a bug of our own side (the shell fed the machine
 wrongly, or tried to send what HTTP forbids): ``LocalProtocolError``, raised before
@@ -230,6 +232,9 @@ READING_STATES = frozenset({Reader.IDLE, Reader.HEAD, Reader.BODY})
 # reader states after which no request will come: the writer closes once the queue is empty
 FINAL_READER_STATES = frozenset({Reader.DONE, Reader.CLOSED, Reader.ERROR})
 BODILESS_STATUSES = frozenset({204, 304})
+# a well-formed request we refuse ends the requests (DONE); any other refusal means the
+# stream is broken (ERROR)
+READER_AFTER_REFUSAL = {413: Reader.DONE, 417: Reader.DONE}
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 
 
@@ -463,7 +468,7 @@ class Connection:
             self.reader = Reader.BODY
         else:
             # nothing after a refused head is parsed: its body may be anything
-            self.reader = Reader.ERROR if exchange.refusal in (400, 501, 505) else Reader.DONE
+            self.reader = READER_AFTER_REFUSAL.get(exchange.refusal, Reader.ERROR)
         self._settle()
         return exchange
 
@@ -723,16 +728,17 @@ class Connection:
         fields = scan_fields(headers)
         keep = keep_alive_requested(version, fields.connection)
         exchange = self._new_exchange(method, target, version, NO_BODY, keep)
-        refusal = self._refusal(method, version, fields, exchange)
+        refusal = self._classify(method, version, fields, exchange)
         if refusal is not None:
             exchange.refusal = refusal
             exchange.keep_alive = False
         return exchange
 
-    def _refusal(
+    def _classify(
         self, method: bytes, version: tuple[int, int], fields: HeadFields, exchange: Exchange
     ) -> int | None:
-        """The status a request head is refused with, in the order the checks matter."""
+        """Fills in the exchange's framing, switch and expectation; returns the status its
+        head is refused with (None: accepted), the checks in the order they matter."""
         if version not in SUPPORTED_VERSIONS:
             return 505
         if fields.bad_value:

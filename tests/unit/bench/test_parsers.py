@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -69,6 +70,8 @@ def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
 @pytest.mark.slow
 @pytest.mark.parametrize("parser", PARSERS)
 def test_each_contender_proxies_bytes_exactly(parser: str, backend: tuple[int, Path]) -> None:
+    if importlib.util.find_spec(parser) is None:
+        pytest.fail(f"{parser} is required: .venv/bin/pip install -e '.[test]'")
     backend_port, www = backend
     port = free_port()
     argv = [sys.executable, "-m", "bench.parsers", "--serve", parser, "--port", str(port),
