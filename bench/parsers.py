@@ -470,6 +470,32 @@ def table(results: dict[tuple[str, str], list[dict[str, float]]], args: argparse
                 f"| {sum(r['errors'] for r in runs):.0f} |"
             )
     parsers = [k for k in args.contenders.split(",") if k in PARSERS]
+    if len(parsers) == 2:
+        # the steadier figure on a shared machine: the two parsers measured next to each
+        # other in each round, their difference taken round by round
+        lines += [
+            "",
+            "Paired by round (the two runs next to each other), aiohttp minus httptools:",
+            "",
+        ]
+        for size in args.sizes.split(","):
+            extra = [
+                a["cpu_us_per_req"] - h["cpu_us_per_req"]
+                for h, a in zip(
+                    results[("httptools", size)], results[("aiohttp", size)], strict=True
+                )
+            ]
+            ratio = [
+                h["rps"] / a["rps"]
+                for h, a in zip(
+                    results[("httptools", size)], results[("aiohttp", size)], strict=True
+                )
+            ]
+            lines.append(
+                f"- {size}: CPU {statistics.median(extra):+.1f} µs/req "
+                f"[{min(extra):+.1f} to {max(extra):+.1f}]; httptools' req/s "
+                f"{statistics.median(ratio):.2f}x aiohttp's [{min(ratio):.2f}-{max(ratio):.2f}]"
+            )
     if parsers:
         lines += [
             "",
