@@ -265,7 +265,8 @@ def scan_fields(headers: list[tuple[bytes, bytes]]) -> HeadFields:
         if name == b"content-length":
             content_length.extend(v.strip(b" \t") for v in value.split(b","))
         elif name == b"transfer-encoding":
-            codings.extend(v.strip(b" \t").lower() for v in value.split(b",") if v.strip(b" \t"))
+            listed = [v.strip(b" \t").lower() for v in value.split(b",") if v.strip(b" \t")]
+            codings.extend(listed or [b""])  # an empty field is there, and no coding
         elif name == b"connection":
             connection.update(v.strip(b" \t").lower() for v in value.split(b","))
         elif name == b"expect":

@@ -433,6 +433,8 @@ SMUGGLING = [
     ("NUL in a value", [(b"X-A", b"a\0b")], 400),
     ("TE not ending in chunked", [(b"Transfer-Encoding", b"chunked, gzip")], 400),
     ("TE gzip alone", [(b"Transfer-Encoding", b"gzip")], 400),
+    ("an empty TE beside CL", [(b"Transfer-Encoding", b" "), (b"Content-Length", b"3")], 400),
+    ("an empty TE", [(b"Transfer-Encoding", b"")], 400),
     (
         "chunked twice",
         [(b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")],
