@@ -160,7 +160,7 @@ def test_unread_request_body_closes_and_is_never_parsed() -> None:
     assert conn.must_close and conn.reader is Reader.DONE and not conn.reading
     conn.receive_data(6)  # what the parser still reports is absorbed, never a request
     assert conn.receive_head(b"GET", b"/smuggled", (1, 1), [HOST]) is None
-    assert conn.queue == type(conn.queue)()
+    assert not conn.queue
 
 
 def test_request_body_read_to_its_end_keeps_alive() -> None:
@@ -201,7 +201,9 @@ def test_pipeline_over_its_bound_pauses_reading() -> None:
     assert request(conn) is not None  # already received bytes are still taken
     respond(conn, first)
     assert not conn.reading  # still two behind
-    respond(conn, conn.current)  # type: ignore[arg-type]
+    second = conn.current
+    assert second is not None and second.number == 1
+    respond(conn, second)
     assert conn.reading
 
 
@@ -289,7 +291,8 @@ def test_final_response_instead_of_continue_closes() -> None:
     conn = Connection()
     exchange = upload(conn, (b"Expect", b"100-continue"))
     assert respond(conn, exchange, status=401) is None
-    assert conn.want_body is not None and conn.must_close  # the body never came: close
+    assert conn.must_close and conn.reader is Reader.DONE  # the body never came: close
+    assert exchange.continue_sent is False
 
 
 def test_other_expectation_is_refused_with_417_then_close() -> None:
@@ -308,12 +311,8 @@ def test_declared_length_over_the_limit_is_refused_with_413_then_close() -> None
         conn.start_response(exchange, 200, [(b"Content-Length", b"0")])  # refused is refused
     assert respond(conn, exchange, status=413) == b"close"
     assert conn.must_close
-    assert (
-        Connection(max_body_size=10)
-        .receive_head(b"PUT", b"/", (1, 1), fields((b"Content-Length", b"10")))
-        .refusal
-        is None
-    )  # type: ignore[union-attr]
+    at_the_limit = upload(Connection(max_body_size=10), length=b"10")
+    assert at_the_limit.refusal is None and at_the_limit.framing == Framing(Body.LENGTH, 10)
 
 
 # --- Upgrade and CONNECT -----------------------------------------------------------------
