@@ -57,7 +57,7 @@ PURE = {"adaptive", "cache"}
 BRAINS_FORBIDDEN = {"asyncio", "aiohttp", "redis", "socket", "uvloop", "gunicorn", "os", "time"}
 # pure modules on higher floors: the standard library's pure modules only, nothing of fileproxy
 PURE_MODULES = {"fileproxy/http/connection.py"}
-PURE_STDLIB = {"__future__", "collections", "dataclasses", "enum", "typing"}
+PURE_STDLIB = {"__future__", "collections", "dataclasses", "enum", "re", "typing"}
 
 
 def unit_of(module: str) -> str:
