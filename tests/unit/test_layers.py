@@ -6,6 +6,7 @@
        an exchange, facts every floor reads
     2  state/, upstream/             shared state and the upstream side (neither imports the other)
     3  http/, delivery/, app_keys    the client-facing edge, the proxy path, the spool
+       (http/connection.py, the sans-IO connection machine, imports pure stdlib only)
     4  ops/                          /health /ready /stats /metrics, logs, check
     5  app, cli, server, gunicorn_worker, sample_upstream, __main__   assembly and entry points
 
@@ -54,6 +55,9 @@ SIBLINGS_APART = {
 # the pure floors: what they may import besides the standard library's pure modules
 PURE = {"adaptive", "cache"}
 BRAINS_FORBIDDEN = {"asyncio", "aiohttp", "redis", "socket", "uvloop", "gunicorn", "os", "time"}
+# pure modules on higher floors: the standard library's pure modules only, nothing of fileproxy
+PURE_MODULES = {"fileproxy/http/connection.py"}
+PURE_STDLIB = {"__future__", "collections", "dataclasses", "enum", "re", "typing"}
 
 
 def unit_of(module: str) -> str:
@@ -119,6 +123,16 @@ def violations() -> list[str]:
 
 def test_imports_flow_downward() -> None:
     assert violations() == []
+
+
+def test_pure_modules_import_only_pure_stdlib() -> None:
+    bad = [
+        f"{name}:{line}: imports {imported}"
+        for name in sorted(PURE_MODULES)
+        for imported, line in imports_of(PACKAGE.parent / name)
+        if imported.split(".")[0] not in PURE_STDLIB
+    ]
+    assert bad == []
 
 
 def test_every_module_is_on_a_floor() -> None:
