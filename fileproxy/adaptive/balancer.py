@@ -7,16 +7,24 @@ requests already waiting on it, as Finagle's and Linkerd's peak EWMA do::
 
     cost = (ttfb + size / goodput + COST_FLOOR_S) x (in_flight + 1) / weight / warmth
 
-- ``ttfb``: a peak EWMA of the time to response headers: a larger sample is taken
-  at once (a replica that turns slow is avoided at the next request), a smaller one
-  blends in over ``DECAY_S``, and without samples the estimate decays towards 0 so
-  a replica avoided for being slow is tried again now and then.
+- ``ttfb``: a peak EWMA of a try's time from its request write to the response
+  headers: a larger sample is taken at once (a replica that turns slow is avoided at
+  the next request), a smaller one blends in over ``DECAY_S``, and without samples
+  the estimate decays towards 0 so a replica avoided for being slow is tried again:
+  after one slow sample within seconds (``DECAY_S`` x ln(slowness / ``TIE_RATIO``)),
+  while a replica really 10x slower is tried about every 4 s.
 - ``size / goodput``: for a request whose size is known, the seconds its body takes
   at the replica's measured goodput (an EWMA of bytes/s of finished bodies): what a
   file proxy cares about, and what no peer scores by.
 - ``warmth``: slow start. A replica back from ejection counts as (time back /
   ``slow_start_s``) of itself, at least ``SLOW_START_MIN``, so it is warmed up,
   not flooded (Envoy ``slow_start_config``, HAProxy ``slowstart``).
+
+Costs within ``TIE_RATIO`` of each other are a tie, and a tie is decided at random
+(Envoy's least-request is even on ties): the latency noise of identical replicas
+(a cold connection's first answer, a scheduling hiccup) must not decide where the
+traffic goes, as it would under sequential load, where nothing is in flight to
+push it back.
 
 Pure: time and the random source are passed in.
 """
@@ -28,7 +36,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DECAY_S = 10.0  # the peak EWMA's time constant (Finagle's default decay time)
+# the peak EWMA's time constant. Finagle's default is 10 s, but under sequential load
+# only the decay gives a replica its traffic back: 10 s held one that had a single
+# slow sample off for tens of seconds
+DECAY_S = 2.0
+TIE_RATIO = 1.5  # costs closer than this are a tie: the noise of identical replicas
 GOODPUT_DECAY_S = 30.0
 COST_FLOOR_S = 0.001  # so in-flight requests count even before anything was measured
 SLOW_START_MIN = 0.1  # a replica just back counts as a tenth of itself (Envoy's min_weight_percent)
@@ -55,12 +67,13 @@ class ReplicaLoad:
         return self.ttfb_s * math.exp(-max(0.0, now - self.ttfb_at) / DECAY_S)
 
     def observe_ttfb(self, now: float, sample_s: float) -> None:
-        current = self.ttfb(now)
-        if self.ttfb_at is None or sample_s >= current:
-            self.ttfb_s = sample_s  # the peak: a slower sample counts at once
+        if self.ttfb_at is None:
+            self.ttfb_s = sample_s
         else:
             w = math.exp(-max(0.0, now - self.ttfb_at) / DECAY_S)
-            self.ttfb_s = current * w + sample_s * (1 - w)
+            current = self.ttfb_s * w  # decayed once, as ``ttfb`` reads it
+            # the peak: a slower sample counts at once; a faster one blends in
+            self.ttfb_s = sample_s if sample_s >= current else current + sample_s * (1 - w)
         self.ttfb_at = now
 
     def observe_body(self, now: float, size: int, seconds: float) -> None:
@@ -108,6 +121,6 @@ def pick(
     a, b = rng.sample(list(candidates), 2)
     cost_a = loads[a].cost(now, size, slow_start_s)
     cost_b = loads[b].cost(now, size, slow_start_s)
-    if cost_a == cost_b:
-        return a  # already random
+    if max(cost_a, cost_b) < min(cost_a, cost_b) * TIE_RATIO:
+        return a  # a tie: already random
     return a if cost_a < cost_b else b
