@@ -2,12 +2,13 @@
 If-Range), with faults a test asks for on the command line.
 
     python -m tests.replica_backend --port PORT [--seed N] [--ttfb S] [--reset-after BYTES]
-        [--pace BYTES_PER_S] [--status CODE]
+        [--pace BYTES_PER_S] [--status CODE] [--range-ttfb S]
 
 - ``--ttfb``: seconds before every response head.
 - ``--reset-after``: every body is cut (connection aborted) after this many bytes.
 - ``--pace``: bodies are sent at about this many bytes per second.
 - ``--status``: every request under /files is answered with this status (and its body read).
+- ``--range-ttfb``: seconds before the head of a request with ``Range`` (a resume's ask).
 - ``GET /_count``: JSON of the requests under /files received so far, by method.
 """
 
@@ -37,6 +38,8 @@ def create_app(args: argparse.Namespace) -> web.Application:
             await request.read()
         if args.ttfb:
             await asyncio.sleep(args.ttfb)
+        if args.range_ttfb and "Range" in request.headers:
+            await asyncio.sleep(args.range_ttfb)
         if args.status:
             return web.json_response({"status": args.status}, status=args.status)
         if request.method == "POST":
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--reset-after", type=int, default=None)
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--status", type=int, default=0)
+    parser.add_argument("--range-ttfb", type=float, default=0.0)
     args = parser.parse_args()
     web.run_app(create_app(args), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
