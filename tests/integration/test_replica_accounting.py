@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Process, get_json
-from tests.integration.test_replicas import replica_list
+from tests.integration.test_replicas import counts, replica_list
 
 MIB = 1024 * 1024
 # the proxy's socket send buffer small, the client's receive window small: a client that
@@ -119,17 +119,19 @@ async def test_a_client_leaving_while_a_try_connects(start_replica, start_proxy,
 async def test_a_client_leaving_while_it_waits_for_a_pooled_connection(
     start_replica, start_proxy, client
 ):
-    replica = start_replica(ttfb=5)
+    replica = start_replica(ttfb=30)
     proxy = start_proxy(replica_list(replica), HTTP_CONNECTOR_LIMIT_PER_HOST="1")
     name = f"127.0.0.1:{replica.port}"
-    async with raw_get(proxy, "/files/4k.bin"):  # holds the only connection for 5 s
+    async with raw_get(proxy, "/files/4k.bin"):  # holds the only connection for 30 s
         await until(
             lambda: _is(client, proxy, f"{name}.in_use", 1), "the first request is not sent"
         )
         async with raw_get(proxy, "/files/4k.bin"):
             await until(lambda: _is(client, proxy, f"{name}.waiting", 1), "nobody waits")
         # the second client left: it no longer waits, while the first still holds it
-        await until(lambda: _is(client, proxy, f"{name}.waiting", 0), "a cancelled waiter counts")
+        await until(
+            lambda: _is(client, proxy, f"{name}.waiting", 0), "a cancelled waiter counts", 10
+        )
         now = await counters(client, proxy)
         assert now[f"{name}.in_flight"] == 1 and now[f"{name}.in_use"] == 1, now
     await all_back_to_zero(client, proxy)
@@ -197,3 +199,71 @@ async def test_a_client_leaving_while_its_download_is_spooled(start_replica, sta
         await reader.readuntil(b"\r\n\r\n")  # then reads no more
         await until(lambda: _is(client, proxy, "spool.active", 1), "never spooled", 30)
     await all_back_to_zero(client, proxy)
+
+
+async def test_a_retried_request_charges_each_replica_only_its_own_try(
+    start_replica, start_proxy, client
+):
+    """A try that failed after 1 s (a 503) is not part of the next replica's time to the
+    response head: that one answered in milliseconds and is charged milliseconds."""
+    failing, good = start_replica(status=503, ttfb=1.0), start_replica()
+    proxy = start_proxy(replica_list(failing, good), FILEPROXY_EJECT_AFTER="0")
+    for _ in range(10):  # until a request went to the failing replica first
+        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+            assert resp.status == 200
+            await resp.read()
+        if (await counts(client, failing)).get("GET", 0):
+            break
+    else:
+        pytest.fail("no request went to the failing replica")
+    health = await get_json(client, f"{proxy.url}/health")
+    assert health["upstreams"][f"127.0.0.1:{good.port}"]["ttfb_ewma_ms"] < 500, health
+
+
+async def test_a_spooled_download_frees_its_replica_once_the_upstream_body_is_in(
+    start_replica, start_proxy, client
+):
+    """The client reads nothing: its download is spooled, the upstream body is read whole
+    at the replica's pace, and from then on the replica is not loaded by it (in_flight
+    0) and its goodput is the upstream's, not the client's (which is nil)."""
+    replicas = [start_replica(), start_replica()]
+    proxy = start_proxy(replica_list(*replicas), FILEPROXY_SO_SNDBUF=SMALL_SNDBUF)
+    names = [f"127.0.0.1:{r.port}" for r in replicas]
+    async with raw_get(proxy, "/files/16m.bin", rcvbuf=16384) as (reader, _):
+        await reader.readuntil(b"\r\n\r\n")  # then reads no more
+        await until(lambda: _is(client, proxy, "spool.active", 1), "never spooled", 30)
+
+        async def replicas_free() -> bool:
+            now = await counters(client, proxy)
+            return not any(now[f"{n}.in_flight"] for n in names)
+
+        await until(replicas_free, "the replica counts a spooled download as its load", 30)
+        health = await get_json(client, f"{proxy.url}/health")
+        assert health["spool"]["active"] == 1  # the client still has most of it to read
+        goodputs = [health["upstreams"][n]["goodput_ewma_bps"] for n in names]
+        assert any(g is not None and g > 4 * MIB for g in goodputs), goodputs
+    await all_back_to_zero(client, proxy)
+
+
+async def sequential_gets(client: aiohttp.ClientSession, proxy: Process, n: int) -> None:
+    for _ in range(n):
+        async with client.get(f"{proxy.url}/files/4k.bin") as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+async def test_identical_replicas_get_even_shares(start_replica, start_proxy, client):
+    """Three identical replicas: each gets its third +-50%, one request at a time (the
+    first answer of each on a cold connection) and four at a time."""
+    replicas = [start_replica() for _ in range(3)]
+    proxy = start_proxy(replica_list(*replicas))
+
+    async def served() -> list[int]:
+        return [(await counts(client, r)).get("GET", 0) for r in replicas]
+
+    await sequential_gets(client, proxy, 90)
+    sequential = await served()
+    assert all(15 <= n <= 45 for n in sequential), sequential
+    await asyncio.gather(*(sequential_gets(client, proxy, 45) for _ in range(4)))
+    concurrent = [n - before for n, before in zip(await served(), sequential, strict=True)]
+    assert all(30 <= n <= 90 for n in concurrent), concurrent

@@ -18,11 +18,23 @@ from fileproxy.adaptive.balancer import (
 )
 
 
-def test_a_slower_sample_is_taken_at_once():
+def test_two_slower_samples_in_a_row_are_taken_at_once():
     load = ReplicaLoad()
     load.observe_ttfb(0.0, 0.01)
     load.observe_ttfb(0.0, 0.5)
-    assert load.ttfb(0.0) == 0.5
+    assert load.ttfb(0.0) == 0.01  # one slow answer: no further than the one before
+    load.observe_ttfb(0.0, 0.4)
+    assert load.ttfb(0.0) == 0.4  # two in a row: the smaller of the two
+    load.observe_ttfb(DECAY_S, 0.6)
+    assert load.ttfb(DECAY_S) == 0.4
+
+
+def test_a_single_slower_sample_is_no_peak():
+    load = ReplicaLoad()
+    load.observe_ttfb(0.0, 0.1)
+    load.observe_ttfb(0.0, 0.02)  # blends in: no time passed, the estimate stays 0.1
+    load.observe_ttfb(DECAY_S, 0.5)  # a hiccup after an answer faster than the estimate
+    assert load.ttfb(DECAY_S) == pytest.approx(0.1 * math.exp(-1))  # only decayed
 
 
 def test_a_faster_sample_blends_in_over_the_decay_time():
@@ -71,58 +83,78 @@ def test_slow_start_ramps_from_a_tenth_to_the_whole():
 
 def test_costs_within_the_tie_ratio_are_a_tie_decided_at_random():
     cold, warm = ReplicaLoad(), ReplicaLoad()
-    warm.observe_ttfb(0.0, 0.002)
-    cold.observe_ttfb(0.0, 0.0029)  # a first answer on a cold connection: 1.3x the cost
+    warm.observe_ttfb(0.0, 0.0005)
+    cold.observe_ttfb(0.0, 0.008)  # a first answer on a cold connection, or a busy host
     assert cold.cost(0.0, None, 0.0) < warm.cost(0.0, None, 0.0) * TIE_RATIO
     rng = random.Random(5)
     picks = [pick([cold, warm], [0, 1], 0.0, rng) for _ in range(400)]
-    assert 120 < picks.count(0) < 280  # even, not all to the warm one
-    cold.observe_ttfb(0.0, 0.0035)  # 1.5x: no longer a tie
+    assert 140 < picks.count(0) < 260  # even, not all to the warm one
+    warm.in_flight = cold.in_flight = 1
+    assert 140 < [pick([cold, warm], [0, 1], 0.0, rng) for _ in range(400)].count(0) < 260
+    warm.in_flight = 0  # as many in flight, or the cheaper one always wins
+    assert {pick([cold, warm], [0, 1], 0.0, rng) for _ in range(50)} == {1}
+    warm.in_flight = 1
+    cold.ttfb_s = TIE_RATIO * (0.0005 + COST_FLOOR_S)  # twice the cost: no longer a tie
     assert {pick([cold, warm], [0, 1], 0.0, rng) for _ in range(50)} == {1}
 
 
-def test_one_slow_sample_costs_a_replica_its_traffic_for_seconds_only():
-    """Sequential requests (nothing in flight) every 5 ms to three replicas answering in
-    2 ms; at 0 one of them answers once in 20 ms (10x). It gets traffic again once its
-    decayed estimate is within the tie ratio of the others':
-    (0.02 x exp(-t / DECAY_S) + floor) < TIE_RATIO x (0.002 + floor)."""
-    loads = [ReplicaLoad() for _ in range(3)]
-    for load in loads:
-        load.observe_ttfb(-0.01, 0.002)
-    loads[0].observe_ttfb(0.0, 0.02)
-    rng = random.Random(11)
-    now, back_at = 0.0, None
-    while back_at is None and now < 60.0:
-        now += 0.005
-        i = pick(loads, [0, 1, 2], now, rng)
-        if i == 0:
-            back_at = now
-        loads[i].observe_ttfb(now, 0.002)
-    bound = DECAY_S * math.log(0.02 / (TIE_RATIO * (0.002 + COST_FLOOR_S) - COST_FLOOR_S))
-    assert back_at is not None
-    assert bound <= back_at < bound + 0.5
-    assert back_at < 5.0  # seconds, not the tens of seconds of a 10 s decay
+def _busy_host_sample(rng: random.Random, base: float) -> float:
+    """An answer of ``base`` seconds as a busy shared host measures it: 10% of them a few
+    ms late, 1% tens of ms late (measured on loopback here: p50 0.4 ms, p90 4 ms, p99
+    11 ms, max 75 ms)."""
+    sample = base * math.exp(rng.gauss(0, 0.2))
+    dice = rng.random()
+    if dice < 0.01:
+        sample += rng.uniform(0.01, 0.08)
+    elif dice < 0.1:
+        sample += rng.uniform(0.002, 0.01)
+    return sample
 
 
-def _sequential_shares(seed: int, requests: int = 90) -> list[int]:
-    """Three identical replicas (2 ms, +-25% lognormal noise), one request at a time; the
-    first answer of each comes on a cold connection, 1 ms later."""
+def _sequential(seed: int, base: list[float], requests: int) -> list[tuple[float, int]]:
+    """One request at a time; the first answer of each replica 1 ms later (a cold
+    connection). (time, replica) of each request."""
     rng = random.Random(seed)
-    loads = [ReplicaLoad() for _ in range(3)]
-    counts = [0, 0, 0]
-    now = 0.0
+    loads = [ReplicaLoad() for _ in base]
+    seen: set[int] = set()
+    now, picks = 0.0, []
     for _ in range(requests):
-        i = pick(loads, [0, 1, 2], now, rng)
-        sample = 0.002 * math.exp(rng.gauss(0, 0.25)) + (0.001 if counts[i] == 0 else 0.0)
+        i = pick(loads, range(len(base)), now, rng)  # type: ignore[arg-type]
+        sample = _busy_host_sample(rng, base[i]) + (0.0 if i in seen else 0.001)
+        seen.add(i)
+        picks.append((now, i))
         now += sample + 0.001
         loads[i].observe_ttfb(now, sample)
-        counts[i] += 1
-    return counts
+    return picks
 
 
 def test_identical_replicas_share_sequential_requests_evenly():
-    even = [all(30 * 0.5 <= n <= 30 * 1.5 for n in _sequential_shares(seed)) for seed in range(200)]
-    assert sum(even) >= 190, sum(even)  # +-50% of an even share in (nearly) every run
+    even = 0
+    for seed in range(200):
+        picks = [i for _, i in _sequential(seed, [0.0004] * 3, 90)]
+        even += all(15 <= picks.count(i) <= 45 for i in range(3))  # +-50% of a third
+    assert even >= 190, even
+
+
+def test_one_slow_answer_costs_a_replica_no_traffic():
+    """Sequential requests to three replicas answering in 2 ms; at 0 one of them
+    answers once in 20 ms (10x): it is picked again at once, as often as before."""
+    loads = [ReplicaLoad() for _ in range(3)]
+    now = 0.0
+    rng = random.Random(11)
+    for _ in range(300):  # warmed up
+        i = pick(loads, [0, 1, 2], now, rng)
+        now += 0.003
+        loads[i].observe_ttfb(now, 0.002)
+    loads[0].observe_ttfb(now, 0.02)
+    picks = []
+    for _ in range(300):
+        i = pick(loads, [0, 1, 2], now, rng)
+        picks.append(i)
+        now += 0.003
+        loads[i].observe_ttfb(now, 0.002)
+    assert picks.index(0) < 10
+    assert picks.count(0) >= 50
 
 
 def test_pick_takes_the_cheaper_of_two():
