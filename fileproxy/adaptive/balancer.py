@@ -57,7 +57,7 @@ class ReplicaLoad:
     weight: float = 1.0
     ttfb_s: float = 0.0  # peak EWMA, as of ``ttfb_at``
     ttfb_at: float | None = None  # None: never measured
-    last_ttfb_s: float = 0.0  # the latest sample
+    last_ttfb_s: float = 0.0  # the latest sample (0 before the first)
     goodput_bps: float | None = None
     goodput_at: float = 0.0
     in_flight: int = 0
@@ -71,17 +71,16 @@ class ReplicaLoad:
         return self.ttfb_s * math.exp(-max(0.0, now - self.ttfb_at) / DECAY_S)
 
     def observe_ttfb(self, now: float, sample_s: float) -> None:
-        if self.ttfb_at is None:
-            self.ttfb_s = sample_s
+        # unmeasured: 0, and so is the answer before the first one (which may come late
+        # from a cold connection or process: one sample, no peak)
+        w = 0.0 if self.ttfb_at is None else math.exp(-max(0.0, now - self.ttfb_at) / DECAY_S)
+        current = self.ttfb_s * w  # decayed once, as ``ttfb`` reads it
+        if sample_s >= current:
+            # the peak, of two answers in a row: a slower one raises the estimate at
+            # once, but only as far as the answer before it (one hiccup is no peak)
+            self.ttfb_s = max(current, min(sample_s, self.last_ttfb_s))
         else:
-            w = math.exp(-max(0.0, now - self.ttfb_at) / DECAY_S)
-            current = self.ttfb_s * w  # decayed once, as ``ttfb`` reads it
-            if sample_s >= current:
-                # the peak, of two answers in a row: a slower one raises the estimate at
-                # once, but only as far as the answer before it (one hiccup is no peak)
-                self.ttfb_s = max(current, min(sample_s, self.last_ttfb_s))
-            else:
-                self.ttfb_s = current + sample_s * (1 - w)
+            self.ttfb_s = current + sample_s * (1 - w)
         self.ttfb_at = now
         self.last_ttfb_s = sample_s
 

@@ -18,9 +18,26 @@ from fileproxy.adaptive.balancer import (
 )
 
 
-def test_two_slower_samples_in_a_row_are_taken_at_once():
+def measured(ttfb_s: float, now: float = 0.0, **fields: float) -> ReplicaLoad:
+    """A replica that answered twice in ``ttfb_s`` at ``now``: its estimate is ``ttfb_s``."""
+    load = ReplicaLoad(**fields)  # type: ignore[arg-type]
+    load.observe_ttfb(now, ttfb_s)
+    load.observe_ttfb(now, ttfb_s)
+    return load
+
+
+def test_a_first_answer_is_no_peak():
+    """An unmeasured replica counts as answering in 0, and so does the answer before its
+    first: that one (maybe late from a cold connection or process) is one sample."""
     load = ReplicaLoad()
-    load.observe_ttfb(0.0, 0.01)
+    load.observe_ttfb(0.0, 0.2)
+    assert load.ttfb(0.0) == 0.0
+    load.observe_ttfb(0.0, 0.3)
+    assert load.ttfb(0.0) == 0.2  # two in a row
+
+
+def test_two_slower_samples_in_a_row_are_taken_at_once():
+    load = measured(0.01)
     load.observe_ttfb(0.0, 0.5)
     assert load.ttfb(0.0) == 0.01  # one slow answer: no further than the one before
     load.observe_ttfb(0.0, 0.4)
@@ -30,16 +47,14 @@ def test_two_slower_samples_in_a_row_are_taken_at_once():
 
 
 def test_a_single_slower_sample_is_no_peak():
-    load = ReplicaLoad()
-    load.observe_ttfb(0.0, 0.1)
+    load = measured(0.1)
     load.observe_ttfb(0.0, 0.02)  # blends in: no time passed, the estimate stays 0.1
     load.observe_ttfb(DECAY_S, 0.5)  # a hiccup after an answer faster than the estimate
     assert load.ttfb(DECAY_S) == pytest.approx(0.1 * math.exp(-1))  # only decayed
 
 
 def test_a_faster_sample_blends_in_over_the_decay_time():
-    load = ReplicaLoad()
-    load.observe_ttfb(0.0, 0.5)
+    load = measured(0.5)
     load.observe_ttfb(DECAY_S, 0.1)
     w = math.exp(-1)
     # the estimate decays once: 0.5 x w as read, then the sample's share (1 - w);
@@ -48,16 +63,14 @@ def test_a_faster_sample_blends_in_over_the_decay_time():
 
 
 def test_without_samples_the_estimate_decays_towards_zero():
-    load = ReplicaLoad()
-    load.observe_ttfb(0.0, 1.0)
+    load = measured(1.0)
     assert load.ttfb(DECAY_S) == pytest.approx(math.exp(-1))
     assert load.ttfb(0.0) == 1.0
     assert ReplicaLoad().ttfb(5.0) == 0.0  # never measured
 
 
 def test_cost_is_latency_plus_transfer_times_in_flight_over_weight():
-    load = ReplicaLoad(weight=2.0, in_flight=3)
-    load.observe_ttfb(0.0, 0.1)
+    load = measured(0.1, weight=2.0, in_flight=3)
     load.observe_body(0.0, 10 * MIN_GOODPUT_BYTES, 1.0)  # 10 x 256 KiB/s
     assert load.goodput_bps == 10 * MIN_GOODPUT_BYTES
     size = 5 * MIN_GOODPUT_BYTES
@@ -82,9 +95,8 @@ def test_slow_start_ramps_from_a_tenth_to_the_whole():
 
 
 def test_costs_within_the_tie_ratio_are_a_tie_decided_at_random():
-    cold, warm = ReplicaLoad(), ReplicaLoad()
-    warm.observe_ttfb(0.0, 0.0005)
-    cold.observe_ttfb(0.0, 0.008)  # a first answer on a cold connection, or a busy host
+    warm = measured(0.0005)
+    cold = measured(0.008)  # answers on cold connections, or from a busy host
     assert cold.cost(0.0, None, 0.0) < warm.cost(0.0, None, 0.0) * TIE_RATIO
     rng = random.Random(5)
     picks = [pick([cold, warm], [0, 1], 0.0, rng) for _ in range(400)]
@@ -158,9 +170,7 @@ def test_one_slow_answer_costs_a_replica_no_traffic():
 
 
 def test_pick_takes_the_cheaper_of_two():
-    fast, slow = ReplicaLoad(), ReplicaLoad()
-    fast.observe_ttfb(0.0, 0.01)
-    slow.observe_ttfb(0.0, 0.1)
+    fast, slow = measured(0.01), measured(0.1)
     rng = random.Random(1)
     assert {pick([fast, slow], [0, 1], 0.0, rng) for _ in range(50)} == {0}
     # until the fast one has so many requests waiting that it costs more (beyond a tie)
