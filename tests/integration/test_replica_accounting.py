@@ -43,6 +43,7 @@ async def all_back_to_zero(client: aiohttp.ClientSession, proxy: Process) -> Non
     while True:
         now = await counters(client, proxy)
         if not any(now.values()):
+            assert "replica in_flight below zero" not in proxy.log_text()  # ended twice
             return
         assert time.monotonic() < deadline, {k: v for k, v in now.items() if v}
         await asyncio.sleep(0.1)
