@@ -9,6 +9,11 @@ FILEPROXY_UPSTREAM=a,b,c) or nginx (an upstream block of the three servers,
 
 - slow: one replica answers 10x later (200 ms vs 20 ms); 4 clients x 60 requests;
   the slow replica's share of the requests.
+- even: three identical replicas; 90 requests one at a time, then 4 clients x 45;
+  each replica's share.
+- recovery: three identical replicas, one of which answers its first request 200 ms
+  late (one slow sample); requests one at a time for 5 s; when that replica got a
+  request again after its slow answer, and its share.
 - reset: one replica cuts every body after 1 MiB; 12 downloads of 16 MiB, 4 at a time;
   downloads complete and byte-exact.
 - kill: replicas paced at 16 MiB/s; 6 concurrent 64 MiB downloads; the busiest replica
@@ -215,7 +220,50 @@ async def budget(p: Procs, contender: str, session: aiohttp.ClientSession) -> st
     return f"{reached / n:.2f} upstream requests per client request ({reached} for {n})"
 
 
-WORKLOADS = {"slow": slow, "reset": reset, "kill": kill, "budget": budget}
+async def even(p: Procs, contender: str, session: aiohttp.ClientSession) -> str:
+    ports = [p.replica()[0] for _ in range(3)]
+    proxy = p.proxy(contender, ports)
+
+    async def client(n: int) -> None:
+        for _ in range(n):
+            async with session.get(f"http://127.0.0.1:{proxy}/files/4k.bin") as resp:
+                await resp.read()
+
+    async def served() -> list[int]:
+        return [(await counts(session, port)).get("GET", 0) for port in ports]
+
+    await client(90)
+    sequential = await served()
+    await asyncio.gather(*(client(45) for _ in range(4)))
+    concurrent = [n - before for n, before in zip(await served(), sequential, strict=True)]
+    return f"sequential {sequential} of 90, concurrent {concurrent} of 180"
+
+
+async def recovery(p: Procs, contender: str, session: aiohttp.ClientSession) -> str:
+    ports = [p.replica(first_ttfb=0.2)[0], p.replica()[0], p.replica()[0]]
+    proxy = p.proxy(contender, ports)
+    began = time.monotonic()
+    while time.monotonic() - began < 5:
+        async with session.get(f"http://127.0.0.1:{proxy}/files/4k.bin") as resp:
+            await resp.read()
+    async with session.get(f"http://127.0.0.1:{ports[0]}/_arrivals") as resp:
+        arrivals = await resp.json()
+    got = [(await counts(session, port)).get("GET", 0) for port in ports]
+    if len(arrivals) < 2:
+        back = "never within 5 s"
+    else:
+        back = f"{arrivals[1] - arrivals[0] - 0.2:.2f} s after its slow answer"
+    return f"picked again {back}; share {got[0] / sum(got):.1%} of {sum(got)} requests"
+
+
+WORKLOADS = {
+    "slow": slow,
+    "even": even,
+    "recovery": recovery,
+    "reset": reset,
+    "kill": kill,
+    "budget": budget,
+}
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -186,6 +186,25 @@ def start_proxy(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
 
 
 @pytest.fixture
+def start_replica(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
+    """``start_replica(**options)`` starts tests/replica_backend.py (options as its flags)."""
+    started: list[Process] = []
+
+    def start(**options: object) -> Process:
+        port = free_port()
+        args = [sys.executable, "-m", "tests.replica_backend", "--port", str(port)]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        process = _start(args, port, {}, tmp_dir, "replica")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
 def sample_upstream(tmp_dir: Path) -> Iterator[Process]:
     port = free_port()
     args = [sys.executable, "-m", "fileproxy", "sample-upstream", "--bind", f"127.0.0.1:{port}"]

@@ -2,13 +2,18 @@
 If-Range), with faults a test asks for on the command line.
 
     python -m tests.replica_backend --port PORT [--seed N] [--ttfb S] [--reset-after BYTES]
-        [--pace BYTES_PER_S] [--status CODE]
+        [--pace BYTES_PER_S] [--status CODE] [--range-ttfb S] [--first-ttfb S]
 
 - ``--ttfb``: seconds before every response head.
 - ``--reset-after``: every body is cut (connection aborted) after this many bytes.
 - ``--pace``: bodies are sent at about this many bytes per second.
 - ``--status``: every request under /files is answered with this status (and its body read).
+- ``--range-ttfb``: seconds before the head of a request with ``Range`` (a resume's ask).
+- ``--first-ttfb``: seconds before the head of the first request under /files (one slow
+  answer, as from a cold start).
 - ``GET /_count``: JSON of the requests under /files received so far, by method.
+- ``GET /_arrivals``: JSON list of their arrival times (``time.monotonic``, which is one
+  clock for every process of the machine).
 """
 
 from __future__ import annotations
@@ -27,16 +32,25 @@ CHUNK = 64 * 1024
 
 def create_app(args: argparse.Namespace) -> web.Application:
     counts: Counter[str] = Counter()
+    arrivals: list[float] = []
 
     async def count(request: web.Request) -> web.Response:
         return web.json_response(dict(counts))
 
+    async def arrived(request: web.Request) -> web.Response:
+        return web.json_response(arrivals)
+
     async def serve(request: web.Request) -> web.StreamResponse:
+        arrivals.append(time.monotonic())
         counts[request.method] += 1
+        if args.first_ttfb and len(arrivals) == 1:
+            await asyncio.sleep(args.first_ttfb)
         if request.can_read_body:
             await request.read()
         if args.ttfb:
             await asyncio.sleep(args.ttfb)
+        if args.range_ttfb and "Range" in request.headers:
+            await asyncio.sleep(args.range_ttfb)
         if args.status:
             return web.json_response({"status": args.status}, status=args.status)
         if request.method == "POST":
@@ -83,6 +97,7 @@ def create_app(args: argparse.Namespace) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/_count", count)
+    app.router.add_get("/_arrivals", arrived)
     app.router.add_route("*", "/files/{name}", serve)
     return app
 
@@ -95,6 +110,8 @@ def main() -> None:
     parser.add_argument("--reset-after", type=int, default=None)
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--status", type=int, default=0)
+    parser.add_argument("--range-ttfb", type=float, default=0.0)
+    parser.add_argument("--first-ttfb", type=float, default=0.0)
     args = parser.parse_args()
     web.run_app(create_app(args), host="127.0.0.1", port=args.port, print=None, access_log=None)
 

@@ -41,6 +41,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -523,10 +524,13 @@ async def relay(
     content_length: int,
     store: SpoolStore,
     pool_waiting: Callable[[], int],
+    upstream_body_complete: Callable[[int], None],
 ) -> None:
     """Relay a response that may spill: straight through while the client keeps up.
 
-    ``pool_waiting``: how many requests wait for an upstream connection now."""
+    ``pool_waiting``: how many requests wait for an upstream connection now;
+    ``upstream_body_complete(size)`` is called once the whole upstream body was read
+    (the replica is done with the request then, whatever the client's pace)."""
     transport = request.transport
     high = transport.get_write_buffer_limits()[1] if transport is not None else 0
     protocol = request.protocol
@@ -586,8 +590,9 @@ async def relay(
                     )
                     if decide(sample, store.policy).spill:
                         await _spooled(
-                            request, response, upstream_resp, exchange, pending, len(chunk), store
-                        )
+                            request, response, upstream_resp, exchange, pending, len(chunk),
+                            store, functools.partial(upstream_body_complete, content_length),
+                        )  # fmt: skip
                         return
                     # judged again while this write still waits: one early "not yet" (the
                     # upstream was the slower side so far) must not pin the upstream for
@@ -608,6 +613,7 @@ async def relay(
         if unyielded >= SLICE_BYTES:
             unyielded = 0
             await asyncio.sleep(0)
+    upstream_body_complete(taken)
     try:
         await response.write_eof()
     except ConnectionError:
@@ -666,13 +672,14 @@ async def _spooled(
     pending: asyncio.Future[None],
     pending_bytes: int,
     store: SpoolStore,
+    upstream_body_complete: Callable[[], None],
 ) -> None:
     """The rest of the body through a spool: filled at the upstream's pace, served at
     the client's. ``pending``: the write of the last relayed piece, still waiting."""
     spool = Spool(store)
     store.active += 1
     store.responses_spooled += 1
-    filler = asyncio.create_task(_fill(spool, upstream_resp))
+    filler = asyncio.create_task(_fill(spool, upstream_resp, upstream_body_complete))
     try:
         await _serve(spool, request, response, exchange, pending, pending_bytes)
     finally:
@@ -684,7 +691,9 @@ async def _spooled(
         spool.close()
 
 
-async def _fill(spool: Spool, upstream_resp: UpstreamResponse) -> None:
+async def _fill(
+    spool: Spool, upstream_resp: UpstreamResponse, upstream_body_complete: Callable[[], None]
+) -> None:
     store = spool.store
     read = upstream_resp.content.read
     unyielded = 0
@@ -706,6 +715,7 @@ async def _fill(spool: Spool, upstream_resp: UpstreamResponse) -> None:
         store.upstream_released_early += 1
     upstream_resp.release()
     spool.finish()
+    upstream_body_complete()
 
 
 async def _serve(

@@ -15,7 +15,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -49,7 +49,7 @@ from fileproxy.http.headers import (
 )
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamClient, UpstreamResponse
-from fileproxy.upstream.replicas import Replica
+from fileproxy.upstream.replicas import Attempt, Replica
 from fileproxy.upstream.resume import ResumableBody
 
 log = logging.getLogger("fileproxy.proxy")
@@ -198,124 +198,143 @@ async def _proxy(
             # credentials in FILEPROXY_UPSTREAM: the proxy authenticates itself to the backend
             headers["Authorization"] = authorization
         profile = adaptation.profile(time.monotonic())
-        replicas.begin(replica)
-        try:
-            upstream_resp = await _send_upstream(
-                request, exchange, target, headers, has_body, body_errors, profile, upstream,
-                settings,
-            )  # fmt: skip
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            replicas.end(replica)
-            if budgeted:
-                replicas.budget.finish()
-            if body_errors:
-                break  # the client's body failed: not the replica's fault
-            failure = errors.classify(exc)
-            upstream.mark_failure(time.time(), failure.error)
-            kind = errors.try_failure_kind(exc)
-            replicas.failed(time.monotonic(), replica, kind)
-            retry = _retry_to(request, exchange, replica, tried, kind, has_body)
-            if retry is None:
-                return _fail(exchange, exc)
-            _observe_try(request, exchange, replica, failure.cause, None)
-            replica, budgeted = retry, kind != CONNECT
-            continue
-        except BaseException:  # cancelled: the client left
-            replicas.end(replica)
-            if budgeted:
-                replicas.budget.finish()
-            raise
-        if budgeted:
-            replicas.budget.finish()
-        upstream_status = upstream_resp.status
-        if upstream_status in GATEWAY_FAILURES:
-            replicas.failed(time.monotonic(), replica, f"status {upstream_status}")
-        else:
-            replicas.succeeded(replica)
-        if upstream_status in settings.retry_statuses:
-            retry = _retry_to(request, exchange, replica, tried, STATUS, has_body, upstream_status)
-            if retry is not None:
-                upstream_resp.close()
-                replicas.end(replica)
-                _observe_try(request, exchange, replica, errors.OK, upstream_status)
-                replica, budgeted = retry, True
+        # the try owns the replica's in_flight, its retry-budget slot and the upstream
+        # response: whatever ends it (an answer relayed, a retry, an error, the client
+        # gone), the block gives them back
+        with replicas.attempt(replica, budgeted=budgeted) as attempt:
+            try:
+                upstream_resp = await _send_upstream(
+                    request, exchange, target, headers, has_body, body_errors, profile, upstream,
+                    settings,
+                )  # fmt: skip
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                attempt.answered()
+                if body_errors:
+                    return _refuse_body(exchange, body_errors)  # not the replica's fault
+                failure = errors.classify(exc)
+                upstream.mark_failure(time.time(), failure.error)
+                kind = errors.try_failure_kind(exc)
+                replicas.failed(time.monotonic(), replica, kind)
+                retry = _retry_to(request, exchange, replica, tried, kind, has_body)
+                if retry is None:
+                    return _fail(exchange, exc)
+                _observe_try(request, exchange, replica, failure.cause, None)
+                replica, budgeted = retry, kind != CONNECT
                 continue
-        break
-    if body_errors:
-        cause = body_errors[0]
-        broken = not isinstance(cause, errors.ClientRequestError)
-        if broken:
-            cause = errors.ClientRequestError(
-                400, "bad_request_body", "request body ended early or was malformed"
-            )
-        refusal = _fail(exchange, cause)
-        if broken:
-            exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
-        refusal.force_close()  # the rest of the body is not read
-        return refusal
+            attempt.response = upstream_resp
+            attempt.answered()
+            if body_errors:  # the upstream answered before the client's body broke off
+                return _refuse_body(exchange, body_errors)
+            upstream_status = upstream_resp.status
+            if upstream_status in GATEWAY_FAILURES:
+                replicas.failed(time.monotonic(), replica, f"status {upstream_status}")
+            else:
+                replicas.succeeded(replica)
+            if upstream_status in settings.retry_statuses:
+                retry = _retry_to(
+                    request, exchange, replica, tried, STATUS, has_body, upstream_status
+                )
+                if retry is not None:
+                    _observe_try(request, exchange, replica, errors.OK, upstream_status)
+                    replica, budgeted = retry, True
+                    continue
+            return await _respond(
+                request, exchange, started, attempt, upstream_resp, target,
+                pristine if pristine is not None else headers, profile,
+            )  # fmt: skip
 
-    now = time.monotonic()
-    exchange.ttfb_s = now - started
-    adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info)
-    replicas.headers(now, replica, exchange.ttfb_s)
+
+def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Response:
+    """The client's request body failed (too large, stalled, broken off): its 4xx."""
+    cause = body_errors[0]
+    broken = not isinstance(cause, errors.ClientRequestError)
+    if broken:
+        cause = errors.ClientRequestError(
+            400, "bad_request_body", "request body ended early or was malformed"
+        )
+    refusal = _fail(exchange, cause)
+    if broken:
+        exchange.cause = errors.CLIENT_ABORT  # the client's body broke off or was malformed
+    refusal.force_close()  # the rest of the body is not read
+    return refusal
+
+
+async def _respond(
+    request: web.Request,
+    exchange: Exchange,
+    started: float,
+    attempt: Attempt,
+    upstream_resp: UpstreamResponse,
+    target: str,
+    headers: CIMultiDict[str],
+    profile: LevelProfile,
+) -> web.StreamResponse:
+    """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``)."""
+    app = request.app
+    settings, replicas = app[SETTINGS], app[REPLICAS]
+    replica, upstream = attempt.replica, attempt.replica.client
+    headers_at = time.monotonic()
+    exchange.ttfb_s = headers_at - started  # what the client waited
+    # the try's own time to the response head, from its request write: not the
+    # admission, the pool wait, the connect or the tries before it
+    ttfb_s = headers_at - upstream_resp.sent_at
+    app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
+    replicas.headers(headers_at, replica, ttfb_s)
     upstream.mark_response(time.time())
-    body = _resumable(
-        request,
-        exchange,
-        upstream_resp,
-        replica,
-        target,
-        pristine if pristine is not None else headers,
-        profile,
-    )
+    body = _resumable(request, exchange, upstream_resp, attempt, target, headers, profile)
     if body is not None:
         upstream_resp.content = body  # type: ignore[assignment]
-    try:
-        exchange.upstream_status = upstream_resp.status
-        # The whole body already arrived (a small file): its response head goes out in
-        # the same write as the body. Else the head goes out at once (streams, SSE).
-        response_class = _WholeResponse if upstream_resp.content.is_eof() else _RelayedResponse
-        status = upstream_resp.status
-        response = response_class(status=status, reason=upstream_resp.reason)
-        response.upstream_content_type = "Content-Type" in upstream_resp.headers
-        redirect = None
-        if "Location" in upstream_resp.headers:
-            redirect = Redirect(upstream.redirect_prefixes, _client_base(request))
-        client_response_headers(
-            upstream_resp.headers,
-            exchange.request_id,
-            response.headers,
-            status=status,
-            redirect=redirect,
-            spelled=upstream_resp.raw_headers,
+
+    def upstream_body_complete(size: int) -> None:
+        """The whole upstream body was read: the replica is done with this request, even
+        while a slow client still reads it from the spool; its goodput is measured on
+        the upstream's link, not the client's."""
+        if replicas.several and request.method == "GET" and exchange.resumes == 0:
+            now = time.monotonic()
+            replicas.body_done(now, attempt.replica, target, size, now - headers_at)
+        attempt.end()
+
+    exchange.upstream_status = upstream_resp.status
+    # The whole body already arrived (a small file): its response head goes out in
+    # the same write as the body. Else the head goes out at once (streams, SSE).
+    response_class = _WholeResponse if upstream_resp.content.is_eof() else _RelayedResponse
+    status = upstream_resp.status
+    response = response_class(status=status, reason=upstream_resp.reason)
+    response.upstream_content_type = "Content-Type" in upstream_resp.headers
+    redirect = None
+    if "Location" in upstream_resp.headers:
+        redirect = Redirect(upstream.redirect_prefixes, _client_base(request))
+    client_response_headers(
+        upstream_resp.headers,
+        exchange.request_id,
+        response.headers,
+        status=status,
+        redirect=redirect,
+        spelled=upstream_resp.raw_headers,
+    )
+    if request.transport is not None:
+        request.transport.set_write_buffer_limits(high=settings.buffer_size)
+    await response.prepare(request)
+    exchange.status_sent = status
+    spill_store = app[SPOOL]
+    length = spool.spill_length(spill_store, request.method, upstream_resp)
+    if length is None:
+        await _relay(
+            request, response, upstream_resp, exchange, profile.chunk_size, upstream_body_complete
         )
-        if request.transport is not None:
-            request.transport.set_write_buffer_limits(high=settings.buffer_size)
-        await response.prepare(request)
-        exchange.status_sent = status
-        spill_store = app[SPOOL]
-        length = spool.spill_length(spill_store, request.method, upstream_resp)
-        if length is None:
-            await _relay(request, response, upstream_resp, exchange, profile.chunk_size)
-        else:  # a slow client may get the rest from a spool (see delivery.spool)
-            await spool.relay(
-                request,
-                response,
-                upstream_resp,
-                exchange,
-                profile.chunk_size,
-                length,
-                spill_store,
-                upstream.pool.waiting,
-            )
-        return response
-    finally:
-        upstream_resp.release()  # back to the pool only if the body was read to its end
-        last = body.replica if body is not None else replica
-        replicas.end(last)
-        if pristine is not None and exchange.cause == errors.OK and request.method == "GET":
-            now = time.monotonic()  # goodput and size: for balancing several replicas
-            replicas.body_done(now, last, target, exchange.bytes_out, now - started)
+    else:  # a slow client may get the rest from a spool (see delivery.spool)
+        await spool.relay(
+            request,
+            response,
+            upstream_resp,
+            exchange,
+            profile.chunk_size,
+            length,
+            spill_store,
+            upstream.pool.waiting,
+            upstream_body_complete,
+        )
+    return response
 
 
 def _retry_to(
@@ -380,7 +399,7 @@ def _resumable(
     request: web.Request,
     exchange: Exchange,
     upstream_resp: UpstreamResponse,
-    replica: Replica,
+    attempt: Attempt,
     target: str,
     headers: CIMultiDict[str],
     profile: LevelProfile,
@@ -402,7 +421,7 @@ def _resumable(
         upstream_resp,
         plan,
         replicas=request.app[REPLICAS],
-        replica=replica,
+        attempt=attempt,
         target=target,
         headers=headers,
         max_resumes=settings.resumes,
@@ -539,6 +558,7 @@ async def _relay(
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
     chunk_size: int,
+    upstream_body_complete: Callable[[int], None],
 ) -> None:
     read = upstream_resp.content.read
     unyielded = 0  # bytes relayed since this stream last gave the loop a turn
@@ -559,6 +579,7 @@ async def _relay(
         if unyielded >= RELAY_SLICE_BYTES:
             unyielded = 0
             await asyncio.sleep(0)  # the other streams, probes and new requests run
+    upstream_body_complete(exchange.bytes_out)
     try:
         await response.write_eof()
     except ConnectionError:

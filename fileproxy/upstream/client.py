@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,11 +86,13 @@ class UpstreamResponse:
 
     Owns its connection until ``release`` (back to the pool when the body was read
     to its end) or ``close`` (never reused); after either, both are no-ops.
+    ``sent_at``: when its request head was written (monotonic): the try's time to the
+    response head starts there, not at the pool wait or the connect before it.
     """
 
     __slots__ = (
         "_body_writer", "_pool", "_protocol", "content", "headers", "raw_headers", "reason",
-        "status",
+        "sent_at", "status",
     )  # fmt: skip
 
     def __init__(
@@ -102,12 +105,14 @@ class UpstreamResponse:
         content: StreamReader,
         body_writer: asyncio.Task[None] | None,
         raw_headers: tuple[tuple[bytes, bytes], ...] = (),
+        sent_at: float = 0.0,
     ) -> None:
         self._pool, self._protocol, self._body_writer = pool, protocol, body_writer
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         # the fields as received, one per field of ``headers`` and in the same order: the
         # names spelled as the upstream spelled them (``headers`` has aiohttp's spelling)
         self.raw_headers = raw_headers
+        self.sent_at = sent_at
 
     def tcp_info(self) -> TcpInfo | None:
         """TCP_INFO of the upstream socket that carries this response."""
@@ -256,6 +261,7 @@ class UpstreamClient:
             max_field_size=_MAX_FIELD_SIZE,
             max_headers=_MAX_HEADERS,
         )
+        sent_at = time.monotonic()
         transport.write(head)
         writer = None
         if body is None:
@@ -300,6 +306,7 @@ class UpstreamClient:
             payload,
             writer,
             message.raw_headers,
+            sent_at,
         )
 
     def mark_response(self, now: float) -> None:

@@ -155,7 +155,9 @@ class ConnectionPool:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._busy -= 1  # handed a slot, then cancelled: it goes to the next
                 self._wake_next()
-            elif not waiter.done():
+            elif waiter in self._waiters:
+                # cancelled while waiting (the awaited future is cancelled with the task):
+                # it no longer waits, nor counts in ``waiting``
                 self._waiters.remove(waiter)
             raise
 

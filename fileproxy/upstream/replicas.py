@@ -14,13 +14,14 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from fileproxy.adaptive.balancer import ReplicaLoad, pick
 from fileproxy.adaptive.ejection import EjectionConfig, OutlierDetector
 from fileproxy.adaptive.retry_budget import CONNECT, RetryBudget, RetryThrottle
 from fileproxy.settings import ReplicaSpec, Settings
-from fileproxy.upstream.client import UpstreamClient
+from fileproxy.upstream.client import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("fileproxy.upstream")
 
@@ -49,6 +50,63 @@ class Replica:
         """Wall clock of its last response head or successful probe."""
         times = [t for t in (self.client.last_response_at, self.last_probe_ok_at) if t]
         return max(times) if times else None
+
+
+class Attempt:
+    """One try at a replica, and everything it holds, released by its ``with`` block.
+
+    From ``__enter__`` to its end the try counts in its replica's ``in_flight``; a try
+    that is a counted retry holds a slot of the retry budget until it has its answer
+    (``answered``); the upstream response it got (``response``) is released (back to
+    the pool only when its body was read to the end) or closed. ``end`` does all of
+    it once, early when the upstream body is complete (a spooled download: the client
+    still reading holds nothing of the replica), else when the block exits — whatever
+    exits it: a return, a retry, an error or a cancellation.
+    """
+
+    __slots__ = ("_ended", "budgeted", "replica", "replicas", "response")
+
+    def __init__(self, replicas: ReplicaSet, replica: Replica, budgeted: bool) -> None:
+        self.replicas, self.replica, self.budgeted = replicas, replica, budgeted
+        self.response: UpstreamResponse | None = None
+        self._ended = True  # until entered
+
+    def __enter__(self) -> Attempt:
+        self._ended = False
+        self.replicas.begin(self.replica)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.end()
+
+    def answered(self) -> None:
+        """The try has its answer (or failed): its retry-budget slot, if any, is free."""
+        if self.budgeted:
+            self.budgeted = False
+            self.replicas.budget.finish()
+
+    def end(self) -> None:
+        """Give back all the try holds (once; later calls do nothing)."""
+        self.answered()
+        if self.response is not None:
+            self.response.release()
+        if not self._ended:
+            self._ended = True
+            self.replicas.end(self.replica)
+
+    def take_over(self, other: Attempt) -> None:
+        """Carry on at ``other``'s replica (a download resumed there): this try's replica
+        is ended now, ``other``'s is this try's until it ends; ``other`` (its response
+        taken over by this one's) becomes an empty shell whose end does nothing."""
+        if not self._ended:
+            self.replicas.end(self.replica)
+        self.replica, self._ended = other.replica, other._ended
+        other._ended, other.response = True, None
 
 
 class ReplicaSet:
@@ -130,7 +188,13 @@ class ReplicaSet:
         replica.counts["requests"] += 1
 
     def end(self, replica: Replica) -> None:
-        replica.load.in_flight = max(0, replica.load.in_flight - 1)
+        replica.load.in_flight -= 1
+        if replica.load.in_flight < 0:  # ended twice: a bug, never hidden
+            log.error("replica in_flight below zero", extra={"upstream": replica.name})
+
+    def attempt(self, replica: Replica, *, budgeted: bool = False) -> Attempt:
+        """One try at ``replica``, to be used as ``with replicas.attempt(r) as attempt:``."""
+        return Attempt(self, replica, budgeted)
 
     def headers(self, now: float, replica: Replica, ttfb_s: float) -> None:
         if self.several:  # one replica: nothing to balance
@@ -239,6 +303,7 @@ class ReplicaSet:
             "goodput_ewma_bps": round(load.goodput_bps) if load.goodput_bps else None,
             "slow_start_share": round(warmth, 3),
             "connections": client.pool_size(),
+            "waiting_for_connection": client.pool.waiting(),
             "last_response_age_s": None if answered is None else round(wall - answered, 3),
             "last_failure": client.last_failure,
             "last_check": None

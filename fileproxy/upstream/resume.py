@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from fileproxy.adaptive.resume import ResumePlan
 from fileproxy.upstream.client import UpstreamResponse
-from fileproxy.upstream.replicas import Replica, ReplicaSet
+from fileproxy.upstream.replicas import Attempt, Replica, ReplicaSet
 
 log = logging.getLogger("fileproxy.upstream.resume")
 
@@ -40,7 +40,7 @@ class ResumableBody:
         plan: ResumePlan,
         *,
         replicas: ReplicaSet,
-        replica: Replica,
+        attempt: Attempt,
         target: str,
         headers: CIMultiDict[str],
         max_resumes: int,
@@ -49,7 +49,8 @@ class ResumableBody:
         read_timeout: float | None,
         on_resume: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.response, self.plan, self.replicas, self.replica = response, plan, replicas, replica
+        self.response, self.plan, self.replicas = response, plan, replicas
+        self.attempt = attempt  # the try that owns the body's replica (moves on a resume)
         self.inner: StreamReader = response.content
         self.target = target
         self.headers = headers  # the request's headers as the proxy first built them
@@ -59,6 +60,11 @@ class ResumableBody:
         self.delivered = 0
         self.resumes = 0
         self.expected = plan.last - plan.first + 1
+
+    @property
+    def replica(self) -> Replica:
+        """The replica the body comes from now."""
+        return self.attempt.replica
 
     def is_eof(self) -> bool:
         return self.inner.is_eof()
@@ -86,13 +92,13 @@ class ResumableBody:
         self.replicas.failed(now, failed, f"mid-body: {type(error).__name__}")
         self.response.close()  # the broken connection is never reused
         for candidate in self.replicas.others_first(now, failed):
-            answer = await self._ask(candidate)
-            if answer is None:
-                continue
-            self.response.take_over(answer)
+            with self.replicas.attempt(candidate) as asking:  # ends it unless taken over
+                answer = await self._ask(asking)
+                if answer is None:
+                    continue
+                self.response.take_over(answer)
+                self.attempt.take_over(asking)  # the failed replica's try ends here
             self.inner = answer.content
-            self.replicas.end(failed)
-            self.replica = candidate
             self.resumes += 1
             self.replicas.resumes["ok"] += 1
             if self.on_resume is not None:
@@ -122,7 +128,10 @@ class ResumableBody:
             },
         )
 
-    async def _ask(self, candidate: Replica) -> UpstreamResponse | None:
+    async def _ask(self, asking: Attempt) -> UpstreamResponse | None:
+        """The exact continuation from ``asking``'s replica (its response, owned by
+        ``asking``), or None."""
+        candidate = asking.replica
         headers = CIMultiDict(self.headers)
         for name in _DROPPED:
             headers.popall(name, None)
@@ -131,8 +140,6 @@ class ResumableBody:
         if authorization is not None:
             headers["Authorization"] = authorization
         connect_timeout, headers_timeout, read_timeout = self.timeouts
-        self.replicas.begin(candidate)
-        started = time.monotonic()
         try:
             async with asyncio.timeout(headers_timeout):
                 answer = await candidate.client.send(
@@ -144,15 +151,13 @@ class ResumableBody:
                     read_timeout=read_timeout,
                 )
         except READ_ERRORS as exc:
-            self.replicas.end(candidate)
             self.replicas.failed(time.monotonic(), candidate, type(exc).__name__)
             return None
+        asking.response = answer
         now = time.monotonic()
-        self.replicas.headers(now, candidate, now - started)
+        self.replicas.headers(now, candidate, now - answer.sent_at)
         why = self.plan.accepts(self.delivered, answer.status, answer.headers)
         if why is not None:
-            answer.close()
-            self.replicas.end(candidate)
             log.warning(
                 "replica's continuation refused", extra={"upstream": candidate.name, "why": why}
             )

@@ -11,34 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from fileproxy.sample_upstream import FILES, file_bytes
-from tests.conftest import ROOT, Process, _start, clean_env, free_port, get_json
+from tests.conftest import ROOT, Process, clean_env, free_port, get_json
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def start_replica(tmp_dir: Path) -> Iterator[Callable[..., Process]]:
-    started: list[Process] = []
-
-    def start(**options: object) -> Process:
-        port = free_port()
-        args = [sys.executable, "-m", "tests.replica_backend", "--port", str(port)]
-        for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        process = _start(args, port, {}, tmp_dir, "replica")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def digest(name: str, seed: int = 0) -> str:
