@@ -74,10 +74,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "read_bufsize": settings.buffer_size,  # upload buffer before the client is paused
         "max_line_size": settings.max_header_size,
         "max_field_size": settings.max_header_size,
-        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate
+        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate,
+        # the send timeout
         "client_header_timeout": settings.client_header_timeout,
         "max_connections": settings.max_connections,
         "active_requests": settings.active_requests,
+        "send_timeout": settings.send_timeout,
         "access_log_class": access_logs.AccessLogger,
         "access_log": logging.getLogger(access_logs.ACCESS_LOGGER) if settings.access_log else None,
     }

@@ -12,7 +12,8 @@ UPSTREAM_ERROR = "upstream_error"  # refused, reset, invalid response, broke mid
 TIMEOUT = "timeout"  # connect, response headers or idle read took too long
 REJECTED = "rejected"  # refused by the proxy itself (bad target, body too large, ...)
 SHUTDOWN = "shutdown"  # cut at the end of the graceful timeout of a stop or reload
-CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED, SHUTDOWN)
+SEND_TIMEOUT = "send_timeout"  # the client took no bytes for FILEPROXY_SEND_TIMEOUT: aborted
+CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED, SHUTDOWN, SEND_TIMEOUT)
 
 EXCHANGE = "fileproxy.exchange"  # key of the record in the aiohttp request
 

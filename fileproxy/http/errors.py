@@ -31,6 +31,9 @@ from fileproxy.exchange import (
     SHUTDOWN as SHUTDOWN,
 )
 from fileproxy.exchange import (
+    SEND_TIMEOUT as SEND_TIMEOUT,
+)
+from fileproxy.exchange import (
     TIMEOUT as TIMEOUT,
 )
 from fileproxy.exchange import (

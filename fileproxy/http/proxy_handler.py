@@ -38,6 +38,7 @@ from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import send_head_with_body
+from fileproxy.http.edge import send_timed_out, watch_sending
 from fileproxy.http.gate import waiting_on_upstream
 from fileproxy.http.headers import (
     Redirect,
@@ -117,8 +118,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # aiohttp writes no access line for a cancelled handler, so we do.
         # The access line's rule (nginx's): the status the client was sent, 499 only
         # when it left before the response head went out.
-        cut = app[LIFECYCLE].cutting_off
-        exchange.cause = errors.SHUTDOWN if cut else errors.CLIENT_ABORT
+        if app[LIFECYCLE].cutting_off:
+            exchange.cause = errors.SHUTDOWN
+        elif send_timed_out(request):
+            exchange.cause = errors.SEND_TIMEOUT
+        else:
+            exchange.cause = errors.CLIENT_ABORT
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
             access_logs.log_access(
@@ -130,6 +135,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         traffic.in_flight -= 1
         if task is not None:
             in_flight.discard(task)
+        if send_timed_out(request):
+            exchange.cause = errors.SEND_TIMEOUT  # the write that failed was a stalled client's
+        else:
+            watch_sending(request)  # the response's tail may still wait in the buffer
         now = time.monotonic()
         adaptations[exchange.upstream].observe_exchange(now, exchange)  # the replica that answered
         traffic.record(
