@@ -30,9 +30,11 @@ from fileproxy.app_keys import (
     SPOOL,
     STORE,
     TRAFFIC,
+    TUNNELS,
     UPSTREAM,
 )
 from fileproxy.delivery.spool import SpoolStore
+from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import aiohttp_server
 from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
@@ -108,6 +110,8 @@ def create_app(
         instance=instance_name(instance_pid or os.getpid()),
         local_workers=workers,
     )
+    app[TUNNELS] = tunnels = Tunnels()
+    app.on_shutdown.append(tunnels.end_all)  # the drain begins: tunnels close, never wait
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_head_going_out)
     app.router.add_get("/health", endpoints.health, allow_head=True)

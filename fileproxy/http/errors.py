@@ -22,6 +22,9 @@ from fileproxy.exchange import (
     CLIENT_ABORT as CLIENT_ABORT,
 )
 from fileproxy.exchange import (
+    IDLE_TIMEOUT as IDLE_TIMEOUT,
+)
+from fileproxy.exchange import (
     OK as OK,
 )
 from fileproxy.exchange import (

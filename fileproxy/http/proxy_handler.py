@@ -32,8 +32,9 @@ from fileproxy.app_keys import (
     SETTINGS,
     SPOOL,
     TRAFFIC,
+    TUNNELS,
 )
-from fileproxy.delivery import spool
+from fileproxy.delivery import spool, tunnel
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
@@ -178,6 +179,7 @@ async def _proxy(
         return refusal
 
     has_body = request.body_exists
+    upgrade = tunnel.wanted(request)  # a WebSocket: asked upstream, tunnelled after its 101
     peer = request.remote
     headers = upstream_request_headers(
         request.headers,
@@ -190,6 +192,7 @@ async def _proxy(
         local_socket=not peer and on_unix_socket(request),
         has_body=has_body,
         content_length=content_length,
+        upgrade=upgrade,
     )
     # as built for the client's request, before a try adds its replica's Host and credentials
     pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 else None
@@ -268,6 +271,14 @@ async def _proxy(
     adaptation.observe_headers(now, exchange.ttfb_s, upstream_resp.tcp_info)
     replicas.headers(now, replica, exchange.ttfb_s)
     upstream.mark_response(time.time())
+    if upstream_resp.status == 101:  # switching protocols: a tunnel (see delivery.tunnel)
+        try:
+            return await tunnel.relay(
+                request, exchange, upstream_resp, upgrade, app[TUNNELS], settings.read_timeout
+            )
+        finally:
+            upstream_resp.close()
+            replicas.end(replica)
     body = _resumable(
         request,
         exchange,
