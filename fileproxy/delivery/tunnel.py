@@ -203,8 +203,9 @@ async def _to_upstream(
             exchange.bytes_in += len(data)
             tunnel.last_active = loop.time()
             await wait_writable(connection)
-        # the client's FIN: passed on, and the upstream's rest still comes
-        if transport is not None and transport.can_write_eof():
+        # the client's FIN: passed on, and the upstream's rest still comes (unless the
+        # upstream closed meanwhile: then the other pump ends the tunnel)
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
     except (aiohttp.ClientError, OSError):
         tunnel.end(UPSTREAM_ERROR)

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from tests.conftest import Process
+from tests.integration.test_deployment import start_nginx
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: more than every buffer on the way
 
@@ -94,10 +95,11 @@ async def open_tunnel(session: aiohttp.ClientSession, proxy: Process) -> Any:
     return ws
 
 
-async def in_flight(session: aiohttp.ClientSession, proxy: Process) -> int:
+async def in_flight(session: aiohttp.ClientSession, proxy: Process) -> tuple[int, dict[str, int]]:
+    """Requests in flight, and the tunnels (open, total), from /stats."""
     async with session.get(f"{proxy.url}/stats") as resp:
         stats = await resp.json()
-    return int(stats["performance_optimizer"]["metrics"]["in_flight"])
+    return int(stats["performance_optimizer"]["metrics"]["in_flight"]), stats["tunnels"]
 
 
 async def test_messages_pass_both_ways_and_the_clients_close_reaches_the_backend(
@@ -114,14 +116,15 @@ async def test_messages_pass_both_ways_and_the_clients_close_reaches_the_backend
     await ws.send_bytes(BIG)
     reply = await ws.receive(timeout=20)
     assert reply.type == WSMsgType.BINARY and reply.data == BIG[::-1]
-    assert await in_flight(ws_session, proxy) == 1  # the tunnel counts while open
+    # the tunnel counts while open
+    assert await in_flight(ws_session, proxy) == (1, {"open": 1, "total": 1})
     await ws.close()  # the close handshake passes through both ways
     assert ws.close_code == 1000
     await until(lambda: backend.closed == [1000], 10, "the backend seeing the close", proxy)
     line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
     assert (line["status"], line["upstream_status"], line["cause"]) == (101, 101, "ok"), line
     assert line["bytes_in"] > len(BIG) and line["bytes_out"] > len(BIG), line
-    assert await in_flight(ws_session, proxy) == 0
+    assert await in_flight(ws_session, proxy) == (0, {"open": 0, "total": 1})
 
 
 async def test_the_backends_close_reaches_the_client(start_backend, start_proxy, ws_session):
@@ -186,3 +189,27 @@ async def test_a_graceful_stop_closes_tunnels_at_once(start_backend, start_proxy
     assert "closing tunnels" in proxy.log_text()
     assert "Traceback" not in proxy.log_text()
     await ws.close()
+
+
+async def test_a_websocket_through_the_shipped_nginx_site(
+    start_backend, start_proxy, ws_session, tmp_dir
+):
+    """client -> nginx (conf/nginx/fileproxy.conf) -> fileproxy -> backend, all real."""
+    backend = WebSocketBackend()
+    server = await start_backend(backend.app())
+    proxy = start_proxy(server.url, FILEPROXY_ACCESS_LOG="on")
+    nginx = start_nginx(tmp_dir / "nginx", f"127.0.0.1:{proxy.port}")
+    try:
+        ws = await open_tunnel(ws_session, nginx)
+        await ws.send_str("via nginx")
+        assert (await ws.receive(timeout=10)).data == "echo:via nginx"
+        await ws.close()
+        assert ws.close_code == 1000
+        await until(lambda: backend.closed == [1000], 10, "the backend seeing the close", proxy)
+        line = await until(lambda: access_line(proxy, "/ws"), 10, "the access line", proxy)
+        assert (line["status"], line["cause"]) == (101, "ok"), line
+        # the keepalive connections from nginx still serve plain requests
+        async with ws_session.get(f"{nginx.url}/health") as resp:
+            assert resp.status == 200
+    finally:
+        nginx.stop()
