@@ -13,6 +13,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,3 +215,31 @@ async def test_a_websocket_through_the_shipped_nginx_site(
             assert resp.status == 200
     finally:
         nginx.stop()
+
+
+async def test_a_client_that_resets_ends_the_tunnel_and_frees_it(
+    start_backend, start_proxy, ws_session
+):
+    """The client's RST cancels the handler mid-tunnel: the upstream side is closed and
+    the tunnel counted and logged as the client's abort."""
+    backend = WebSocketBackend()
+    server = await start_backend(backend.app())
+    proxy = start_proxy(server.url, FILEPROXY_ACCESS_LOG="on")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head  # RFC 6455
+    greeting = await asyncio.wait_for(reader.readexactly(2 + len("welcome")), 10)
+    assert greeting == b"\x81\x07welcome"  # an unmasked text frame, as the backend sent it
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # RST
+    await until(lambda: backend.open_now == 0, 10, "the backend's side closed", proxy)
+    line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
+    assert (line["status"], line["cause"]) == (101, "client_abort"), line
+    assert line["bytes_out"] == len(greeting), line
+    assert await in_flight(ws_session, proxy) == (0, {"open": 0, "total": 1})
