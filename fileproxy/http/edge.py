@@ -278,14 +278,14 @@ def send_timed_out(request: web.BaseRequest) -> bool:
     return isinstance(protocol, EdgeRequestHandler) and protocol.send_timed_out
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Abort with a RST: a plain abort() closes the socket, and the kernel would send
     what it holds and a FIN, an end the client could take for the body's."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()  # type: ignore[attr-defined]
+    transport.abort()
 
 
 class EdgeServer(ProtocolServer):
