@@ -31,10 +31,10 @@ from fileproxy.exchange import (
     REJECTED as REJECTED,
 )
 from fileproxy.exchange import (
-    SHUTDOWN as SHUTDOWN,
+    SEND_TIMEOUT as SEND_TIMEOUT,
 )
 from fileproxy.exchange import (
-    SEND_TIMEOUT as SEND_TIMEOUT,
+    SHUTDOWN as SHUTDOWN,
 )
 from fileproxy.exchange import (
     TIMEOUT as TIMEOUT,
