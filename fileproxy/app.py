@@ -30,9 +30,11 @@ from fileproxy.app_keys import (
     SPOOL,
     STORE,
     TRAFFIC,
+    TUNNELS,
     UPSTREAM,
 )
 from fileproxy.delivery.spool import SpoolStore
+from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import aiohttp_server
 from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
@@ -74,10 +76,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "read_bufsize": settings.buffer_size,  # upload buffer before the client is paused
         "max_line_size": settings.max_header_size,
         "max_field_size": settings.max_header_size,
-        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate
+        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate,
+        # the send timeout
         "client_header_timeout": settings.client_header_timeout,
         "max_connections": settings.max_connections,
         "active_requests": settings.active_requests,
+        "send_timeout": settings.send_timeout,
         "access_log_class": access_logs.AccessLogger,
         "access_log": logging.getLogger(access_logs.ACCESS_LOGGER) if settings.access_log else None,
     }
@@ -106,6 +110,8 @@ def create_app(
         instance=instance_name(instance_pid or os.getpid()),
         local_workers=workers,
     )
+    app[TUNNELS] = tunnels = Tunnels()
+    app.on_shutdown.append(tunnels.end_all)  # the drain begins: tunnels close, never wait
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_head_going_out)
     app.router.add_get("/health", endpoints.health, allow_head=True)

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from fileproxy.delivery.spool import SpoolStore
+from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.lifecycle import Lifecycle
 from fileproxy.loop_lag import LoopLag
 from fileproxy.runtime import Runtime
@@ -36,3 +37,4 @@ ADAPTATIONS = web.AppKey[dict[str, UpstreamAdaptation]]("adaptations")
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 SPOOL = web.AppKey("spool", SpoolStore)
+TUNNELS = web.AppKey("tunnels", Tunnels)  # open WebSocket tunnels, closed at the drain

@@ -12,7 +12,9 @@ UPSTREAM_ERROR = "upstream_error"  # refused, reset, invalid response, broke mid
 TIMEOUT = "timeout"  # connect, response headers or idle read took too long
 REJECTED = "rejected"  # refused by the proxy itself (bad target, body too large, ...)
 SHUTDOWN = "shutdown"  # cut at the end of the graceful timeout of a stop or reload
-CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED, SHUTDOWN)
+SEND_TIMEOUT = "send_timeout"  # the client took no bytes for FILEPROXY_SEND_TIMEOUT: aborted
+IDLE_TIMEOUT = "idle_timeout"  # a tunnel silent both ways for FILEPROXY_READ_TIMEOUT: closed
+CAUSES = (OK, CLIENT_ABORT, UPSTREAM_ERROR, TIMEOUT, REJECTED, SHUTDOWN, SEND_TIMEOUT, IDLE_TIMEOUT)
 
 EXCHANGE = "fileproxy.exchange"  # key of the record in the aiohttp request
 

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from fileproxy.app import create_app
 from fileproxy.app_keys import IN_FLIGHT, LIFECYCLE, LISTEN_SOCKETS
+from fileproxy.http.edge import reset
 from fileproxy.ops import logs
 from fileproxy.runtime import new_event_loop
 from fileproxy.settings import BindAddress, Settings
@@ -128,16 +128,6 @@ async def flush_transports(transports: list[asyncio.Transport], deadline: float)
         for transport in pending:
             reset(transport)
     await asyncio.sleep(0)  # let the transports that were emptied close their sockets
-
-
-def reset(transport: asyncio.Transport) -> None:
-    """Abort with a RST: a plain abort() closes the socket, and the kernel would send
-    what it holds and a FIN, an end the client could take for the body's."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def _cause(exc: OSError) -> str:

@@ -672,6 +672,14 @@ class Settings:
         "Seconds a client may stay silent between two reads of its request body "
         "(then 408 and close, nginx's client_body_timeout).",
     )
+    send_timeout: float = setting(
+        "FILEPROXY_SEND_TIMEOUT",
+        "60",
+        _float(0.05, 86400),
+        "Seconds a client may take none of the bytes waiting to be sent to it (then the "
+        "connection is aborted, nginx's send_timeout): a client that stops reading frees "
+        "what it held.",
+    )
     max_connections: int = setting(
         "FILEPROXY_MAX_CONNECTIONS",
         "auto",

@@ -58,6 +58,7 @@ from aiohttp import web
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
 from fileproxy.http import errors
+from fileproxy.http.edge import watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse
 
@@ -774,8 +775,10 @@ async def _flushed(request: web.Request) -> None:
     A slow client's tail (up to the high-water mark) waits in the transport's buffer
     after ``write_eof``; a worker that exits once its handlers returned (the end of a
     graceful drain) would drop it, and the body would end short. The handler stays
-    until it is out: no upstream connection is held meanwhile.
+    until it is out: no upstream connection is held meanwhile. A client that takes none
+    of it for FILEPROXY_SEND_TIMEOUT is aborted (the edge's send timeout), which ends this.
     """
+    watch_sending(request)
     transport = request.transport
     while transport is not None and not transport.is_closing():
         if transport.get_write_buffer_size() == 0:

@@ -49,6 +49,15 @@ replace it:
     Wakes aiohttp's gunicorn worker loop at once after ``handle_exit`` (it otherwise
     notices at its next 1 s tick): a drained worker exits when it is done, not up to a
     second later (``wake_worker``). Replacement: none.
+``RequestHandler.set_parser()``, ``keep_alive()``, ``eof_received()``, ``_upgraded``
+    A WebSocket tunnel (``tunnel_to``, used by ``delivery.tunnel``) takes the client's
+    connection after its ``101`` as aiohttp's own ``WebSocketResponse`` does: the bytes
+    after the upgrade head go to a parser object of ours instead of the HTTP parser
+    (``set_parser``, undocumented), the connection is not kept alive, and the client's
+    FIN half-closes it (``eof_received`` keeps the transport open), so the tunnel can
+    pass it on and still send the upstream's rest. ``_upgraded``: aiohttp's parser stopped
+    at an upgrade request's head (``upgraded``); only such a connection is tunnelled.
+    Replacement: a public "take over the connection" API.
 ``StreamResponse._send_headers_immediately``
     A response whose head goes out with its first body bytes, in one write
     (``send_head_with_body``). Replacement: none; ``web.Response`` does it for
@@ -65,7 +74,7 @@ import asyncio
 import inspect
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -100,11 +109,28 @@ _PROTOCOL_STATE = (
     "_request_handler",
     "_loop",
 )
-_PROTOCOL_METHODS = ("_pause_reading_for_buffer", "_resume_reading_if_drained", "handle_error")
+_PROTOCOL_METHODS = (
+    "_pause_reading_for_buffer",
+    "_resume_reading_if_drained",
+    "handle_error",
+    "set_parser",
+    "keep_alive",
+    "eof_received",
+)
+
+
+class TunnelInflow(Protocol):
+    """Where a tunnelled connection's bytes go (aiohttp's ``set_parser`` interface)."""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]: ...
+
+    def feed_eof(self) -> None: ...
 
 
 class ServerProtocol(RequestHandler):
     """aiohttp's server protocol, its private state behind named operations."""
+
+    _tunnel_inflow: TunnelInflow | None = None
 
     # --- the queue of parsed requests --------------------------------------------------
 
@@ -200,6 +226,28 @@ class ServerProtocol(RequestHandler):
         """Open client connections of this worker (this one included once made)."""
         manager = self._manager
         return len(manager.connections) if manager is not None else 0
+
+    # --- a tunnel (an upgraded connection) ------------------------------------------------
+
+    @property
+    def upgraded(self) -> bool:
+        """aiohttp's parser stopped at an upgrade request's head: what follows is not HTTP."""
+        return bool(self._upgraded)
+
+    def tunnel_to(self, inflow: TunnelInflow) -> None:
+        """From now on the client's bytes go to ``inflow``, and its end too (a FIN leaves the
+        connection half-open: the tunnel closes it); no request follows on it."""
+        self._tunnel_inflow = inflow
+        self.set_parser(inflow)  # type: ignore[arg-type]
+        self.keep_alive(False)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        inflow = self._tunnel_inflow
+        if inflow is None:
+            super().eof_received()
+            return None
+        inflow.feed_eof()
+        return True
 
     # --- reading -----------------------------------------------------------------------
 

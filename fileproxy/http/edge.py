@@ -28,13 +28,17 @@ in through ``handler_args`` (see ``app.server_options``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine
 
+from fileproxy.adaptive.send_watch import SendWatch
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import ProtocolServer, application_class
 from fileproxy.http.gate import GATE_MEMBER, ActiveRequestGate, GatedProtocol
@@ -121,9 +125,13 @@ class EdgeRequestHandler(GatedProtocol):
         client_header_timeout: float,
         max_connections: int,
         active_requests: int = 0,
+        send_timeout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, gate=_gate_of(manager, active_requests), **kwargs)
+        self._send_watch = SendWatch(send_timeout) if send_timeout > 0 else None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self.send_timed_out = False  # aborted: the client took no bytes for send_timeout
         self._head_timeout = client_header_timeout
         self._max_connections = max_connections
         self._head_timer: asyncio.TimerHandle | None = None
@@ -141,6 +149,9 @@ class EdgeRequestHandler(GatedProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self._body = None
         super().connection_lost(exc)
 
@@ -192,6 +203,38 @@ class EdgeRequestHandler(GatedProtocol):
             return
         self.queue_error(408, errors.RequestHeadTimeout())  # as aiohttp queues a parser error
 
+    # --- send timeout (nginx's send_timeout) -------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.watch_sending()  # a write now waits for the client
+
+    def watch_sending(self) -> None:
+        """Bytes may wait for the client: abort it should it take none for send_timeout."""
+        watch, transport = self._send_watch, self.transport
+        if watch is None or transport is None or self._send_timer is not None:
+            return
+        now = self.loop.time()
+        due = watch.start(now, transport.get_write_buffer_size())
+        if due is not None:
+            self._send_timer = self.loop.call_at(due, self._check_sending)
+
+    def _check_sending(self) -> None:
+        self._send_timer = None
+        watch, transport = self._send_watch, self.transport
+        if watch is None or transport is None:
+            return
+        verdict = watch.check(self.loop.time(), transport.get_write_buffer_size())
+        if verdict.stalled:
+            self.send_timed_out = True
+            log.info(
+                "client took no bytes for the send timeout, aborting its connection",
+                extra={"send_timeout_s": watch.timeout_s},
+            )
+            reset(transport)
+        elif verdict.due is not None:
+            self._send_timer = self.loop.call_at(verdict.due, self._check_sending)
+
     # --- errors ----------------------------------------------------------------------
 
     def handle_error(
@@ -221,6 +264,30 @@ class EdgeRequestHandler(GatedProtocol):
         return response
 
 
+def watch_sending(request: web.BaseRequest) -> None:
+    """Bytes of ``request``'s response may still wait for its client (a response that
+    ended with its tail buffered): the send timeout watches them."""
+    protocol = request.protocol
+    if isinstance(protocol, EdgeRequestHandler):
+        protocol.watch_sending()
+
+
+def send_timed_out(request: web.BaseRequest) -> bool:
+    """Whether ``request``'s connection was aborted for taking no bytes (send timeout)."""
+    protocol = request.protocol
+    return isinstance(protocol, EdgeRequestHandler) and protocol.send_timed_out
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort with a RST: a plain abort() closes the socket, and the kernel would send
+    what it holds and a FIN, an end the client could take for the body's."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 class EdgeServer(ProtocolServer):
     """aiohttp's protocol factory, making ``EdgeRequestHandler``s."""
 
@@ -234,4 +301,7 @@ __all__ = [
     "EdgeRequestHandler",
     "EdgeServer",
     "refuse_what_a_reverse_proxy_must_not_serve",
+    "reset",
+    "send_timed_out",
+    "watch_sending",
 ]

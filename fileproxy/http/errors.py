@@ -22,10 +22,16 @@ from fileproxy.exchange import (
     CLIENT_ABORT as CLIENT_ABORT,
 )
 from fileproxy.exchange import (
+    IDLE_TIMEOUT as IDLE_TIMEOUT,
+)
+from fileproxy.exchange import (
     OK as OK,
 )
 from fileproxy.exchange import (
     REJECTED as REJECTED,
+)
+from fileproxy.exchange import (
+    SEND_TIMEOUT as SEND_TIMEOUT,
 )
 from fileproxy.exchange import (
     SHUTDOWN as SHUTDOWN,

@@ -16,26 +16,27 @@ from collections.abc import Iterable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+# Field names in lower case, compared in lower case: a set of ``istr`` hashes them as
+# written, so ``upgrade`` or ``connection: x-hop`` from a client slipped past one.
 HOP_BY_HOP = frozenset(
-    istr(name)
-    for name in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     )
 )
 
 # Never removable through a ``Connection: <name>`` list: the proxy needs them.
-_PROTECTED = frozenset(istr(n) for n in ("Host", "Content-Length", "Content-Type", "Authorization"))
+_PROTECTED = frozenset(("host", "content-length", "content-type", "authorization"))
 
 # The proxy answers these itself towards the client, so it does not forward them.
-_REQUEST_ONLY_DROP = frozenset(istr(n) for n in ("Host", "Expect", "Content-Length"))
+_REQUEST_ONLY_DROP = frozenset(("host", "expect", "content-length"))
 
 X_FORWARDED_FOR = istr("X-Forwarded-For")
 X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
@@ -48,19 +49,19 @@ Networks = Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
-def connection_listed(headers: Headers) -> frozenset[istr]:
-    """Fields named in any Connection header, which are hop-by-hop for this message."""
+def connection_listed(headers: Headers) -> frozenset[str]:
+    """Fields named in any Connection header (lower case), hop-by-hop for this message."""
     names = set()
     for value in headers.getall("Connection", ()):
         for token in value.split(","):
             token = token.strip()
             if token:
-                names.add(istr(token))
+                names.add(token.lower())
     return frozenset(names - _PROTECTED)
 
 
 @functools.lru_cache(maxsize=64)
-def _dropped(also_drop: frozenset[istr]) -> frozenset[istr]:
+def _dropped(also_drop: frozenset[str]) -> frozenset[str]:
     """Hop-by-hop fields plus ``also_drop``: the set of a message without a Connection list."""
     return HOP_BY_HOP | also_drop
 
@@ -75,33 +76,68 @@ def _spelled(raw_name: bytes) -> str:
 
 def end_to_end(
     headers: Headers,
-    also_drop: frozenset[istr] = frozenset(),
+    also_drop: frozenset[str] = frozenset(),
     out: CIMultiDict[str] | None = None,
     spelled: RawHeaders | None = None,
 ) -> CIMultiDict[str]:
     """A copy without hop-by-hop fields, keeping duplicates (e.g. several Set-Cookie) in order.
 
-    The fields are added to ``out`` when given (e.g. a response's own, still empty,
-    headers: one copy instead of two), else to a new CIMultiDict; it is returned.
-    With ``spelled`` (the message's ``raw_headers``, one per field of ``headers``, in
-    order) each name is copied as the sender spelled it, byte for byte, as nginx does:
-    aiohttp's parser gives the names it knows its own spelling (``ETag`` becomes
-    ``Etag``).
+    ``also_drop``: more names, in lower case. The fields are added to ``out`` when given
+    (e.g. a response's own, still empty, headers: one copy instead of two), else to a
+    new CIMultiDict; it is returned. With ``spelled`` (the message's ``raw_headers``,
+    one per field of ``headers``, in order) each name is copied as the sender spelled
+    it, byte for byte, as nginx does: aiohttp's parser gives the names it knows its own
+    spelling (``ETag`` becomes ``Etag``).
     """
     drop = _dropped(also_drop)
     if "Connection" in headers:
         drop = drop | connection_listed(headers)
+    if not spelled:
+        # copied whole, then the dropped names removed through the CIMultiDict: compared
+        # case-insensitively, in C (4x faster than a test per field in Python)
+        if out is None:
+            out = CIMultiDict(headers)
+        else:
+            out.extend(headers)
+        for name in drop:
+            if name in out:
+                out.popall(name)
+        return out
     if out is None:
         out = CIMultiDict()
     add = out.add
-    if not spelled:
-        for name, value in headers.items():
-            if name not in drop:
-                add(name, value)
-        return out
     for (name, value), (raw_name, _) in zip(headers.items(), spelled, strict=True):
-        if name not in drop:
+        if name.lower() not in drop:
             add(_spelled(raw_name), value)
+    return out
+
+
+WEBSOCKET = "websocket"
+
+
+def websocket_upgrade(method: str, headers: Headers) -> bool:
+    """Whether a request asks to switch its connection to WebSocket (RFC 6455 4.1: a GET
+    with ``Upgrade: websocket`` and ``Connection`` naming upgrade). Only those are
+    forwarded with their Upgrade and tunnelled after the upstream's 101; any other
+    Upgrade (h2c, TLS) is dropped as hop-by-hop and the request served as HTTP/1.1."""
+    if method != "GET" or headers.get("Upgrade", "").strip().lower() != WEBSOCKET:
+        return False
+    return any(
+        token.strip().lower() == "upgrade"
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    )
+
+
+def tunnel_response_headers(
+    upstream: Headers, request_id: str, out: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """The head of a ``101 Switching Protocols`` to the client: the upstream's end-to-end
+    fields (Sec-WebSocket-Accept, -Protocol, -Extensions...) and the switch itself."""
+    out = end_to_end(upstream, out=out)
+    out["Upgrade"] = WEBSOCKET
+    out["Connection"] = "Upgrade"
+    out[X_REQUEST_ID] = request_id
     return out
 
 
@@ -135,13 +171,19 @@ def upstream_request_headers(
     local_socket: bool = False,
     has_body: bool,
     content_length: int | None,
+    upgrade: bool = False,
 ) -> CIMultiDict[str]:
     """Headers to send upstream for a client request.
 
     X-Forwarded-For gets the peer appended; X-Forwarded-Proto/-Host are kept when a
     trusted proxy (the fronting nginx) set them, otherwise they describe this hop.
+    ``upgrade``: the request asks for a WebSocket (``websocket_upgrade``), and the
+    upstream is asked for it too (nginx's ``proxy_set_header Upgrade``/``Connection``).
     """
     out = end_to_end(incoming, _REQUEST_ONLY_DROP)
+    if upgrade:
+        out["Upgrade"] = WEBSOCKET
+        out["Connection"] = "upgrade"
     if peer:
         previous = ", ".join(incoming.getall(X_FORWARDED_FOR, ()))
         out[X_FORWARDED_FOR] = f"{previous}, {peer}" if previous else peer

@@ -32,12 +32,14 @@ from fileproxy.app_keys import (
     SETTINGS,
     SPOOL,
     TRAFFIC,
+    TUNNELS,
 )
-from fileproxy.delivery import spool
+from fileproxy.delivery import spool, tunnel
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import send_head_with_body
+from fileproxy.http.edge import send_timed_out, watch_sending
 from fileproxy.http.gate import waiting_on_upstream
 from fileproxy.http.headers import (
     Redirect,
@@ -117,8 +119,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # aiohttp writes no access line for a cancelled handler, so we do.
         # The access line's rule (nginx's): the status the client was sent, 499 only
         # when it left before the response head went out.
-        cut = app[LIFECYCLE].cutting_off
-        exchange.cause = errors.SHUTDOWN if cut else errors.CLIENT_ABORT
+        if app[LIFECYCLE].cutting_off:
+            exchange.cause = errors.SHUTDOWN
+        elif send_timed_out(request):
+            exchange.cause = errors.SEND_TIMEOUT
+        else:
+            exchange.cause = errors.CLIENT_ABORT
         status = exchange.status_sent or CLIENT_CLOSED_REQUEST
         if app[SETTINGS].access_log:
             access_logs.log_access(
@@ -130,6 +136,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         traffic.in_flight -= 1
         if task is not None:
             in_flight.discard(task)
+        if send_timed_out(request):
+            exchange.cause = errors.SEND_TIMEOUT  # the write that failed was a stalled client's
+        else:
+            watch_sending(request)  # the response's tail may still wait in the buffer
         now = time.monotonic()
         adaptations[exchange.upstream].observe_exchange(now, exchange)  # the replica that answered
         traffic.record(
@@ -169,6 +179,7 @@ async def _proxy(
         return refusal
 
     has_body = request.body_exists
+    upgrade = tunnel.wanted(request)  # a WebSocket: asked upstream, tunnelled after its 101
     peer = request.remote
     headers = upstream_request_headers(
         request.headers,
@@ -181,6 +192,7 @@ async def _proxy(
         local_socket=not peer and on_unix_socket(request),
         has_body=has_body,
         content_length=content_length,
+        upgrade=upgrade,
     )
     # as built for the client's request, before a try adds its replica's Host and credentials
     pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 else None
@@ -240,7 +252,7 @@ async def _proxy(
                     continue
             return await _respond(
                 request, exchange, started, attempt, upstream_resp, target,
-                pristine if pristine is not None else headers, profile,
+                pristine if pristine is not None else headers, profile, upgrade,
             )  # fmt: skip
 
 
@@ -268,8 +280,10 @@ async def _respond(
     target: str,
     headers: CIMultiDict[str],
     profile: LevelProfile,
+    upgrade: bool,
 ) -> web.StreamResponse:
-    """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``)."""
+    """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``);
+    after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections."""
     app = request.app
     settings, replicas = app[SETTINGS], app[REPLICAS]
     replica, upstream = attempt.replica, attempt.replica.client
@@ -281,6 +295,13 @@ async def _respond(
     app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
     replicas.headers(headers_at, replica, ttfb_s)
     upstream.mark_response(time.time())
+    if upstream_resp.status == 101:  # switching protocols: a tunnel (see delivery.tunnel)
+        try:
+            return await tunnel.relay(
+                request, exchange, upstream_resp, upgrade, app[TUNNELS], settings.read_timeout
+            )
+        finally:
+            upstream_resp.close()  # never back to the pool: it no longer speaks HTTP
     body = _resumable(request, exchange, upstream_resp, attempt, target, headers, profile)
     if body is not None:
         upstream_resp.content = body  # type: ignore[assignment]

@@ -29,6 +29,7 @@ from fileproxy.app_keys import (
     SPOOL,
     STORE,
     TRAFFIC,
+    TUNNELS,
     UPSTREAM,
 )
 from fileproxy.http import errors, gate
@@ -164,6 +165,8 @@ async def stats(request: web.Request) -> web.Response:
             "spooled_total": app[SPOOL].responses_spooled,
             "quality_level": level.value if level is not None else None,
         },
+        # this worker's WebSocket tunnels: open now, and since start
+        "tunnels": {"open": len(app[TUNNELS].open), "total": app[TUNNELS].total},
         "retries": {
             "granted": replicas.budget.granted,
             "refused_by_budget": replicas.budget.refused,

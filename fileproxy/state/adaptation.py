@@ -56,7 +56,14 @@ from fileproxy.adaptive import (
 )
 from fileproxy.adaptive.failure_spread import FailureSpread
 from fileproxy.adaptive.limiter_mode import LimiterMode, Mode
-from fileproxy.exchange import CLIENT_ABORT, SHUTDOWN, TIMEOUT, UPSTREAM_ERROR, Exchange
+from fileproxy.exchange import (
+    CLIENT_ABORT,
+    SEND_TIMEOUT,
+    SHUTDOWN,
+    TIMEOUT,
+    UPSTREAM_ERROR,
+    Exchange,
+)
 from fileproxy.settings import Settings
 from fileproxy.state.fleet import FleetView, UpstreamReport
 from fileproxy.state.link import PROBE_JITTER, STORE_PROBE_INTERVAL_S, StoreLink
@@ -103,9 +110,10 @@ def limiter_outcome(
         return Outcome.ERROR
     if status is None:
         return None  # rejected by the proxy itself, or the client left before an answer
-    # the client left, or the proxy cut the response at shutdown: the upstream answered
-    # but the exchange says nothing about its health
-    return Outcome.IGNORED if exchange.cause in (CLIENT_ABORT, SHUTDOWN) else Outcome.SUCCESS
+    # the client left or stopped reading, or the proxy cut the response at shutdown: the
+    # upstream answered but the exchange says nothing about its health
+    ignored = (CLIENT_ABORT, SHUTDOWN, SEND_TIMEOUT)
+    return Outcome.IGNORED if exchange.cause in ignored else Outcome.SUCCESS
 
 
 def failure_status(exchange: Exchange, error_statuses: Collection[int]) -> bool:

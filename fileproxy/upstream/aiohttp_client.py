@@ -18,6 +18,12 @@ would replace it:
     Replacement: ``ClientTimeout(sock_read=...)``, applied by the session.
 ``ResponseHandler.read()``
     The next parsed (message, payload) pair. Replacement: ``ClientResponse.start``.
+``ResponseHandler.set_parser(parser, payload)``, ``ResponseHandler.read_timeout``
+    After a ``101`` (a WebSocket tunnel, ``take_upgraded``) the connection's bytes, those
+    read with the head included, go to a parser object of ours, as aiohttp's own
+    ``ws_connect`` takes them (``set_parser``, undocumented); the idle-read timeout is
+    switched off, the tunnel has its own. Replacement: ``ClientSession.ws_connect``,
+    which decodes WebSocket frames a tunnel must pass untouched.
 ``BaseProtocol._drain_helper()``
     Waits while the transport's write buffer is above its high-water mark (the
     request body's backpressure). Replacement: ``StreamWriter.drain`` inside a
@@ -41,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -73,6 +80,7 @@ __all__ = [
     "read_response",
     "serialize_head",
     "start_read_timeout",
+    "take_upgraded",
     "wait_writable",
 ]
 
@@ -117,6 +125,13 @@ def prepare_for_response(
     )
 
 
+def take_upgraded(protocol: ResponseHandler, parser: Any, payload: Any) -> None:
+    """After a 101: the connection's bytes go to ``parser.feed_data`` (its end to
+    ``feed_eof``), its failures to ``payload.set_exception``; no idle-read timeout."""
+    protocol.read_timeout = None
+    protocol.set_parser(parser, payload)
+
+
 def start_read_timeout(protocol: ResponseHandler) -> None:
     protocol.start_timeout()
 
@@ -152,7 +167,7 @@ def connection_key(host: str, port: int, tls: ssl.SSLContext | None) -> Connecti
 def check() -> None:
     """Raise ``AiohttpMoved`` naming every internal above that is missing or changed."""
     problems = []
-    for name in ("set_response_params", "start_timeout", "read", "_drain_helper"):
+    for name in ("set_response_params", "start_timeout", "read", "_drain_helper", "set_parser"):
         if not callable(getattr(ResponseHandler, name, None)):
             problems.append(f"ResponseHandler.{name}")
     if callable(getattr(ResponseHandler, "set_response_params", None)):
@@ -162,6 +177,8 @@ def check() -> None:
             problems.append(f"ResponseHandler.set_response_params({', '.join(missing)})")
     if not inspect.iscoroutinefunction(getattr(ResponseHandler, "_drain_helper", None)):
         problems.append("ResponseHandler._drain_helper (no longer a coroutine)")
+    if not isinstance(getattr(ResponseHandler, "read_timeout", None), property):
+        problems.append("ResponseHandler.read_timeout (no longer a property)")
     fields = getattr(ConnectionKey, "_fields", ())
     if any(f not in fields for f in _CONNECTION_KEY_FIELDS):
         problems.append(f"ConnectionKey fields {fields}")

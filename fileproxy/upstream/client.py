@@ -128,6 +128,14 @@ class UpstreamResponse:
     def close(self) -> None:
         self._give_back(False)
 
+    def detach(self) -> ResponseHandler:
+        """The connection after a ``101``, out of the pool (a tunnel holds no pool slot):
+        the caller owns it and closes it; ``release`` and ``close`` no longer touch it."""
+        protocol, self._protocol = self._protocol, None  # type: ignore[assignment]
+        assert protocol is not None, "released or closed already"
+        self._pool.detach(protocol)
+        return protocol
+
     def take_over(self, other: UpstreamResponse) -> None:
         """Carry on with ``other``'s connection (a download resumed from a replica): this
         response's own connection is closed; ``release`` and ``close`` then act on

@@ -129,6 +129,15 @@ class ConnectionPool:
             protocol.close()
         self._wake_next()
 
+    def detach(self, protocol: ResponseHandler) -> None:
+        """A lent connection leaves the pool for good (a tunnel): its slot is free, the
+        connection is the caller's to close."""
+        if protocol not in self._lent:
+            return
+        self._lent.discard(protocol)
+        self._busy -= 1
+        self._wake_next()
+
     def close(self) -> None:
         self._closed = True
         if self._sweep is not None:

@@ -433,7 +433,8 @@ def test_nginx_site_matches_fileproxy_settings():
     assert "X-Accel-Buffering" not in site_directive("proxy_ignore_headers")
     headers = dict(re.findall(r"^\s*proxy_set_header\s+(\S+)\s+([^;]+);", site, re.M))
     assert headers == {
-        "Connection": '""',
+        "Connection": "$fileproxy_connection",  # "" (keepalive), "upgrade" for a WebSocket
+        "Upgrade": "$http_upgrade",
         "Host": "$host",
         "X-Forwarded-For": "$proxy_add_x_forwarded_for",
         "X-Forwarded-Proto": "$scheme",

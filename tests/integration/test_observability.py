@@ -409,7 +409,8 @@ async def test_metrics_count_what_happened(client, start_proxy, sample_upstream)
     assert causes.type == "counter"
     # an upstream's 502 is delivered as sent: the request ended "ok"; the 504 is a timeout
     expected = {"ok": n_ok + n_502, "timeout": 1, "upstream_error": 0, "client_abort": 0,
-                "rejected": 0, "shutdown": 0}  # fmt: skip
+                "rejected": 0, "shutdown": 0, "send_timeout": 0,
+                "idle_timeout": 0}  # fmt: skip
     got = {
         s.labels["cause"]: s.value for s in samples(causes, "fileproxy_request_terminations_total")
     }

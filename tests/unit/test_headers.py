@@ -2,7 +2,13 @@ import ipaddress
 
 from multidict import CIMultiDict
 
-from fileproxy.http.headers import client_response_headers, end_to_end, upstream_request_headers
+from fileproxy.http.headers import (
+    client_response_headers,
+    end_to_end,
+    tunnel_response_headers,
+    upstream_request_headers,
+    websocket_upgrade,
+)
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
@@ -141,3 +147,42 @@ def test_names_are_copied_as_the_sender_spelled_them():
         ("X-Accel-Buffering", "no"),
         ("X-Request-ID", "rid"),
     ]
+
+
+def test_hop_by_hop_fields_are_removed_whatever_their_case():
+    out = end_to_end(
+        CIMultiDict(
+            [
+                ("connection", "x-hop"),
+                ("X-HOP", "1"),
+                ("upgrade", "websocket"),
+                ("KEEP-ALIVE", "timeout=5"),
+                ("te", "trailers"),
+                ("Accept", "*/*"),
+            ]
+        )
+    )
+    assert list(out.items()) == [("Accept", "*/*")]
+    request = _request_headers([("host", "evil.example"), ("expect", "100-continue")])
+    assert "Expect" not in request and "Host" not in request
+
+
+def test_only_a_websocket_upgrade_is_forwarded():
+    asked = CIMultiDict([("Upgrade", "WebSocket"), ("Connection", "keep-alive, Upgrade")])
+    assert websocket_upgrade("GET", asked)
+    assert not websocket_upgrade("POST", asked)
+    other = CIMultiDict([("Upgrade", "h2c"), ("Connection", "upgrade")])
+    assert not websocket_upgrade("GET", other)
+    assert not websocket_upgrade("GET", CIMultiDict([("Upgrade", "websocket")]))
+    out = _request_headers(list(asked.items()), upgrade=True)
+    assert (out["Upgrade"], out["Connection"]) == ("websocket", "upgrade")
+    assert "Upgrade" not in _request_headers(list(asked.items()))  # not tunnelled: dropped
+
+
+def test_a_101_to_the_client_names_the_switch_and_keeps_the_handshake():
+    upstream = CIMultiDict(
+        [("Upgrade", "websocket"), ("Connection", "upgrade"), ("Sec-WebSocket-Accept", "k=")]
+    )
+    out = tunnel_response_headers(upstream, "rid")
+    assert out["Upgrade"] == "websocket" and out["Connection"] == "Upgrade"
+    assert out["Sec-WebSocket-Accept"] == "k=" and out["X-Request-ID"] == "rid"
