@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -101,6 +102,15 @@ class Process:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_line(self, path: str) -> dict[str, Any] | None:
+        """The first JSON access line of a request for ``path`` in its log, or None."""
+        for raw in self.log_text().splitlines():
+            access = raw.startswith("{") and '"logger":"fileproxy.access"' in raw
+            if access and f'"path":"{path}"' in raw:
+                line: dict[str, Any] = json.loads(raw)
+                return line
+        return None
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
         """Until ``text`` occurs ``count`` times in the log (e.g. every worker booted)."""

@@ -47,14 +47,6 @@ def sha256_of(name: str) -> str:
     return digest.hexdigest()
 
 
-def access_line(process: Process, path: str) -> dict[str, Any] | None:
-    for raw in process.log_text().splitlines():
-        if raw.startswith("{") and f'"path":"{path}"' in raw:
-            line: dict[str, Any] = json.loads(raw)
-            return line
-    return None
-
-
 def download_across(
     process: Process, sig: signal.Signals, name: str, rate_mib: float, at: float, stall_s: float
 ) -> Download:
@@ -66,7 +58,7 @@ def download_across(
         rcvbuf=64 * 1024,
         at=at,
         on_at=lambda: process.popen.send_signal(sig),
-        stall_when=lambda: access_line(process, path) is not None,
+        stall_when=lambda: process.access_line(path) is not None,
         stall_s=stall_s,
         timeout=45,
     )
@@ -76,7 +68,7 @@ def assert_whole(result: Download, name: str, process: Process) -> None:
     assert result.signalled_at is not None
     assert (result.received, result.end) == (FILES[name], "eof"), (result, process.log_text())
     assert result.sha256 == sha256_of(name)
-    line = access_line(process, f"/files/{name}")
+    line = process.access_line(f"/files/{name}")
     assert line is not None and line["cause"] == "ok" and line["bytes_out"] == FILES[name]
     assert "Traceback" not in process.log_text()
 
@@ -124,7 +116,7 @@ def test_drain_is_bounded_by_the_graceful_timeout_then_resets(sample_upstream, s
     exited: list[float] = []
 
     def stop_reading_until_exit() -> bool:
-        if access_line(proxy, path) is None:
+        if proxy.access_line(path) is None:
             return False
         proxy.popen.wait(30)
         exited.append(time.monotonic())

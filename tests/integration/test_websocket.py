@@ -10,7 +10,6 @@ at once, and each tunnel has its access line (status 101, cause, bytes each way)
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -60,15 +59,6 @@ class WebSocketBackend:
         app = web.Application()
         app.router.add_get("/ws", ws_handler)
         return app
-
-
-def access_line(proxy: Process, path: str) -> dict[str, Any] | None:
-    for raw in proxy.log_text().splitlines():
-        access = raw.startswith("{") and '"logger":"fileproxy.access"' in raw
-        if access and f'"path":"{path}"' in raw:
-            line: dict[str, Any] = json.loads(raw)
-            return line
-    return None
 
 
 async def until(check: Any, timeout: float, what: str, proxy: Process) -> Any:
@@ -123,7 +113,7 @@ async def test_messages_pass_both_ways_and_the_clients_close_reaches_the_backend
     await ws.close()  # the close handshake passes through both ways
     assert ws.close_code == 1000
     await until(lambda: backend.closed == [1000], 10, "the backend seeing the close", proxy)
-    line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
+    line = await until(lambda: proxy.access_line("/ws"), 10, "the tunnel's access line", proxy)
     assert (line["status"], line["upstream_status"], line["cause"]) == (101, 101, "ok"), line
     assert line["bytes_in"] > len(BIG) and line["bytes_out"] > len(BIG), line
     assert await in_flight(ws_session, proxy) == (0, {"open": 0, "total": 1})
@@ -138,7 +128,7 @@ async def test_the_backends_close_reaches_the_client(start_backend, start_proxy,
     msg = await ws.receive(timeout=10)
     assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 4000, "bye")
     await ws.close()
-    line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
+    line = await until(lambda: proxy.access_line("/ws"), 10, "the tunnel's access line", proxy)
     assert (line["status"], line["cause"]) == (101, "ok"), line
     # the backend's close was answered: the client's close frame (1000) came back to it
     assert backend.closed == [1000]
@@ -159,7 +149,7 @@ async def test_a_silent_tunnel_is_closed_after_the_idle_timeout(
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED), msg
     assert 1.5 < silent_for < 20, silent_for
     await until(lambda: backend.open_now == 0, 10, "the backend's side closed", proxy)
-    line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
+    line = await until(lambda: proxy.access_line("/ws"), 10, "the tunnel's access line", proxy)
     assert (line["status"], line["cause"]) == (101, "idle_timeout"), line
     assert line["bytes_in"] > 0 and line["bytes_out"] > 0, line
     await ws.close()
@@ -185,7 +175,7 @@ async def test_a_graceful_stop_closes_tunnels_at_once(start_backend, start_proxy
     assert await asyncio.to_thread(proxy.popen.wait, 30) == 0, proxy.log_text()
     assert time.monotonic() - stopped_at < 20  # far from the 60 s graceful timeout
     await until(lambda: backend.open_now == 0, 10, "the backend's side closed", proxy)
-    line = access_line(proxy, "/ws")
+    line = proxy.access_line("/ws")
     assert line is not None and line["status"] == 101, proxy.log_text()
     assert line["bytes_in"] > 0 and line["bytes_out"] > 0, line
     assert "closing tunnels" in proxy.log_text()
@@ -208,7 +198,7 @@ async def test_a_websocket_through_the_shipped_nginx_site(
         await ws.close()
         assert ws.close_code == 1000
         await until(lambda: backend.closed == [1000], 10, "the backend seeing the close", proxy)
-        line = await until(lambda: access_line(proxy, "/ws"), 10, "the access line", proxy)
+        line = await until(lambda: proxy.access_line("/ws"), 10, "the access line", proxy)
         assert (line["status"], line["cause"]) == (101, "ok"), line
         # the keepalive connections from nginx still serve plain requests
         async with ws_session.get(f"{nginx.url}/health") as resp:
@@ -239,7 +229,7 @@ async def test_a_client_that_resets_ends_the_tunnel_and_frees_it(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # RST
     await until(lambda: backend.open_now == 0, 10, "the backend's side closed", proxy)
-    line = await until(lambda: access_line(proxy, "/ws"), 10, "the tunnel's access line", proxy)
+    line = await until(lambda: proxy.access_line("/ws"), 10, "the tunnel's access line", proxy)
     assert (line["status"], line["cause"]) == (101, "client_abort"), line
     assert line["bytes_out"] == len(greeting), line
     assert await in_flight(ws_session, proxy) == (0, {"open": 0, "total": 1})

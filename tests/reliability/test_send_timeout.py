@@ -10,7 +10,6 @@ says so in the access line, and every resource is given back.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from typing import Any
@@ -68,15 +67,6 @@ def stalled_client(port: int, path: str) -> socket.socket:
 async def get_json(client: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with client.get(url) as resp:
         return await resp.json()  # type: ignore[no-any-return]
-
-
-def access_line(proxy: Process, path: str) -> dict[str, Any] | None:
-    for raw in proxy.log_text().splitlines():
-        access = raw.startswith("{") and '"logger":"fileproxy.access"' in raw
-        if access and f'"path":"{path}"' in raw:
-            line: dict[str, Any] = json.loads(raw)
-            return line
-    return None
 
 
 async def until(check: Any, timeout: float, what: str, proxy: Process) -> Any:
@@ -138,7 +128,7 @@ async def test_a_client_that_stops_reading_is_aborted_and_everything_is_freed(
             await until(spooled, 20, "the response spooled", proxy)
 
         async def logged() -> dict[str, Any] | None:
-            return access_line(proxy, path)
+            return proxy.access_line(path)
 
         # aborted after about the send timeout, not never
         line = await until(logged, 30, "the access line of the stalled request", proxy)
