@@ -128,8 +128,6 @@ async def _zero_copy(fd: int, size: int) -> None:
     conn, _ = await loop.sock_accept(listener)
     listener.close()
     transport, _protocol = await loop.connect_accepted_socket(_Writer, conn)
-    sock_fd = zero_copy.sendfile_socket(transport)
-    assert sock_fd is not None
     with concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS) as executor:
 
         async def in_thread(fn: object, *args: object) -> object:
@@ -137,7 +135,6 @@ async def _zero_copy(fd: int, size: int) -> None:
 
         await zero_copy.send_file(
             transport,
-            sock_fd,
             fd,
             0,
             size,

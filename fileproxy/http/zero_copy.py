@@ -33,6 +33,7 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -85,15 +86,24 @@ def sendfile_socket(transport: asyncio.BaseTransport | None) -> int | None:
     if transport.get_extra_info("ssl_object") is not None:
         return None
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
     try:
-        if sock.family not in _STREAM_FAMILIES or sock.type != socket.SOCK_STREAM:
-            return None
         fd: int = sock.fileno()
+        if fd < 0 or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None  # uvloop's pipe transports answer "socket" with a pseudo-socket
+        # the kernel's word on the descriptor, not the transport's (detached: not ours)
+        probe = socket.socket(fileno=fd)
+        try:
+            family, kind = probe.family, probe.type
+        finally:
+            probe.detach()
     except (AttributeError, OSError):
         return None
-    return fd if fd >= 0 else None
+    return fd if family in _STREAM_FAMILIES and kind == socket.SOCK_STREAM else None
+
+
+def page_cache_probe_available() -> bool:
+    """Whether ``in_page_cache`` can tell (``RWF_NOWAIT``: Linux >= 4.14)."""
+    return bool(_NOWAIT)
 
 
 def in_page_cache(fd: int, offset: int, count: int) -> bool:
@@ -171,7 +181,6 @@ def _buffered(transport: asyncio.BaseTransport) -> int:
 
 async def send_file(
     transport: asyncio.BaseTransport,
-    sock_fd: int,
     fd: int,
     offset: int,
     count: int,
@@ -181,8 +190,8 @@ async def send_file(
     run_in_thread: Callable[..., Awaitable[Any]],
     on_sent: Callable[[int], None] | None = None,
 ) -> None:
-    """Send ``count`` bytes of file ``fd`` from ``offset`` to the client socket
-    ``sock_fd`` (``sendfile_socket(transport)``), after what the transport holds.
+    """Send ``count`` bytes of file ``fd`` from ``offset`` to the socket behind
+    ``transport`` (one ``sendfile_socket`` accepts), after what the transport holds.
 
     ``run_in_thread(fn, *args)`` runs the page-cache warm-up off the loop (the caller
     keeps ``fd`` open until it is done). ``on_sent(n)`` is told every piece the kernel
@@ -190,6 +199,11 @@ async def send_file(
     stall timeout), ``FileShorter``, or ``OSError``; the socket is given back first.
     """
     loop = asyncio.get_running_loop()
+    # looked up right before the dup, with no await between: a closed transport's fd
+    # number may already belong to another connection
+    sock_fd = sendfile_socket(transport)
+    if sock_fd is None:
+        raise ConnectionResetError(errno.ECONNRESET, "client connection closed")
     stats.sends += 1
     end = offset + count
     with taken_socket(loop, sock_fd) as dup:
