@@ -59,7 +59,7 @@ from aiohttp import web
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
 from fileproxy.http import errors, zero_copy
-from fileproxy.http.edge import watch_sending
+from fileproxy.http.edge import abort_send_timed_out, reset, watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse
 
@@ -74,8 +74,6 @@ SPOOL_PIECE = 256 * 1024
 FILE_READ = 64 * 1024
 # how often a finished spooled response looks whether its client took the last bytes
 FLUSH_POLL_S = 0.05
-# a client that takes no byte of a sendfile piece for this long is aborted
-SEND_STALL_S = 60.0
 # threads doing the spool's disk I/O: page-cache copies, a few are plenty
 IO_THREADS = 4
 # auto FILEPROXY_SPOOL_MAX_TOTAL: this share of the free space at start, split among workers
@@ -187,6 +185,8 @@ class SpoolStore:
     def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.enabled = settings.spool
         self.memory_cap = settings.buffer_size
+        # a client that takes no byte of the file for this long is aborted (sendfile)
+        self.send_timeout = settings.send_timeout
         self.max_file = settings.spool_max_file
         self._configured_total = settings.spool_max_total
         self._workers = workers
@@ -776,11 +776,19 @@ async def _serve(
                     fd,
                     offset,
                     count,
-                    stall_timeout=SEND_STALL_S,
+                    stall_timeout=spool.store.send_timeout,
                     stats=spool.store.zero_copy,
                     run_in_thread=spool.in_thread,
                     on_sent=sent,
                 )
+            except zero_copy.SendStalled:
+                log.info(
+                    "client took no bytes for the send timeout, aborting its connection",
+                    extra={"send_timeout_s": spool.store.send_timeout},
+                )
+                exchange.cause = errors.SEND_TIMEOUT
+                abort_send_timed_out(request)
+                return
             except ConnectionError:
                 exchange.cause = errors.CLIENT_ABORT
                 transport.abort()
@@ -788,7 +796,7 @@ async def _serve(
             except OSError as exc:  # the spool file failed or shrank: never a short body
                 log.error("spool sendfile failed, aborting client connection", exc_info=exc)
                 exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "spool_read_failed"
-                transport.abort()
+                reset(transport)
                 return
             continue
         try:

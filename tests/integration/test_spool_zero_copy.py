@@ -30,6 +30,7 @@ from tests.integration.test_spool import (
     spool_report,
     static_backend,
 )
+from tests.reliability.test_send_timeout import access_line, assert_cut
 
 __all__ = ["static_backend"]  # the fixture, used by name
 
@@ -282,3 +283,40 @@ async def test_slow_clients_progress_while_a_fast_one_takes_its_file(
     assert min(slow_done) > fast_started  # they were being served while it was
     report = await spool_report(proxy.url)
     assert report["responses_spooled"] >= 21 and report["sendfile_bytes"] >= 60 * MIB, report
+
+
+async def test_a_client_that_stops_reading_mid_file_is_cut_at_the_send_timeout(
+    static_backend: StaticBackend, start_proxy: Callable[..., Process]
+) -> None:
+    """Its bytes wait in the kernel, not in the transport: sendfile's own watch aborts it
+    after FILEPROXY_SEND_TIMEOUT, the access line says send_timeout, the spool is freed."""
+    proxy = start_proxy(
+        static_backend.url,
+        FILEPROXY_SO_SNDBUF=WAN_SNDBUF,
+        FILEPROXY_SEND_TIMEOUT="2",
+        FILEPROXY_ACCESS_LOG="on",
+    )
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await loop.sock_sendall(sock, b"GET /file-4m.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = 0
+        while received < MIB:  # ~1 MB/s, then nothing
+            received += len(await asyncio.wait_for(loop.sock_recv(sock, 16384), 10))
+            await asyncio.sleep(0.016)
+        await _until(lambda r: r["sendfile_bytes"] > 0, proxy)
+        stopped = time.monotonic()
+        deadline = stopped + 30
+        while (line := access_line(proxy, "/file-4m.bin")) is None:
+            assert time.monotonic() < deadline, proxy.log_text()[-3000:]
+            await asyncio.sleep(0.2)
+        assert time.monotonic() - stopped > 1.0
+        assert line["cause"] == "send_timeout" and 0 < line["bytes_out"] < 4 * MIB, line
+        await _until(lambda r: r["active"] == 0 and r["files"] == 0, proxy)
+        sock.setblocking(True)
+        await asyncio.to_thread(assert_cut, sock)
+    finally:
+        sock.close()
