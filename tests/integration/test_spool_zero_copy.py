@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bench.slow_clients import slow_get
@@ -93,6 +95,12 @@ async def test_a_slow_curl_gets_every_byte_of_a_spooled_body_by_sendfile(
     # the file's bytes went by sendfile, none by read + write
     assert report["sendfile_bytes"] >= MIB and report["copied_file_bytes"] == 0, report
     assert report["files"] == 0 and report["bytes_on_disk"] == 0, report
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as resp:
+        metrics = await resp.text()
+    sent = re.search(
+        r'fileproxy_spool_file_sent_bytes_total\{[^}]*how="sendfile"[^}]*\} (\S+)', metrics
+    )
+    assert sent and float(sent.group(1)) == report["sendfile_bytes"], metrics
 
 
 async def _slow_read_all(port: int, request: bytes, rate: float, deadline_s: float) -> bytes:
