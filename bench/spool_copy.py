@@ -1,13 +1,13 @@
-"""What serving a spooled body costs per MiB: the spool's read + write against zero-copy.
+"""What serving a spooled body costs per MiB: read + write against zero-copy.
 
-Issue 14 asks to use zero-copy (``os.sendfile`` from the spool file to the client
-socket, or ``loop.sendfile``) where it pays. One process sends a page-cached file
+One process sends a page-cached file
 over a loopback TCP connection to a reader process that drains it as fast as it
 can; the figure is the sender's CPU (user + system) per MiB, median of ``--runs``:
 
-- ``spool``: what ``delivery.spool`` does: uvloop, ``os.preadv`` of ``FILE_READ``
-  (64 KiB) on the spool's I/O threads into a buffer made on the loop's thread, then
-  ``transport.write`` with the transport's flow control;
+- ``copy``: what ``delivery.spool`` did before zero-copy, and still does over TLS:
+  uvloop, ``os.preadv`` of ``FILE_READ`` (64 KiB) on the spool's I/O threads into a
+  buffer made on the loop's thread, then ``transport.write`` with the transport's flow
+  control;
 - ``read_write``: the same copy without the loop or the threads (``os.pread`` +
   ``socket.sendall`` on a blocking socket): the floor of any read + write;
 - ``sendfile``: ``os.sendfile`` from the file to a blocking socket, 64 KiB a call:
@@ -98,7 +98,7 @@ class _Writer(asyncio.Protocol):
         self.can_write.set()
 
 
-async def _spool(fd: int, size: int) -> None:
+async def _copy(fd: int, size: int) -> None:
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     reader = drain(listener.getsockname()[1])
@@ -117,8 +117,8 @@ async def _spool(fd: int, size: int) -> None:
     await asyncio.to_thread(reader.wait)
 
 
-def spool(fd: int, size: int) -> None:
-    uvloop.run(_spool(fd, size))
+def copy_way(fd: int, size: int) -> None:
+    uvloop.run(_copy(fd, size))
 
 
 async def _zero_copy(fd: int, size: int) -> None:
@@ -150,7 +150,12 @@ def zero_copy_way(fd: int, size: int) -> None:
     uvloop.run(_zero_copy(fd, size))
 
 
-WAYS = {"spool": spool, "read_write": read_write, "sendfile": sendfile, "zero_copy": zero_copy_way}
+WAYS = {
+    "copy": copy_way,
+    "read_write": read_write,
+    "sendfile": sendfile,
+    "zero_copy": zero_copy_way,
+}
 
 
 def main() -> None:
