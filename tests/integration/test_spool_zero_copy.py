@@ -32,7 +32,7 @@ from tests.integration.test_spool import (
     spool_report,
     static_backend,
 )
-from tests.reliability.test_send_timeout import access_line, assert_cut
+from tests.reliability.test_send_timeout import assert_cut
 
 __all__ = ["static_backend"]  # the fixture, used by name
 
@@ -318,7 +318,7 @@ async def test_a_client_that_stops_reading_mid_file_is_cut_at_the_send_timeout(
         await _until(lambda r: r["sendfile_bytes"] > 0, proxy)
         stopped = time.monotonic()
         deadline = stopped + 30
-        while (line := access_line(proxy, "/file-4m.bin")) is None:
+        while (line := proxy.access_line("/file-4m.bin")) is None:
             assert time.monotonic() < deadline, proxy.log_text()[-3000:]
             await asyncio.sleep(0.2)
         assert time.monotonic() - stopped > 1.0
