@@ -24,10 +24,15 @@ Reported per contender: completed byte-exact / started, errors (status, short
 body, reset), time to first byte p50 / p99 (connect to the status line), the most
 upstream connections held at once (``ss``, sampled every 0.2 s), when the backend
 had sent its last byte (its access log) against when the clients finished, and
-the largest event-loop lag fileproxy reported in /health meanwhile.
+the largest event-loop lag fileproxy reported in /health meanwhile, the proxy's RSS
+(all its processes, sampled) and, for fileproxy, the spooled MiB sent by sendfile and
+the pieces it read into the page cache on a thread first. ``--drop-caches`` (root)
+syncs and drops the page cache every second meanwhile: the spooled bytes are then read
+back from the disk, and the loop lag says whether that ever blocks the event loop.
 
     .venv/bin/python -m bench.slow_clients [--clients 300] [--size-mib 4] [--rate 100000]
         [--rcvbuf 16384] [--contenders spool_on,spool_off,nginx] [--deadline 120]
+        [--drop-caches]
 
 ``slow_get`` and ``static_backend_conf`` are used by
 tests/integration/test_spool.py; ``slow_get`` is also the client of bench.many_clients
@@ -265,12 +270,50 @@ class Row:
     max_upstream_connections: int = 0
     max_loop_lag_ms: float | None = None
     spooled: int | None = None
+    max_rss_mib: float = 0.0  # the proxy's processes together, sampled
+    sendfile_mib: float | None = None  # spooled bytes sent by sendfile (fileproxy)
+    cold_pieces: int | None = None  # sendfile pieces read into the page cache first
 
 
-async def _sample(port: int, backend: int, stop: asyncio.Event, row: Row, fileproxy: bool) -> None:
+def _tree_rss_mib(pid: int) -> float:
+    """RSS of ``pid`` and its children (gunicorn's workers, nginx's), MiB."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(child) for child in children]
+    total = 0
+    for one in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def _drop_caches() -> None:
+    """Write dirty pages back, then drop the clean page cache (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
+async def _sample(
+    port: int,
+    backend: int,
+    stop: asyncio.Event,
+    row: Row,
+    fileproxy: bool,
+    proxy_pid: int = 0,
+    drop_caches: bool = False,
+) -> None:
+    dropped = 0.0
     while not stop.is_set():
         count = await asyncio.to_thread(established_to, backend)
         row.max_upstream_connections = max(row.max_upstream_connections, count)
+        if proxy_pid:
+            row.max_rss_mib = max(row.max_rss_mib, _tree_rss_mib(proxy_pid))
+        if drop_caches and time.monotonic() - dropped > 1.0:
+            dropped = time.monotonic()
+            await asyncio.to_thread(_drop_caches)
         if fileproxy:
             try:
                 health = await asyncio.to_thread(_health, port)
@@ -288,14 +331,22 @@ def _health(port: int) -> dict:  # type: ignore[type-arg]
 
 
 async def measure(
-    name: str, port: int, backend: int, backend_dir: Path, args: argparse.Namespace, sha: str
+    name: str,
+    port: int,
+    backend: int,
+    backend_dir: Path,
+    args: argparse.Namespace,
+    sha: str,
+    proxy_pid: int = 0,
 ) -> Row:
     row = Row(name, args.clients)
     (backend_dir / "backend-access.log").write_text("")
     os.kill(int((backend_dir / "backend.pid").read_text()), 10)  # SIGUSR1: reopen the log
     await asyncio.sleep(0.3)
     stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample(port, backend, stop, row, name.startswith("spool")))
+    sampler = asyncio.create_task(
+        _sample(port, backend, stop, row, name.startswith("spool"), proxy_pid, args.drop_caches)
+    )
     wall0, started = time.time(), time.monotonic()
     results = await asyncio.gather(
         *(
@@ -326,12 +377,17 @@ async def measure(
     row.backend_done_s = round(last - wall0, 2) if last is not None else None
     row.clients_done_s = round(row.clients_done_s, 2)
     if name.startswith("spool"):
-        per_worker: dict[int, int] = {}
+        per_worker: dict[int, dict] = {}  # type: ignore[type-arg]
         for _ in range(12):  # each answer is one worker's: ask until both answered
             with contextlib.suppress(OSError):
                 health = await asyncio.to_thread(_health, port)
-                per_worker[health["pid"]] = health["spool"]["responses_spooled"]
-        row.spooled = sum(per_worker.values())
+                per_worker[health["pid"]] = health["spool"]
+        row.spooled = sum(spool["responses_spooled"] for spool in per_worker.values())
+        if all("sendfile_bytes" in spool for spool in per_worker.values()):
+            sent = sum(spool["sendfile_bytes"] for spool in per_worker.values())
+            row.sendfile_mib = round(sent / (1 << 20), 1)
+            row.cold_pieces = sum(spool["sendfile_cold_pieces"] for spool in per_worker.values())
+    row.max_rss_mib = round(row.max_rss_mib, 1)
     return row
 
 
@@ -349,6 +405,12 @@ def main() -> None:
         help="SO_SNDBUF of the proxies' client sockets (see the module docstring)",
     )
     parser.add_argument("--contenders", default="spool_on,spool_off,nginx")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="sync and drop the page cache every second meanwhile (root): spooled bytes "
+        "are read back from the disk, not from memory",
+    )
     args = parser.parse_args()
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     venv_bin = Path(sys.executable).parent
@@ -391,7 +453,7 @@ def main() -> None:
                 try:
                     wait_port(port, timeout=30)
                     time.sleep(2)  # every worker up
-                    row = asyncio.run(measure(name, port, backend, bdir, args, sha))
+                    row = asyncio.run(measure(name, port, backend, bdir, args, sha, proc.pid))
                 finally:
                     proc.terminate()
                     proc.wait(30)
@@ -401,17 +463,20 @@ def main() -> None:
             back.terminate()
             back.wait(10)
     print()
+    dropping = ", page cache dropped every second" if args.drop_caches else ""
     print(
         f"{args.clients} clients x {args.size_mib} MiB at {args.rate / 1000:g} KB/s, "
-        f"SO_RCVBUF {args.rcvbuf}; {platform.node()} ({os.cpu_count()} cores), "
+        f"SO_RCVBUF {args.rcvbuf}{dropping}; "
+        f"{platform.node()} ({os.cpu_count()} cores), "
         f"{time.strftime('%Y-%m-%d')}"
     )
     print()
     print(
         "| contender | completed | errors | first byte p50 / p99 | upstream conns (max) "
-        "| backend done | clients done | loop lag max | spooled |"
+        "| backend done | clients done | loop lag max | spooled | RSS max | sendfile MiB "
+        "(cold pieces) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"
         lag = f"{r.max_loop_lag_ms:.0f} ms" if r.max_loop_lag_ms is not None else "-"
@@ -419,7 +484,9 @@ def main() -> None:
             f"| {r.contender} | {r.completed}/{r.clients} | {errors} "
             f"| {r.ttfb_p50_s:.2f} / {r.ttfb_p99_s:.2f} s | {r.max_upstream_connections} "
             f"| {r.backend_done_s} s | {r.clients_done_s} s | {lag} "
-            f"| {r.spooled if r.spooled is not None else '-'} |"
+            f"| {r.spooled if r.spooled is not None else '-'} | {r.max_rss_mib:.0f} MiB "
+            f"| {r.sendfile_mib if r.sendfile_mib is not None else '-'}"
+            f"{f' ({r.cold_pieces})' if r.cold_pieces is not None else ''} |"
         )
 
 

@@ -1,19 +1,22 @@
-"""What serving a spooled body costs per MiB: the spool's read + write against zero-copy.
+"""What serving a spooled body costs per MiB: read + write against zero-copy.
 
-Issue 14 asks to use zero-copy (``os.sendfile`` from the spool file to the client
-socket, or ``loop.sendfile``) where it pays. One process sends a page-cached file
+One process sends a page-cached file
 over a loopback TCP connection to a reader process that drains it as fast as it
 can; the figure is the sender's CPU (user + system) per MiB, median of ``--runs``:
 
-- ``spool``: what ``delivery.spool`` does: uvloop, ``os.preadv`` of ``FILE_READ``
-  (64 KiB) on the spool's I/O threads into a buffer made on the loop's thread, then
-  ``transport.write`` with the transport's flow control;
+- ``copy``: what ``delivery.spool`` did before zero-copy, and still does over TLS:
+  uvloop, ``os.preadv`` of ``FILE_READ`` (64 KiB) on the spool's I/O threads into a
+  buffer made on the loop's thread, then ``transport.write`` with the transport's flow
+  control;
 - ``read_write``: the same copy without the loop or the threads (``os.pread`` +
   ``socket.sendall`` on a blocking socket): the floor of any read + write;
 - ``sendfile``: ``os.sendfile`` from the file to a blocking socket, 64 KiB a call:
-  zero-copy, the floor of any server.
+  zero-copy, the floor of any server;
+- ``zero_copy``: what ``delivery.spool`` does now: uvloop, ``http.zero_copy.send_file``
+  (a dup of the transport's socket, ``os.sendfile`` of at most ``--piece`` bytes per
+  turn of the loop from ``add_writer``, the page-cache probe before each piece).
 
-    .venv/bin/python -m bench.spool_copy [--mib 512] [--runs 3]
+    .venv/bin/python -m bench.spool_copy [--mib 512] [--runs 3] [--piece 2097152]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 import uvloop
 
 from fileproxy.delivery.spool import FILE_READ, IO_THREADS
+from fileproxy.http import zero_copy
 
 PIECE = 64 * 1024
 
@@ -94,7 +98,7 @@ class _Writer(asyncio.Protocol):
         self.can_write.set()
 
 
-async def _spool(fd: int, size: int) -> None:
+async def _copy(fd: int, size: int) -> None:
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     reader = drain(listener.getsockname()[1])
@@ -113,18 +117,54 @@ async def _spool(fd: int, size: int) -> None:
     await asyncio.to_thread(reader.wait)
 
 
-def spool(fd: int, size: int) -> None:
-    uvloop.run(_spool(fd, size))
+def copy_way(fd: int, size: int) -> None:
+    uvloop.run(_copy(fd, size))
 
 
-WAYS = {"spool": spool, "read_write": read_write, "sendfile": sendfile}
+async def _zero_copy(fd: int, size: int) -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    reader = drain(listener.getsockname()[1])
+    conn, _ = await loop.sock_accept(listener)
+    listener.close()
+    transport, _protocol = await loop.connect_accepted_socket(_Writer, conn)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS) as executor:
+
+        async def in_thread(fn: object, *args: object) -> object:
+            return await loop.run_in_executor(executor, fn, *args)  # type: ignore[arg-type]
+
+        await zero_copy.send_file(
+            transport,
+            fd,
+            0,
+            size,
+            stall_timeout=60,
+            stats=zero_copy.ZeroCopyStats(),
+            run_in_thread=in_thread,
+        )
+    transport.close()
+    await asyncio.to_thread(reader.wait)
+
+
+def zero_copy_way(fd: int, size: int) -> None:
+    uvloop.run(_zero_copy(fd, size))
+
+
+WAYS = {
+    "copy": copy_way,
+    "read_write": read_write,
+    "sendfile": sendfile,
+    "zero_copy": zero_copy_way,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--piece", type=int, default=zero_copy.PIECE, help="zero_copy's piece")
     args = parser.parse_args()
+    zero_copy.PIECE = args.piece
     size = args.mib << 20
     with tempfile.TemporaryFile() as file:
         chunk = os.urandom(1 << 20)

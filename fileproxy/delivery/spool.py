@@ -13,11 +13,12 @@ On a spill the rest of the upstream body goes into a per-response ``Spool``:
   a killed worker's empty private directory is removed by the next worker's start);
 - read from the upstream at the upstream's pace by a filler task, which gives the
   connection back to the pool (keep-alive) the moment the body is complete;
-- served to the client at the client's pace; every disk read and write runs on
-  the store's small thread pool, never on the event loop. ``loop.sendfile`` is not
-  used: uvloop does not implement it (``AbstractEventLoop.sendfile`` raises
-  ``NotImplementedError``), and aiohttp's own ``FileResponse`` then falls back to
-  read + write too; writing to the socket under uvloop's transport is not ours to do.
+- served to the client at the client's pace: what the file holds goes out by
+  ``os.sendfile`` (``http.zero_copy``: the kernel copies it, no byte passes through
+  Python; uvloop has no ``loop.sendfile``), what memory holds by ``response.write``;
+  over TLS or a socket sendfile cannot take, the file is read back and written.
+  Every disk read and write runs on the store's small thread pool, never on the
+  event loop (a sendfile piece not in the page cache is read into it there first).
 
 Bounds never fail a response. ``FILEPROXY_SPOOL_MAX_FILE`` (per response),
 ``FILEPROXY_SPOOL_MAX_TOTAL`` (per worker), a full disk (``ENOSPC``) or a directory
@@ -57,8 +58,8 @@ from aiohttp import web
 
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
-from fileproxy.http import errors
-from fileproxy.http.edge import watch_sending
+from fileproxy.http import errors, zero_copy
+from fileproxy.http.edge import abort_send_timed_out, reset, watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse
 
@@ -184,6 +185,8 @@ class SpoolStore:
     def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.enabled = settings.spool
         self.memory_cap = settings.buffer_size
+        # a client that takes no byte of the file for this long is aborted (sendfile)
+        self.send_timeout = settings.send_timeout
         self.max_file = settings.spool_max_file
         self._configured_total = settings.spool_max_total
         self._workers = workers
@@ -205,6 +208,8 @@ class SpoolStore:
         # spooled responses whose upstream went back to the pool before the client was done
         self.upstream_released_early = 0
         self.fallbacks: dict[str, int] = dict.fromkeys(FALLBACK_REASONS, 0)
+        self.zero_copy = zero_copy.ZeroCopyStats()  # file bytes sent by sendfile
+        self.copied_file_bytes = 0  # file bytes read back and written (TLS, no sendfile)
 
     def open(self) -> None:
         """At worker start: the directory (a private one by default) and the disk budget."""
@@ -278,6 +283,8 @@ class SpoolStore:
             "bytes_spooled": self.bytes_spooled,
             "upstream_released_early": self.upstream_released_early,
             "fallbacks": dict(self.fallbacks),
+            **self.zero_copy.report(),
+            "copied_file_bytes": self.copied_file_bytes,
         }
 
 
@@ -308,6 +315,10 @@ class Spool:
         self._room = asyncio.Event()  # the filler waits on it (fallen back, memory full)
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
+
+    async def in_thread(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the store's I/O threads; the file stays open until it ends."""
+        return await self._io(fn, *args)
 
     async def _io(self, fn: Any, *args: Any) -> Any:
         executor = self.store.executor
@@ -421,11 +432,25 @@ class Spool:
             if not size:
                 raise OSError(errno.EIO, "spool file shorter than written")
             self._read_at += size
+            self.store.copied_file_bytes += size
             self._room.set()
             return bytes(buffer) if size == len(buffer) else bytes(buffer[:size])
         if self.complete or self.error is not None:
             return b""
         return None
+
+    def file_range(self) -> tuple[int, int, int] | None:
+        """``(fd, offset, count)``: what the file holds unread, when it is next in order
+        (memory holds nothing); None otherwise. Send it, reporting progress to
+        ``took_from_file``: the file is never truncated while a byte of it is unread."""
+        pending = self._write_at - self._read_at
+        if self._memory or pending <= 0 or self._fd is None:
+            return None
+        return self._fd, self._read_at, pending
+
+    def took_from_file(self, size: int) -> None:
+        self._read_at += size
+        self._room.set()
 
     async def wait(self) -> None:
         self._data.clear()
@@ -734,7 +759,46 @@ async def _serve(
         return
     exchange.bytes_out += pending_bytes
     unyielded = 0
+    transport = request.transport
+    sendfile = zero_copy.sendfile_socket(transport) is not None
+
+    def sent(size: int) -> None:
+        spool.took_from_file(size)
+        exchange.bytes_out += size
+
     while True:
+        where = spool.file_range() if sendfile else None
+        if where is not None and transport is not None:
+            fd, offset, count = where
+            try:
+                await zero_copy.send_file(
+                    transport,
+                    fd,
+                    offset,
+                    count,
+                    stall_timeout=spool.store.send_timeout,
+                    stats=spool.store.zero_copy,
+                    run_in_thread=spool.in_thread,
+                    on_sent=sent,
+                )
+            except zero_copy.SendStalled:
+                log.info(
+                    "client took no bytes for the send timeout, aborting its connection",
+                    extra={"send_timeout_s": spool.store.send_timeout},
+                )
+                exchange.cause = errors.SEND_TIMEOUT
+                abort_send_timed_out(request)
+                return
+            except ConnectionError:
+                exchange.cause = errors.CLIENT_ABORT
+                transport.abort()
+                return
+            except OSError as exc:  # the spool file failed or shrank: never a short body
+                log.error("spool sendfile failed, aborting client connection", exc_info=exc)
+                exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "spool_read_failed"
+                reset(transport)
+                return
+            continue
         try:
             data = await spool.take()
         except OSError as exc:  # the spool file failed under us: never a short body

@@ -278,6 +278,16 @@ def send_timed_out(request: web.BaseRequest) -> bool:
     return isinstance(protocol, EdgeRequestHandler) and protocol.send_timed_out
 
 
+def abort_send_timed_out(request: web.BaseRequest) -> None:
+    """Abort ``request``'s client, which took no bytes for the send timeout as another
+    watcher saw it (sendfile's, whose bytes wait in the kernel, not the transport)."""
+    protocol = request.protocol
+    if isinstance(protocol, EdgeRequestHandler):
+        protocol.send_timed_out = True
+    if request.transport is not None:
+        reset(request.transport)
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Abort with a RST: a plain abort() closes the socket, and the kernel would send
     what it holds and a FIN, an end the client could take for the body's."""
@@ -300,6 +310,7 @@ __all__ = [
     "EdgeApplication",
     "EdgeRequestHandler",
     "EdgeServer",
+    "abort_send_timed_out",
     "refuse_what_a_reverse_proxy_must_not_serve",
     "reset",
     "send_timed_out",

@@ -239,6 +239,14 @@ def _spool_metrics(
     )
     spooled_bytes.add_metric([pid], spool.bytes_spooled)
     yield spooled_bytes
+    file_bytes = CounterMetricFamily(
+        "fileproxy_spool_file_sent_bytes",
+        "Spool file bytes sent to clients, by how (sendfile, or read back and written)",
+        labels=["pid", "how"],
+    )
+    file_bytes.add_metric([pid, "sendfile"], spool.zero_copy.bytes)
+    file_bytes.add_metric([pid, "copy"], spool.copied_file_bytes)
+    yield file_bytes
     fallbacks = CounterMetricFamily(
         "fileproxy_spool_fallbacks",
         "Spooled responses that stopped using the disk and waited for their client, by reason",
