@@ -674,7 +674,9 @@ def _upstream_failed(exc: BaseException, request: web.Request, exchange: Exchang
         },
     )
     if request.transport is not None:
-        request.transport.abort()
+        # a RST: a body delimited by the connection's end (HTTP/1.0, no length) must not
+        # end with a FIN, which would make it look complete
+        reset(request.transport)
 
 
 def _settle(pending: asyncio.Future[None]) -> None:
@@ -805,7 +807,7 @@ async def _serve(
             log.error("spool read failed, aborting client connection", exc_info=exc)
             exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "spool_read_failed"
             if request.transport is not None:
-                request.transport.abort()
+                reset(request.transport)
             return
         if data is None:
             await spool.wait()

@@ -15,14 +15,14 @@ websocket`` (``headers.websocket_upgrade``): it goes upstream with its Upgrade, 
   as nginx's proxy_read_timeout closes a silent WebSocket (ping frames keep one
   open); a client that takes none of its bytes is aborted by the edge's send timeout;
 - a graceful stop closes every tunnel when the drain begins (``Tunnels.end_all``, the
-  app's on_shutdown), so it never waits out the graceful timeout;
+  app's on_shutdown; cause ``shutdown``), so it never waits out the graceful timeout;
 - the upstream connection leaves the pool at the ``101``: tunnels never hold one of
   HTTP_CONNECTOR_LIMIT's slots, and each closes its own.
 
 A tunnel is one proxied request: counted in /stats while open and after, with one
 access line at its end: status 101, ``bytes_in``/``bytes_out`` the bytes relayed each
 way, and its cause (``ok``, ``idle_timeout``, ``client_abort``, ``upstream_error``,
-``send_timeout``).
+``send_timeout``, ``shutdown``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from fileproxy.exchange import CLIENT_ABORT, IDLE_TIMEOUT, OK, UPSTREAM_ERROR, Exchange
+from fileproxy.exchange import CLIENT_ABORT, IDLE_TIMEOUT, OK, SHUTDOWN, UPSTREAM_ERROR, Exchange
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import ServerProtocol
 from fileproxy.http.headers import tunnel_response_headers, websocket_upgrade
@@ -71,7 +71,7 @@ class Tunnels:
         if self.open:
             log.info("draining: closing tunnels", extra={"tunnels": len(self.open)})
         for tunnel in list(self.open):
-            tunnel.end(OK)
+            tunnel.end(SHUTDOWN)
 
 
 class _Tunnel:

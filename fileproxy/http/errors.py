@@ -42,6 +42,7 @@ from fileproxy.exchange import (
 from fileproxy.exchange import (
     UPSTREAM_ERROR as UPSTREAM_ERROR,
 )
+from fileproxy.upstream.pool import CONNECT_ERRORS
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def try_failure_kind(exc: BaseException) -> str:
     """How a try at an upstream failed, for the retry rule (``adaptive.retry_budget``):
     ``connect`` (the request never left), ``timeout`` (no response head in time),
     ``reset`` (closed before the head), else ``other``."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, CONNECT_ERRORS):
         return "connect"
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"

@@ -39,7 +39,7 @@ from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import send_head_with_body
-from fileproxy.http.edge import send_timed_out, watch_sending
+from fileproxy.http.edge import reset, send_timed_out, watch_sending
 from fileproxy.http.gate import waiting_on_upstream
 from fileproxy.http.headers import (
     Redirect,
@@ -121,6 +121,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # when it left before the response head went out.
         if app[LIFECYCLE].cutting_off:
             exchange.cause = errors.SHUTDOWN
+            if exchange.status_sent is not None and request.transport is not None:
+                # a RST: the client is still there, and a FIN would end a body that ends
+                # at the connection's end (HTTP/1.0, no length) as if it were complete
+                reset(request.transport)
         elif send_timed_out(request):
             exchange.cause = errors.SEND_TIMEOUT
         else:

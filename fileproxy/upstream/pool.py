@@ -38,6 +38,9 @@ from fileproxy.upstream.aiohttp_client import ResponseHandler, connection_key, n
 SocketFactory = Callable[[Any], socket.socket]  # getaddrinfo's 5-tuple -> socket
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
 AddrInfo = tuple[Any, ...]
+# what ``acquire`` raises when no connection could be made (TLS failures are subclasses):
+# the request never left, whoever asked (a try, a resume's ask)
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class ConnectionPool:

@@ -22,7 +22,9 @@ from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from fileproxy.adaptive.resume import ResumePlan
+from fileproxy.adaptive.retry_budget import CONNECT
 from fileproxy.upstream.client import UpstreamResponse
+from fileproxy.upstream.pool import CONNECT_ERRORS
 from fileproxy.upstream.replicas import Attempt, Replica, ReplicaSet
 
 log = logging.getLogger("fileproxy.upstream.resume")
@@ -151,7 +153,9 @@ class ResumableBody:
                     read_timeout=read_timeout,
                 )
         except READ_ERRORS as exc:
-            self.replicas.failed(time.monotonic(), candidate, type(exc).__name__)
+            # a connect failure reached no upstream: it costs the retry throttle nothing
+            reason = CONNECT if isinstance(exc, CONNECT_ERRORS) else type(exc).__name__
+            self.replicas.failed(time.monotonic(), candidate, reason)
             return None
         asking.response = answer
         now = time.monotonic()

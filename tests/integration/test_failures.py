@@ -404,6 +404,36 @@ async def test_upstream_body_shorter_than_content_length_breaks_the_client_read(
     await assert_keeps_serving(client, proxy, failures=1)
 
 
+async def test_upstream_failing_mid_body_resets_a_client_whose_body_ends_at_close(
+    start_proxy, raw_backend
+):
+    """An HTTP/1.0 client of a response without Content-Length (a stream, chunked from the
+    upstream) has only the connection's end to tell where the body ends: an upstream that
+    fails mid-body must reset it (RST), since a FIN would make the short body complete."""
+
+    async def cut_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"%x\r\n" % 50_000 + b"z" * 50_000 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the client has the head and the first chunk
+        writer.close()  # no last chunk: the body broke off
+
+    backend = await raw_backend(cut_stream)
+    proxy = start_proxy(backend.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /stream HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        received = b""
+        with pytest.raises(ConnectionResetError):  # never a clean end of the connection
+            async with asyncio.timeout(10):
+                while piece := await reader.read(65536):
+                    received += piece
+            pytest.fail(f"the connection ended with a FIN after {len(received)} bytes")
+        assert received.startswith(b"HTTP/1.") and b" 200 " in received.split(b"\r\n")[0]
+    finally:
+        writer.close()
+
+
 # --------------------------------------------------------------------------------------------
 # clients that go away
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from fileproxy.delivery.spool import PRIVATE_DIR_PREFIX
 from fileproxy.sample_upstream import FILES, file_bytes
@@ -166,3 +168,37 @@ def test_serve_sighup_cuts_nothing_and_reopens_the_log_files(
     assert line["cause"] == "ok" and line["bytes_out"] == FILES[name], line
     assert "log files reopened" in (log_dir / "error.log").read_text()
     assert "Traceback" not in proxy.log_text()
+
+
+async def test_a_stream_cut_at_the_graceful_timeout_is_reset_not_ended(start_backend, start_proxy):
+    """A response whose body ends at the connection's end (an HTTP/1.0 client, a stream
+    without length) and is still running at the graceful timeout: the cut resets the
+    client's connection, since a FIN would make the cut body look complete."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # no length: chunked to the proxy
+        await response.prepare(request)
+        while True:
+            await response.write(b"s" * 1024)
+            await asyncio.sleep(0.05)
+
+    app = web.Application()
+    app.router.add_get("/stream", endless)
+    backend = await start_backend(app)
+    proxy = start_proxy(backend.url, FILEPROXY_GRACEFUL_TIMEOUT="1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"GET /stream HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        received = await reader.read(65536)
+        assert received.startswith(b"HTTP/1.") and b" 200 " in received.split(b"\r\n")[0]
+        proxy.popen.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):  # never a clean end of the connection
+            async with asyncio.timeout(30):
+                while piece := await reader.read(65536):
+                    received += piece
+            pytest.fail(f"the connection ended with a FIN after {len(received)} bytes")
+    finally:
+        writer.close()
+    assert await asyncio.to_thread(proxy.popen.wait, 30) == 0, proxy.log_text()
+    line = next(line for line in access_lines(proxy.log_text(), "/stream"))
+    assert (line["status"], line["cause"]) == (200, "shutdown"), line

@@ -394,3 +394,25 @@ async def test_an_outage_one_request_at_a_time_is_not_multiplied(
     print(f"\n{n} GETs, eject_after {eject_after}: {reached} tries ({reached / n:.2f}/GET)")
     assert n < reached <= 1.15 * n, (reached, stats["retries"])
     assert stats["retries"]["refused_by_throttle"] > 0, stats["retries"]
+
+
+async def test_a_resume_that_cannot_connect_costs_the_retry_throttle_nothing(
+    start_replica, start_proxy, client
+):
+    """A connect failure reached no upstream: it costs the retry throttle no token, on a
+    resume's ask as on a try (else a dead replica drains the throttle of every request
+    resumed past it, and the fleet loses its retries)."""
+    cutting = start_replica(reset_after=MIB)  # each body cut after 1 MiB
+    closed = f"http://127.0.0.1:{free_port()}"  # refuses every connection
+    proxy = start_proxy(
+        replica_list(cutting, closed),
+        FILEPROXY_EJECT_AFTER="0",  # the closed one stays in the resume's order
+        FILEPROXY_RESUMES="1",
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await download(client, f"{proxy.url}/files/16m.bin")
+    stats = await get_json(client, f"{proxy.url}/stats")
+    assert stats["resumes"] == {"ok": 1, "failed": 1}, stats["resumes"]
+    # of the 20 tokens the throttle starts with (the first answer gives back none: it is
+    # full), the cut the resume followed costs one, the closed port's refusal none
+    assert stats["retries"]["throttle_tokens"] == 19.0, stats["retries"]

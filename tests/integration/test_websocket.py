@@ -177,6 +177,7 @@ async def test_a_graceful_stop_closes_tunnels_at_once(start_backend, start_proxy
     await until(lambda: backend.open_now == 0, 10, "the backend's side closed", proxy)
     line = proxy.access_line("/ws")
     assert line is not None and line["status"] == 101, proxy.log_text()
+    assert line["cause"] == "shutdown", line  # closed by the stop, not by either side
     assert line["bytes_in"] > 0 and line["bytes_out"] > 0, line
     assert "closing tunnels" in proxy.log_text()
     assert "Traceback" not in proxy.log_text()
