@@ -54,6 +54,7 @@ def create_app(args: argparse.Namespace) -> web.Application:
         if args.status:
             return web.json_response({"status": args.status}, status=args.status)
         if request.method == "POST":
+            await request.read()  # as a real backend: the whole upload, then the answer
             return web.json_response({"posted": True})
         name = request.match_info["name"]
         size = FILES.get(name)

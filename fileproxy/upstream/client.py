@@ -86,8 +86,9 @@ class UpstreamResponse:
 
     Owns its connection until ``release`` (back to the pool when the body was read
     to its end) or ``close`` (never reused); after either, both are no-ops.
-    ``sent_at``: when its request head was written (monotonic): the try's time to the
-    response head starts there, not at the pool wait or the connect before it.
+    ``sent_at``: when the upstream had the whole request (monotonic: its head written,
+    and its body when the body was sent before the answer came): the try's time to the
+    response head starts there, not at the pool wait, the connect or the upload.
     """
 
     __slots__ = (
@@ -103,7 +104,7 @@ class UpstreamResponse:
         reason: str,
         headers: CIMultiDictProxy[str],
         content: StreamReader,
-        body_writer: asyncio.Task[None] | None,
+        body_writer: asyncio.Task[float | None] | None,
         raw_headers: tuple[tuple[bytes, bytes], ...] = (),
         sent_at: float = 0.0,
     ) -> None:
@@ -305,6 +306,15 @@ class UpstreamClient:
             if writer is not None:
                 writer.cancel()
             raise
+        if (
+            writer is not None
+            and writer.done()
+            and not writer.cancelled()
+            and not writer.exception()
+        ):
+            # the upstream's time to answer starts when it had the whole request: an
+            # upload's own time is the client's link, not the replica's latency
+            sent_at = writer.result() or sent_at
         return UpstreamResponse(
             self.pool,
             protocol,
@@ -355,12 +365,15 @@ def _head_size(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
     return sum(len(name) + len(value) + 4 for name, value in raw_headers)
 
 
-async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
+async def _write_body(
+    protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool
+) -> float | None:
     """Stream a request body after its head; a failure fails the response read.
 
     As aiohttp's client does: the error is set on the protocol (its connection is
     then never reused), and the idle-read timeout starts only once the whole body
-    was sent, so a long upload is not cut while the upstream waits for it.
+    was sent, so a long upload is not cut while the upstream waits for it. Returns
+    when (monotonic) the last byte was handed over, None when the body failed.
     """
     transport = protocol.transport
     assert transport is not None
@@ -378,10 +391,11 @@ async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chu
     except OSError as exc:
         failure = aiohttp.ClientOSError(exc.errno, "cannot write the request body")
         protocol.set_exception(failure, exc)
-        return
+        return None
     except Exception as exc:
         protocol.set_exception(
             aiohttp.ClientConnectionError(f"request body failed: {type(exc).__name__}"), exc
         )
-        return
+        return None
     start_read_timeout(protocol)
+    return time.monotonic()

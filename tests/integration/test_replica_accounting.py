@@ -221,6 +221,28 @@ async def test_a_retried_request_charges_each_replica_only_its_own_try(
     assert health["upstreams"][f"127.0.0.1:{good.port}"]["ttfb_ewma_ms"] < 500, health
 
 
+async def test_an_upload_is_not_charged_as_the_replicas_time_to_answer(
+    start_replica, start_proxy, client
+):
+    """A request body the client takes 1.2 s to send is the client's link: a replica that
+    answers as soon as it has the whole request is charged milliseconds, not the upload."""
+    replicas = [start_replica(), start_replica()]
+    proxy = start_proxy(replica_list(*replicas))
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 1024
+            await asyncio.sleep(0.15)
+
+    for _ in range(4):  # one replica gets two in a row: the peak rule then takes them
+        async with client.post(f"{proxy.url}/files/4k.bin", data=slow_body()) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+    health = await get_json(client, f"{proxy.url}/health")
+    ttfb = {r.port: health["upstreams"][f"127.0.0.1:{r.port}"]["ttfb_ewma_ms"] for r in replicas}
+    assert max(ttfb.values()) < 500, ttfb
+
+
 async def test_a_spooled_download_frees_its_replica_once_the_upstream_body_is_in(
     start_replica, start_proxy, client
 ):
