@@ -18,7 +18,12 @@ answering) is still counted and cut; one under overload, failing part of every p
 requests, is counted and cut (a path failing half its requests is no suspect, and
 one-off paths, a file each, are each under ``min_failures``); a path whose own failures
 stand out against the others' answers is left to its clients (its answers go to them
-unchanged). Transport failures (connect, reset, timeout) are the upstream's anyway:
+unchanged). While the limit is enforced, a client's requests to a failing path
+(``failing``) are fair-shared apart from its other requests (the shell's key): else one
+client flooding a broken path before anyone else asked gets the limit cut, and the same
+client's (or, without X-Forwarded-For, every user's) requests to the paths that answer
+are refused with the flood's, so no answer ever shows the path isolated. Transport
+failures (connect, reset, timeout) are the upstream's anyway:
 the shell counts them at once, and they count here as failures of the rest too (a
 struggling upstream makes no path look isolated). Memory is bounded (``max_paths``
 paths that failed, least recent evicted first). Time is passed in.
@@ -116,12 +121,7 @@ class FailureSpread:
         """The paths whose failures stand out against the other paths' answers."""
         self._rotate(now)
         cfg = self.config
-        suspects = {
-            path
-            for path, c in self._paths.items()
-            if c.total_failed >= cfg.min_failures
-            and c.total_failed >= cfg.isolated_rate * (c.total_failed + c.total_ok)
-        }
+        suspects = {path for path, c in self._paths.items() if self._suspect(c)}
         if not suspects:
             return frozenset()
         rest_ok = self._all.total_ok - sum(self._paths[p].total_ok for p in suspects)
@@ -129,6 +129,18 @@ class FailureSpread:
         if rest_ok < 1 or rest_failed > cfg.others_rate * (rest_ok + rest_failed):
             return frozenset()  # nothing else answers: the upstream's failures
         return frozenset(suspects)
+
+    def failing(self, now: float, path: str) -> bool:
+        """Whether ``path`` is a suspect now: (almost) all its recent answers failed."""
+        self._rotate(now)
+        counts = self._paths.get(path)
+        return counts is not None and self._suspect(counts)
+
+    def _suspect(self, c: _Counts) -> bool:
+        cfg = self.config
+        return c.total_failed >= cfg.min_failures and c.total_failed >= cfg.isolated_rate * (
+            c.total_failed + c.total_ok
+        )
 
     def settle(self, now: float) -> int:
         """How many of the pending failure statuses count as overload (the others were

@@ -104,6 +104,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                     request.headers.get("X-Forwarded-For"),
                     app[SETTINGS].trusted_proxies,
                 ),
+                request.path,
             )
         if admitted:
             response = await _proxy(request, exchange, started, replica)

@@ -270,7 +270,7 @@ class UpstreamAdaptation:
         return not self.enabled or (self.fallback is None and not self.limiter.enforcing)
 
     async def admit(
-        self, now: float, client_of: Callable[[], str] | None = None
+        self, now: float, client_of: Callable[[], str] | None = None, path: str | None = None
     ) -> tuple[bool, float]:
         """(admitted, seconds until a request would be); never waits on a broken store.
 
@@ -280,6 +280,9 @@ class UpstreamAdaptation:
         one over it only half of it, so the heaviest client is refused first and a
         light one still passes. The share is of this worker's part of the
         rate: the limit over the fleet's live workers (a worker alone: the whole limit).
+        A request to a ``path`` that fails almost always (``FailureSpread.failing``) is
+        shared apart from the same client's other requests, so those still reach the
+        upstream and their answers can show that path's failures are its own.
         """
         if self.admits_all:
             return True, 0.0
@@ -288,6 +291,8 @@ class UpstreamAdaptation:
         else:
             rate = self.limiter.state.limit / max(1, self.live_workers)
         client = client_of() if client_of is not None else ""
+        if path is not None and self.spread.failing(now, path):
+            client += " (failing path)"
         within = self.fair_share.within_share(now, client, rate, self.burst)
         admitted, retry_after = await self._admit(now, None if within else spare_burst(self.burst))
         if not admitted:

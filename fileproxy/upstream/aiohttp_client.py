@@ -30,7 +30,9 @@ would replace it:
     ``ClientRequest``.
 ``aiohttp.http_writer._serialize_headers(status_line, headers)``
     The request head as bytes, in C, refusing CR/LF in names and values (header
-    injection). Replacement: ``StreamWriter.write_headers`` of a ``ClientRequest``.
+    injection). It drops lone surrogates (bytes that are not UTF-8), so a head with
+    a value that is not ASCII is written again in Python (``serialize_head``).
+    Replacement: ``StreamWriter.write_headers`` of a ``ClientRequest``.
 ``aiohttp.client_reqrep.ConnectionKey``
     What ``ClientConnectorError`` names as the failed connection (its ``str`` is
     the address in errors and logs). Built with keywords here, so a reordered or
@@ -149,7 +151,17 @@ async def wait_writable(protocol: ResponseHandler) -> None:
 
 
 def serialize_head(request_line: str, headers: CIMultiDict[str]) -> bytes:
-    return _serialize_headers(request_line, headers)
+    head = _serialize_headers(request_line, headers)  # refuses CR/LF (header injection)
+    if all(value.isascii() for value in headers.values()):
+        return head
+    # aiohttp's serializer drops each lone surrogate, i.e. each byte a client or backend
+    # sent that is not UTF-8 (the parser decodes with surrogateescape): those bytes are
+    # written back as they came, like nginx passes them.
+    lines = [request_line, *(f"{name}: {value}" for name, value in headers.items())]
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: aiohttp's
+        return head
 
 
 def connection_key(host: str, port: int, tls: ssl.SSLContext | None) -> ConnectionKey:

@@ -130,3 +130,24 @@ def test_bytes_that_are_not_utf8_are_escaped_and_block_no_line(start_proxy, samp
     else:
         assert sum(f"user_agent=caf{ESCAPED} " in line for line in lines) == 1
         assert sum(" status=400 " in line for line in lines) == 2
+
+
+def test_header_bytes_that_are_not_utf8_reach_the_upstream_unchanged(start_proxy, sample_upstream):
+    """A header value is forwarded byte for byte, as nginx does: aiohttp's serializer
+    dropped every byte that is not UTF-8 (``User-Agent: caf\\xe9`` arrived as ``caf``)."""
+    proxy = start_proxy(sample_upstream.url)
+    value = b"caf" + HIGH + b" \xc3\xa9 end"  # the high bytes, then valid UTF-8 after them
+    request = (
+        b"GET /echo HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+        b"User-Agent: " + value + b"\r\nReferer: http://x/" + HIGH[:4] + b"\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    seen = {name.lower(): v.encode("latin-1") for name, v in json.loads(body)["headers"]}
+    assert seen["user-agent"] == value
+    assert seen["referer"] == b"http://x/" + HIGH[:4]

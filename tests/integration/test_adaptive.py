@@ -400,13 +400,16 @@ def one_bad_path_backend(down: list[bool]) -> web.Application:
 
 class Users:
     """``count`` users, each from its own X-Forwarded-For address (the proxy trusts its
-    loopback peer), fetching ``path`` ``pace`` s apart; records (status, from the backend)."""
+    loopback peer; ``address``: all from that one), fetching ``path`` ``pace`` s apart;
+    records (status, from the backend)."""
 
-    def __init__(self, client, url: str, count: int, pace: float, first: int) -> None:
+    def __init__(
+        self, client, url: str, count: int, pace: float, first: int, address: str | None = None
+    ) -> None:
         self.results: list[tuple[int, bool]] = []
         self._stop = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(self._run(client, url, pace, f"10.9.0.{first + i}"))
+            asyncio.create_task(self._run(client, url, pace, address or f"10.9.0.{first + i}"))
             for i in range(count)
         ]
 
@@ -450,6 +453,32 @@ async def test_one_path_flooded_with_429_or_503_leaves_the_others_served(
             assert resp.status == 429 and resp.headers["Retry-After"] == "1"
     assert share >= 0.95, ({s: good.count(s) for s in set(good)}, limiter["decisions"])
     assert limiter["enforcing"] is False, limiter
+
+
+@pytest.mark.slow
+async def test_a_broken_path_flooded_first_leaves_the_same_clients_other_paths_served(
+    start_backend, start_proxy, client
+):
+    """Without distinct X-Forwarded-For every user is one client. The flood of /status/503
+    starts alone, so the limit is cut (nothing else answers); the users who come later
+    for /get must not stay refused with the flood: their answers show the path broken."""
+    backend = await start_backend(one_bad_path_backend([False]))
+    proxy = start_proxy(backend.url)
+    one = "10.9.0.1"
+    flood = Users(client, f"{proxy.url}/status/503", count=4, pace=0.0, first=1, address=one)
+    try:
+        cut = await _until(client, proxy, lambda lim: lim["enforcing"], 20)
+        assert cut["enforcing"], cut
+        others = Users(client, f"{proxy.url}/get", count=2, pace=0.1, first=1, address=one)
+        await asyncio.sleep(6)
+        good = await others.stop()
+    finally:
+        bad = await flood.stop()
+    limiter = (await _upstream_stats(client, proxy))["limiter"]
+    share = served_share(good)
+    print(f"\n503 flood first: others served {share:.1%} of {len(good)}; flood {len(bad)}")
+    # before: 2.6 % (the limit cut by the flood refused them with it); after: 84 %
+    assert share >= 0.6, ({s: good.count(s) for s in set(good)}, limiter["decisions"][-5:])
 
 
 @pytest.mark.slow

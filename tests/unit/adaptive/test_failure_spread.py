@@ -91,3 +91,15 @@ def test_paths_are_bounded_and_forgotten_once_they_stop_failing():
     s.settle(0.1)
     s.answered(2.5, "/get")  # two buckets later: nothing failed lately
     assert s.snapshot()["paths_tracked"] == 0
+
+
+def test_failing_names_a_suspect_path_even_with_nothing_else_answering():
+    s = spread()
+    feed(s, 0.1, "/status/503", failed=3)
+    assert s.failing(0.2, "/status/503")  # alone: a suspect, though not isolated
+    assert s.isolated(0.2) == frozenset()
+    assert not s.failing(0.2, "/get")
+    feed(s, 0.3, "/half", failed=3)
+    s.answered(0.3, "/half")  # 3 of 4: under 90 %
+    assert not s.failing(0.3, "/half")
+    assert not s.failing(2.5, "/status/503")  # two buckets later: forgotten
