@@ -97,6 +97,7 @@ def create_app(
     """
     aiohttp_client.check()
     aiohttp_server.check()
+    aiohttp_server.keep_header_bytes()
     app = EdgeApplication(
         handler_args=server_options(settings),
         middlewares=[refuse_what_a_reverse_proxy_must_not_serve],

@@ -62,6 +62,13 @@ replace it:
     A response whose head goes out with its first body bytes, in one write
     (``send_head_with_body``). Replacement: none; ``web.Response`` does it for
     bodies known in advance.
+``aiohttp.http_writer._serialize_headers``
+    Every response head goes through it; its C version drops lone surrogates, i.e. each
+    byte a backend sent that is not UTF-8 (``filename="caf\xe9.txt"`` reached clients as
+    ``caf.txt``). ``keep_header_bytes`` puts the upstream side's ``serialize_head`` in its
+    place: the C serializer still runs first (it refuses CR/LF), and only a head with a
+    value that is not ASCII is written again with the bytes as they came, as nginx
+    relays them. Replacement: none; ``StreamWriter.write_headers`` calls it.
 
 ``check()`` verifies them against the installed aiohttp and raises ``AiohttpMoved``
 naming what moved; the application calls it at startup, and
@@ -77,12 +84,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_writer, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
 from aiohttp.worker import GunicornWebWorker
 
-from fileproxy.upstream.aiohttp_client import PINNED, AiohttpMoved
+from fileproxy.upstream.aiohttp_client import PINNED, AiohttpMoved, serialize_head
 
 try:
     from aiohttp.streams import EMPTY_PAYLOAD
@@ -301,6 +308,11 @@ def wake_worker(worker: GunicornWebWorker) -> None:
     worker._notify_waiter_done()
 
 
+def keep_header_bytes() -> None:
+    """Response heads keep the header bytes a backend sent that are not UTF-8 (idempotent)."""
+    http_writer._serialize_headers = serialize_head
+
+
 def send_head_with_body(response_class: type[web.StreamResponse]) -> None:
     """Responses of ``response_class`` send their head with the first body bytes."""
     response_class._send_headers_immediately = False
@@ -336,6 +348,12 @@ def check() -> None:
         problems.append("GunicornWebWorker._notify_waiter_done()")
     if not hasattr(web.StreamResponse, "_send_headers_immediately"):
         problems.append("StreamResponse._send_headers_immediately")
+    write_headers = getattr(http_writer.StreamWriter, "write_headers", None)
+    uses = getattr(getattr(write_headers, "__code__", None), "co_names", ())
+    if not callable(getattr(http_writer, "_serialize_headers", None)) or (
+        "_serialize_headers" not in uses
+    ):
+        problems.append("http_writer._serialize_headers (as StreamWriter.write_headers' global)")
     if problems:
         raise AiohttpMoved(
             f"aiohttp {aiohttp.__version__} moved internals fileproxy relies on "

@@ -150,14 +150,16 @@ async def wait_writable(protocol: ResponseHandler) -> None:
     await protocol._drain_helper()
 
 
-def serialize_head(request_line: str, headers: CIMultiDict[str]) -> bytes:
-    head = _serialize_headers(request_line, headers)  # refuses CR/LF (header injection)
+def serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes:
+    """A head as bytes: ``status_line`` (a request or a status line), then ``headers``
+    (aiohttp's serializer's signature: the server side puts this in its place)."""
+    head = _serialize_headers(status_line, headers)  # refuses CR/LF (header injection)
     if all(value.isascii() for value in headers.values()):
         return head
     # aiohttp's serializer drops each lone surrogate, i.e. each byte a client or backend
     # sent that is not UTF-8 (the parser decodes with surrogateescape): those bytes are
     # written back as they came, like nginx passes them.
-    lines = [request_line, *(f"{name}: {value}" for name, value in headers.items())]
+    lines = [status_line, *(f"{name}: {value}" for name, value in headers.items())]
     try:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that stands for no byte: aiohttp's

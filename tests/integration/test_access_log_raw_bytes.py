@@ -9,8 +9,10 @@ A method or target with such bytes is refused by the parser: a 400, logged too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -151,3 +153,41 @@ def test_header_bytes_that_are_not_utf8_reach_the_upstream_unchanged(start_proxy
     seen = {name.lower(): v.encode("latin-1") for name, v in json.loads(body)["headers"]}
     assert seen["user-agent"] == value
     assert seen["referer"] == b"http://x/" + HIGH[:4]
+
+
+def test_header_bytes_that_are_not_utf8_reach_the_client_unchanged(start_proxy):
+    """A backend's header value is relayed byte for byte, as nginx does: a Latin-1 file
+    name in ``Content-Disposition`` reached the client as ``caf.txt``."""
+    disposition = b'attachment; filename="caf' + HIGH[:4] + b'.txt"'
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Disposition: "
+        + disposition
+        + b"\r\nConnection: close\r\n\r\nok"
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def backend() -> None:  # answers every request on every connection (probes get EOF)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    received = b""
+                    while b"\r\n\r\n" not in received and (chunk := conn.recv(65536)):
+                        received += chunk
+                    if b"\r\n\r\n" in received:
+                        conn.sendall(answer)
+
+    threading.Thread(target=backend, daemon=True).start()
+    try:
+        proxy = start_proxy(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(b"GET /file HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    finally:
+        listener.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"\r\nContent-Disposition: " + disposition + b"\r\n" in head + b"\r\n", head
+    assert body == b"ok"
