@@ -34,6 +34,8 @@ class Exchange:
     error: str | None = None
     tries: int = 1  # upstream tries before the response head (retries on other replicas)
     resumes: int = 0  # times the body was continued from a replica after a failure
+    # the body's end is in its framing (Content-Length, chunked), not the connection's end
+    framed: bool = True
     path: str = ""  # the request target's path, without its query (the limiter's evidence)
 
     @property

@@ -59,7 +59,7 @@ from aiohttp import web
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
 from fileproxy.http import errors, zero_copy
-from fileproxy.http.edge import abort_send_timed_out, reset, watch_sending
+from fileproxy.http.edge import abort_send_timed_out, end_cut_short, reset, watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse
 
@@ -674,9 +674,7 @@ def _upstream_failed(exc: BaseException, request: web.Request, exchange: Exchang
         },
     )
     if request.transport is not None:
-        # a RST: a body delimited by the connection's end (HTTP/1.0, no length) must not
-        # end with a FIN, which would make it look complete
-        reset(request.transport)
+        end_cut_short(request.transport, exchange.framed)
 
 
 def _settle(pending: asyncio.Future[None]) -> None:
@@ -807,7 +805,7 @@ async def _serve(
             log.error("spool read failed, aborting client connection", exc_info=exc)
             exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "spool_read_failed"
             if request.transport is not None:
-                reset(request.transport)
+                end_cut_short(request.transport, exchange.framed)
             return
         if data is None:
             await spool.wait()

@@ -288,6 +288,18 @@ def abort_send_timed_out(request: web.BaseRequest) -> None:
         reset(request.transport)
 
 
+def end_cut_short(transport: asyncio.Transport, framed: bool) -> None:
+    """End a connection whose response body was cut short. Where the framing says how long
+    the body is (``framed``: Content-Length, chunked), a close: the kernel sends what it
+    holds, then a FIN, and the client sees a short body (curl: "partial file") with every
+    byte sent. Where the body ends at the connection's end (HTTP/1.0 without a length), a
+    reset: a FIN would make the cut body look complete."""
+    if framed:
+        transport.abort()
+    else:
+        reset(transport)
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Abort with a RST: a plain abort() closes the socket, and the kernel would send
     what it holds and a FIN, an end the client could take for the body's."""

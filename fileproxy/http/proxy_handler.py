@@ -39,7 +39,7 @@ from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
 from fileproxy.http.aiohttp_server import send_head_with_body
-from fileproxy.http.edge import reset, send_timed_out, watch_sending
+from fileproxy.http.edge import end_cut_short, send_timed_out, watch_sending
 from fileproxy.http.gate import waiting_on_upstream
 from fileproxy.http.headers import (
     Redirect,
@@ -123,9 +123,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if app[LIFECYCLE].cutting_off:
             exchange.cause = errors.SHUTDOWN
             if exchange.status_sent is not None and request.transport is not None:
-                # a RST: the client is still there, and a FIN would end a body that ends
-                # at the connection's end (HTTP/1.0, no length) as if it were complete
-                reset(request.transport)
+                end_cut_short(request.transport, exchange.framed)
         elif send_timed_out(request):
             exchange.cause = errors.SEND_TIMEOUT
         else:
@@ -342,6 +340,7 @@ async def _respond(
         request.transport.set_write_buffer_limits(high=settings.buffer_size)
     await response.prepare(request)
     exchange.status_sent = status
+    exchange.framed = response.content_length is not None or "Transfer-Encoding" in response.headers
     spill_store = app[SPOOL]
     length = spool.spill_length(spill_store, request.method, upstream_resp)
     if length is None:
