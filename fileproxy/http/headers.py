@@ -276,7 +276,7 @@ def client_facing_base(
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_for(request: web.BaseRequest) -> str:
+def request_id_for(request: Any) -> str:
     """The client's X-Request-ID when it is sane, else 32 random hex digits.
 
     An id needs to be unique, not secret: ``random`` (reseeded in every forked

@@ -38,9 +38,8 @@ from fileproxy.delivery import spool, tunnel
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors
-from fileproxy.http.aiohttp_server import send_head_with_body
+from fileproxy.http.data_plane import ClientRequest, ClientResponse
 from fileproxy.http.edge import end_cut_short, send_timed_out, watch_sending
-from fileproxy.http.gate import waiting_on_upstream
 from fileproxy.http.headers import (
     Redirect,
     client_facing_base,
@@ -70,14 +69,14 @@ RELAY_SLICE_BYTES = 64 * 1024
 GATEWAY_FAILURES = frozenset({502, 503, 504})
 
 
-def on_unix_socket(request: web.BaseRequest) -> bool:
+def on_unix_socket(request: ClientRequest) -> bool:
     """Whether the client came through a unix socket (a local process, e.g. nginx)."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
 
 
-async def proxy(request: web.Request) -> web.StreamResponse:
+async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
     app = request.app
     traffic = app[TRAFFIC]
     started = time.monotonic()
@@ -158,8 +157,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _proxy(
-    request: web.Request, exchange: Exchange, started: float, replica: Replica
-) -> web.StreamResponse:
+    request: ClientRequest, exchange: Exchange, started: float, replica: Replica
+) -> ClientResponse | web.Response:
     app = request.app
     settings = app[SETTINGS]
     replicas = app[REPLICAS]
@@ -275,7 +274,7 @@ def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Re
 
 
 async def _respond(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     started: float,
     attempt: Attempt,
@@ -284,7 +283,7 @@ async def _respond(
     headers: CIMultiDict[str],
     profile: LevelProfile,
     upgrade: bool,
-) -> web.StreamResponse:
+) -> ClientResponse | web.Response:
     """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``);
     after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections."""
     app = request.app
@@ -321,10 +320,10 @@ async def _respond(
     exchange.upstream_status = upstream_resp.status
     # The whole body already arrived (a small file): its response head goes out in
     # the same write as the body. Else the head goes out at once (streams, SSE).
-    response_class = _WholeResponse if upstream_resp.content.is_eof() else _RelayedResponse
     status = upstream_resp.status
-    response = response_class(status=status, reason=upstream_resp.reason)
-    response.upstream_content_type = "Content-Type" in upstream_resp.headers
+    response = ClientResponse(
+        status, upstream_resp.reason, head_with_body=upstream_resp.content.is_eof()
+    )
     redirect = None
     if "Location" in upstream_resp.headers:
         redirect = Redirect(upstream.redirect_prefixes, _client_base(request))
@@ -363,7 +362,7 @@ async def _respond(
 
 
 def _retry_to(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     failed: Replica,
     tried: list[Replica],
@@ -410,7 +409,7 @@ def _retry_to(
 
 
 def _observe_try(
-    request: web.Request, exchange: Exchange, replica: Replica, cause: str, status: int | None
+    request: ClientRequest, exchange: Exchange, replica: Replica, cause: str, status: int | None
 ) -> None:
     """A try that was retried elsewhere still tells its replica's adaptation how it went:
     a failing replica's errors cut its own limit, not the others'."""
@@ -421,7 +420,7 @@ def _observe_try(
 
 
 def _resumable(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     upstream_resp: UpstreamResponse,
     attempt: Attempt,
@@ -457,29 +456,7 @@ def _resumable(
     )
 
 
-class _RelayedResponse(web.StreamResponse):
-    """An upstream response on its way to the client."""
-
-    upstream_content_type = True  # whether the upstream sent a Content-Type
-
-
-class _WholeResponse(_RelayedResponse):
-    """A response whose head is sent with its first body bytes, not on its own."""
-
-
-send_head_with_body(_WholeResponse)
-
-
-def keep_content_type_as_sent(response: web.StreamResponse) -> None:
-    """Before a head goes out (app's on_response_prepare): aiohttp adds ``Content-Type:
-    application/octet-stream`` to a response with a body and none (RFC 9110 says a
-    sender *should* send one); the proxy passes what the upstream sent and invents
-    nothing, as nginx does."""
-    if isinstance(response, _RelayedResponse) and not response.upstream_content_type:
-        response.headers.popall("Content-Type", None)
-
-
-def own_origin_form(request: web.Request, target: str) -> str | None:
+def own_origin_form(request: ClientRequest, target: str) -> str | None:
     """The origin-form of an absolute-form target naming this proxy (RFC 9112 3.2.2:
     a server MUST accept it), else None.
 
@@ -501,7 +478,7 @@ def own_origin_form(request: web.Request, target: str) -> str | None:
     return path.partition("#")[0]
 
 
-def _own_authorities(request: web.Request) -> set[str]:
+def _own_authorities(request: ClientRequest) -> set[str]:
     names = set()
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
@@ -516,7 +493,7 @@ def _own_authorities(request: web.Request) -> set[str]:
     return names
 
 
-def _client_base(request: web.Request) -> str:
+def _client_base(request: ClientRequest) -> str:
     """``scheme://host`` the client used to reach the proxy (see headers.Redirect)."""
     peer = request.remote
     return client_facing_base(
@@ -530,7 +507,7 @@ def _client_base(request: web.Request) -> str:
 
 
 async def _send_upstream(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     target: str,
     headers: CIMultiDict[str],
@@ -566,7 +543,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        waiting_on_upstream(request)  # see gate.UPSTREAM_HOLD_S
+        request.protocol.wait_on_upstream()  # see gate.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
             target,
@@ -578,8 +555,8 @@ async def _send_upstream(
 
 
 async def _relay(
-    request: web.Request,
-    response: web.StreamResponse,
+    request: ClientRequest,
+    response: ClientResponse,
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
     chunk_size: int,
@@ -611,7 +588,7 @@ async def _relay(
         exchange.cause = errors.CLIENT_ABORT
 
 
-async def _read_body(request: web.Request, chunk_size: int) -> bytes:
+async def _read_body(request: ClientRequest, chunk_size: int) -> bytes:
     """The next piece of the client's body; a client silent too long gets 408."""
     timeout = request.app[SETTINGS].client_body_timeout
     try:
@@ -623,35 +600,8 @@ async def _read_body(request: web.Request, chunk_size: int) -> bytes:
         ) from None
 
 
-async def continue_or_refuse(request: web.Request) -> web.StreamResponse | None:
-    """The route's ``Expect`` handler: ``100 Continue`` only for a body the proxy takes.
-
-    aiohttp's default sends ``100 Continue`` to any ``Expect: 100-continue``; a body
-    declared over FILEPROXY_MAX_BODY_SIZE then gets its 413 only after the client
-    started sending it, on a connection that would read the rest as the next
-    request. Here it gets 413 at once and the connection closes, as with nginx.
-    """
-    expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue":
-        failure = errors.Failure(417, "expectation_failed", "only 100-continue is supported")
-        refusal = errors.error_response(failure, request_id_for(request))
-        refusal.force_close()
-        return refusal
-    limit = request.app[SETTINGS].max_body_size
-    length = request.content_length
-    if limit and length and length > limit:
-        refusal = errors.error_response(errors.classify(_too_large(limit)), request_id_for(request))
-        refusal.force_close()
-        return refusal
-    if request.version >= aiohttp.HttpVersion11:
-        writer = request.writer
-        await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.output_size = 0  # the interim response is not the response's bytes
-    return None
-
-
 def _over_limit(
-    request: web.Request, exchange: Exchange, retry_after: float, limit: float | None
+    request: ClientRequest, exchange: Exchange, retry_after: float, limit: float | None
 ) -> web.Response:
     """Over the upstream's admission rate: 503 (or 429) with Retry-After, counted."""
     settings = request.app[SETTINGS]
