@@ -61,6 +61,7 @@ log = logging.getLogger("fileproxy")
 
 STOP_TIMEOUT_S = 2.0  # closing the state store's connections at exit
 
+
 def create_app(
     settings: Settings, instance_pid: int | None = None, workers: int = 1
 ) -> web.Application:

@@ -54,11 +54,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
 from fileproxy.http import errors, zero_copy
+from fileproxy.http.data_plane import ClientRequest, ClientResponse
 from fileproxy.http.edge import abort_send_timed_out, end_cut_short, reset, watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse

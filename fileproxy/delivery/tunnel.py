@@ -132,7 +132,7 @@ async def relay(
         tunnel_response_headers(upstream_resp.headers, exchange.request_id, response.headers)
         protocol.send_switch(request, response)
         exchange.status_sent = 101
-        from_client = aiohttp.StreamReader(protocol, TUNNEL_BUFFER, loop=loop)
+        from_client = aiohttp.StreamReader(protocol, TUNNEL_BUFFER, loop=loop)  # type: ignore[arg-type]
         protocol.tunnel_to(_Inflow(from_client))
         tunnel = _Tunnel(loop)
         tunnels.open.add(tunnel)

@@ -53,7 +53,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from fileproxy.exchange import CLIENT_ABORT, EXCHANGE, Exchange
 

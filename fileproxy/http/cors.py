@@ -54,7 +54,9 @@ class Cors:
             answer["Access-Control-Allow-Headers"] = asked
         return 200, answer
 
-    def add_headers(self, request_headers: Mapping[str, str], out: MutableMapping[str, str]) -> None:
+    def add_headers(
+        self, request_headers: Mapping[str, str], out: MutableMapping[str, str]
+    ) -> None:
         """An actual request's response: what a page from an allowed origin may read."""
         origin = request_headers.get("Origin")
         if not self.allowed(origin):

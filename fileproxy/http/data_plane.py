@@ -42,6 +42,7 @@ from aiohttp import HttpVersion, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from fileproxy.adaptive.send_watch import SendWatch
+from fileproxy.exchange import EXCHANGE
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import connection as http1
 from fileproxy.http import errors
@@ -58,6 +59,7 @@ MAX_HELD = 8  # pipelined requests read ahead of the one being answered
 NEVER_FORWARDED = frozenset({"CONNECT", "TRACE"})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _VERSIONS = {b"1.1": HttpVersion(1, 1), b"1.0": HttpVersion(1, 0)}
+BAD_FRAMING = errors.Failure(400, "bad_framing", "invalid request framing (length or chunking)")
 EDGE_FAILURE = "fileproxy.edge_failure"  # request key: the failure the connection met
 _bad_value = re.compile(r"[\r\n\0]").search
 
@@ -79,7 +81,7 @@ class RequestBody:
     """The client's request body, as the handler reads it; the connection is paused while
     more than ``limit`` bytes wait here."""
 
-    __slots__ = ("_buffer", "_eof", "_exception", "_limit", "_owner", "_waiter", "_asked")
+    __slots__ = ("_asked", "_buffer", "_eof", "_exception", "_limit", "_owner", "_waiter")
 
     def __init__(self, owner: ClientProtocol, limit: int) -> None:
         self._owner = owner
@@ -148,9 +150,23 @@ class ClientRequest:
     that fileproxy used, so the handlers read the same)."""
 
     __slots__ = (
-        "app", "protocol", "transport", "method", "raw_path", "version", "headers",
-        "raw_headers", "content", "content_length", "body_exists", "exchange", "started",
-        "_path", "_state", "task", "response",
+        "_path",
+        "_state",
+        "app",
+        "body_exists",
+        "content",
+        "content_length",
+        "exchange",
+        "headers",
+        "method",
+        "protocol",
+        "raw_headers",
+        "raw_path",
+        "response",
+        "started",
+        "task",
+        "transport",
+        "version",
     )  # fmt: skip
 
     def __init__(
@@ -166,9 +182,7 @@ class ClientRequest:
         self.exchange = exchange
         self.method = exchange.method.decode("ascii", "surrogateescape")
         self.raw_path = exchange.target.decode("utf-8", "surrogateescape")
-        self.version = _VERSIONS.get(b"%d.%d" % exchange.version) or HttpVersion(
-            *exchange.version
-        )
+        self.version = _VERSIONS.get(b"%d.%d" % exchange.version) or HttpVersion(*exchange.version)
         self.raw_headers = tuple(raw_headers)
         self.headers = CIMultiDictProxy(
             CIMultiDict(
@@ -178,8 +192,12 @@ class ClientRequest:
         )
         framing = exchange.framing
         self.content = content
-        self.content_length = framing.length if framing.body is http1.Body.LENGTH else (
-            0 if "Content-Length" in self.headers and framing.body is http1.Body.NONE else None
+        self.content_length = (
+            framing.length
+            if framing.body is http1.Body.LENGTH
+            else (
+                0 if "Content-Length" in self.headers and framing.body is http1.Body.NONE else None
+            )
         )
         self.body_exists = framing.body is not http1.Body.NONE
         self.started = time.monotonic()
@@ -239,8 +257,16 @@ class ClientResponse:
     ``head_with_body``, keeps it for the first body bytes: one write for a small file),
     ``write`` each piece (waiting while the client's transport is full), ``write_eof``."""
 
-    __slots__ = ("status", "reason", "headers", "head_with_body", "_request", "body_length",
-                 "_close", "_eof")  # fmt: skip
+    __slots__ = (
+        "_close",
+        "_eof",
+        "_request",
+        "body_length",
+        "head_with_body",
+        "headers",
+        "reason",
+        "status",
+    )  # fmt: skip
 
     def __init__(
         self, status: int = 200, reason: str | None = None, *, head_with_body: bool = False
@@ -407,9 +433,9 @@ class ClientProtocol(asyncio.Protocol):
             self._body.set_exception(BodyBroken("the client closed inside the body"))
         with contextlib.suppress(http1.LocalProtocolError):
             self.machine.receive_eof()
-        if not self.requests:
-            return False  # nothing owed: close
-        return True  # owed responses still go out, then close
+        # the client's end is its going away (as aiohttp and nginx take it): the transport
+        # closes, and a request still being answered is cancelled (connection_lost)
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel_inflow is not None:
@@ -481,9 +507,7 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.parser
         version_text = parser.get_http_version()
         if version_text in ("0.9", ""):
-            raise _HeadTooLarge(
-                errors.Failure(400, "bad_request_line", "malformed request line")
-            )
+            raise _HeadTooLarge(errors.Failure(400, "bad_request_line", "malformed request line"))
         major, _, minor = version_text.partition(".")
         version = (int(major), int(minor or 0))
         method = parser.get_method()
@@ -645,56 +669,56 @@ class ClientProtocol(asyncio.Protocol):
         request.task = self.loop.create_task(self._answer(request))
 
     async def _answer(self, request: ClientRequest) -> None:
+        """Run the handler for ``request`` and finish its response; one access line."""
         server = self.server
         try:
             refusal = self._edge_refusal(request)
-            if refusal is not None:
-                response: ResponseLike = refusal
-            else:
-                response = await server.handler(request)
-            if isinstance(response, web.Response):
-                if server.cors is not None and request.path not in PROBE_PATHS:
-                    server.cors.add_headers(request.headers, response.headers)
-                self._send_whole(request, response)
-                if server.access_log:
-                    sent = 0 if request.method == "HEAD" else len(response.body or b"")
-                    access_logs.log_access(
-                        request, response.status, sent, time.monotonic() - request.started
-                    )
-            else:
-                if not response._eof and self.transport is not None:
-                    await response.write_eof()
-                if self.machine.switched and self.transport is not None:
-                    self.transport.close()  # the tunnel ended: so does the connection
-                if server.access_log:
-                    exchange = request.get(access_logs.EXCHANGE)
-                    sent = exchange.bytes_out if exchange is not None else response.body_length
-                    access_logs.log_access(
-                        request, response.status, sent, time.monotonic() - request.started,
-                        exchange,
-                    )  # fmt: skip
+            response = refusal if refusal is not None else await server.handler(request)
         except asyncio.CancelledError:
+            # the client went away (its handler logged it) or the drain cut it
             self.leave_gate()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.abort()
             raise
-        except (ConnectionError, http1.LocalProtocolError) as exc:
-            self.leave_gate()
-            if isinstance(exc, http1.LocalProtocolError):
-                log.warning("response broke HTTP framing: connection aborted", exc_info=exc)
-            if self.transport is not None:
-                self.transport.abort()
         except Exception as exc:
             self.leave_gate()
             log.exception("Error handling request from %s", self.remote, exc_info=exc)
             if request.response is None and self.transport is not None:
                 failure = errors.classify_edge(500, exc, in_request_line=False)
-                error = errors.error_response(failure, request_id_for(request))
-                error.force_close()
-                with contextlib.suppress(ConnectionError, http1.LocalProtocolError):
-                    self._send_whole(request, error)
-            elif self.transport is not None:
-                self.transport.abort()
+                response = errors.error_response(failure, request_id_for(request))
+                response.force_close()
+            else:
+                self._abort()
+                return
+        try:
+            if isinstance(response, web.Response):
+                if server.cors is not None and request.path not in PROBE_PATHS:
+                    server.cors.add_headers(request.headers, response.headers)
+                sent = 0 if request.method == "HEAD" else len(_body_of(response))
+                self._send_whole(request, response)
+            else:
+                exchange = request.get(EXCHANGE)
+                if not response._eof:
+                    await response.write_eof()
+                sent = exchange.bytes_out if exchange is not None else response.body_length
+                if self.machine.switched and self.transport is not None:
+                    self.transport.close()  # the tunnel ended: so does the connection
+        except (ConnectionError, http1.LocalProtocolError) as exc:
+            if isinstance(exc, http1.LocalProtocolError):
+                log.warning("response broke HTTP framing: connection aborted", exc_info=exc)
+            self._abort()
+            exchange = request.get(EXCHANGE)
+            sent = exchange.bytes_out if exchange is not None else 0
+        if server.access_log:
+            access_logs.log_access(
+                request, response.status, sent, time.monotonic() - request.started,
+                request.get(EXCHANGE),
+            )  # fmt: skip
+
+    def _abort(self) -> None:
+        self.leave_gate()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _edge_refusal(self, request: ClientRequest) -> web.Response | None:
         """What the edge answers itself: the machine's refusals, the connection limit,
@@ -708,7 +732,9 @@ class ClientProtocol(asyncio.Protocol):
         elif exchange.refusal is not None:
             failure = request.get(EDGE_FAILURE) or _refusal_failure(exchange.refusal)
         elif request.method in NEVER_FORWARDED:
-            failure = errors.Failure(405, "method_not_allowed", f"{request.method} is not supported")
+            failure = errors.Failure(
+                405, "method_not_allowed", f"{request.method} is not supported"
+            )
             extra = {"Allow": ALLOWED_METHODS}
         elif (problem := path_problem(request.raw_path)) is not None:
             failure = errors.Failure(400, "bad_target", problem)
@@ -774,7 +800,7 @@ class ClientProtocol(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         self.machine.send_data(request.exchange, len(data))
         if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+            data = b"%x\r\n%b\r\n" % (len(data), bytes(data))
         if self._held_head:
             data = self._held_head + data
             self._held_head = b""
@@ -812,8 +838,7 @@ class ClientProtocol(asyncio.Protocol):
         if transport is None:
             raise ConnectionResetError("the client closed the connection")
         self.leave_gate()
-        body = response.body or b""
-        assert isinstance(body, bytes)
+        body = _body_of(response)
         headers = CIMultiDict(response.headers)
         headers["Content-Length"] = str(len(body))
         if response.keep_alive is False or self._closing:
@@ -866,8 +891,7 @@ class ClientProtocol(asyncio.Protocol):
             if "header" in text.lower():
                 failure = errors.Failure(400, "bad_header", "invalid request header")
             elif any(word in text for word in ("Content-Length", "chunk", "Transfer-Encoding")):
-                failure = errors.Failure(400, "bad_framing",
-                                         "invalid request framing (length or chunking)")  # fmt: skip
+                failure = BAD_FRAMING
             elif not self._line_done:
                 failure = errors.Failure(400, "bad_request_line", "malformed request line")
             else:
@@ -953,6 +977,12 @@ class ClientProtocol(asyncio.Protocol):
         return bool(self.requests) or self._tunnel_inflow is not None
 
 
+def _body_of(response: web.Response) -> bytes:
+    body = response.body
+    assert body is None or isinstance(body, bytes)  # JSON errors and endpoints: bytes
+    return body or b""
+
+
 def _refusal_failure(status: int) -> errors.Failure:
     if status == 505:
         return errors.Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
@@ -962,7 +992,7 @@ def _refusal_failure(status: int) -> errors.Failure:
         return errors.Failure(413, "body_too_large", "request body too large")
     if status == 501:
         return errors.Failure(501, "not_implemented", "transfer coding not implemented")
-    return errors.Failure(400, "bad_framing", "invalid request framing (length or chunking)")
+    return BAD_FRAMING
 
 
 class DataPlane:

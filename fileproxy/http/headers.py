@@ -12,8 +12,8 @@ import ipaddress
 import random
 import re
 from collections.abc import Iterable
+from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 # Field names in lower case, compared in lower case: a set of ``istr`` hashes them as
