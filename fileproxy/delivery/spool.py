@@ -764,6 +764,7 @@ async def _serve(
 
     def sent(size: int) -> None:
         spool.took_from_file(size)
+        response.sent_directly(size)
         exchange.bytes_out += size
 
     while True:

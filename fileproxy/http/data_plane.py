@@ -81,7 +81,7 @@ class RequestBody:
     """The client's request body, as the handler reads it; the connection is paused while
     more than ``limit`` bytes wait here."""
 
-    __slots__ = ("_asked", "_buffer", "_eof", "_exception", "_limit", "_owner", "_waiter")
+    __slots__ = ("_asked", "_buffer", "_eof", "_exception", "_limit", "_owner", "_wakeup")
 
     def __init__(self, owner: ClientProtocol, limit: int) -> None:
         self._owner = owner
@@ -89,7 +89,7 @@ class RequestBody:
         self._buffer = bytearray()
         self._eof = False
         self._exception: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         self._asked = False
 
     def feed_data(self, data: bytes) -> None:
@@ -115,7 +115,7 @@ class RequestBody:
         return len(self._buffer)
 
     def _wake(self) -> None:
-        waiter = self._waiter
+        waiter = self._wakeup
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -129,11 +129,11 @@ class RequestBody:
                 raise self._exception
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._wakeup = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await self._wakeup
             finally:
-                self._waiter = None
+                self._wakeup = None
         if n < 0 or n >= len(self._buffer):
             data = bytes(self._buffer)
             self._buffer.clear()
@@ -306,6 +306,14 @@ class ClientResponse:
             self.body_length += len(data)
             await request.protocol.send(request, data)
 
+    def sent_directly(self, size: int) -> None:
+        """``size`` body bytes went to the client's socket past the transport (sendfile):
+        counted as written."""
+        request = self._request
+        assert request is not None, "prepare() first"
+        self.body_length += size
+        request.protocol.machine.send_data(request.exchange, size)
+
     async def write_eof(self, data: bytes = b"") -> None:
         if self._eof:
             return
@@ -399,8 +407,6 @@ class ClientProtocol(asyncio.Protocol):
             self.machine.abort()
         if self._body is not None and not self._body.is_eof():
             self._body.set_exception(BodyBroken("the client closed the connection"))
-        if self._tunnel_inflow is not None:
-            self._tunnel_inflow.feed_eof()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("the client closed the connection"))
@@ -411,6 +417,8 @@ class ClientProtocol(asyncio.Protocol):
         for request in self.requests:  # handler_cancellation: the client went away
             if request.task is not None and not request.task.done():
                 request.task.cancel()
+        if self._tunnel_inflow is not None:
+            self._tunnel_inflow.feed_eof()
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -548,11 +556,16 @@ class ClientProtocol(asyncio.Protocol):
             self._body_held = False
             self._update_reading()
 
+    @property
+    def connected(self) -> bool:
+        """aiohttp StreamReader's question (a tunnel's reader)."""
+        return self.transport is not None
+
     def pause_reading(self) -> None:
         """aiohttp StreamReader's flow control (a tunnel's reader)."""
         self._reading(False)
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, resume_parser: bool = True) -> None:
         self._reading(True)
 
     def _update_reading(self) -> None:
@@ -758,7 +771,8 @@ class ClientProtocol(asyncio.Protocol):
         headers = response.headers
         if self.server.cors is not None:
             self.server.cors.add_headers(request.headers, headers)
-        if response._close or self._closing:
+        if response._close or self._closing or self.upgraded:
+            # (an upgrade the upstream refused: what follows its head is not parsed)
             headers["Connection"] = "close"
         raw = [(k.encode("latin-1", "replace"), v.encode("utf-8", "surrogateescape"))
                for k, v in headers.items()]  # fmt: skip
