@@ -91,22 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fileproxy",
         description="Adaptive streaming reverse proxy for file delivery. "
         "Configured by environment variables: see `fileproxy config`.",
+        epilog="Documentation (in the source tree): README.md to start; "
+        "docs/configuration.md, docs/deployment.md, docs/operations.md, "
+        "docs/how-it-works.md, docs/performance.md.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the daemon in one process").set_defaults(func=_cmd_serve)
-    sample = sub.add_parser("sample-upstream", help="run the bundled sample backend")
+    sub.add_parser(
+        "serve",
+        help="run the daemon in one process",
+        description="Run the daemon in one process (production: gunicorn, see "
+        "docs/deployment.md). SIGTERM drains and stops it; SIGHUP reopens its log files. "
+        "Its endpoints and logs: docs/operations.md.",
+    ).set_defaults(func=_cmd_serve)
+    sample = sub.add_parser(
+        "sample-upstream",
+        help="run the bundled sample backend",
+        description="Run the bundled sample backend: generated files with ETag and Range, "
+        "/sse, /slow, /echo. A first session with it: README.md.",
+    )
     sample.add_argument("--bind", default="127.0.0.1:27804", help="HOST:PORT (default %(default)s)")
     sample.add_argument("--seed", type=int, default=0, help="content seed (default %(default)s)")
     sample.add_argument(
         "--exit-with-parent", action="store_true", help="stop when the parent process exits"
     )
     sample.set_defaults(func=_cmd_sample_upstream)
-    config = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration (secrets redacted)",
+        description="Print the effective configuration (secrets redacted). "
+        "Every setting: docs/configuration.md.",
+    )
     config.add_argument(
         "--format", choices=("env", "json", "markdown", "env-template"), default="env"
     )
     config.set_defaults(func=_cmd_config)
-    check = sub.add_parser("check", help="diagnose this machine and configuration")
+    check = sub.add_parser(
+        "check",
+        help="diagnose this machine and configuration",
+        description="Diagnose this machine and configuration: one PASS/WARN/FAIL line "
+        "per check, exit 0 when nothing FAILs. What each line means: docs/operations.md.",
+    )
     check.set_defaults(func=_cmd_check)
     return parser
 

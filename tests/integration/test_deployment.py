@@ -531,7 +531,7 @@ def test_systemd_unit_matches_gunicorn_and_fileproxy():
     assert int(service["TimeoutStopSec"]) >= gunicorn_graceful + 10
     # a configuration error (exit 2) is not retried forever
     assert service["RestartPreventExitStatus"] == "2"
-    # the env file the README tells operators to copy lists what the unit reads
+    # the env file docs/deployment.md tells operators to copy lists what the unit reads
     assert (ROOT / "conf" / "fileproxy.env").read_text().count("#FILEPROXY_GRACEFUL_TIMEOUT=300")
 
 

@@ -160,7 +160,7 @@ async def test_300_slow_clients_complete_without_pinning_upstream_connections(
     # requests come in waves, each as soon as earlier bodies are read off the upstream
     # (spooled); the last first byte comes shortly before the backend is done, so p99 is
     # bound by how fast the workers pull 1.2 GB, i.e. by the CPU the box has to spare.
-    # Issue 14 asks p99 < 2 s: bench.slow_clients measures 1.26 s (README) and 1.89 s
+    # Issue 14 asks p99 < 2 s: bench.slow_clients measures 1.26 s (docs/performance.md) and 1.89 s
     # with another benchmark on the same 2 cores; this test (its own 300 clients on
     # those cores too) measured 1.3-3.8 s, once 6.3 s. The bound is what the spool is
     # for: nobody waits for another client's download (~42 s here; on main 504s and

@@ -128,11 +128,11 @@ def test_public_view_has_no_secrets():
     assert settings.public_dict()["REDIS_URL"] == "redis://***@127.0.0.1:6379/0"
 
 
-def test_readme_table_matches_the_settings_table():
-    readme = (ROOT / "README.md").read_text()
+def test_configuration_doc_table_matches_the_settings_table():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
     begin, end = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"
-    assert begin in readme and end in readme, "README.md lacks the settings table markers"
-    table = readme.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert begin in doc and end in doc, "docs/configuration.md lacks the settings table markers"
+    table = doc.split(begin, 1)[1].split(end, 1)[0].strip()
     assert table == markdown_table(), "regenerate with: fileproxy config --format markdown"
 
 
