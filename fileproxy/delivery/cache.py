@@ -408,7 +408,7 @@ class CacheService:
         try:
             await store.open()
             totals = await store.stats()
-        except (OSError, CacheStoreError, Exception) as error:  # sqlite3 errors too
+        except Exception as error:  # OSError, sqlite3.Error, CacheStoreError
             self.error = f"{self.directory}: {error}"
             log.warning("the cache is off in this worker: %s", self.error)
             with contextlib.suppress(Exception):
