@@ -18,6 +18,7 @@ from fileproxy import loop_lag
 from fileproxy.app_keys import (
     ADAPTATION,
     ADAPTATIONS,
+    CACHE,
     FLEET,
     IN_FLIGHT,
     LIFECYCLE,
@@ -32,6 +33,7 @@ from fileproxy.app_keys import (
     TUNNELS,
     UPSTREAM,
 )
+from fileproxy.delivery.cache import CacheService
 from fileproxy.delivery.spool import SpoolStore
 from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.http import access_log as access_logs
@@ -120,10 +122,13 @@ def _dispatcher(settings: Settings) -> Handler:
         "/metrics": endpoints.admin_only(endpoints.prometheus_metrics),
     }
     cors = Cors(settings.cors_origins) if settings.cors_origins else None
+    purge = endpoints.admin_only(endpoints.purge)
 
     async def dispatch(request: ClientRequest) -> ClientResponse | web.Response:
         if request.method in ("GET", "HEAD") and (endpoint := control.get(request.path)):
             return await endpoint(request)
+        if request.method == "PURGE":
+            return await purge(request)
         if cors is not None and cors.is_preflight(request.method, request.headers):
             status, headers = cors.preflight(request.headers)
             if status == 200:
@@ -157,6 +162,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[LOOP_LAG] = lag = LoopLag()
     app[SPOOL] = spool_store = SpoolStore(settings, workers=app[FLEET].local_workers)
     spool_store.open()
+    app[CACHE] = cache = CacheService(settings)
+    await cache.open()  # a directory it cannot use: the cache stays off, /health says why
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
@@ -184,6 +191,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await _stop(tasks)
+        await cache.close()  # before the upstream clients: running fills pause, kept
         for client in clients:
             await client.close()
         spool_store.close()

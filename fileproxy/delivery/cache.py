@@ -77,7 +77,6 @@ from fileproxy.cache.manifest import ByteRanges, ChunkMap, StoredHead
 from fileproxy.cache.policy import Forward, Reuse, ReuseDecision, StoredResponse
 from fileproxy.delivery.cache_store import (
     CacheStore,
-    CacheStoreError,
     Fill,
     FillAbandoned,
     FillBusy,
@@ -88,6 +87,7 @@ from fileproxy.delivery.cache_store import (
     StoredObject,
     StoreFull,
 )
+from fileproxy.http.zero_copy import ZeroCopyStats
 from fileproxy.settings import Settings
 
 __all__ = [
@@ -396,6 +396,7 @@ class CacheService:
         self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
         self._small_bytes = 0
         self.counters: Counter[str] = Counter()
+        self.zero_copy = ZeroCopyStats()  # hit bytes the data plane sent by sendfile
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1312,6 +1313,7 @@ class CacheService:
             "fills_failed": counters["fills_failed"],
             "aborted": counters["aborted"],
             "purges": counters["purges"],
+            **self.zero_copy.report(),
         }
         if self.error:
             report["error"] = self.error

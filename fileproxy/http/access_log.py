@@ -427,6 +427,8 @@ def render(record: Record, text: bool = False) -> bytes:
             fields["tries"] = exchange.tries
         if exchange.resumes:
             fields["resumes"] = exchange.resumes
+        if exchange.cache is not None:
+            fields["cache"] = exchange.cache
     if text:
         return _text_line(fields, fields["msg"], now)
     try:

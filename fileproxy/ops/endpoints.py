@@ -19,6 +19,7 @@ from aiohttp import web
 from fileproxy.app_keys import (
     ADAPTATION,
     ADAPTATIONS,
+    CACHE,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
@@ -106,6 +107,7 @@ async def health(request: ClientRequest) -> web.Response:
             "active_requests": gate.report(request.protocol.gate),
             "event_loop": _loop_report(app),
             "spool": app[SPOOL].report(),
+            "cache": cache_health(app[CACHE]),
             "tcp": _tcp_report(request),
         }
     )
@@ -176,6 +178,8 @@ async def stats(request: ClientRequest) -> web.Response:
             "spooled_total": app[SPOOL].responses_spooled,
             "quality_level": level.value if level is not None else None,
         },
+        # the disk cache of this worker (requests, bytes) and of the directory (disk use)
+        "cache": app[CACHE].snapshot(),
         # this worker's WebSocket tunnels: open now, and since start
         "tunnels": {"open": len(app[TUNNELS].open), "total": app[TUNNELS].total},
         "retries": {
@@ -233,6 +237,13 @@ async def ready(request: ClientRequest) -> web.Response:
             for name, state in replicas.report().items()
         }
     return _json(body, status=200 if is_ready else 503)
+
+
+async def purge(request: ClientRequest) -> web.Response:
+    """``PURGE <target>`` (operators only): every stored variant of the target is removed;
+    readers already sending it finish."""
+    removed = await request.app[CACHE].purge(request.raw_path)
+    return _json({"purged": removed, "target": request.raw_path})
 
 
 async def prometheus_metrics(request: ClientRequest) -> web.Response:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from fileproxy.adaptive import LEVELS
 from fileproxy.app_keys import (
     ADAPTATIONS,
+    CACHE,
     FLEET,
     LIFECYCLE,
     LOOP_LAG,
@@ -154,6 +155,7 @@ class FileproxyCollector(Collector):
         yield loop_lag_max
 
         yield from _spool_metrics(app, pid)
+        yield from cache_metrics(app[CACHE], pid)
 
         draining = GaugeMetricFamily(
             "fileproxy_draining", "1 while the worker drains before exit", labels=["pid"]
