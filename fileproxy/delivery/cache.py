@@ -377,6 +377,7 @@ class CacheService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._totals: dict[str, int] = {}
         self._totals_at = 0.0
+        self._refresher: asyncio.Future[None] | None = None
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------ lifecycle
@@ -405,9 +406,24 @@ class CacheService:
             store.max_size = int(self.configured_max_size)
         self.store = store
         self._totals, self._totals_at = totals, time.monotonic()
+        self._refresher = asyncio.ensure_future(self._refresh_totals_now_and_then())
+
+    async def _refresh_totals_now_and_then(self) -> None:
+        """Disk figures for a scrape that does no I/O (``snapshot``)."""
+        while True:
+            await asyncio.sleep(TOTALS_REFRESH_S)
+            try:
+                await self.refresh_totals()
+            except Exception as error:  # sqlite3 or OS errors: the figures get older
+                log.info("cache figures not refreshed: %s", error)
 
     async def close(self) -> None:
         """At worker exit: fills still running are paused (kept for a later resume)."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -749,10 +765,18 @@ class CacheService:
             head.status, head.headers, request_time, response_time, decode_variant(variant)
         )
         entered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._spawn(
+        task = self._spawn(
             self._fill(decision.target, variant, head, length, response, start, end, fetch, entered)
         )
-        how = await asyncio.shield(entered)
+        # a task cancelled before it ran (the service closing) never ran its finally
+        task.add_done_callback(lambda _: _settle(entered, "failed"))
+        try:
+            how = await asyncio.shield(entered)
+        except asyncio.CancelledError:  # the response is the fill's, or nobody's: close it
+            entered.add_done_callback(
+                lambda done: None if done.result() == "filling" else response.close()
+            )
+            raise
         if how == "refused":
             if own_range:
                 response.close()
@@ -942,6 +966,7 @@ class CacheService:
             self._takeovers[(key, variant)] = pending
             task = self._spawn(self._resume(key, variant, fetch, start, end, pending))
             task.add_done_callback(lambda _: self._takeovers.pop((key, variant), None))
+            task.add_done_callback(lambda _: _settle(pending, False))
         return await asyncio.shield(pending)
 
     async def _resume(
@@ -1048,7 +1073,11 @@ class CacheService:
         if response.status in policy.ERROR_STATUSES and policy.stale_if_error_allowed(
             decision.request_headers, response_stored, decision.now, response.status
         ):
-            answer = await self._stale_if_error(decision, fetch, response.status)
+            try:
+                answer = await self._stale_if_error(decision, fetch, response.status)
+            except BaseException:
+                response.close()
+                raise
             if answer is not None:
                 response.close()
                 return answer
@@ -1133,10 +1162,10 @@ class CacheService:
         return self._totals
 
     async def report(self) -> dict[str, Any]:
-        """For /stats and /health: the state, ratios, and this worker's counters; disk use
-        from the index (all processes)."""
-        if self.store is not None and time.monotonic() - self._totals_at > 1.0:
-            await self.refresh_totals()
+        """The state, ratios, and this worker's counters; disk use from the index (all
+        processes), counted now. /stats and /health, which do no I/O, take ``snapshot()``
+        (disk figures at most ``TOTALS_REFRESH_S`` old)."""
+        await self.refresh_totals()
         return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
@@ -1173,6 +1202,7 @@ class CacheService:
         if self.error:
             report["error"] = self.error
         if store is not None:
+            report["disk_figures_age_s"] = round(time.monotonic() - self._totals_at, 1)
             report["max_size"] = store.max_size
             report["min_free"] = store.min_free
             for name in (
@@ -1199,6 +1229,11 @@ _KEPT_IN_304 = frozenset(
         b"cache-status",
     }
 )
+
+
+def _settle(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _client_conditions(decision: Decision) -> list[tuple[str, str]]:

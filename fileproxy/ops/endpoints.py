@@ -32,6 +32,7 @@ from fileproxy.app_keys import (
     TUNNELS,
     UPSTREAM,
 )
+from fileproxy.delivery.cache import CacheService
 from fileproxy.http import errors, gate
 from fileproxy.http.headers import is_trusted, request_id_for
 from fileproxy.http.proxy_handler import on_unix_socket
@@ -107,6 +108,15 @@ async def health(request: web.Request) -> web.Response:
             "tcp": _tcp_report(request),
         }
     )
+
+
+def cache_health(cache: CacheService) -> dict[str, Any]:
+    """The cache's part of /health: on, off or unavailable (and why), its directory, and
+    what it holds as last counted (no I/O)."""
+    report = cache.snapshot()
+    keys = ("state", "dir", "error", "objects", "bytes_on_disk", "max_size", "free_bytes",
+            "fills_in_progress")  # fmt: skip
+    return {key: report[key] for key in keys if key in report}
 
 
 def _loop_report(app: web.Application) -> dict[str, float]:

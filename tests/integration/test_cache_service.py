@@ -20,8 +20,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fileproxy.delivery.cache import CacheService, Outcome, check_cache_dir
+from fileproxy.ops.endpoints import cache_health
+from fileproxy.ops.metrics import cache_metrics
 from fileproxy.settings import ConfigError, Settings
 from fileproxy.upstream.client import UpstreamClient
 from tests.cache_backend import CacheBackend, Obj, object_bytes
@@ -518,3 +521,34 @@ async def test_cache_off_bypasses_everything(rig: Rig) -> None:
         decision = await cache.lookup("GET", "/off", [], now=time.time())
         assert decision.outcome is Outcome.BYPASS
         assert not rig.directory.exists()
+
+
+async def test_report_metrics_and_health_count_what_the_cache_did(rig: Rig) -> None:
+    size = MIB
+    rig.backend.add("/m", Obj(object_bytes(22, size), headers=FRESH))
+    rig.backend.add("/private", Obj(b"x", headers={"Cache-Control": "private"}))
+    cache = await rig.open()
+    await rig.get("/m")
+    await rig.settled()
+    for _ in range(3):
+        await rig.get("/m")
+    await rig.get("/private")
+    report = await cache.report()
+    assert report["requests"]["hit"] == 3 and report["requests"]["miss"] == 2
+    assert report["uncached_misses"] == 1
+    assert report["bytes_from_cache"] == 4 * size and report["bytes_fetched"] == size
+    assert report["hit_ratio_requests"] == 0.6 and report["hit_ratio_bytes"] == 0.75
+    assert report["objects"] == 1 and report["bytes_on_disk"] == size
+
+    class Collector:
+        def collect(self) -> Any:
+            yield from cache_metrics(cache, "1")
+
+    registry = CollectorRegistry()
+    registry.register(Collector())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'fileproxy_cache_requests_total{outcome="hit",pid="1"} 3.0' in text
+    assert 'fileproxy_cache_body_bytes_total{pid="1",source="upstream"} 1.048576e+06' in text
+    assert 'fileproxy_cache_objects{pid="1",state="complete"} 1.0' in text
+    health = cache_health(cache)
+    assert health["state"] == "on" and health["objects"] == 1
