@@ -26,7 +26,9 @@ PIECE = 64 * 1024
 
 
 def object_bytes(seed: int, length: int) -> bytes:
-    return random.Random(seed).randbytes(length)
+    generator = random.Random(seed)
+    piece = 64 * 1024 * 1024  # randbytes of more overflows
+    return b"".join(generator.randbytes(min(piece, length - at)) for at in range(0, length, piece))
 
 
 @dataclass

@@ -72,6 +72,8 @@ class Got:
     aborted: str | None = None
     first_byte: float | None = None
     fetches: list[Any] = field(default_factory=list)
+    sha256: str = ""  # of the body, also when it was not kept
+    size: int = 0
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -91,6 +93,7 @@ async def get(
     leave_after: int | None = None,
     zero_copy: bool = False,
     later: float = 0.0,
+    keep_body: bool = True,
 ) -> Got:
     """One request through the cache, the body read to its end (or ``leave_after`` bytes:
     the client leaves), ``pace`` seconds between blocks."""
@@ -120,15 +123,21 @@ async def get(
             return got
         parts = []
         received = 0
+        digest = hashlib.sha256()
         try:
             if zero_copy:
                 async for fd, offset, count in answer.body.runs():
-                    parts.append(os.pread(fd, count, offset))
+                    data = os.pread(fd, count, offset)
+                    digest.update(data)
+                    if keep_body:
+                        parts.append(data)
                     received += count
                     got.first_byte = got.first_byte or time.monotonic() - began
             else:
                 async for block in answer.body:
-                    parts.append(block)
+                    digest.update(block)
+                    if keep_body:
+                        parts.append(block)
                     received += len(block)
                     got.first_byte = got.first_byte or time.monotonic() - began
                     if leave_after is not None and received >= leave_after:
@@ -138,6 +147,7 @@ async def get(
         except Exception as error:  # CacheAborted: the data plane aborts the client
             got.aborted = f"{type(error).__name__}: {error}"
         got.body = b"".join(parts)
+        got.sha256, got.size = digest.hexdigest(), received
         return got
     finally:
         answer.close()
