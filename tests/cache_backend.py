@@ -40,6 +40,7 @@ class Obj:
     status: int = 0  # answer this instead
     cut: int | None = None  # close after this many body bytes
     extra: list[tuple[str, str]] = field(default_factory=list)  # repeated fields
+    head_delay: float = 0.0  # seconds before the response head
     vary_on: str | None = None  # a request field that picks the body from ``variants``
     variants: dict[str, bytes] = field(default_factory=dict)
 
@@ -69,6 +70,8 @@ class CacheBackend:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path_qs
         obj = self.objects.get(path)
+        if obj is not None and obj.head_delay:
+            await asyncio.sleep(obj.head_delay)
         if obj is None:
             self.requests.append((path, dict(request.headers), 404))
             return web.Response(status=404)

@@ -552,3 +552,60 @@ async def test_report_metrics_and_health_count_what_the_cache_did(rig: Rig) -> N
     assert 'fileproxy_cache_objects{pid="1",state="complete"} 1.0' in text
     health = cache_health(cache)
     assert health["state"] == "on" and health["objects"] == 1
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+async def test_a_request_cancelled_at_any_point_leaves_no_lock_no_reader_no_torn_object(
+    rig: Rig,
+) -> None:
+    """A client that goes away at any await of its request (while it leads a miss, waits
+    for the upstream's head, waits for the fill to start, opens its reader, reads): the
+    miss lock is released, readers closed, every object complete or absent and then
+    served byte-exact."""
+    cache = await rig.open()
+    store = cache.store
+    assert store is not None
+    objects = {}
+    for step in range(24):
+        path = f"/cancel{step}"
+        objects[path] = rig.backend.add(
+            path, Obj(object_bytes(200 + step, 3 * MIB), headers=FRESH, rate=64e6, head_delay=0.01)
+        )
+        follower_path = path if step % 2 else None
+        task = asyncio.create_task(rig.get(path))
+        follower = asyncio.create_task(rig.get(follower_path)) if follower_path else None
+        await asyncio.sleep(step * 0.004)
+        task.cancel()
+        if follower is not None and step % 4 == 1:
+            follower.cancel()
+        for one in (task, follower):
+            if one is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    got = await one
+                    assert got.aborted is None and sha(got.body) == objects[path].sha256
+    await rig.settled()
+    assert not cache._leaders and not cache._takeovers
+    assert store.counters["readers_open"] == 0 and store.counters["readers_waiting"] == 0
+    for path, obj in objects.items():
+        got = await rig.get(path)
+        assert got.aborted is None and sha(got.body) == obj.sha256, path
+    assert store.counters["readers_open"] == 0
+
+
+async def test_stale_while_revalidate_answers_at_once_and_revalidates_behind(rig: Rig) -> None:
+    headers = {"Cache-Control": "max-age=1, stale-while-revalidate=600"}
+    obj = rig.backend.add("/swr", Obj(object_bytes(23, MIB), headers=headers))
+    await rig.open()
+    await rig.get("/swr")
+    await rig.settled()
+    rig.backend.objects["/swr"].head_delay = 0.5  # the revalidation is slow; the answer not
+    began = time.monotonic()
+    stale = await rig.get("/swr", later=30)
+    assert time.monotonic() - began < 0.4
+    assert stale.word == "stale" and sha(stale.body) == obj.sha256
+    assert "detail=stale-while-revalidate" in stale.cache_status
+    await rig.settled()
+    assert rig.backend.requests[-1][1].get("If-None-Match") == '"v1"'
+    assert rig.backend.requests[-1][2] == 304 and rig.backend.sent["/swr"] == MIB
