@@ -125,7 +125,12 @@ async def get(
         received = 0
         digest = hashlib.sha256()
         try:
-            if zero_copy:
+            if zero_copy and answer.body.in_memory is not None:  # a small object: no file
+                parts.append(answer.body.in_memory)
+                digest.update(answer.body.in_memory)
+                received = len(answer.body.in_memory)
+                got.first_byte = time.monotonic() - began
+            elif zero_copy:
                 async for fd, offset, count in answer.body.runs():
                     data = os.pread(fd, count, offset)
                     digest.update(data)
@@ -161,6 +166,13 @@ def emit(event: str, **fields: Any) -> None:
 async def main(job: dict[str, Any]) -> None:
     settings = cache_settings(job["dir"], job["upstream"])
     client = UpstreamClient(settings)
+    try:
+        await serve(job, settings, client)
+    finally:
+        await client.close()  # after the cache: its fills use the client to the end
+
+
+async def serve(job: dict[str, Any], settings: Settings, client: UpstreamClient) -> None:
     async with CacheService(settings, durable=False) as cache:
         emit("ready")
 
@@ -179,10 +191,11 @@ async def main(job: dict[str, Any]) -> None:
                 takeovers=cache.counters["takeovers"],
             )
 
-        try:
-            await asyncio.gather(*(one(i) for i in range(job.get("readers", 1))))
-        finally:
-            await client.close()
+        await asyncio.gather(*(one(i) for i in range(job.get("readers", 1))))
+        # a process lives on after its clients: the fills they caused end (as stored)
+        deadline = time.monotonic() + 30
+        while cache._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         emit("finished", report=await cache.report())
 
 

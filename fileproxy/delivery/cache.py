@@ -9,7 +9,8 @@ and a body that reads the cache file as it is written (an async iterator of bloc
 ``fileproxy.delivery.cache_store``. The interface the data plane calls::
 
     cache = CacheService(settings)            # one per worker, opened at start
-    await cache.open()                        # ... await cache.close() at exit
+    await cache.open()                        # cache.close() at exit, BEFORE the upstream
+                                              # clients: running fills pause, kept
     decision = await cache.lookup(method, target, headers, now=time.time())
     if decision.outcome is Outcome.BYPASS:    # not for the cache: relay as today,
         ...                                   # adding decision.extra_headers
@@ -22,12 +23,15 @@ and a body that reads the cache file as it is written (an async iterator of bloc
         else:
             send_head(answer.status, answer.headers)
             if answer.body is not None:       # None for HEAD, 304, 416
-                try:
+                try:                          # a small object: body.in_memory is its bytes
                     async for block in answer.body: write(block)   # or body.runs()
                 except CacheAborted: abort the client connection (never a short body)
                 finally: answer.body.close()
     log(word=answer.log_word)                 # hit / miss / revalidated / stale / bypass
-    cache.invalidate(method, target, status, request_headers, response_headers)  # unsafe
+    await cache.invalidate(method, target, status, request_headers, response_headers)
+                                              # after an unsafe method's 2xx/3xx
+    await cache.purge(target)                 # PURGE (admin peers / token): every variant
+    cache.snapshot()  # /stats, /health (no I/O); metrics.cache_metrics(cache, pid)
 
 ``fetch`` is the data plane's: ``await fetch(conditions)`` sends the client's request
 upstream as GET (the headers it forwards, without the fields in ``CONDITIONAL_FIELDS``,
@@ -59,7 +63,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,7 +73,7 @@ from typing import Any, Protocol
 import orjson
 
 from fileproxy.cache import policy
-from fileproxy.cache.manifest import ByteRanges, StoredHead
+from fileproxy.cache.manifest import ByteRanges, ChunkMap, StoredHead
 from fileproxy.cache.policy import Forward, Reuse, ReuseDecision, StoredResponse
 from fileproxy.delivery.cache_store import (
     CacheStore,
@@ -94,6 +98,7 @@ __all__ = [
     "CachedBody",
     "Decision",
     "Fetch",
+    "MemoryBody",
     "Outcome",
     "UpstreamAnswer",
     "auto_max_size",
@@ -120,6 +125,12 @@ MISS_WAIT_S = 30.0
 MISS_POLL_S = 0.02
 #: a reader takes an orphaned fill over at most this often before it aborts its client
 MAX_TAKEOVERS = 8
+#: a complete object up to this size is kept in memory once read whole, and its hits are
+#: answered from there (no thread hop, no file): a hit of 1 KiB then costs a ``stat`` (is
+#: it still stored?) and a few header copies
+SMALL_OBJECT_MAX = 64 * 1024
+#: the memory those small objects may take per worker (least recently used go first)
+SMALL_MEMORY = 64 * 1024 * 1024
 #: how often the disk figures of ``report()``/metrics are refreshed from the index
 TOTALS_REFRESH_S = 5.0
 #: FILEPROXY_CACHE_MAX_SIZE=auto takes this share of the cache filesystem's size
@@ -197,6 +208,7 @@ class Decision:
     stored: StoredObject | None = None
     response: StoredResponse | None = None
     fwd: Forward | None = None
+    memory: bytes | None = None  # the stored body, when it is a small object held in memory
 
     @property
     def conditions(self) -> list[tuple[bytes, bytes]]:
@@ -378,6 +390,9 @@ class CacheService:
         self._totals: dict[str, int] = {}
         self._totals_at = 0.0
         self._refresher: asyncio.Future[None] | None = None
+        # small complete objects: key -> variant -> (generation, head, body)
+        self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
+        self._small_bytes = 0
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------ lifecycle
@@ -478,23 +493,14 @@ class CacheService:
             return decide(Outcome.BYPASS, "method", fwd=Forward.METHOD)
         if _field(request_headers, b"upgrade") is not None:
             return decide(Outcome.BYPASS, "upgrade")
-        variants = await self.store.variants(key)
-        chosen: tuple[StoredObject, StoredResponse] | None = None
-        for stored in reversed(variants):  # the newest first
-            head = stored.head
-            try:
-                response = StoredResponse(
-                    head.status,
-                    head.headers,
-                    head.request_time,
-                    head.response_time,
-                    decode_variant(stored.variant),
-                )
-            except (ValueError, orjson.JSONDecodeError):
-                continue
-            if policy.variant_matches(response, request_headers):
-                chosen = (stored, response)
-                break
+        memory: bytes | None = None
+        chosen = self._choose(self._small_variants(key), request_headers)
+        if chosen is not None:
+            memory = self._small[key][chosen[0].variant][2]
+            variants = [chosen[0]]
+        else:
+            variants = await self.store.variants(key)
+            chosen = self._choose(variants, request_headers)
         if chosen is not None and _field(request_headers, b"authorization") is not None:
             cc = policy.parse_cache_control(_fields(chosen[1].headers, b"cache-control"))
             if not (cc.public or cc.s_maxage is not None or cc.must_revalidate):
@@ -512,6 +518,7 @@ class CacheService:
             "stored": chosen[0] if chosen else None,
             "response": chosen[1] if chosen else None,
             "fwd": reuse.fwd,
+            "memory": memory,
         }
         if reuse.action is Reuse.GATEWAY_TIMEOUT:
             return decide(Outcome.GATEWAY_TIMEOUT, "only-if-cached", **more)
@@ -529,6 +536,77 @@ class CacheService:
         if self._passes.get(key, 0.0) > time.monotonic():
             return decide(Outcome.BYPASS, "uncacheable", fwd=reuse.fwd)
         return decide(Outcome.MISS, **more)
+
+    @staticmethod
+    def _choose(
+        variants: Sequence[StoredObject], request_headers: Sequence[HeaderPair]
+    ) -> tuple[StoredObject, StoredResponse] | None:
+        """The newest stored variant the request selects (RFC 9111 4.1)."""
+        for stored in reversed(variants):  # the newest first
+            head = stored.head
+            try:
+                response = StoredResponse(
+                    head.status,
+                    head.headers,
+                    head.request_time,
+                    head.response_time,
+                    decode_variant(stored.variant),
+                )
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+            if policy.variant_matches(response, request_headers):
+                return stored, response
+        return None
+
+    # ------------------------------------------------------------ small objects in memory
+
+    def _small_variants(self, key: bytes) -> list[StoredObject]:
+        """The variants of ``key`` held in memory whose body file is still there (a purge,
+        an eviction or a replacement anywhere on the host removes it); oldest first."""
+        held = self._small.get(key)
+        if not held or self.store is None:
+            return []
+        found = []
+        for variant, (generation, head, body) in list(held.items()):
+            try:
+                os.stat(self.store.index.body_path(generation))
+            except OSError:
+                self._forget(key, variant)
+                continue
+            chunks = ChunkMap(len(body), self.store.chunk_size)
+            for index in range(chunks.count):
+                chunks.mark(index)
+            found.append(
+                StoredObject(key, variant, generation, head, len(body), True, len(body), chunks)
+            )
+        if found:
+            self._small.move_to_end(key)
+        found.sort(key=lambda stored: stored.generation)
+        return found
+
+    def _remember(self, key: bytes, variant: bytes, generation: int, head: StoredHead,
+                  body: bytes) -> None:  # fmt: skip
+        if len(body) > SMALL_OBJECT_MAX or self.store is None:
+            return
+        self._forget(key, variant)
+        self._small.setdefault(key, {})[variant] = (generation, head, body)
+        self._small.move_to_end(key)
+        self._small_bytes += len(body)
+        while self._small_bytes > SMALL_MEMORY and self._small:
+            oldest = next(iter(self._small))
+            for old_variant in list(self._small[oldest]):
+                self._forget(oldest, old_variant)
+
+    def _forget(self, key: bytes, variant: bytes | None = None) -> None:
+        held = self._small.get(key)
+        if held is None:
+            return
+        for one in [variant] if variant is not None else list(held):
+            entry = held.pop(one, None)
+            if entry is not None:
+                self._small_bytes -= len(entry[2])
+        if not held:
+            del self._small[key]
 
     # ------------------------------------------------------------ respond
 
@@ -571,6 +649,13 @@ class CacheService:
         stored = decision.stored
         response = response or decision.response
         assert response is not None
+        status = cache_status or (reuse.cache_status() if reuse else policy.cache_status())
+        if decision.memory is not None:
+            self.store._hits[stored.generation] += 1  # a use, for the eviction policy
+            return self._answer_from(
+                None, decision, fetch, response, word.value, status, served=True,
+                memory=decision.memory, generation=stored.generation,
+            )  # fmt: skip
         reader = self.store.open_reader(stored.key, stored.variant)
         try:
             await reader.__aenter__()
@@ -587,10 +672,10 @@ class CacheService:
                     head.response_time,
                     decode_variant(stored.variant),
                 )
-            status = cache_status or (reuse.cache_status() if reuse else policy.cache_status())
             answer = self._answer_from(
-                reader, decision, fetch, response, word.value, status, served=True
-            )
+                reader, decision, fetch, response, word.value, status, served=True,
+                generation=reader.generation,
+            )  # fmt: skip
         except BaseException:
             reader.close()
             raise
@@ -598,7 +683,7 @@ class CacheService:
 
     def _answer_from(
         self,
-        reader: Reader,
+        reader: Reader | None,
         decision: Decision,
         fetch: Fetch,
         response: StoredResponse,
@@ -606,10 +691,19 @@ class CacheService:
         cache_status: str,
         *,
         served: bool,
+        generation: int,
+        memory: bytes | None = None,
     ) -> Answer:
-        """Status, headers and body of ``reader``'s object for the request: the whole of it,
-        a single range of it, a 304 or a 416 (the reader is the answer's, or closed)."""
-        length = reader.length
+        """Status, headers and body of ``reader``'s object (or of ``memory``) for the
+        request: the whole of it, a single range of it, a 304 or a 416 (the reader is the
+        answer's, or closed)."""
+        assert reader is not None or memory is not None
+        length = reader.length if reader is not None else len(memory or b"")
+
+        def no_body() -> None:
+            if reader is not None:
+                reader.close()
+
         headers = [
             (_b(n), _b(v))
             for n, v in response.headers
@@ -622,14 +716,14 @@ class CacheService:
         self.counters[word] += 1
         request = decision.request_headers
         if _not_modified(request, response.headers):
-            reader.close()
+            no_body()
             kept = [(n, v) for n, v in headers if _name(n) in _KEPT_IN_304]
             return Answer(word, cache_status, 304, kept)
         wanted = None
         if _if_range_allows(request, response.headers):
             wanted = _single_range(_field(request, b"range"), length)
         if wanted == "unsatisfiable":
-            reader.close()
+            no_body()
             headers = [(n, v) for n, v in headers if _name(n) != b"content-type"]
             headers += [(b"Content-Range", b"bytes */%d" % length), (b"Content-Length", b"0")]
             return Answer(word, cache_status, 416, headers)
@@ -639,9 +733,19 @@ class CacheService:
             headers.append((b"Content-Range", b"bytes %d-%d/%d" % (start, end - 1, length)))
         headers.append((b"Content-Length", str(end - start).encode()))
         if decision.method == "HEAD" or start == end:
-            reader.close()
+            no_body()
             return Answer(word, cache_status, status, headers)
+        if memory is not None:
+            return Answer(word, cache_status, status, headers, MemoryBody(self, memory, start, end))
+        assert reader is not None
         body = CachedBody(self, reader, start, end, fetch)
+        if start == 0 and end == length <= SMALL_OBJECT_MAX and response.status == 200:
+            body.remember = StoredHead(
+                response.status,
+                tuple((_b(n), _b(v)) for n, v in response.headers),
+                response.request_time,
+                response.response_time,
+            )
         return Answer(word, cache_status, status, headers, body)
 
     # ------------------------------------------------------------ misses and fills
@@ -796,8 +900,9 @@ class CacheService:
         status = policy.cache_status(fwd=fwd, fwd_status=response.status, stored=True, ttl=ttl)
         try:
             return self._answer_from(
-                reader, decision, fetch, stored_response, Outcome.MISS.value, status, served=False
-            )
+                reader, decision, fetch, stored_response, Outcome.MISS.value, status,
+                served=False, generation=reader.generation,
+            )  # fmt: skip
         except BaseException:
             reader.close()
             raise
@@ -1047,6 +1152,7 @@ class CacheService:
                 fresh.response_time,
             )
             stored = decision.stored
+            self._forget(stored.key, stored.variant)  # the merged head replaces it
             if storable.stored:
                 await self.store.update_head(stored.key, stored.variant, head)
             ttl = policy.freshness_lifetime(200, fresh.headers, response_time=response_time)
@@ -1128,6 +1234,7 @@ class CacheService:
         Returns how many objects went."""
         key = _b(target)
         self._passes.pop(key, None)
+        self._forget(key)
         if self.store is None:
             return 0
         removed = await self.store.purge(key)
@@ -1343,6 +1450,11 @@ class CachedBody:
         self.end = end
         self.fetch = fetch
         self.sent = 0
+        #: the head to keep the object in memory with, once read whole (small objects)
+        self.remember: StoredHead | None = None
+
+    #: the bytes themselves when the object is held in memory (``MemoryBody``)
+    in_memory: bytes | None = None
 
     @property
     def length(self) -> int:
@@ -1358,6 +1470,7 @@ class CachedBody:
         store = self.service.store
         assert store is not None
         offset = self.start
+        kept: list[bytes] | None = [] if self.remember is not None else None
         while offset < self.end:
             available = await self._wait(offset)
             count = min(available, self.end, offset + READ_BLOCK) - offset
@@ -1366,7 +1479,14 @@ class CachedBody:
                 raise CacheAborted("the cache file is shorter than its object")
             offset += len(data)
             self._count(len(data))
+            if kept is not None:
+                kept.append(data)
             yield data
+        if kept is not None and self.remember is not None and self.reader.complete:
+            reader = self.reader
+            self.service._remember(
+                reader.key, reader.variant, reader.generation, self.remember, b"".join(kept)
+            )
 
     async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
         """``(fd, offset, count)`` of committed bytes in order; the next run is computed
@@ -1400,6 +1520,30 @@ class CachedBody:
                     raise CacheAborted("the fill stopped and could not be continued") from None
         self.service.counters["aborted"] += 1
         raise CacheAborted("the fill kept stopping")
+
+
+class MemoryBody(CachedBody):
+    """A small object's bytes from memory: ``in_memory`` is what to send (no file, so no
+    ``runs()``); iterating yields it once."""
+
+    def __init__(self, service: CacheService, data: bytes, start: int, end: int) -> None:
+        self.service = service
+        self.start, self.end = start, end
+        self.sent = 0
+        self.remember = None
+        self.in_memory = data[start:end]
+
+    def close(self) -> None:
+        pass
+
+    async def _blocks(self) -> AsyncIterator[bytes]:
+        assert self.in_memory is not None
+        self._count(len(self.in_memory))
+        yield self.in_memory
+
+    async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
+        raise TypeError("a body held in memory has no file: send body.in_memory")
+        yield  # an async generator
 
 
 def check_cache_dir(settings: Settings) -> tuple[bool, str]:

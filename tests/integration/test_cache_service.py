@@ -450,7 +450,9 @@ async def test_two_processes_fetch_once_and_kill_9_of_the_filler_leaves_the_othe
     third = await _worker({**job, "readers": 2})
     try:
         done = [e for e in await _events(third, "done", 2) if e["event"] == "done"]
-        assert all(e["sha256"] == obj.sha256 and e["word"] == "hit" for e in done)
+        assert all(e["sha256"] == obj.sha256 and e["word"] == "hit" for e in done), [
+            (e["word"], e["sha256"] == obj.sha256, e["aborted"], e["bytes"]) for e in done
+        ]
         await third.wait()
     finally:
         if third.returncode is None:
@@ -609,3 +611,27 @@ async def test_stale_while_revalidate_answers_at_once_and_revalidates_behind(rig
     await rig.settled()
     assert rig.backend.requests[-1][1].get("If-None-Match") == '"v1"'
     assert rig.backend.requests[-1][2] == 304 and rig.backend.sent["/swr"] == MIB
+
+
+async def test_a_small_object_is_answered_from_memory_until_another_process_purges_it(
+    rig: Rig,
+) -> None:
+    small = rig.backend.add("/small", Obj(object_bytes(24, 1000), headers=FRESH))
+    cache = await rig.open()
+    assert rig.client is not None
+    await rig.get("/small")  # the miss: the fill, read whole
+    await rig.settled()
+    await rig.get("/small")  # a hit from the file, read whole: kept in memory
+    decision = await cache.lookup("GET", "/small", [], now=time.time())
+    assert decision.outcome is Outcome.HIT and decision.memory == small.data
+    answer = await cache.respond(decision, lambda _: None)  # type: ignore[arg-type,return-value]
+    assert answer.body is not None and answer.body.in_memory == small.data
+    ranged = await rig.get("/small", [("Range", "bytes=10-19")])
+    assert ranged.status == 206 and ranged.body == small.data[10:20]
+    # another service on the same directory (another worker) purges it
+    other = CacheService(cache_settings(str(rig.directory), rig.upstream), durable=False)
+    async with other:
+        assert await other.purge("/small") == 1
+    decision = await cache.lookup("GET", "/small", [], now=time.time())
+    assert decision.outcome is Outcome.MISS and decision.memory is None
+    assert rig.backend.count("/small") == 1
