@@ -220,7 +220,9 @@ class Decision:
     @property
     def cache_status(self) -> str:
         if self.outcome is Outcome.BYPASS:
-            return policy.cache_status(fwd=self.fwd or Forward.BYPASS, detail=self.reason or None)
+            fwd = self.fwd or Forward.BYPASS
+            detail = self.reason if self.reason and self.reason != fwd.value else None
+            return policy.cache_status(fwd=fwd, detail=detail)
         if self.reuse is not None:
             return self.reuse.cache_status()
         return policy.cache_status(fwd=self.fwd or Forward.URI_MISS)
