@@ -984,7 +984,9 @@ class CacheService:
                     await self._copy(fill, response, start, end)
                     response.release()
                     response.close()
-                    await self._finish(fill, fetch, start, end, whole=self.range_fill or start == 0)
+                    # a whole body leaves no gap; a cold Range's chunks fill the rest
+                    # only with FILEPROXY_CACHE_RANGE_FILL
+                    await self._finish(fill, fetch, start, end, whole=self.range_fill)
                 except asyncio.CancelledError:
                     fill.pause()
                     paused = True
@@ -992,9 +994,12 @@ class CacheService:
             if not entered.done():
                 entered.set_result("busy")
                 response.close()
-        except (ReservationRefused, StoreFull):
+        except (ReservationRefused, StoreFull) as error:
             if not entered.done():
                 entered.set_result("refused")  # the response goes to its client uncached
+            else:  # the disk filled up under the fill: its readers abort
+                self.counters["fills_failed"] += 1
+                log.warning("cache fill of %r failed: %s", key, error)
         except Exception as error:
             if not entered.done():
                 entered.set_result("failed")

@@ -635,3 +635,13 @@ async def test_a_small_object_is_answered_from_memory_until_another_process_purg
     decision = await cache.lookup("GET", "/small", [], now=time.time())
     assert decision.outcome is Outcome.MISS and decision.memory is None
     assert rig.backend.count("/small") == 1
+
+
+async def test_a_cold_range_from_byte_0_fetches_its_chunk_not_the_file(rig: Rig) -> None:
+    size = 32 * MIB
+    obj = rig.backend.add("/head", Obj(object_bytes(25, size), headers=FRESH))
+    await rig.open()
+    got = await rig.get("/head", [("Range", "bytes=0-99")])
+    assert got.status == 206 and got.body == obj.data[:100]
+    await rig.settled()
+    assert rig.backend.sent["/head"] == 4 * MIB
