@@ -645,3 +645,36 @@ async def test_a_cold_range_from_byte_0_fetches_its_chunk_not_the_file(rig: Rig)
     assert got.status == 206 and got.body == obj.data[:100]
     await rig.settled()
     assert rig.backend.sent["/head"] == 4 * MIB
+
+
+async def test_range_fill_on_fills_the_rest_of_a_cold_object_behind_the_range(rig: Rig) -> None:
+    size = 16 * MIB
+    obj = rig.backend.add("/rest", Obj(object_bytes(26, size), headers=FRESH))
+    await rig.open(FILEPROXY_CACHE_RANGE_FILL="on")
+    start = size - MIB
+    got = await rig.get("/rest", [("Range", f"bytes={start}-")])
+    assert got.status == 206 and got.body == obj.data[start:]
+    await rig.settled()
+    # the rest came behind the range, before anyone asked for it: every byte once
+    assert rig.backend.sent["/rest"] == size
+    assert (await rig.cache.report())["objects"] == 1  # type: ignore[union-attr]
+    whole = await rig.get("/rest")
+    assert whole.word == "hit" and sha(whole.body) == obj.sha256
+    assert rig.backend.sent["/rest"] == size
+
+
+async def test_a_request_with_authorization_gets_only_what_says_it_may_be_shared(
+    rig: Rig,
+) -> None:
+    rig.backend.add("/plain", Obj(object_bytes(27, 1000), headers=FRESH))
+    public = {"Cache-Control": "public, max-age=600"}
+    shared = rig.backend.add("/public", Obj(object_bytes(28, 1000), headers=public))
+    await rig.open()
+    await rig.get("/plain")
+    await rig.get("/public")
+    await rig.settled()
+    auth = [("Authorization", "Bearer t")]
+    plain = await rig.get("/plain", auth)
+    assert plain.word == "bypass" and rig.backend.count("/plain") == 2
+    hit = await rig.get("/public", auth)
+    assert hit.word == "hit" and hit.body == shared.data and rig.backend.count("/public") == 1
