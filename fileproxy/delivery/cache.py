@@ -77,7 +77,6 @@ from fileproxy.cache.manifest import ByteRanges, ChunkMap, StoredHead
 from fileproxy.cache.policy import Forward, Reuse, ReuseDecision, StoredResponse
 from fileproxy.delivery.cache_store import (
     CacheStore,
-    CacheStoreError,
     Fill,
     FillAbandoned,
     FillBusy,
@@ -408,7 +407,7 @@ class CacheService:
         try:
             await store.open()
             totals = await store.stats()
-        except (OSError, CacheStoreError, Exception) as error:  # sqlite3 errors too
+        except Exception as error:  # OSError, sqlite3.Error, CacheStoreError
             self.error = f"{self.directory}: {error}"
             log.warning("the cache is off in this worker: %s", self.error)
             with contextlib.suppress(Exception):
