@@ -827,6 +827,14 @@ class CacheService:
             decision, fetch, response, request_time, response_time, own_range=bool(conditions)
         )
 
+    def _pass(self, key: bytes) -> None:
+        """Not stored: the next ``PASS_S`` of requests for ``key`` go straight upstream,
+        none waiting for another's response head."""
+        now = time.monotonic()
+        self._passes[key] = now + PASS_S
+        if len(self._passes) > 10_000:
+            self._passes = {k: t for k, t in self._passes.items() if t > now}
+
     def _uncached(
         self,
         decision: Decision,
@@ -858,11 +866,7 @@ class CacheService:
         fwd = fwd or decision.fwd or Forward.URI_MISS
         plan = self._plan(decision, response, request_time, response_time)
         if isinstance(plan, str):
-            if plan != "too-large":
-                self._passes[decision.target] = time.monotonic() + PASS_S
-                if len(self._passes) > 10_000:
-                    now = time.monotonic()
-                    self._passes = {k: t for k, t in self._passes.items() if t > now}
+            self._pass(decision.target)
             if own_range:
                 response.close()
                 response = await fetch(_client_conditions(decision))
@@ -885,6 +889,7 @@ class CacheService:
             )
             raise
         if how == "refused":
+            self._pass(decision.target)
             if own_range:
                 response.close()
                 response = await fetch(_client_conditions(decision))
