@@ -1,7 +1,7 @@
 """CORS for the proxied paths (``FILEPROXY_CORS_ORIGINS``): preflights answered, the file
 headers a page's script may read exposed. Pure: the data plane asks, then writes.
 
-What aiohttp-cors did on these routes, as the Fetch standard describes it: a preflight
+As the Fetch standard describes it: a preflight
 (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) from an allowed
 origin gets ``200`` with the methods, the headers it asked for and ``Max-Age``; from any
 other origin ``403``; an actual request from an allowed origin gets its
