@@ -465,9 +465,7 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.runs}", file=sys.stderr, flush=True)
                 for contender in order:
                     probe = args.health and contender.key == "fp_on"
-                    measure(
-                        bench, contender, args.connections, args.duration, probe, args.size
-                    )
+                    measure(bench, contender, args.connections, args.duration, probe, args.size)
         finally:
             for contender in contenders:
                 if contender.key != "direct":

@@ -115,9 +115,13 @@ class UpstreamResponse:
     def close(self) -> None:
         self._give_back(False)
 
-    def detach(self) -> UpstreamProtocol:
+    def detach(self) -> Any:
         """The connection after a ``101``, out of the pool (a tunnel holds no pool slot):
-        the caller owns it and closes it; ``release`` and ``close`` no longer touch it."""
+        the caller owns it and closes it; ``release`` and ``close`` no longer touch it.
+
+        An ``UpstreamProtocol``, typed ``Any`` for fileproxy/delivery/tunnel.py, which
+        wraps it in aiohttp's ``StreamReader`` (typed for aiohttp's own protocols; ours
+        has what it calls: ``pause_reading``, ``resume_reading``, ``connected``)."""
         protocol, self._protocol = self._protocol, None  # type: ignore[assignment]
         assert protocol is not None, "released or closed already"
         self._pool.detach(protocol)

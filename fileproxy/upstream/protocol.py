@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 from typing import Any
 
@@ -67,6 +68,9 @@ MAX_HEADERS = 2048
 # what a ClientResponseError names as its request (the protocol knows no URL; errors.classify
 # reads only the type, the access log the message)
 _NO_REQUEST = aiohttp.RequestInfo(URL(), "", CIMultiDictProxy(CIMultiDict()))
+
+# what a transport without flow control (or one closing) raises on pause/resume_reading
+_NO_FLOW_CONTROL = (AttributeError, NotImplementedError, RuntimeError)
 
 # states of the response being read
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _UPGRADED = range(6)
@@ -98,7 +102,16 @@ class ResponseBody:
     raised once the pieces received before it were read.
     """
 
-    __slots__ = ("_chunks", "_error", "_eof", "_limit", "_loop", "_owner", "_size", "_reader_waiter")
+    __slots__ = (
+        "_chunks",
+        "_eof",
+        "_error",
+        "_limit",
+        "_loop",
+        "_owner",
+        "_reader_waiter",
+        "_size",
+    )
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop | None, owner: UpstreamProtocol | None, limit: int
@@ -191,10 +204,31 @@ class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive connection to an upstream, reading one response at a time."""
 
     __slots__ = (
-        "_body", "_drain_waiter", "_error", "_head_buffer", "_head_only", "_head_waiter",
-        "_keep_alive", "_last_read", "_loop", "_must_close", "_parser", "_raw_headers",
-        "_read_timeout", "_reading_held", "_reason", "_remaining", "_state", "_timer",
-        "_timing", "_tunnel", "_tunnel_payload", "_writing_paused", "_bufsize", "transport",
+        "_body",
+        "_bufsize",
+        "_drain_waiter",
+        "_error",
+        "_head_buffer",
+        "_head_only",
+        "_head_parsed",
+        "_head_waiter",
+        "_keep_alive",
+        "_last_read",
+        "_loop",
+        "_must_close",
+        "_parser",
+        "_raw_headers",
+        "_read_timeout",
+        "_reading_held",
+        "_reason",
+        "_remaining",
+        "_state",
+        "_timer",
+        "_timing",
+        "_tunnel",
+        "_tunnel_payload",
+        "_writing_paused",
+        "transport",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -208,6 +242,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self._parser: Any = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
+        self._head_parsed = False
         self._body: ResponseBody = EMPTY_BODY
         self._remaining = 0
         self._keep_alive = True
@@ -279,10 +314,8 @@ class UpstreamProtocol(asyncio.Protocol):
             detail = "" if exc is None else f". {exc!r}"
             self._fail(aiohttp.ClientPayloadError(f"Response payload is not completed{detail}"))
         elif state == _UPGRADED and self._tunnel is not None:
-            try:
+            with contextlib.suppress(Exception):  # the tunnel's reader is gone already
                 self._tunnel.feed_eof()
-            except Exception:  # noqa: BLE001 - the tunnel's reader is gone already
-                pass
         if self._error is None:
             self._error = failure
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -322,9 +355,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.connection_lost(None)  # ends whatever was being read (once)
         self._must_close = True
 
-    def expect_response(
-        self, *, head_only: bool, read_timeout: float | None, bufsize: int
-    ) -> None:
+    def expect_response(self, *, head_only: bool, read_timeout: float | None, bufsize: int) -> None:
         """The request is about to be written: read its response next."""
         self._state = _HEAD
         self._head_only = head_only
@@ -378,20 +409,16 @@ class UpstreamProtocol(asyncio.Protocol):
         self._reading_held = True
         self._stop_timer()  # the wait is ours, not the upstream's
         if self.transport is not None:
-            try:
+            with contextlib.suppress(*_NO_FLOW_CONTROL):
                 self.transport.pause_reading()
-            except (AttributeError, NotImplementedError, RuntimeError):
-                pass
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if not self._reading_held:
             return
         self._reading_held = False
         if self.transport is not None:
-            try:
+            with contextlib.suppress(*_NO_FLOW_CONTROL):
                 self.transport.resume_reading()
-            except (AttributeError, NotImplementedError, RuntimeError):
-                pass
         if self._timing:
             self.start_read_timeout()
 
@@ -440,13 +467,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self._raw_headers = []
         self._reason = b""
         parser = self._parser = httptools.HttpResponseParser(self)
+        self._head_parsed = False
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # a 101: llhttp stops at the end of its head, as asked
         except (httptools.HttpParserError, ValueError) as exc:
-            self._bad_head(f"invalid response head: {type(exc).__name__}: {exc}")
-            return None
+            # llhttp stops after a 101's head (HttpParserUpgrade, or "Pause on Upgrade")
+            if not (self._head_parsed and parser.get_status_code() == 101):
+                self._bad_head(f"invalid response head: {type(exc).__name__}: {exc}")
+                return None
         raw = self._raw_headers
         if len(raw) > MAX_HEADERS:
             self._bad_head(f"more than {MAX_HEADERS} header fields")
@@ -480,6 +508,9 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._head_parsed = True
 
     def on_body(self, data: bytes) -> None:
         if self._state == _CHUNKED:
