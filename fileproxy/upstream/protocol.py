@@ -108,6 +108,7 @@ class ResponseBody:
         "_error",
         "_limit",
         "_loop",
+        "_offset",
         "_owner",
         "_reader_waiter",
         "_size",
@@ -118,6 +119,7 @@ class ResponseBody:
     ) -> None:
         self._loop, self._owner, self._limit = loop, owner, limit
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # bytes of the first piece already read
         self._size = 0
         self._eof = owner is None
         self._error: BaseException | None = None
@@ -144,14 +146,21 @@ class ResponseBody:
             while not self._eof and self._error is None:
                 await self._wait()
             data = b"".join(chunks)
+            if self._offset:
+                data = data[self._offset :]
             chunks.clear()
         else:
-            data = chunks[0]
-            if len(data) <= n:
+            # the first piece itself when it fits, else a slice of it: the rest stays
+            # where it is (an offset), never copied again
+            first, offset = chunks[0], self._offset
+            end = offset + n
+            if end >= len(first):
                 chunks.popleft()
+                self._offset = 0
+                data = first[offset:] if offset else first
             else:
-                chunks[0] = data[n:]
-                data = data[:n]
+                self._offset = end
+                data = first[offset:end]
         self._size -= len(data)
         owner = self._owner
         if owner is not None and owner._reading_held and self._size <= self._limit:
