@@ -290,7 +290,11 @@ class UpstreamProtocol(asyncio.Protocol):
                 self._body.feed_data(data)
             self._response_done()
         elif state == _HEAD:
-            self._head_received(data)
+            try:
+                self._head_received(data)
+            except Exception as exc:  # a bug of ours: the request fails, never hangs
+                self._bad_head(f"response head not understood: {type(exc).__name__}")
+                raise
         elif state == _CHUNKED:
             self._chunked_received(data)
         elif state == _UNTIL_CLOSE:
@@ -479,7 +483,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self._head_parsed = False
         try:
             parser.feed_data(data)
-        except (httptools.HttpParserError, ValueError) as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, ValueError) as exc:
             # llhttp stops after a 101's head (HttpParserUpgrade, or "Pause on Upgrade")
             if not (self._head_parsed and parser.get_status_code() == 101):
                 self._bad_head(f"invalid response head: {type(exc).__name__}: {exc}")

@@ -139,10 +139,12 @@ async def test_1xx_heads_are_skipped_and_the_final_one_answers():
     assert (status, fields, body) == (201, [(b"Content-Length", b"2")], b"ok")
 
 
-async def test_after_a_101_the_bytes_past_its_head_go_to_the_tunnel():
+@pytest.mark.parametrize("connection_field", [b"", b"Connection: Upgrade\r\n"])
+async def test_after_a_101_the_bytes_past_its_head_go_to_the_tunnel(connection_field):
     protocol, _ = connection()
     protocol.data_received(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x01a"
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n%s\r\n\x81\x01a"
+        % connection_field
     )
     head, body = await protocol.read_head()
     assert head.status == 101 and body.is_eof()
