@@ -147,7 +147,7 @@ class ResponseBody:
                 await self._wait()
             data = b"".join(chunks)
             if self._offset:
-                data = data[self._offset :]
+                data, self._offset = data[self._offset :], 0
             chunks.clear()
         else:
             # the first piece itself when it fits, else a slice of it: the rest stays
@@ -185,9 +185,14 @@ class ResponseBody:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: bytes, start: int = 0) -> None:
+        """``data[start:]`` arrived (``start``: the first piece may begin past a head)."""
+        if start:
+            if self._chunks:  # (never: a head precedes only the first piece)
+                data, start = data[start:], 0
+            self._offset = start
         self._chunks.append(data)
-        self._size += len(data)
+        self._size += len(data) - start
         if self._reader_waiter is not None:
             self._wake()
         if self._size > self._limit and self._owner is not None:
@@ -466,14 +471,13 @@ class UpstreamProtocol(asyncio.Protocol):
             head = self._parse_head(buffer[:end])
             if head is None:
                 return  # refused: failed
-            rest = buffer[end:]
             status = head.status
             if 100 <= status < 200 and status != 101:
-                if not rest:  # an early hint or a stray 100: the final head follows
+                if end == len(buffer):  # an early hint or a stray 100: the final head follows
                     return
-                buffer = rest
+                buffer = buffer[end:]
                 continue
-            self._start_body(head, rest)
+            self._start_body(head, buffer, end)
             return
 
     def _parse_head(self, data: bytes) -> ResponseHead | None:
@@ -537,7 +541,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if self._state == _CHUNKED:
             self._response_done()
 
-    def _start_body(self, head: ResponseHead, rest: bytes) -> None:
+    def _start_body(self, head: ResponseHead, buffer: bytes, end: int) -> None:
+        """The final head was parsed; ``buffer[end:]`` is what came after it."""
         status = head.status
         try:
             fields = scan_fields(list(head.raw_headers))
@@ -547,6 +552,7 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self._keep_alive = keep_alive_requested(head.version, fields.connection)
         waiter = self._head_waiter
+        rest = buffer[end:] if framing.body is not Body.LENGTH else b""
         if status == 101:
             self._state = _UPGRADED
             self._must_close = True
@@ -569,10 +575,16 @@ class UpstreamProtocol(asyncio.Protocol):
                 self._state = _LENGTH
                 if framing.length == 0:
                     self._response_done()
-                    if rest:
+                    if end < len(buffer):
                         self._must_close = True
-                elif rest:
-                    self.data_received(rest)
+                elif len(buffer) - end <= framing.length:  # the usual: the body's start
+                    if end < len(buffer):  # handed on in place, not copied out of the read
+                        self._body.feed_data(buffer, end)
+                        self._remaining = framing.length - (len(buffer) - end)
+                        if not self._remaining:
+                            self._response_done()
+                else:
+                    self.data_received(buffer[end:])
             elif framing.body is Body.CHUNKED:
                 self._state = _CHUNKED
                 if rest:

@@ -97,6 +97,15 @@ async def test_a_content_length_body_is_handed_on_as_received_and_the_connection
     assert not protocol.should_close
 
 
+async def test_a_body_that_came_with_its_head_is_read_in_parts():
+    protocol, _ = connection()
+    protocol.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world")
+    _, body = await protocol.read_head()
+    assert body.is_eof() and not protocol.should_close
+    parts = [await body.read(4) for _ in range(4)]
+    assert parts == [b"hell", b"o wo", b"rld", b""]
+
+
 async def test_a_chunked_body_is_decoded():
     _, status, _, body = await exchange(
         [
