@@ -27,7 +27,7 @@ the runs, the min-max, the median p50/p99 and the CPU the contender's processes
 used per request (utime + stime of its process group over the run / requests).
 wrk itself and the backend share the 2 cores with the contender.
 
-    .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32]
+    .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32] [--size 1k|1m]
                                        [--contenders direct,nginx,before,fp_off,fp_on]
                                        [--ref DIR] [--access-log] [--health]
 
