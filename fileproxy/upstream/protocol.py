@@ -52,13 +52,23 @@ from yarl import URL
 from fileproxy.http.connection import (
     Body,
     FramingError,
+    HeadFields,
     keep_alive_requested,
     response_framing,
     scan_fields,
 )
 
-# the blank line that ends a head (CRLF, or bare LF, which llhttp then judges)
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# the blank line that ends a head (CRLF; a bare LF one is looked for only without it,
+# and llhttp then judges it)
+_HEAD_END = b"\r\n\r\n"
+_BARE_HEAD_END = re.compile(rb"\n\r?\n")
+# the fields response_framing and keep_alive_requested read (http/connection.py), looked up
+# in the head's CIMultiDict (in C) rather than by a pass over every field in Python
+_FRAMING_NAMES = (
+    ("Content-Length", b"content-length"),
+    ("Transfer-Encoding", b"transfer-encoding"),
+    ("Connection", b"connection"),
+)
 # bounds of a response head (aiohttp's client defaults per line; the whole head as
 # nginx bounds it by proxy_buffer_size, generously: 130 Set-Cookie of a login pass)
 MAX_LINE_SIZE = 8190
@@ -224,7 +234,6 @@ class UpstreamProtocol(asyncio.Protocol):
         "_error",
         "_head_buffer",
         "_head_only",
-        "_head_parsed",
         "_head_waiter",
         "_keep_alive",
         "_last_read",
@@ -256,7 +265,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self._parser: Any = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
-        self._head_parsed = False
         self._body: ResponseBody = EMPTY_BODY
         self._remaining = 0
         self._keep_alive = True
@@ -459,14 +467,16 @@ class UpstreamProtocol(asyncio.Protocol):
     def _head_received(self, data: bytes) -> None:
         buffer = self._head_buffer + data if self._head_buffer else data
         while True:
-            found = _HEAD_END.search(buffer)
-            if found is None:
+            end = buffer.find(_HEAD_END) + 4
+            if end == 3:  # not found
+                found = _BARE_HEAD_END.search(buffer)
+                end = found.end() if found is not None else 0
+            if not end:
                 if len(buffer) > MAX_HEADER_BYTES:
                     self._bad_head(f"response head larger than {MAX_HEADER_BYTES} bytes")
                     return
                 self._head_buffer = buffer
                 return
-            end = found.end()
             self._head_buffer = b""
             head = self._parse_head(buffer[:end])
             if head is None:
@@ -484,29 +494,23 @@ class UpstreamProtocol(asyncio.Protocol):
         self._raw_headers = []
         self._reason = b""
         parser = self._parser = httptools.HttpResponseParser(self)
-        self._head_parsed = False
         try:
             parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade, ValueError) as exc:
-            # llhttp stops after a 101's head (HttpParserUpgrade, or "Pause on Upgrade")
-            if not (self._head_parsed and parser.get_status_code() == 101):
+            # llhttp pauses after a whole 101 head (HttpParserUpgrade, or HPE_PAUSED_UPGRADE
+            # "Pause on CONNECT/Upgrade"); any other error is a head refused
+            upgraded = isinstance(exc, httptools.HttpParserUpgrade) or "Upgrade" in str(exc)
+            if not (upgraded and parser.get_status_code() == 101):
                 self._bad_head(f"invalid response head: {type(exc).__name__}: {exc}")
                 return None
         raw = self._raw_headers
-        if len(raw) > MAX_HEADERS:
-            self._bad_head(f"more than {MAX_HEADERS} header fields")
-            return None
-        if len(raw) > 64 and sum(len(n) + len(v) + 4 for n, v in raw) > MAX_HEADER_BYTES:
-            self._bad_head(f"response head larger than {MAX_HEADER_BYTES} bytes")
-            return None
-        if len(self._reason) > MAX_LINE_SIZE:
-            self._bad_head("status line too long")
-            return None
+        if len(data) > MAX_LINE_SIZE:  # (a smaller head has no line over the bound)
+            refused = _refused_head(data, self._reason, raw)
+            if refused is not None:
+                self._bad_head(refused)
+                return None
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in raw:
-            if len(name) > MAX_LINE_SIZE or len(value) > MAX_LINE_SIZE:
-                self._bad_head("response header field too long")
-                return None
             headers.add(
                 name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
             )
@@ -521,21 +525,16 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # llhttp's callbacks (httptools looks them up on this object)
     def on_status(self, reason: bytes) -> None:
+        if self._state == _IDLE:  # after the last chunk: a response nobody asked for
+            self._must_close = True
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value.strip(b" \t")))
 
-    def on_headers_complete(self) -> None:
-        self._head_parsed = True
-
     def on_body(self, data: bytes) -> None:
         if self._state == _CHUNKED:
             self._body.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        if self._state == _IDLE:  # after the last chunk: a response nobody asked for
-            self._must_close = True
 
     def on_message_complete(self) -> None:
         if self._state == _CHUNKED:
@@ -545,7 +544,7 @@ class UpstreamProtocol(asyncio.Protocol):
         """The final head was parsed; ``buffer[end:]`` is what came after it."""
         status = head.status
         try:
-            fields = scan_fields(list(head.raw_headers))
+            fields = _framing_fields(head.headers)
             framing = response_framing(b"HEAD" if self._head_only else b"GET", status, fields)
         except FramingError as exc:
             self._bad_head(str(exc))
@@ -610,8 +609,9 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _response_done(self) -> None:
         self._state = _IDLE
-        self._timing = False
-        self._stop_timer()
+        self._timing = False  # the timer, if armed, finds nothing to time and lapses (the
+        # next request on this connection reuses it when it is still pending: no handle
+        # made and cancelled per response)
         if not self._keep_alive:
             self._must_close = True
         self._body.feed_eof()
@@ -665,6 +665,34 @@ class UpstreamProtocol(asyncio.Protocol):
         if timer is not None:
             self._timer = None
             timer.cancel()
+
+
+def _refused_head(head: bytes, reason: bytes, raw: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a head over a line's bound is refused, or None: more than ``MAX_HEADER_BYTES``
+    in all, more than ``MAX_HEADERS`` fields, or a line over ``MAX_LINE_SIZE``."""
+    if len(head) > MAX_HEADER_BYTES:
+        return f"response head larger than {MAX_HEADER_BYTES} bytes"
+    if len(raw) > MAX_HEADERS:
+        return f"more than {MAX_HEADERS} header fields"
+    if len(reason) > MAX_LINE_SIZE:
+        return "status line too long"
+    if any(len(name) > MAX_LINE_SIZE or len(value) > MAX_LINE_SIZE for name, value in raw):
+        return "response header field too long"
+    return None
+
+
+def _framing_fields(headers: CIMultiDictProxy[str]) -> HeadFields:
+    """What ``scan_fields`` finds in the fields that decide framing and keep-alive (llhttp
+    already refused CR, LF and NUL in values)."""
+    found = [
+        (raw_name, value.encode("utf-8", "surrogateescape"))
+        for name, raw_name in _FRAMING_NAMES
+        for value in headers.getall(name, ())
+    ]
+    return scan_fields(found) if found else _NO_FIELDS
+
+
+_NO_FIELDS = HeadFields()
 
 
 def _version(text: str) -> tuple[int, int]:
