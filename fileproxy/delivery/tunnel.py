@@ -38,8 +38,9 @@ from fileproxy.exchange import CLIENT_ABORT, IDLE_TIMEOUT, OK, SHUTDOWN, UPSTREA
 from fileproxy.http import errors
 from fileproxy.http.data_plane import ClientRequest, ClientResponse
 from fileproxy.http.headers import tunnel_response_headers, websocket_upgrade
-from fileproxy.upstream.aiohttp_client import ResponseHandler, take_upgraded, wait_writable
 from fileproxy.upstream.client import UpstreamResponse
+from fileproxy.upstream.protocol import UpstreamProtocol as ResponseHandler
+from fileproxy.upstream.protocol import take_upgraded, wait_writable
 
 log = logging.getLogger("fileproxy.tunnel")
 

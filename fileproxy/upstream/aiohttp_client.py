@@ -6,20 +6,15 @@ protocol (``ResponseHandler`` and the five private calls that drove it) is no lo
 used. What remains, each name, why, and what public API would replace it:
 
 ``aiohttp.http_writer._serialize_headers(status_line, headers)``
-    A head as bytes, in C, refusing CR/LF in names and values (header injection): the
-    requests to the upstream, and the server side's responses
-    (``aiohttp_server.keep_header_bytes`` puts ``serialize_head`` in its place). It
-    drops lone surrogates (bytes that are not UTF-8), so a head with a value that is
-    not ASCII is written again in Python (``serialize_head``). Replacement:
+    A request head to the upstream as bytes, in C, refusing CR/LF in names and values
+    (header injection). It drops lone surrogates (bytes that are not UTF-8), so a head
+    with a value that is not ASCII is written again in Python (``serialize_head``).
+    Replacement:
     ``StreamWriter.write_headers`` of a ``ClientRequest``.
 ``aiohttp.client_reqrep.ConnectionKey``
     What ``ClientConnectorError`` names as the failed connection (its ``str`` is
     the address in errors and logs). Built with keywords here, so a reordered or
     added field fails at once instead of shifting meaning.
-
-``ResponseHandler``, ``take_upgraded`` and ``wait_writable`` are our protocol's names,
-re-exported for ``fileproxy/delivery/tunnel.py``, which imports them from here (to be
-moved to ``upstream.protocol`` with the server side's rewrite): no aiohttp internal.
 
 ``check()`` verifies all of them against the installed aiohttp and raises
 ``AiohttpMoved`` naming what moved; the application calls it at startup, and
@@ -33,9 +28,6 @@ import ssl
 
 import aiohttp
 from multidict import CIMultiDict
-
-from fileproxy.upstream.protocol import UpstreamProtocol as ResponseHandler
-from fileproxy.upstream.protocol import take_upgraded, wait_writable
 
 PINNED = "3.14.5"
 
@@ -56,12 +48,9 @@ except ImportError as exc:  # pragma: no cover - only with another aiohttp
 __all__ = [
     "PINNED",
     "AiohttpMoved",
-    "ResponseHandler",
     "check",
     "connection_key",
     "serialize_head",
-    "take_upgraded",
-    "wait_writable",
 ]
 
 _CONNECTION_KEY_FIELDS = ("host", "port", "is_ssl", "ssl", "proxy", "proxy_auth")
