@@ -463,6 +463,12 @@ async def _send_answer(
             if transport is not None:
                 transport.abort()
             return response
+        except OSError as exc:  # the cache file failed or shrank under us: never short
+            log.error("cache file read failed, aborting client connection", exc_info=exc)
+            exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "cache_read_failed"
+            if transport is not None:
+                end_cut_short(transport, framed=True)
+            return response
     await response.write_eof()
     return response
 
