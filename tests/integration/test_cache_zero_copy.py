@@ -43,11 +43,10 @@ def cached_proxy(
 
 async def fill(proxy: Process, name: str) -> None:
     """The object stored whole (a first GET read to its end)."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{proxy.url}/{name}") as resp:
-            assert resp.status == 200
-            await resp.read()
-            assert "stored" in resp.headers.get("Cache-Status", ""), resp.headers
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/{name}") as resp:
+        assert resp.status == 200
+        await resp.read()
+        assert "stored" in resp.headers.get("Cache-Status", ""), resp.headers
 
 
 async def test_a_pipelined_request_after_a_cache_answer_by_sendfile_is_answered(
