@@ -37,7 +37,14 @@ from fileproxy.app_keys import (
     TUNNELS,
 )
 from fileproxy.delivery import spool, tunnel
-from fileproxy.delivery.cache import CONDITIONAL_FIELDS, Answer, CacheAborted, Decision, Outcome
+from fileproxy.delivery.cache import (
+    CONDITIONAL_FIELDS,
+    SMALL_OBJECT_MAX,
+    Answer,
+    CacheAborted,
+    Decision,
+    Outcome,
+)
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
 from fileproxy.http import errors, zero_copy
@@ -428,7 +435,8 @@ async def _send_answer(
 ) -> ClientResponse:
     """The cache's own answer: its head, then its body from memory or from the cache
     file (by sendfile where the client's socket allows, else in blocks), at the client's
-    pace, following the fill while it is written."""
+    pace, following the fill while it is written. A small object is read in one block
+    (which keeps it in memory for the next hits), never by sendfile."""
     body = answer.body
     small = body is None or body.in_memory is not None
     response = ClientResponse(answer.status, head_with_body=small)
@@ -443,7 +451,9 @@ async def _send_answer(
             if body.in_memory is not None:
                 await response.write(body.in_memory)
                 exchange.bytes_out += len(body.in_memory)
-            elif zero_copy.sendfile_socket(transport) is not None:
+            elif (
+                body.length > SMALL_OBJECT_MAX and zero_copy.sendfile_socket(transport) is not None
+            ):
                 await _send_runs(request, response, exchange, body)
             else:
                 async for block in body:

@@ -145,6 +145,11 @@ class ResponseBody:
         return self._error
 
     async def read(self, n: int = -1) -> bytes:
+        if n < 0:  # all of it: piece by piece, so flow control lets the rest in
+            pieces = []
+            while piece := await self.read(1 << 62):
+                pieces.append(piece)
+            return b"".join(pieces)
         chunks = self._chunks
         while not chunks:
             if self._error is not None:
@@ -152,25 +157,17 @@ class ResponseBody:
             if self._eof:
                 return b""
             await self._wait()
-        if n < 0:
-            while not self._eof and self._error is None:
-                await self._wait()
-            data = b"".join(chunks)
-            if self._offset:
-                data, self._offset = data[self._offset :], 0
-            chunks.clear()
+        # the first piece itself when it fits, else a slice of it: the rest stays
+        # where it is (an offset), never copied again
+        first, offset = chunks[0], self._offset
+        end = offset + n
+        if end >= len(first):
+            chunks.popleft()
+            self._offset = 0
+            data = first[offset:] if offset else first
         else:
-            # the first piece itself when it fits, else a slice of it: the rest stays
-            # where it is (an offset), never copied again
-            first, offset = chunks[0], self._offset
-            end = offset + n
-            if end >= len(first):
-                chunks.popleft()
-                self._offset = 0
-                data = first[offset:] if offset else first
-            else:
-                self._offset = end
-                data = first[offset:end]
+            self._offset = end
+            data = first[offset:end]
         self._size -= len(data)
         owner = self._owner
         if owner is not None and owner._reading_held and self._size <= self._limit:

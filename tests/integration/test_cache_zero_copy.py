@@ -106,9 +106,8 @@ async def test_a_client_gone_mid_file_frees_its_reader_and_the_next_one_is_serve
         assert time.monotonic() < deadline, report
         await asyncio.sleep(0.1)
     assert report["sendfile_bytes"] > 0, report
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{proxy.url}/file-4m.bin") as resp:
-            assert await resp.read() == static_backend.files["file-4m.bin"]
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/file-4m.bin") as resp:
+        assert await resp.read() == static_backend.files["file-4m.bin"]
     assert "Traceback" not in proxy.log_text()
 
 
