@@ -366,7 +366,6 @@ class ClientProtocol(asyncio.Protocol):
         # the head being parsed
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
         self._line_done = False
         self._body: RequestBody | None = None  # of the request being read
         self._reading_paused = False
@@ -409,7 +408,7 @@ class ClientProtocol(asyncio.Protocol):
             self._body.set_exception(BodyBroken("the client closed the connection"))
         drain = self._drain
         if drain is not None and not drain.done():
-            drain.set_exception(ConnectionResetError("the client closed the connection"))
+            drain.set_result(None)  # the writer wakes and finds the transport gone
         self.leave_gate()
         if self._gate_waiting and self.gate is not None:
             self.gate.forget(self)
@@ -478,7 +477,6 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._headers = []
-        self._head_bytes = 0
         self._line_done = False
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -487,7 +485,6 @@ class ClientProtocol(asyncio.Protocol):
             self._head_timer = self.loop.call_later(
                 self.server.header_timeout, self._head_timed_out
             )
-        self._head_bytes = 1
         self.machine.receive_head_start()
 
     def on_url(self, url: bytes) -> None:
@@ -832,6 +829,8 @@ class ClientProtocol(asyncio.Protocol):
         if drain is None or drain.done():
             drain = self._drain = self.loop.create_future()
         await asyncio.shield(drain)
+        if self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
 
     def end_response(self, request: ClientRequest) -> None:
         """The response is complete: the next request becomes current, or the connection
