@@ -27,7 +27,7 @@ the runs, the min-max, the median p50/p99 and the CPU the contender's processes
 used per request (utime + stime of its process group over the run / requests).
 wrk itself and the backend share the 2 cores with the contender.
 
-    .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32]
+    .venv/bin/python -m bench.hot_path [--runs 3] [--duration 5] [--connections 32] [--size 1k|1m]
                                        [--contenders direct,nginx,before,fp_off,fp_on]
                                        [--ref DIR] [--access-log] [--health]
 
@@ -92,6 +92,9 @@ async def _hello(request: web.Request) -> web.Response:
 
 
 HELLO_BODY = b"x" * 1024
+# the files the backend serves; ``--size`` picks the one wrk asks for
+SIZES = {"1k": 1024, "1m": 1024 * 1024}
+SIZE_LABELS = {"1k": "1 KiB", "1m": "1 MiB"}
 hello_app = web.Application()  # the "aiohttp" contender: gunicorn bench.hot_path:hello_app
 hello_app.router.add_get("/{tail:.*}", _hello)
 
@@ -119,7 +122,8 @@ class Bench:
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.backend_port = free_port()
         (root / "www").mkdir()
-        (root / "www" / "1k.bin").write_bytes(os.urandom(1024))
+        for name, size in SIZES.items():
+            (root / "www" / f"{name}.bin").write_bytes(os.urandom(size))
         self.backend = self._spawn("backend", [self.nginx, "-c", str(self._backend_conf())])
         self.redis: subprocess.Popen[bytes] | None = None
         self.redis_url = ""
@@ -277,10 +281,10 @@ def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, float]:
     return (int(head.split()[1]) if head.startswith(b"HTTP/") else 0), elapsed
 
 
-def wrk(port: int, connections: int, duration: int) -> dict[str, float]:
+def wrk(port: int, connections: int, duration: int, size: str = "1k") -> dict[str, float]:
     argv = [
         "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
-        "-s", str(REPO / "bench" / "wrk_report.lua"), f"http://127.0.0.1:{port}/1k.bin",
+        "-s", str(REPO / "bench" / "wrk_report.lua"), f"http://127.0.0.1:{port}/{size}.bin",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
@@ -308,7 +312,12 @@ def health_probe(port: int, stop: threading.Event, out: list[float]) -> None:
 
 
 def measure(
-    bench: Bench, contender: Contender, connections: int, duration: int, health: bool
+    bench: Bench,
+    contender: Contender,
+    connections: int,
+    duration: int,
+    health: bool,
+    size: str = "1k",
 ) -> None:
     pgid = contender.popen.pid if contender.popen is not None else 0
     samples: list[float] = []
@@ -318,13 +327,15 @@ def measure(
         prober = threading.Thread(target=health_probe, args=(contender.port, stop, samples))
         prober.start()
     cpu0 = group_cpu_seconds(pgid)
-    result = wrk(contender.port, connections, duration)
+    result = wrk(contender.port, connections, duration, size)
     cpu1 = group_cpu_seconds(pgid)
     stop.set()
     if prober is not None:
         prober.join()
     result["cpu_us_per_req"] = (cpu1 - cpu0) / max(1.0, result["requests"]) * 1e6
     result["cpu_pct"] = (cpu1 - cpu0) / duration * 100
+    mib = max(1.0, result["requests"]) * SIZES[size] / (1024 * 1024)
+    result["cpu_us_per_mib"] = (cpu1 - cpu0) / mib * 1e6
     if samples:
         samples.sort()
         result["health_p50_ms"] = samples[len(samples) // 2]
@@ -364,12 +375,13 @@ def table(contenders: list[Contender], args: argparse.Namespace) -> str:
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; commit {git_commit()}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, kernel {platform.release()}; "
         f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}",
-        f"- `wrk -t1 -c{args.connections} -d{args.duration}s` on 127.0.0.1, 1 KiB static file "
+        f"- `wrk -t1 -c{args.connections} -d{args.duration}s` on 127.0.0.1, "
+        f"{SIZE_LABELS[args.size]} static file "
         f"from nginx (1 worker); one worker per contender; {args.runs} runs each, alternating",
         "",
-        "| contender | req/s (median) | min-max | p50 ms | p99 ms | CPU us/req | CPU % "
-        "| vs before | vs nginx |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| contender | req/s (median) | min-max | p50 ms | p99 ms | CPU us/req | CPU us/MiB "
+        "| CPU % | vs before | vs nginx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in contenders:
         runs = c.runs
@@ -381,6 +393,7 @@ def table(contenders: list[Contender], args: argparse.Namespace) -> str:
             f"| {statistics.median(r['p50_ms'] for r in runs):.2f} "
             f"| {statistics.median(r['p99_ms'] for r in runs):.2f} "
             f"| {statistics.median(r['cpu_us_per_req'] for r in runs):.0f} "
+            f"| {statistics.median(r['cpu_us_per_mib'] for r in runs):,.0f} "
             f"| {statistics.median(r['cpu_pct'] for r in runs):.0f} "
             f"| {vs_before} | {vs_nginx} |"
         )
@@ -416,6 +429,9 @@ def main() -> None:
         help="time the access log inside each logging contender (bench/access_log_timer.py)",
     )
     parser.add_argument("--health", action="store_true", help="probe /health of fp_on under load")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="1k", help="the static file wrk asks for"
+    )
     args = parser.parse_args()
     keys = [k for k in args.contenders.split(",") if k]
     if args.ref is not None and "ref" not in keys:
@@ -443,13 +459,13 @@ def main() -> None:
             for contender in contenders:
                 bench.wait_ready(contender)
             for contender in contenders:  # warm up: pools, caches, the JIT-less interpreter
-                wrk(contender.port, args.connections, 1)
+                wrk(contender.port, args.connections, 1, args.size)
             for round_ in range(args.runs):
                 order = contenders if round_ % 2 == 0 else contenders[::-1]
                 print(f"round {round_ + 1}/{args.runs}", file=sys.stderr, flush=True)
                 for contender in order:
                     probe = args.health and contender.key == "fp_on"
-                    measure(bench, contender, args.connections, args.duration, probe)
+                    measure(bench, contender, args.connections, args.duration, probe, args.size)
         finally:
             for contender in contenders:
                 if contender.key != "direct":

@@ -32,7 +32,7 @@ back from the disk, and the loop lag says whether that ever blocks the event loo
 
     .venv/bin/python -m bench.slow_clients [--clients 300] [--size-mib 4] [--rate 100000]
         [--rcvbuf 16384] [--contenders spool_on,spool_off,nginx] [--deadline 120]
-        [--drop-caches]
+        [--drop-caches] [--fp-env NAME=VALUE ...]
 
 ``slow_get`` and ``static_backend_conf`` are used by
 tests/integration/test_spool.py; ``slow_get`` is also the client of bench.many_clients
@@ -411,7 +411,15 @@ def main() -> None:
         help="sync and drop the page cache every second meanwhile (root): spooled bytes "
         "are read back from the disk, not from memory",
     )
+    parser.add_argument(
+        "--fp-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every fileproxy contender (repeatable), e.g. FILEPROXY_CACHE=off",
+    )
     args = parser.parse_args()
+    fp_env = dict(item.split("=", 1) for item in args.fp_env)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     venv_bin = Path(sys.executable).parent
     rows: list[Row] = []
@@ -447,6 +455,7 @@ def main() -> None:
                             "FILEPROXY_GRACEFUL_TIMEOUT": "3",
                             "FILEPROXY_SPOOL": "on" if name == "spool_on" else "off",
                             "FILEPROXY_SO_SNDBUF": str(args.sndbuf),
+                            **fp_env,
                         }
                     )
                 proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import aiohttp_cors
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -19,6 +18,7 @@ from fileproxy import loop_lag
 from fileproxy.app_keys import (
     ADAPTATION,
     ADAPTATIONS,
+    CACHE,
     FLEET,
     IN_FLIGHT,
     LIFECYCLE,
@@ -33,13 +33,15 @@ from fileproxy.app_keys import (
     TUNNELS,
     UPSTREAM,
 )
+from fileproxy.delivery.cache import CacheService
 from fileproxy.delivery.spool import SpoolStore
 from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.http import access_log as access_logs
-from fileproxy.http import aiohttp_server
-from fileproxy.http.edge import EdgeApplication, refuse_what_a_reverse_proxy_must_not_serve
-from fileproxy.http.gate import leave_as_head_goes_out
-from fileproxy.http.proxy_handler import continue_or_refuse, keep_content_type_as_sent, proxy
+from fileproxy.http import aiohttp_server, errors
+from fileproxy.http.cors import Cors
+from fileproxy.http.data_plane import ClientRequest, ClientResponse, DataPlane, Handler
+from fileproxy.http.headers import request_id_for
+from fileproxy.http.proxy_handler import proxy
 from fileproxy.lifecycle import UPSTREAM_PROBE_INTERVAL_S, Lifecycle
 from fileproxy.loop_lag import LoopLag
 from fileproxy.ops import endpoints, logs
@@ -61,31 +63,6 @@ log = logging.getLogger("fileproxy")
 
 STOP_TIMEOUT_S = 2.0  # closing the state store's connections at exit
 
-CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-CORS_EXPOSE_HEADERS = (
-    "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified", "X-Request-ID",
-)  # fmt: skip
-
-
-def server_options(settings: Settings) -> dict[str, Any]:
-    """Options of aiohttp's HTTP server, the same under `fileproxy serve` and gunicorn."""
-    return {
-        # a client that goes away cancels its handler at once (idle SSE streams too)
-        "handler_cancellation": True,
-        "auto_decompress": False,  # request bodies pass through as sent
-        "read_bufsize": settings.buffer_size,  # upload buffer before the client is paused
-        "max_line_size": settings.max_header_size,
-        "max_field_size": settings.max_header_size,
-        # read by edge.EdgeRequestHandler: slowloris bound, connection limit, the gate,
-        # the send timeout
-        "client_header_timeout": settings.client_header_timeout,
-        "max_connections": settings.max_connections,
-        "active_requests": settings.active_requests,
-        "send_timeout": settings.send_timeout,
-        "access_log_class": access_logs.AccessLogger,
-        "access_log": logging.getLogger(access_logs.ACCESS_LOGGER) if settings.access_log else None,
-    }
-
 
 def create_app(
     settings: Settings, instance_pid: int | None = None, workers: int = 1
@@ -97,11 +74,7 @@ def create_app(
     """
     aiohttp_client.check()
     aiohttp_server.check()
-    aiohttp_server.keep_header_bytes()
-    app = EdgeApplication(
-        handler_args=server_options(settings),
-        middlewares=[refuse_what_a_reverse_proxy_must_not_serve],
-    )
+    app = aiohttp_server.application_class(data_plane_factory)()
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[IN_FLIGHT] = set()
@@ -114,37 +87,57 @@ def create_app(
     app[TUNNELS] = tunnels = Tunnels()
     app.on_shutdown.append(tunnels.end_all)  # the drain begins: tunnels close, never wait
     app.cleanup_ctx.append(_lifecycle)
-    app.on_response_prepare.append(_head_going_out)
-    app.router.add_get("/health", endpoints.health, allow_head=True)
-    app.router.add_get("/ready", endpoints.ready, allow_head=True)
-    app.router.add_get("/stats", endpoints.admin_only(endpoints.stats))
-    app.router.add_get("/metrics", endpoints.admin_only(endpoints.prometheus_metrics))
-    if settings.cors_origins:
-        add_cors_proxy_routes(app, settings.cors_origins)
-    # Every other path and method is proxied (after the CORS routes, when there are).
-    app.router.add_route("*", "/{target:.*}", proxy, expect_handler=continue_or_refuse)
     return app
 
 
-async def _head_going_out(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``, one coroutine for both: the gate, then the Content-Type."""
-    leave_as_head_goes_out(request)
-    keep_content_type_as_sent(response)
-
-
-def add_cors_proxy_routes(app: web.Application, origins: tuple[str, ...]) -> None:
-    """aiohttp-cors on the proxy routes: preflights answered, the file headers exposed."""
-    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
-        allow_credentials=False,
-        expose_headers=CORS_EXPOSE_HEADERS,
-        allow_headers="*",
-        allow_methods=CORS_METHODS,
-        max_age=600,
+def data_plane_factory(
+    app: web.Application, loop: asyncio.AbstractEventLoop, runner_options: dict[str, Any]
+) -> DataPlane:
+    """The protocol factory every listener of this worker serves with (what an
+    ``AppRunner`` builds from the app, under ``fileproxy serve`` and gunicorn alike)."""
+    settings = app[SETTINGS]
+    return DataPlane(
+        app,
+        _dispatcher(settings),
+        loop=loop,
+        header_timeout=settings.client_header_timeout,
+        keepalive_timeout=runner_options.get("keepalive_timeout", 75.0),
+        max_connections=settings.max_connections,
+        active_requests=settings.active_requests,
+        send_timeout=settings.send_timeout,
+        max_header_size=settings.max_header_size,
+        read_bufsize=settings.buffer_size,  # upload buffer before the client is paused
+        access_log=settings.access_log,
+        cors=Cors(settings.cors_origins) if settings.cors_origins else None,
     )
-    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
-    resource = app.router.add_resource("/{target:.*}")
-    for method in CORS_METHODS:
-        cors.add(resource.add_route(method, proxy, expect_handler=continue_or_refuse))
+
+
+def _dispatcher(settings: Settings) -> Handler:
+    """Who answers a request: a control endpoint (GET or HEAD of its path), a CORS
+    preflight, or the proxy."""
+    control: dict[str, Handler] = {
+        "/health": endpoints.health,
+        "/ready": endpoints.ready,
+        "/stats": endpoints.admin_only(endpoints.stats),
+        "/metrics": endpoints.admin_only(endpoints.prometheus_metrics),
+    }
+    cors = Cors(settings.cors_origins) if settings.cors_origins else None
+    purge = endpoints.admin_only(endpoints.purge)
+
+    async def dispatch(request: ClientRequest) -> ClientResponse | web.Response:
+        if request.method in ("GET", "HEAD") and (endpoint := control.get(request.path)):
+            return await endpoint(request)
+        if request.method == "PURGE":
+            return await purge(request)
+        if cors is not None and cors.is_preflight(request.method, request.headers):
+            status, headers = cors.preflight(request.headers)
+            if status == 200:
+                return web.Response(status=200, headers=headers)
+            failure = errors.Failure(403, "forbidden", "CORS preflight refused")
+            return errors.error_response(failure, request_id_for(request))
+        return await proxy(request)
+
+    return dispatch
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -169,6 +162,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[LOOP_LAG] = lag = LoopLag()
     app[SPOOL] = spool_store = SpoolStore(settings, workers=app[FLEET].local_workers)
     spool_store.open()
+    app[CACHE] = cache = CacheService(settings)
+    await cache.open()  # a directory it cannot use: the cache stays off, /health says why
     tasks = [
         asyncio.create_task(loop_lag.watch(lag)),
         asyncio.create_task(_watch_upstream(app)),
@@ -196,6 +191,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await _stop(tasks)
+        await cache.close()  # before the upstream clients: running fills pause, kept
         for client in clients:
             await client.close()
         spool_store.close()

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fileproxy.delivery.cache import CacheService
 from fileproxy.delivery.spool import SpoolStore
 from fileproxy.delivery.tunnel import Tunnels
 from fileproxy.lifecycle import Lifecycle
@@ -37,4 +38,5 @@ ADAPTATIONS = web.AppKey[dict[str, UpstreamAdaptation]]("adaptations")
 LISTEN_SOCKETS = web.AppKey("listen_sockets", ListenSockets)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 SPOOL = web.AppKey("spool", SpoolStore)
+CACHE = web.AppKey("cache", CacheService)  # the disk cache (inactive when off)
 TUNNELS = web.AppKey("tunnels", Tunnels)  # open WebSocket tunnels, closed at the drain

@@ -37,6 +37,7 @@ class Exchange:
     # the body's end is in its framing (Content-Length, chunked), not the connection's end
     framed: bool = True
     path: str = ""  # the request target's path, without its query (the limiter's evidence)
+    cache: str | None = None  # what the cache did: hit, miss, revalidated, stale, bypass
 
     @property
     def failed(self) -> bool:

@@ -369,6 +369,27 @@ def _spool_total(raw: str) -> int | str:
 _spool_total.allowed = "auto | integer 0..1125899906842624"  # type: ignore[attr-defined]
 
 
+def _cache_size(raw: str) -> int | str:
+    """auto (resolved when the cache opens, see fileproxy.delivery.cache.auto_max_size) or
+    bytes."""
+    if raw.strip().lower() == "auto":
+        return "auto"
+    return _int(0, 1 << 50)(raw)
+
+
+_cache_size.allowed = "auto | integer 0..1125899906842624"  # type: ignore[attr-defined]
+
+
+def _cache_dir(raw: str) -> str:
+    raw = raw.strip()
+    if raw and not os.path.isabs(raw):
+        raise ValueError("expected an absolute path (or empty: under the system temp dir)")
+    return raw
+
+
+_cache_dir.allowed = "empty | /absolute/path"  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One row of the settings table."""
@@ -637,6 +658,52 @@ class Settings:
         _spool_total,
         "Bytes all spooled responses of a worker may hold on disk (auto: half the spool "
         "filesystem's free space at start, shared among the workers).",
+    )
+    # the cache of large files (fileproxy.delivery.cache, README "The cache")
+    cache: bool = setting(
+        "FILEPROXY_CACHE",
+        "on",
+        _bool,
+        "Keep cacheable GET responses (RFC 9111, shared cache) on disk and serve them from "
+        "there: one upstream fetch per object per host, streamed to every waiter as it "
+        "arrives; off: every request goes upstream, as before.",
+    )
+    cache_dir: str = setting(
+        "FILEPROXY_CACHE_DIR",
+        "",
+        _cache_dir,
+        "Directory of the cache's index, bodies and fill locks, shared by every worker and "
+        "process on the host that names it (empty: fileproxy-cache under the system temp dir; "
+        "the systemd unit sets /var/cache/fileproxy/cache).",
+    )
+    cache_max_size: int | str = setting(
+        "FILEPROXY_CACHE_MAX_SIZE",
+        "auto",
+        _cache_size,
+        "Bytes the cached objects may take on disk (each counts its full length from the "
+        "start of its fill); auto: half the cache filesystem's size, at most what is free "
+        "at start (plus what the cache holds) less FILEPROXY_CACHE_MIN_FREE.",
+    )
+    cache_min_free: int = setting(
+        "FILEPROXY_CACHE_MIN_FREE",
+        str(GIB),
+        _int(0, 1 << 50),
+        "Bytes of the cache filesystem a new fill must leave free (it evicts, else the "
+        "response is proxied uncached).",
+    )
+    cache_max_object: int = setting(
+        "FILEPROXY_CACHE_MAX_OBJECT",
+        str(64 * GIB),
+        _int(0, 1 << 50),
+        "Largest body in bytes that is cached; a larger one is proxied uncached.",
+    )
+    cache_range_fill: bool = setting(
+        "FILEPROXY_CACHE_RANGE_FILL",
+        "off",
+        _bool,
+        "A Range on an object not cached fetches the aligned 4 MiB chunks that cover it; on: "
+        "the rest of the object is then fetched in the background too; off: only what is "
+        "asked (a later request fetches the chunks it lacks), sparing the backend link.",
     )
     # the edge: clients
     client_keepalive_timeout: float = setting(

@@ -141,6 +141,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
     }
+    # The suites test the relay, which is what fileproxy does with FILEPROXY_CACHE=off
+    # and for everything the cache does not keep; the cache's own suites
+    # (test_cache*.py) turn it on, each with a directory of its own. On by default
+    # here, every GET of a cacheable test file would be answered by the cache, and
+    # every test would share the default directory under the system temp dir.
+    env.setdefault("FILEPROXY_CACHE", "off")
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

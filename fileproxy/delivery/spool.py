@@ -54,11 +54,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from fileproxy.adaptive.spill import RelaySample, SpillPolicy, decide, never_spilled
 from fileproxy.exchange import Exchange
 from fileproxy.http import errors, zero_copy
+from fileproxy.http.data_plane import ClientRequest, ClientResponse
 from fileproxy.http.edge import abort_send_timed_out, end_cut_short, reset, watch_sending
 from fileproxy.settings import Settings
 from fileproxy.upstream.client import UpstreamResponse
@@ -542,8 +542,8 @@ class _Watch:
 
 
 async def relay(
-    request: web.Request,
-    response: web.StreamResponse,
+    request: ClientRequest,
+    response: ClientResponse,
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
     chunk_size: int,
@@ -649,7 +649,7 @@ async def relay(
 async def read_or_abort(
     read: Any,
     size: int,
-    request: web.Request,
+    request: ClientRequest,
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
 ) -> bytes | None:
@@ -662,7 +662,7 @@ async def read_or_abort(
         return None
 
 
-def _upstream_failed(exc: BaseException, request: web.Request, exchange: Exchange) -> None:
+def _upstream_failed(exc: BaseException, request: ClientRequest, exchange: Exchange) -> None:
     failure = errors.classify(exc)
     exchange.cause, exchange.error = failure.cause, failure.error
     log.warning(
@@ -691,8 +691,8 @@ def _take_result(future: asyncio.Future[None]) -> None:
 
 
 async def _spooled(
-    request: web.Request,
-    response: web.StreamResponse,
+    request: ClientRequest,
+    response: ClientResponse,
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
     pending: asyncio.Future[None],
@@ -746,8 +746,8 @@ async def _fill(
 
 async def _serve(
     spool: Spool,
-    request: web.Request,
-    response: web.StreamResponse,
+    request: ClientRequest,
+    response: ClientResponse,
     exchange: Exchange,
     pending: asyncio.Future[None],
     pending_bytes: int,
@@ -764,6 +764,7 @@ async def _serve(
 
     def sent(size: int) -> None:
         spool.took_from_file(size)
+        response.sent_directly(size)
         exchange.bytes_out += size
 
     while True:
@@ -833,7 +834,7 @@ async def _serve(
     await _flushed(request)
 
 
-async def _flushed(request: web.Request) -> None:
+async def _flushed(request: ClientRequest) -> None:
     """Until the client's transport has handed its last bytes to the kernel.
 
     A slow client's tail (up to the high-water mark) waits in the transport's buffer

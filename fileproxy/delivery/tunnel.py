@@ -36,10 +36,11 @@ from aiohttp import web
 
 from fileproxy.exchange import CLIENT_ABORT, IDLE_TIMEOUT, OK, SHUTDOWN, UPSTREAM_ERROR, Exchange
 from fileproxy.http import errors
-from fileproxy.http.aiohttp_server import ServerProtocol
+from fileproxy.http.data_plane import ClientRequest, ClientResponse
 from fileproxy.http.headers import tunnel_response_headers, websocket_upgrade
-from fileproxy.upstream.aiohttp_client import ResponseHandler, take_upgraded, wait_writable
 from fileproxy.upstream.client import UpstreamResponse
+from fileproxy.upstream.protocol import UpstreamProtocol as ResponseHandler
+from fileproxy.upstream.protocol import take_upgraded, wait_writable
 
 log = logging.getLogger("fileproxy.tunnel")
 
@@ -47,15 +48,13 @@ log = logging.getLogger("fileproxy.tunnel")
 TUNNEL_BUFFER = 64 * 1024
 
 
-def wanted(request: web.BaseRequest) -> bool:
-    """Whether ``request`` asks for a WebSocket this proxy tunnels: HTTP/1.1, and aiohttp's
+def wanted(request: ClientRequest) -> bool:
+    """Whether ``request`` asks for a WebSocket this proxy tunnels: HTTP/1.1, and the
     parser stopped at its head (what follows on the connection is not HTTP)."""
-    protocol = request.protocol
     return (
         request.version == aiohttp.HttpVersion11
         and websocket_upgrade(request.method, request.headers)
-        and isinstance(protocol, ServerProtocol)
-        and protocol.upgraded
+        and request.protocol.upgraded
     )
 
 
@@ -89,8 +88,8 @@ class _Tunnel:
 
 
 class _Inflow:
-    """One side's bytes, as aiohttp's protocol hands them on after an upgrade (its
-    ``set_parser`` interface), into the reader of the pump towards the other side."""
+    """One side's bytes, as its protocol hands them on after an upgrade, into the
+    reader of the pump towards the other side."""
 
     __slots__ = ("reader",)
 
@@ -109,18 +108,14 @@ class _Inflow:
         self.reader.set_exception(exc)
 
 
-class _TunnelResponse(web.StreamResponse):
-    """The ``101`` head to the client; the tunnel's bytes follow it."""
-
-
 async def relay(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     upstream_resp: UpstreamResponse,
     asked: bool,
     tunnels: Tunnels,
     idle_timeout: float,
-) -> web.StreamResponse:
+) -> ClientResponse | web.Response:
     """The upstream answered ``101``: tunnel until either side ends (or a 502 when the
     request never asked to switch protocols)."""
     exchange.upstream_status = upstream_resp.status
@@ -129,25 +124,23 @@ async def relay(
         exchange.cause, exchange.error = failure.cause, failure.error
         return errors.error_response(failure, exchange.request_id)
     protocol = request.protocol
-    assert isinstance(protocol, ServerProtocol)  # ``wanted`` said so
     loop = asyncio.get_running_loop()
     connection = upstream_resp.detach()
     try:
         from_upstream = aiohttp.StreamReader(connection, TUNNEL_BUFFER, loop=loop)
         take_upgraded(connection, _Inflow(from_upstream), from_upstream)
-        response = _TunnelResponse(status=101, reason=upstream_resp.reason)
+        response = ClientResponse(101, upstream_resp.reason)
         tunnel_response_headers(upstream_resp.headers, exchange.request_id, response.headers)
-        response.force_close()
-        await response.prepare(request)
+        protocol.send_switch(request, response)
         exchange.status_sent = 101
-        from_client = aiohttp.StreamReader(protocol, TUNNEL_BUFFER, loop=loop)
+        from_client = aiohttp.StreamReader(protocol, TUNNEL_BUFFER, loop=loop)  # type: ignore[arg-type]
         protocol.tunnel_to(_Inflow(from_client))
         tunnel = _Tunnel(loop)
         tunnels.open.add(tunnel)
         tunnels.total += 1
         try:
             await _run(
-                tunnel, exchange, from_client, connection, from_upstream, response, idle_timeout
+                tunnel, exchange, from_client, connection, from_upstream, request, idle_timeout
             )
         finally:
             tunnels.open.discard(tunnel)
@@ -163,13 +156,13 @@ async def _run(
     from_client: aiohttp.StreamReader,
     connection: ResponseHandler,
     from_upstream: aiohttp.StreamReader,
-    response: web.StreamResponse,
+    request: ClientRequest,
     idle_timeout: float,
 ) -> None:
     loop = asyncio.get_running_loop()
     pumps = (
         asyncio.create_task(_to_upstream(tunnel, exchange, from_client, connection)),
-        asyncio.create_task(_to_client(tunnel, exchange, from_upstream, response)),
+        asyncio.create_task(_to_client(tunnel, exchange, from_upstream, request)),
     )
     try:
         while not tunnel.ended.done():
@@ -215,8 +208,9 @@ async def _to_client(
     tunnel: _Tunnel,
     exchange: Exchange,
     from_upstream: aiohttp.StreamReader,
-    response: web.StreamResponse,
+    request: ClientRequest,
 ) -> None:
+    protocol = request.protocol
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -228,7 +222,7 @@ async def _to_client(
             tunnel.end(OK)  # the upstream closed: so does the tunnel
             return
         try:
-            await response.write(data)
+            await protocol.send_tunnelled(data)
         except ConnectionError:
             tunnel.end(CLIENT_ABORT)
             return

@@ -53,8 +53,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from fileproxy.exchange import CLIENT_ABORT, EXCHANGE, Exchange
 
@@ -369,7 +367,7 @@ def _ms(seconds: float) -> float:
 
 
 def log_access(
-    request: web.BaseRequest,
+    request: Any,
     status: int,
     response_bytes: int,
     duration_s: float,
@@ -429,6 +427,8 @@ def render(record: Record, text: bool = False) -> bytes:
             fields["tries"] = exchange.tries
         if exchange.resumes:
             fields["resumes"] = exchange.resumes
+        if exchange.cache is not None:
+            fields["cache"] = exchange.cache
     if text:
         return _text_line(fields, fields["msg"], now)
     try:
@@ -451,21 +451,6 @@ def escape(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate that stands for no byte
         return text.encode("utf-8", "backslashreplace").decode()
     return raw.decode("utf-8", "backslashreplace")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """aiohttp's hook for finished requests; aborted ones are logged by the proxy handler."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        # response_bytes: body bytes handed to the client's connection; for a proxied
-        # response the relay's count (aiohttp's stays 0 for a body cut by an abort)
-        exchange: Exchange | None = request.get(EXCHANGE)
-        sent = exchange.bytes_out if exchange is not None else response.body_length
-        log_access(request, response.status, sent, time_s, exchange)
-
-    @property
-    def enabled(self) -> bool:
-        return True  # aiohttp gets no logger at all when FILEPROXY_ACCESS_LOG=off
 
 
 def stdout_fd() -> int:

@@ -12,8 +12,8 @@ import ipaddress
 import random
 import re
 from collections.abc import Iterable
+from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 # Field names in lower case, compared in lower case: a set of ``istr`` hashes them as
@@ -276,7 +276,7 @@ def client_facing_base(
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_for(request: web.BaseRequest) -> str:
+def request_id_for(request: Any) -> str:
     """The client's X-Request-ID when it is sane, else 32 random hex digits.
 
     An id needs to be unique, not secret: ``random`` (reseeded in every forked

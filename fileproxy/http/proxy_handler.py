@@ -16,6 +16,7 @@ import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,7 @@ from fileproxy.adaptive import resume as resume_rule
 from fileproxy.adaptive.retry_budget import CONNECT, STATUS, retryable
 from fileproxy.app_keys import (
     ADAPTATIONS,
+    CACHE,
     IN_FLIGHT,
     LIFECYCLE,
     REPLICAS,
@@ -35,12 +37,19 @@ from fileproxy.app_keys import (
     TUNNELS,
 )
 from fileproxy.delivery import spool, tunnel
+from fileproxy.delivery.cache import (
+    CONDITIONAL_FIELDS,
+    SMALL_OBJECT_MAX,
+    Answer,
+    CacheAborted,
+    Decision,
+    Outcome,
+)
 from fileproxy.exchange import EXCHANGE, Exchange
 from fileproxy.http import access_log as access_logs
-from fileproxy.http import errors
-from fileproxy.http.aiohttp_server import send_head_with_body
-from fileproxy.http.edge import end_cut_short, send_timed_out, watch_sending
-from fileproxy.http.gate import waiting_on_upstream
+from fileproxy.http import errors, zero_copy
+from fileproxy.http.data_plane import ClientRequest, ClientResponse
+from fileproxy.http.edge import abort_send_timed_out, end_cut_short, send_timed_out, watch_sending
 from fileproxy.http.headers import (
     Redirect,
     client_facing_base,
@@ -70,14 +79,14 @@ RELAY_SLICE_BYTES = 64 * 1024
 GATEWAY_FAILURES = frozenset({502, 503, 504})
 
 
-def on_unix_socket(request: web.BaseRequest) -> bool:
+def on_unix_socket(request: ClientRequest) -> bool:
     """Whether the client came through a unix socket (a local process, e.g. nginx)."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
 
 
-async def proxy(request: web.Request) -> web.StreamResponse:
+async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
     app = request.app
     traffic = app[TRAFFIC]
     started = time.monotonic()
@@ -158,8 +167,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _proxy(
-    request: web.Request, exchange: Exchange, started: float, replica: Replica
-) -> web.StreamResponse:
+    request: ClientRequest, exchange: Exchange, started: float, replica: Replica
+) -> ClientResponse | web.Response:
     app = request.app
     settings = app[SETTINGS]
     replicas = app[REPLICAS]
@@ -197,6 +206,13 @@ async def _proxy(
         content_length=content_length,
         upgrade=upgrade,
     )
+    cache = app[CACHE]
+    cache_status: str | None = None  # a response the cache passed by: its Cache-Status
+    if cache.active and not upgrade and request.method in ("GET", "HEAD"):
+        decision = await cache.lookup(request.method, target, request.raw_headers, now=time.time())
+        if decision.outcome is not Outcome.BYPASS:
+            return await _from_cache(request, exchange, started, replica, target, headers, decision)
+        exchange.cache, cache_status = decision.outcome.value, decision.cache_status
     # as built for the client's request, before a try adds its replica's Host and credentials
     pristine = CIMultiDict(headers) if len(replicas.replicas) > 1 else None
     tried: list[Replica] = []
@@ -253,10 +269,17 @@ async def _proxy(
                     _observe_try(request, exchange, replica, errors.OK, upstream_status)
                     replica, budgeted = retry, True
                     continue
-            return await _respond(
+            response = await _respond(
                 request, exchange, started, attempt, upstream_resp, target,
-                pristine if pristine is not None else headers, profile, upgrade,
+                pristine if pristine is not None else headers, profile, upgrade, cache_status,
             )  # fmt: skip
+            if cache.active and request.method not in ("GET", "HEAD") and upstream_status < 400:
+                # RFC 9111 4.4: a successful unsafe request invalidates what is stored
+                await cache.invalidate(
+                    request.method, target, upstream_status, request.raw_headers,
+                    upstream_resp.raw_headers,
+                )  # fmt: skip
+            return response
 
 
 def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Response:
@@ -275,7 +298,7 @@ def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Re
 
 
 async def _respond(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     started: float,
     attempt: Attempt,
@@ -284,9 +307,11 @@ async def _respond(
     headers: CIMultiDict[str],
     profile: LevelProfile,
     upgrade: bool,
-) -> web.StreamResponse:
+    cache_status: str | None = None,
+) -> ClientResponse | web.Response:
     """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``);
-    after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections."""
+    after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections.
+    ``cache_status``: the cache passed this request by (its ``Cache-Status``)."""
     app = request.app
     settings, replicas = app[SETTINGS], app[REPLICAS]
     replica, upstream = attempt.replica, attempt.replica.client
@@ -321,10 +346,10 @@ async def _respond(
     exchange.upstream_status = upstream_resp.status
     # The whole body already arrived (a small file): its response head goes out in
     # the same write as the body. Else the head goes out at once (streams, SSE).
-    response_class = _WholeResponse if upstream_resp.content.is_eof() else _RelayedResponse
     status = upstream_resp.status
-    response = response_class(status=status, reason=upstream_resp.reason)
-    response.upstream_content_type = "Content-Type" in upstream_resp.headers
+    response = ClientResponse(
+        status, upstream_resp.reason, head_with_body=upstream_resp.content.is_eof()
+    )
     redirect = None
     if "Location" in upstream_resp.headers:
         redirect = Redirect(upstream.redirect_prefixes, _client_base(request))
@@ -336,6 +361,8 @@ async def _respond(
         redirect=redirect,
         spelled=upstream_resp.raw_headers,
     )
+    if cache_status is not None:
+        response.headers["Cache-Status"] = cache_status
     if request.transport is not None:
         request.transport.set_write_buffer_limits(high=settings.buffer_size)
     await response.prepare(request)
@@ -362,8 +389,257 @@ async def _respond(
     return response
 
 
+async def _from_cache(
+    request: ClientRequest,
+    exchange: Exchange,
+    started: float,
+    replica: Replica,
+    target: str,
+    headers: CIMultiDict[str],
+    decision: Decision,
+) -> ClientResponse | web.Response:
+    """A GET or HEAD the cache answers: from what it holds, from a fill it streams to
+    every reader, or by relaying an upstream answer it does not store."""
+    cache = request.app[CACHE]
+    if decision.outcome is Outcome.GATEWAY_TIMEOUT:
+        return _fail(
+            exchange, errors.ClientRequestError(504, "not_cached", "only-if-cached: not stored")
+        )
+    fetch = _CacheFetch(request, exchange, started, replica, target, headers)
+    try:
+        answer = await cache.respond(decision, fetch)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return _fail(exchange, exc)  # every replica failed, and nothing stored may stand in
+    exchange.cache = answer.log_word
+    upstream = answer.upstream
+    if upstream is None:
+        exchange.upstream_status = None
+        try:
+            return await _send_answer(request, exchange, answer)
+        finally:
+            answer.close()
+    assert isinstance(upstream, _CacheTry)  # fetch's
+    try:
+        if request.method == "HEAD":  # the cache asked for a GET: its head only
+            return await _send_head_of(request, exchange, upstream, answer.cache_status)
+        return await _respond(
+            request, exchange, started, upstream.attempt, upstream.response, target, headers,
+            fetch.profile, False, answer.cache_status,
+        )  # fmt: skip
+    finally:
+        upstream.close()
+
+
+async def _send_answer(
+    request: ClientRequest, exchange: Exchange, answer: Answer
+) -> ClientResponse:
+    """The cache's own answer: its head, then its body from memory or from the cache
+    file (by sendfile where the client's socket allows, else in blocks), at the client's
+    pace, following the fill while it is written. A small object is read in one block
+    (which keeps it in memory for the next hits), never by sendfile."""
+    body = answer.body
+    small = body is None or body.in_memory is not None
+    response = ClientResponse(answer.status, head_with_body=small)
+    for name, value in answer.headers:
+        response.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+    response.headers["X-Request-ID"] = exchange.request_id
+    exchange.status_sent = answer.status
+    await response.prepare(request)
+    if body is not None and request.method != "HEAD":
+        transport = request.transport
+        try:
+            if body.in_memory is not None:
+                await response.write(body.in_memory)
+                exchange.bytes_out += len(body.in_memory)
+            elif (
+                body.length > SMALL_OBJECT_MAX and zero_copy.sendfile_socket(transport) is not None
+            ):
+                await _send_runs(request, response, exchange, body)
+            else:
+                async for block in body:
+                    await response.write(block)
+                    exchange.bytes_out += len(block)
+        except CacheAborted:  # the fill failed beyond mending: never a short body that ends
+            exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "cache_fill_failed"
+            if transport is not None:
+                end_cut_short(transport, framed=True)
+            return response
+        except zero_copy.SendStalled:
+            exchange.cause = errors.SEND_TIMEOUT
+            abort_send_timed_out(request)
+            return response
+        except ConnectionError:
+            exchange.cause = errors.CLIENT_ABORT
+            if transport is not None:
+                transport.abort()
+            return response
+        except OSError as exc:  # the cache file failed or shrank under us: never short
+            log.error("cache file read failed, aborting client connection", exc_info=exc)
+            exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "cache_read_failed"
+            if transport is not None:
+                end_cut_short(transport, framed=True)
+            return response
+    await response.write_eof()
+    return response
+
+
+async def _send_runs(
+    request: ClientRequest, response: ClientResponse, exchange: Exchange, body: Any
+) -> None:
+    """A cached body by sendfile, run by run as the fill commits them."""
+    cache = request.app[CACHE]
+    settings = request.app[SETTINGS]
+    transport = request.transport
+    assert transport is not None
+
+    def sent(size: int) -> None:
+        response.sent_directly(size)
+        exchange.bytes_out += size
+
+    async for fd, offset, count in body.runs():
+        await zero_copy.send_file(
+            transport, fd, offset, count,
+            stall_timeout=settings.send_timeout, stats=cache.zero_copy,
+            run_in_thread=_to_thread_holding_the_file, on_sent=sent,
+        )  # fmt: skip
+
+
+async def _to_thread_holding_the_file(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a thread; cancelled, it still waits for the thread to end, so the
+    file it reads is not closed under it (the caller closes the body after)."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait((future,))
+        raise
+
+
+async def _send_head_of(
+    request: ClientRequest, exchange: Exchange, upstream: _CacheTry, cache_status: str
+) -> ClientResponse:
+    """A HEAD answered with the head of the GET the cache sent upstream (not stored)."""
+    response = ClientResponse(upstream.status, upstream.reason, head_with_body=True)
+    exchange.upstream_status = upstream.status
+    client_response_headers(
+        upstream.headers, exchange.request_id, response.headers, status=upstream.status,
+        redirect=None, spelled=upstream.raw_headers,
+    )  # fmt: skip
+    response.headers["Cache-Status"] = cache_status
+    exchange.status_sent = upstream.status
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+class _CacheTry:
+    """An upstream answer the cache asked for, with the try that owns it: the cache
+    releases or closes it, as a fill may outlive the client that caused it."""
+
+    def __init__(self, attempt: Attempt, response: UpstreamResponse) -> None:
+        self.attempt, self.response = attempt, response
+        self.status, self.reason = response.status, response.reason
+        self.headers, self.raw_headers = response.headers, response.raw_headers
+
+    @property
+    def content(self) -> Any:
+        return self.response.content
+
+    def release(self) -> None:
+        self.attempt.end()  # the response back to the pool when read to its end
+
+    def close(self) -> None:
+        self.response.close()
+        self.attempt.end()
+
+
+class _CacheFetch:
+    """The cache's ``fetch`` for one client request: a GET of its target with the cache's
+    conditions, tried at the replicas as a proxied GET is (retries, then a mid-body
+    resume through ``ResumableBody``)."""
+
+    def __init__(
+        self,
+        request: ClientRequest,
+        exchange: Exchange,
+        started: float,
+        replica: Replica,
+        target: str,
+        headers: CIMultiDict[str],
+    ) -> None:
+        self.request, self.exchange, self.started = request, exchange, started
+        self.first: Replica | None = replica
+        self.target = target
+        self.headers = CIMultiDict(
+            (name, value) for name, value in headers.items()
+            if name.lower() not in CONDITIONAL_FIELDS
+        )  # fmt: skip
+        app = request.app
+        self.profile = app[ADAPTATIONS][replica.name].profile(time.monotonic())
+
+    async def __call__(self, conditions: Any) -> _CacheTry:
+        request, exchange = self.request, self.exchange
+        app = request.app
+        replicas = app[REPLICAS]
+        replica = self.first or replicas.choose(time.monotonic(), path=request.raw_path)
+        self.first = None
+        if replica is None:
+            raise aiohttp.ClientConnectionError("no replica is usable")
+        tried: list[Replica] = []
+        budgeted = False
+        while True:
+            upstream = replica.client
+            headers = CIMultiDict(self.headers)
+            for name, value in conditions:
+                headers[name if isinstance(name, str) else name.decode("latin-1")] = (
+                    value if isinstance(value, str) else value.decode("latin-1")
+                )
+            if upstream.authorization is not None:
+                headers["Authorization"] = upstream.authorization
+            profile = app[ADAPTATIONS][replica.name].profile(time.monotonic())
+            attempt = replicas.attempt(replica, budgeted=budgeted).__enter__()
+            try:
+                async with asyncio.timeout(profile.headers_timeout_s):
+                    response = await upstream.send(
+                        "GET", self.target, headers, None,
+                        connect_timeout=profile.connect_timeout_s,
+                        read_timeout=profile.read_timeout_s,
+                    )  # fmt: skip
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                attempt.end()
+                upstream.mark_failure(time.time(), errors.classify(exc).error)
+                kind = errors.try_failure_kind(exc)
+                replicas.failed(time.monotonic(), replica, kind)
+                retry = _retry_to(request, exchange, replica, tried, kind, False)
+                if retry is None:
+                    raise
+                replica, budgeted = retry, kind != CONNECT
+                continue
+            except BaseException:
+                attempt.end()
+                raise
+            attempt.response = response
+            attempt.answered()
+            now = time.monotonic()
+            if response.status in GATEWAY_FAILURES:
+                replicas.failed(now, replica, f"status {response.status}")
+            else:
+                replicas.succeeded(replica)
+            ttfb_s = now - response.sent_at
+            app[ADAPTATIONS][replica.name].observe_headers(now, ttfb_s, response.tcp_info)
+            replicas.headers(now, replica, ttfb_s)
+            upstream.mark_response(time.time())
+            exchange.upstream, exchange.upstream_status = replica.name, response.status
+            exchange.ttfb_s = now - self.started
+            body = _resumable(request, exchange, response, attempt, self.target, headers,
+                              profile, method="GET")  # fmt: skip
+            if body is not None:
+                response.content = body  # type: ignore[assignment]
+            return _CacheTry(attempt, response)
+
+
 def _retry_to(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     failed: Replica,
     tried: list[Replica],
@@ -410,7 +686,7 @@ def _retry_to(
 
 
 def _observe_try(
-    request: web.Request, exchange: Exchange, replica: Replica, cause: str, status: int | None
+    request: ClientRequest, exchange: Exchange, replica: Replica, cause: str, status: int | None
 ) -> None:
     """A try that was retried elsewhere still tells its replica's adaptation how it went:
     a failing replica's errors cut its own limit, not the others'."""
@@ -421,20 +697,22 @@ def _observe_try(
 
 
 def _resumable(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     upstream_resp: UpstreamResponse,
     attempt: Attempt,
     target: str,
     headers: CIMultiDict[str],
     profile: LevelProfile,
+    method: str | None = None,
 ) -> ResumableBody | None:
     """The body that can continue from a replica should its upstream fail, or None (a body
-    that has already arrived whole has nothing left to resume)."""
+    that has already arrived whole has nothing left to resume). ``method``: the one sent
+    upstream when it is not the client's (the cache's GET for a HEAD)."""
     settings = request.app[SETTINGS]
     if not settings.resumes or upstream_resp.content.is_eof():
         return None
-    plan = resume_rule.plan(request.method, upstream_resp.status, upstream_resp.headers)
+    plan = resume_rule.plan(method or request.method, upstream_resp.status, upstream_resp.headers)
     if plan is None:
         return None
 
@@ -457,29 +735,7 @@ def _resumable(
     )
 
 
-class _RelayedResponse(web.StreamResponse):
-    """An upstream response on its way to the client."""
-
-    upstream_content_type = True  # whether the upstream sent a Content-Type
-
-
-class _WholeResponse(_RelayedResponse):
-    """A response whose head is sent with its first body bytes, not on its own."""
-
-
-send_head_with_body(_WholeResponse)
-
-
-def keep_content_type_as_sent(response: web.StreamResponse) -> None:
-    """Before a head goes out (app's on_response_prepare): aiohttp adds ``Content-Type:
-    application/octet-stream`` to a response with a body and none (RFC 9110 says a
-    sender *should* send one); the proxy passes what the upstream sent and invents
-    nothing, as nginx does."""
-    if isinstance(response, _RelayedResponse) and not response.upstream_content_type:
-        response.headers.popall("Content-Type", None)
-
-
-def own_origin_form(request: web.Request, target: str) -> str | None:
+def own_origin_form(request: ClientRequest, target: str) -> str | None:
     """The origin-form of an absolute-form target naming this proxy (RFC 9112 3.2.2:
     a server MUST accept it), else None.
 
@@ -501,7 +757,7 @@ def own_origin_form(request: web.Request, target: str) -> str | None:
     return path.partition("#")[0]
 
 
-def _own_authorities(request: web.Request) -> set[str]:
+def _own_authorities(request: ClientRequest) -> set[str]:
     names = set()
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
@@ -516,7 +772,7 @@ def _own_authorities(request: web.Request) -> set[str]:
     return names
 
 
-def _client_base(request: web.Request) -> str:
+def _client_base(request: ClientRequest) -> str:
     """``scheme://host`` the client used to reach the proxy (see headers.Redirect)."""
     peer = request.remote
     return client_facing_base(
@@ -530,7 +786,7 @@ def _client_base(request: web.Request) -> str:
 
 
 async def _send_upstream(
-    request: web.Request,
+    request: ClientRequest,
     exchange: Exchange,
     target: str,
     headers: CIMultiDict[str],
@@ -566,7 +822,7 @@ async def _send_upstream(
                 raise
             deadline.reschedule(loop.time() + profile.headers_timeout_s)
 
-        waiting_on_upstream(request)  # see gate.UPSTREAM_HOLD_S
+        request.protocol.wait_on_upstream()  # see gate.UPSTREAM_HOLD_S
         return await upstream.send(
             request.method,
             target,
@@ -578,8 +834,8 @@ async def _send_upstream(
 
 
 async def _relay(
-    request: web.Request,
-    response: web.StreamResponse,
+    request: ClientRequest,
+    response: ClientResponse,
     upstream_resp: UpstreamResponse,
     exchange: Exchange,
     chunk_size: int,
@@ -611,7 +867,7 @@ async def _relay(
         exchange.cause = errors.CLIENT_ABORT
 
 
-async def _read_body(request: web.Request, chunk_size: int) -> bytes:
+async def _read_body(request: ClientRequest, chunk_size: int) -> bytes:
     """The next piece of the client's body; a client silent too long gets 408."""
     timeout = request.app[SETTINGS].client_body_timeout
     try:
@@ -623,35 +879,8 @@ async def _read_body(request: web.Request, chunk_size: int) -> bytes:
         ) from None
 
 
-async def continue_or_refuse(request: web.Request) -> web.StreamResponse | None:
-    """The route's ``Expect`` handler: ``100 Continue`` only for a body the proxy takes.
-
-    aiohttp's default sends ``100 Continue`` to any ``Expect: 100-continue``; a body
-    declared over FILEPROXY_MAX_BODY_SIZE then gets its 413 only after the client
-    started sending it, on a connection that would read the rest as the next
-    request. Here it gets 413 at once and the connection closes, as with nginx.
-    """
-    expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue":
-        failure = errors.Failure(417, "expectation_failed", "only 100-continue is supported")
-        refusal = errors.error_response(failure, request_id_for(request))
-        refusal.force_close()
-        return refusal
-    limit = request.app[SETTINGS].max_body_size
-    length = request.content_length
-    if limit and length and length > limit:
-        refusal = errors.error_response(errors.classify(_too_large(limit)), request_id_for(request))
-        refusal.force_close()
-        return refusal
-    if request.version >= aiohttp.HttpVersion11:
-        writer = request.writer
-        await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.output_size = 0  # the interim response is not the response's bytes
-    return None
-
-
 def _over_limit(
-    request: web.Request, exchange: Exchange, retry_after: float, limit: float | None
+    request: ClientRequest, exchange: Exchange, retry_after: float, limit: float | None
 ) -> web.Response:
     """Over the upstream's admission rate: 503 (or 429) with Retry-After, counted."""
     settings = request.app[SETTINGS]

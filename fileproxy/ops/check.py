@@ -15,6 +15,7 @@ from importlib.metadata import version
 import aiohttp
 from yarl import URL
 
+from fileproxy.delivery.cache import check_cache_dir
 from fileproxy.http.errors import classify
 from fileproxy.runtime import new_event_loop
 from fileproxy.settings import Settings, redact_url
@@ -102,6 +103,13 @@ def check_spool(settings: Settings) -> CheckResult:
         )
     free_gib = stat.f_bavail * stat.f_frsize / (1 << 30)
     return CheckResult("PASS", "spool", f"{where}, {free_gib:.1f} GiB free")
+
+
+def check_cache(settings: Settings) -> CheckResult:
+    """The cache's directory exists or can be made, takes a file, and has room beyond
+    FILEPROXY_CACHE_MIN_FREE (else every response is proxied uncached)."""
+    ok, line = check_cache_dir(settings)
+    return CheckResult("PASS" if ok else "FAIL", "cache", line)
 
 
 async def check_upstream(settings: Settings, upstream: URL | None = None) -> CheckResult:
@@ -232,6 +240,7 @@ def run_checks(settings: Settings) -> int:
         check_open_files(),
         check_socket_options(settings),
         check_spool(settings),
+        check_cache(settings),
     ]
     loop = new_event_loop()
     try:

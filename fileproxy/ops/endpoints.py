@@ -19,6 +19,7 @@ from aiohttp import web
 from fileproxy.app_keys import (
     ADAPTATION,
     ADAPTATIONS,
+    CACHE,
     FLEET,
     LIFECYCLE,
     LISTEN_SOCKETS,
@@ -32,14 +33,16 @@ from fileproxy.app_keys import (
     TUNNELS,
     UPSTREAM,
 )
+from fileproxy.delivery.cache import CacheService
 from fileproxy.http import errors, gate
+from fileproxy.http.data_plane import ClientRequest
 from fileproxy.http.headers import is_trusted, request_id_for
 from fileproxy.http.proxy_handler import on_unix_socket
 from fileproxy.ops import metrics
 from fileproxy.settings import redact_url
 from fileproxy.upstream.tcp_options import read_back
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[ClientRequest], Awaitable[web.Response]]
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
@@ -51,7 +54,7 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
-async def health(request: web.Request) -> web.Response:
+async def health(request: ClientRequest) -> web.Response:
     app = request.app
     runtime, settings, link = app[RUNTIME], app[SETTINGS], app[STORE]
     upstream, traffic = app[UPSTREAM], app[TRAFFIC]
@@ -101,12 +104,22 @@ async def health(request: web.Request) -> web.Response:
             "upstreams": replicas.report(),
             "state_store": store,
             "in_flight": traffic.in_flight,
-            "active_requests": gate.report(request),
+            "active_requests": gate.report(request.protocol.gate),
             "event_loop": _loop_report(app),
             "spool": app[SPOOL].report(),
+            "cache": cache_health(app[CACHE]),
             "tcp": _tcp_report(request),
         }
     )
+
+
+def cache_health(cache: CacheService) -> dict[str, Any]:
+    """The cache's part of /health: on, off or unavailable (and why), its directory, and
+    what it holds as last counted (no I/O)."""
+    report = cache.snapshot()
+    keys = ("state", "dir", "error", "objects", "bytes_on_disk", "max_size", "free_bytes",
+            "fills_in_progress")  # fmt: skip
+    return {key: report[key] for key in keys if key in report}
 
 
 def _loop_report(app: web.Application) -> dict[str, float]:
@@ -119,7 +132,7 @@ def _loop_report(app: web.Application) -> dict[str, float]:
     }
 
 
-async def stats(request: web.Request) -> web.Response:
+async def stats(request: ClientRequest) -> web.Response:
     """The fleet's figures (scope ``cluster``) while its view is fresh, else this worker's."""
     app = request.app
     runtime, traffic, adaptation = app[RUNTIME], app[TRAFFIC], app[ADAPTATION]
@@ -165,6 +178,8 @@ async def stats(request: web.Request) -> web.Response:
             "spooled_total": app[SPOOL].responses_spooled,
             "quality_level": level.value if level is not None else None,
         },
+        # the disk cache of this worker (requests, bytes) and of the directory (disk use)
+        "cache": app[CACHE].snapshot(),
         # this worker's WebSocket tunnels: open now, and since start
         "tunnels": {"open": len(app[TUNNELS].open), "total": app[TUNNELS].total},
         "retries": {
@@ -186,7 +201,7 @@ async def stats(request: web.Request) -> web.Response:
     return _json(body)
 
 
-def _tcp_report(request: web.Request) -> dict[str, Any]:
+def _tcp_report(request: ClientRequest) -> dict[str, Any]:
     """Options asked for, what the kernel refused, and what real sockets report."""
     app = request.app
     upstream = app[UPSTREAM]
@@ -209,7 +224,7 @@ def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(now - then, 3)
 
 
-async def ready(request: web.Request) -> web.Response:
+async def ready(request: ClientRequest) -> web.Response:
     app = request.app
     replicas = app[REPLICAS]
     is_ready, reason = app[LIFECYCLE].readiness(
@@ -224,7 +239,14 @@ async def ready(request: web.Request) -> web.Response:
     return _json(body, status=200 if is_ready else 503)
 
 
-async def prometheus_metrics(request: web.Request) -> web.Response:
+async def purge(request: ClientRequest) -> web.Response:
+    """``PURGE <target>`` (operators only): every stored variant of the target is removed;
+    readers already sending it finish."""
+    removed = await request.app[CACHE].purge(request.raw_path)
+    return _json({"purged": removed, "target": request.raw_path})
+
+
+async def prometheus_metrics(request: ClientRequest) -> web.Response:
     return web.Response(
         body=metrics.render(request.app),
         headers={"Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store"},
@@ -234,7 +256,7 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 def admin_only(handler: Handler) -> Handler:
     """Open to FILEPROXY_ADMIN_ALLOW peers or a matching bearer token; 403 JSON otherwise."""
 
-    async def guarded(request: web.Request) -> web.StreamResponse:
+    async def guarded(request: ClientRequest) -> web.Response:
         settings = request.app[SETTINGS]
         local = on_unix_socket(request)
         if is_trusted(request.remote, settings.admin_allow, local_socket=local) or _token_ok(
@@ -247,7 +269,7 @@ def admin_only(handler: Handler) -> Handler:
     return guarded
 
 
-def _token_ok(request: web.Request, token: str) -> bool:
+def _token_ok(request: ClientRequest, token: str) -> bool:
     if not token:
         return False
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +24,7 @@ from prometheus_client.registry import Collector
 from fileproxy.adaptive import LEVELS
 from fileproxy.app_keys import (
     ADAPTATIONS,
+    CACHE,
     FLEET,
     LIFECYCLE,
     LOOP_LAG,
@@ -35,6 +37,9 @@ from fileproxy.app_keys import (
 )
 from fileproxy.http import errors
 from fileproxy.state.traffic import CUMULATIVE_BOUNDS_S, UpstreamCounters
+
+if TYPE_CHECKING:
+    from fileproxy.delivery.cache import CacheService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -150,6 +155,7 @@ class FileproxyCollector(Collector):
         yield loop_lag_max
 
         yield from _spool_metrics(app, pid)
+        yield from cache_metrics(app[CACHE], pid)
 
         draining = GaugeMetricFamily(
             "fileproxy_draining", "1 while the worker drains before exit", labels=["pid"]
@@ -255,6 +261,91 @@ def _spool_metrics(
     for reason, count in spool.fallbacks.items():
         fallbacks.add_metric([pid, reason], count)
     yield fallbacks
+
+
+def cache_metrics(
+    cache: CacheService, pid: str
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The cache of large files (fileproxy.delivery.cache): this worker's requests and
+    bytes, its fills and waiting readers; disk use as the shared index last said (at
+    most a few seconds old: a scrape does no I/O)."""
+    report = cache.snapshot()
+    enabled = GaugeMetricFamily(
+        "fileproxy_cache_enabled",
+        "1 when the cache serves in this worker (0: off, or its directory is unusable)",
+        labels=["pid"],
+    )
+    enabled.add_metric([pid], float(report["state"] == "on"))
+    yield enabled
+    requests = CounterMetricFamily(
+        "fileproxy_cache_requests",
+        "Requests by what the cache did (hit, miss, revalidated, stale, bypass)",
+        labels=["pid", "outcome"],
+    )
+    for outcome, count in report["requests"].items():
+        requests.add_metric([pid, outcome], count)
+    yield requests
+    uncached = CounterMetricFamily(
+        "fileproxy_cache_uncached_misses",
+        "Misses proxied without storing (not storable, too large, no room)",
+        labels=["pid"],
+    )
+    uncached.add_metric([pid], report["uncached_misses"])
+    yield uncached
+    body = CounterMetricFamily(
+        "fileproxy_cache_body_bytes",
+        "Body bytes sent to clients from cache files (source=cache) and fetched from the "
+        "upstream into them (source=upstream); 1 - upstream/cache is the byte hit ratio",
+        labels=["pid", "source"],
+    )
+    body.add_metric([pid, "cache"], report["bytes_from_cache"])
+    body.add_metric([pid, "upstream"], report["bytes_fetched"])
+    yield body
+    for name, key, text in (
+        ("fileproxy_cache_fills_in_progress", "fills_in_progress", "Fills this worker runs now"),
+        (
+            "fileproxy_cache_readers_waiting",
+            "readers_waiting",
+            "Responses waiting for bytes a fill has not written yet",
+        ),
+        ("fileproxy_cache_readers_open", "readers_open", "Responses reading a cache file now"),
+    ):
+        gauge = GaugeMetricFamily(name, text, labels=["pid"])
+        gauge.add_metric([pid], report[key])
+        yield gauge
+    for name, key, text in (
+        ("fileproxy_cache_evictions", "evictions", "Objects this worker evicted for room"),
+        ("fileproxy_cache_takeovers", "takeovers", "Orphaned fills this worker took over"),
+        ("fileproxy_cache_fills_failed", "fills_failed", "Fills that could not be completed"),
+        ("fileproxy_cache_aborted", "aborted", "Responses aborted because their fill failed"),
+        ("fileproxy_cache_purges", "purges", "PURGE requests"),
+    ):
+        counter = CounterMetricFamily(name, text, labels=["pid"])
+        counter.add_metric([pid], report[key])
+        yield counter
+    if report["state"] == "on":
+        disk = GaugeMetricFamily(
+            "fileproxy_cache_disk_bytes",
+            "The cache directory: bytes written, reserved by objects and fills, the budget, "
+            "and free on its filesystem",
+            labels=["pid", "what"],
+        )
+        for what, key in (
+            ("on_disk", "bytes_on_disk"),
+            ("reserved", "bytes_reserved"),
+            ("max_size", "max_size"),
+            ("free", "free_bytes"),
+        ):
+            disk.add_metric([pid, what], report[key])
+        yield disk
+        objects = GaugeMetricFamily(
+            "fileproxy_cache_objects",
+            "Stored objects (partial: being filled)",
+            labels=["pid", "state"],
+        )
+        objects.add_metric([pid, "complete"], report["objects"])
+        objects.add_metric([pid, "partial"], report["partial_objects"])
+        yield objects
 
 
 def _fleet_metrics(app: web.Application) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

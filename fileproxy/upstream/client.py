@@ -1,16 +1,13 @@
 """The HTTP/1.1 client that talks to the upstream over a pool of keep-alive connections.
 
-One request is one write of its head (and its body, streamed after it), then
-aiohttp's response protocol parses the answer: the same llhttp parser, idle-read
-timeout, flow control and exceptions as ``aiohttp.ClientSession``, without the
-session's per-request object graph (``ClientRequest``, ``ClientResponse``,
-``Connection``, timer contexts, auto headers, cookie, redirect, trace and
-middleware machinery), which took a fifth (32 connections) to a third (1,000) of
-the proxy's CPU per small request (``bench.hot_path``, 2026-12-02). Nothing here
+One request is one write of its head (and its body, streamed after it), then the
+connection's protocol (``upstream.protocol``: our own ``asyncio.Protocol`` with llhttp)
+reads the answer: its head parsed, its body handed on as received. Nothing here
 follows redirects, decodes bodies, keeps cookies or adds headers the client did
-not send, besides ``Host`` and the framing.
-
-The aiohttp internals this takes are all in ``aiohttp_client`` (the wall), with why.
+not send, besides ``Host`` and the framing. aiohttp's client protocol and session did
+this before (2026-12-07); the session's per-request object graph took a fifth to a
+third of the proxy's CPU per small request, its protocol's parser a CIMultiDict, a URL
+and a StreamReader per message more (``bench.hot_path``, ``bench.parsers``).
 """
 
 from __future__ import annotations
@@ -22,23 +19,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp import RequestInfo, StreamReader
-from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from fileproxy.adaptive import TcpInfo
 from fileproxy.settings import ReplicaSpec, Settings
 from fileproxy.upstream import tcp_options, tls
-from fileproxy.upstream.aiohttp_client import (
-    ResponseHandler,
-    prepare_for_response,
-    read_response,
-    serialize_head,
-    start_read_timeout,
-    wait_writable,
-)
+from fileproxy.upstream.aiohttp_client import serialize_head
 from fileproxy.upstream.pool import ConnectionPool, ConnectObserver
+from fileproxy.upstream.protocol import MAX_HEADER_BYTES as MAX_HEADER_BYTES
+from fileproxy.upstream.protocol import ResponseBody, UpstreamProtocol
 from fileproxy.upstream.tcp_info import read_tcp_info
 
 # Methods a request may be retried with when a pooled connection turned out closed
@@ -55,12 +45,6 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # T
 RISKY_REUSE_IDLE_S = 1.0
 # Without a body these still say so (Content-Length: 0), as aiohttp's client does.
 _BODYLESS_BY_NATURE = frozenset({"GET", "HEAD", "OPTIONS"})
-_MAX_LINE_SIZE = _MAX_FIELD_SIZE = 8190  # aiohttp's client defaults
-# A response head is bounded by its total size, as nginx bounds it (by proxy_buffer_size,
-# 4-8 KiB), not by aiohttp's 128 fields: 130 Set-Cookie of a login (httpbin
-# /cookies/set) pass. 2,048 fields is more than an 8 KiB head can hold (4 bytes each).
-_MAX_HEADERS = 2048
-MAX_HEADER_BYTES = 64 * 1024
 
 
 def upstream_name(upstream: URL) -> str:
@@ -93,27 +77,29 @@ class UpstreamResponse:
 
     __slots__ = (
         "_body_writer", "_pool", "_protocol", "content", "headers", "raw_headers", "reason",
-        "sent_at", "status",
+        "sent_at", "status", "version",
     )  # fmt: skip
 
     def __init__(
         self,
         pool: ConnectionPool,
-        protocol: ResponseHandler,
+        protocol: UpstreamProtocol,
         status: int,
         reason: str,
         headers: CIMultiDictProxy[str],
-        content: StreamReader,
+        content: ResponseBody,
         body_writer: asyncio.Task[float | None] | None,
         raw_headers: tuple[tuple[bytes, bytes], ...] = (),
         sent_at: float = 0.0,
+        version: tuple[int, int] = (1, 1),
     ) -> None:
         self._pool, self._protocol, self._body_writer = pool, protocol, body_writer
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
-        # the fields as received, one per field of ``headers`` and in the same order: the
-        # names spelled as the upstream spelled them (``headers`` has aiohttp's spelling)
+        # the fields as received, one per field of ``headers`` and in the same order (names
+        # and values as bytes; ``headers`` decodes them, bytes not UTF-8 as surrogates)
         self.raw_headers = raw_headers
         self.sent_at = sent_at
+        self.version = version
 
     def tcp_info(self) -> TcpInfo | None:
         """TCP_INFO of the upstream socket that carries this response."""
@@ -129,9 +115,13 @@ class UpstreamResponse:
     def close(self) -> None:
         self._give_back(False)
 
-    def detach(self) -> ResponseHandler:
+    def detach(self) -> Any:
         """The connection after a ``101``, out of the pool (a tunnel holds no pool slot):
-        the caller owns it and closes it; ``release`` and ``close`` no longer touch it."""
+        the caller owns it and closes it; ``release`` and ``close`` no longer touch it.
+
+        An ``UpstreamProtocol``, typed ``Any`` for fileproxy/delivery/tunnel.py, which
+        wraps it in aiohttp's ``StreamReader`` (typed for aiohttp's own protocols; ours
+        has what it calls: ``pause_reading``, ``resume_reading``, ``connected``)."""
         protocol, self._protocol = self._protocol, None  # type: ignore[assignment]
         assert protocol is not None, "released or closed already"
         self._pool.detach(protocol)
@@ -251,7 +241,7 @@ class UpstreamClient:
 
     async def _exchange(
         self,
-        protocol: ResponseHandler,
+        protocol: UpstreamProtocol,
         method: str,
         head: bytes,
         body: AsyncIterator[bytes] | None,
@@ -261,47 +251,18 @@ class UpstreamClient:
         transport = protocol.transport
         if transport is None or transport.is_closing():
             raise aiohttp.ServerDisconnectedError()
-        prepare_for_response(
-            protocol,
-            head_only=method == "HEAD",
-            read_timeout=read_timeout,
-            read_bufsize=self.read_bufsize,
-            max_line_size=_MAX_LINE_SIZE,
-            max_field_size=_MAX_FIELD_SIZE,
-            max_headers=_MAX_HEADERS,
+        protocol.expect_response(
+            head_only=method == "HEAD", read_timeout=read_timeout, bufsize=self.read_bufsize
         )
         sent_at = time.monotonic()
         transport.write(head)
         writer = None
         if body is None:
-            start_read_timeout(protocol)
+            protocol.start_read_timeout()
         else:
             writer = asyncio.create_task(_write_body(protocol, body, chunked))
         try:
-            while True:
-                try:
-                    message, payload = await read_response(protocol)
-                except HttpProcessingError as exc:
-                    raise aiohttp.ClientResponseError(
-                        RequestInfo(self.origin, method, CIMultiDictProxy(CIMultiDict())),
-                        (),
-                        status=exc.code,
-                        message=exc.message,
-                        headers=exc.headers,
-                    ) from exc
-                # (64 fields or fewer are within 1 MiB by the per-field bound)
-                if len(message.raw_headers) > 64 and _head_size(message.raw_headers) > (
-                    MAX_HEADER_BYTES
-                ):
-                    raise aiohttp.ClientResponseError(
-                        RequestInfo(self.origin, method, CIMultiDictProxy(CIMultiDict())),
-                        (),
-                        status=502,
-                        message=f"response head larger than {MAX_HEADER_BYTES} bytes",
-                    )
-                # 1xx (103 Early Hints, a stray 100) precede the real response; 101 is one
-                if not 100 <= message.code <= 199 or message.code == 101:
-                    break
+            answer, content = await protocol.read_head()  # 1xx skipped; a 101 is final
         except BaseException:
             if writer is not None:
                 writer.cancel()
@@ -318,13 +279,14 @@ class UpstreamClient:
         return UpstreamResponse(
             self.pool,
             protocol,
-            message.code,
-            message.reason,
-            message.headers,
-            payload,
+            answer.status,
+            answer.reason,
+            answer.headers,
+            content,
             writer,
-            message.raw_headers,
+            answer.raw_headers,
             sent_at,
+            answer.version,
         )
 
     def mark_response(self, now: float) -> None:
@@ -360,17 +322,12 @@ class UpstreamClient:
         self.pool.close()
 
 
-def _head_size(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
-    """Bytes of a parsed header block (name, ": ", value, CRLF per field)."""
-    return sum(len(name) + len(value) + 4 for name, value in raw_headers)
-
-
 async def _write_body(
-    protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool
+    protocol: UpstreamProtocol, body: AsyncIterator[bytes], chunked: bool
 ) -> float | None:
     """Stream a request body after its head; a failure fails the response read.
 
-    As aiohttp's client does: the error is set on the protocol (its connection is
+    As aiohttp's client did: the error is set on the protocol (its connection is
     then never reused), and the idle-read timeout starts only once the whole body
     was sent, so a long upload is not cut while the upstream waits for it. Returns
     when (monotonic) the last byte was handed over, None when the body failed.
@@ -385,7 +342,7 @@ async def _write_body(
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await wait_writable(protocol)
+            await protocol.drain()
         if chunked:
             transport.write(b"0\r\n\r\n")
     except OSError as exc:
@@ -397,5 +354,5 @@ async def _write_body(
             aiohttp.ClientConnectionError(f"request body failed: {type(exc).__name__}"), exc
         )
         return None
-    start_read_timeout(protocol)
+    protocol.start_read_timeout()
     return time.monotonic()

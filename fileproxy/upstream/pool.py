@@ -1,8 +1,8 @@
 """Keep-alive connections to the one upstream: open, lend, take back, expire.
 
-The pool hands out aiohttp's client protocol (``ResponseHandler``: the llhttp
-response parser, the idle-read timeout, read flow control) on sockets made by
-the caller's factory (the TCP options). It replaces aiohttp's ``TCPConnector``,
+The pool hands out connections of our own protocol (``upstream.protocol``: the
+llhttp response parser, the idle-read timeout, read flow control) on sockets made
+by the caller's factory (the TCP options). It replaces aiohttp's ``TCPConnector``,
 whose per-request bookkeeping (a ``Connection`` wrapper, callbacks, per-key
 dictionaries, a ``ClientRequest`` to key on) is more than a proxy in front of one
 origin needs. Its semantics are the connector's, which the seed's settings name:
@@ -33,7 +33,8 @@ from typing import Any
 
 import aiohttp
 
-from fileproxy.upstream.aiohttp_client import ResponseHandler, connection_key, new_protocol
+from fileproxy.upstream.aiohttp_client import connection_key
+from fileproxy.upstream.protocol import UpstreamProtocol
 
 SocketFactory = Callable[[Any], socket.socket]  # getaddrinfo's 5-tuple -> socket
 ConnectObserver = Callable[[float, float], None]  # (now, connect seconds)
@@ -68,8 +69,8 @@ class ConnectionPool:
         self._addresses: list[AddrInfo] = []
         self._addresses_expire = 0.0
         self._busy = 0  # slots taken: connections lent out or being opened
-        self._lent: set[ResponseHandler] = set()
-        self._idle: list[tuple[ResponseHandler, float]] = []  # (protocol, given back at)
+        self._lent: set[UpstreamProtocol] = set()
+        self._idle: list[tuple[UpstreamProtocol, float]] = []  # (protocol, given back at)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
@@ -86,12 +87,12 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def idle_protocols(self) -> list[ResponseHandler]:
+    def idle_protocols(self) -> list[UpstreamProtocol]:
         return [protocol for protocol, _ in self._idle]
 
     async def acquire(
         self, connect_timeout: float | None, *, idle_at_most: float | None = None
-    ) -> tuple[ResponseHandler, bool]:
+    ) -> tuple[UpstreamProtocol, bool]:
         """A connection for one request, and whether it was reused from the pool.
 
         Waits (FIFO) while ``limit`` slots are taken; the caller bounds that wait.
@@ -116,7 +117,7 @@ class ConnectionPool:
         self._lent.add(protocol)
         return protocol, reused
 
-    def release(self, protocol: ResponseHandler, reusable: bool) -> None:
+    def release(self, protocol: UpstreamProtocol, reusable: bool) -> None:
         """Take a lent connection back: pooled if ``reusable`` and sound, else closed."""
         if protocol not in self._lent:
             return
@@ -132,7 +133,7 @@ class ConnectionPool:
             protocol.close()
         self._wake_next()
 
-    def detach(self, protocol: ResponseHandler) -> None:
+    def detach(self, protocol: UpstreamProtocol) -> None:
         """A lent connection leaves the pool for good (a tunnel): its slot is free, the
         connection is the caller's to close."""
         if protocol not in self._lent:
@@ -183,11 +184,11 @@ class ConnectionPool:
 
     # --- idle connections --------------------------------------------------------
 
-    def _reusable(self, protocol: ResponseHandler, since: float, now: float) -> bool:
+    def _reusable(self, protocol: UpstreamProtocol, since: float, now: float) -> bool:
         """An idle connection still open and given back less than keepalive_timeout ago."""
         return now - since < self._keepalive and protocol.is_connected()
 
-    def _take_idle(self, now: float, idle_at_most: float | None = None) -> ResponseHandler | None:
+    def _take_idle(self, now: float, idle_at_most: float | None = None) -> UpstreamProtocol | None:
         """The most recently given back connection still reusable, if it has not been idle
         ``idle_at_most`` seconds (the others, given back before it, have been idle longer)."""
         idle = self._idle
@@ -221,7 +222,7 @@ class ConnectionPool:
 
     # --- new connections ---------------------------------------------------------
 
-    async def _connect(self, timeout: float | None) -> ResponseHandler:
+    async def _connect(self, timeout: float | None) -> UpstreamProtocol:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
@@ -250,13 +251,13 @@ class ConnectionPool:
             self._on_connect(now, now - started)
         return protocol
 
-    async def _open(self, loop: asyncio.AbstractEventLoop, info: AddrInfo) -> ResponseHandler:
+    async def _open(self, loop: asyncio.AbstractEventLoop, info: AddrInfo) -> UpstreamProtocol:
         sock = self._new_socket(info)
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, info[4])
             _, protocol = await loop.create_connection(
-                lambda: new_protocol(loop),
+                lambda: UpstreamProtocol(loop),
                 sock=sock,
                 ssl=self._tls,
                 server_hostname=self.host if self._tls is not None else None,

@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from fileproxy.adaptive.resume import ResumePlan
 from fileproxy.adaptive.retry_budget import CONNECT
 from fileproxy.upstream.client import UpstreamResponse
 from fileproxy.upstream.pool import CONNECT_ERRORS
+from fileproxy.upstream.protocol import ResponseBody
 from fileproxy.upstream.replicas import Attempt, Replica, ReplicaSet
 
 log = logging.getLogger("fileproxy.upstream.resume")
@@ -53,7 +53,7 @@ class ResumableBody:
     ) -> None:
         self.response, self.plan, self.replicas = response, plan, replicas
         self.attempt = attempt  # the try that owns the body's replica (moves on a resume)
-        self.inner: StreamReader = response.content
+        self.inner: ResponseBody = response.content
         self.target = target
         self.headers = headers  # the request's headers as the proxy first built them
         self.max_resumes = max_resumes

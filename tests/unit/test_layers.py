@@ -4,7 +4,8 @@
        cache/         the cache's pure rules (RFC 9111, eviction): the same floor, the same purity
     1  settings, runtime, lifecycle, loop_lag, exchange   the one config object, the record of
        an exchange, facts every floor reads
-    2  state/, upstream/             shared state and the upstream side (neither imports the other)
+    2  state/, upstream/             shared state and the upstream side (neither imports the other;
+                                     both may use http/connection.py's pure HTTP/1.1 rules)
     3  http/, delivery/, app_keys    the client-facing edge, the proxy path, the spool
        (http/connection.py, the sans-IO connection machine, imports pure stdlib only)
     4  ops/                          /health /ready /stats /metrics, logs, check
@@ -43,8 +44,10 @@ FLOORS = {
     "__main__": 5,
     "__init__": 5,
 }
-# modules that may be imported from anywhere (no fileproxy imports of their own)
-ANYWHERE = {"fileproxy", "fileproxy.__init__"}
+# modules that may be imported from anywhere (no fileproxy imports of their own): the sans-IO
+# HTTP/1.1 rules (http/connection.py, pure by PURE_MODULES) serve both sides of the proxy,
+# the upstream connections' protocol (upstream/protocol.py) reads responses by them
+ANYWHERE = {"fileproxy", "fileproxy.__init__", "fileproxy.http.connection"}
 # floors whose modules may not import each other though they share a floor
 SIBLINGS_APART = {
     ("state", "upstream"),

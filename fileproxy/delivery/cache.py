@@ -1,0 +1,1587 @@
+"""The cache's I/O service: between "a client request head arrived" and "bytes to send".
+
+HTTP-layer neutral: a data plane (aiohttp today, the asyncio.Protocol one of issue 21
+next) calls it with the request's method, target and raw header pairs, and gets back
+either "proxy it as you always do" or an ``Answer`` to send: a status, the header pairs,
+and a body that reads the cache file as it is written (an async iterator of blocks, or
+``(fd, offset, count)`` runs of committed bytes for sendfile). Every HTTP rule comes from
+``fileproxy.cache.policy`` (pure, time passed in); the disk from
+``fileproxy.delivery.cache_store``. The interface the data plane calls::
+
+    cache = CacheService(settings)            # one per worker, opened at start
+    await cache.open()                        # cache.close() at exit, BEFORE the upstream
+                                              # clients: running fills pause, kept
+    decision = await cache.lookup(method, target, headers, now=time.time())
+    if decision.outcome is Outcome.BYPASS:    # not for the cache: relay as today,
+        ...                                   # adding decision.extra_headers
+    elif decision.outcome is Outcome.GATEWAY_TIMEOUT:
+        ...                                   # only-if-cached and nothing: 504 (errors.py)
+    else:
+        answer = await cache.respond(decision, fetch)   # fetch(conditions) -> upstream
+        if answer.upstream is not None:       # not stored (uncacheable, no room...):
+            relay(answer.upstream, extra=answer.extra_headers)   # as today
+        else:
+            send_head(answer.status, answer.headers)
+            if answer.body is not None:       # None for HEAD, 304, 416
+                try:                          # a small object: body.in_memory is its bytes
+                    async for block in answer.body: write(block)   # or body.runs()
+                except CacheAborted: abort the client connection (never a short body)
+                finally: answer.body.close()
+    log(word=answer.log_word)                 # hit / miss / revalidated / stale / bypass
+    await cache.invalidate(method, target, status, request_headers, response_headers)
+                                              # after an unsafe method's 2xx/3xx
+    await cache.purge(target)                 # PURGE (admin peers / token): every variant
+    cache.snapshot()  # /stats, /health (no I/O); metrics.cache_metrics(cache, pid)
+
+``fetch`` is the data plane's: ``await fetch(conditions)`` sends the client's request
+upstream as GET (the headers it forwards, without the fields in ``CONDITIONAL_FIELDS``,
+plus ``conditions``: the cache's own Range, If-Range, If-None-Match, If-Modified-Since),
+with its replicas, retries and mid-body resume, and returns an object with the interface
+of ``fileproxy.upstream.client.UpstreamResponse`` (``status``, ``raw_headers``,
+``content.read(n)``, ``release()``, ``close()``). It must not depend on the client's
+connection: a fill goes on after the client that caused it left, and a take-over of an
+orphaned fill uses the fetch of the reader that found it orphaned.
+
+How a miss becomes one fill per object per host: the first request of a key takes a
+"miss lock" (an asyncio future in the process, an ``flock`` on a file in the cache
+directory across processes) until its upstream answer is either stored (the fill has its
+lease and its row: everyone else opens a reader) or found not storable; requests that
+arrive meanwhile wait for it, then read the fill from byte 0 at their own pace. A key
+found not storable is not coalesced again for ``PASS_S`` in that process (Varnish's
+hit-for-miss): concurrent requests for private answers must not queue behind each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from fileproxy.cache import policy
+from fileproxy.cache.manifest import ByteRanges, ChunkMap, StoredHead
+from fileproxy.cache.policy import Forward, Reuse, ReuseDecision, StoredResponse
+from fileproxy.delivery.cache_store import (
+    CacheStore,
+    Fill,
+    FillAbandoned,
+    FillBusy,
+    FillOrphaned,
+    NotStored,
+    Reader,
+    ReservationRefused,
+    StoredObject,
+    StoreFull,
+)
+from fileproxy.http.zero_copy import ZeroCopyStats
+from fileproxy.settings import Settings
+
+__all__ = [
+    "CONDITIONAL_FIELDS",
+    "Answer",
+    "CacheAborted",
+    "CacheService",
+    "CachedBody",
+    "Decision",
+    "Fetch",
+    "MemoryBody",
+    "Outcome",
+    "UpstreamAnswer",
+    "auto_max_size",
+    "default_cache_dir",
+]
+
+log = logging.getLogger("fileproxy.cache")
+
+HeaderPair = tuple[bytes, bytes]
+#: request fields the cache sets itself on what it sends upstream (the data plane drops
+#: the client's, then adds ``conditions``)
+CONDITIONAL_FIELDS = frozenset(
+    {"range", "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
+)
+#: a block read from the cache file for the copying path (the zero-copy path uses runs)
+READ_BLOCK = 256 * 1024
+#: bytes read from the upstream per write into the cache file
+WRITE_BLOCK = 256 * 1024
+#: a key found not storable is not coalesced again for this long in this process
+PASS_S = 30.0
+#: a miss waiting for another process's miss lock (its upstream's response head) gives
+#: up waiting after this long and fetches on its own, uncached
+MISS_WAIT_S = 30.0
+MISS_POLL_S = 0.02
+#: a reader takes an orphaned fill over at most this often before it aborts its client
+MAX_TAKEOVERS = 8
+#: a complete object up to this size is kept in memory once read whole, and its hits are
+#: answered from there (no thread hop, no file): a hit of 1 KiB then costs a ``stat`` (is
+#: it still stored?) and a few header copies
+SMALL_OBJECT_MAX = 64 * 1024
+#: the memory those small objects may take per worker (least recently used go first)
+SMALL_MEMORY = 64 * 1024 * 1024
+#: how often the disk figures of ``report()``/metrics are refreshed from the index
+TOTALS_REFRESH_S = 5.0
+#: FILEPROXY_CACHE_MAX_SIZE=auto takes this share of the cache filesystem's size
+AUTO_SHARE = 0.5
+#: never cached: hop-by-hop fields, and the framing of the response as it came
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_CONTENT_RANGE = re.compile(rb"bytes (\d+)-(\d+)/(\d+)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class CacheAborted(Exception):
+    """The fill a body follows failed beyond mending (or its object went away): abort the
+    client's connection; never end its body as if it were complete."""
+
+
+class _NotMended(Exception):
+    """An upstream answer that is not the exact continuation of a stored object."""
+
+
+class Content(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class UpstreamAnswer(Protocol):
+    """What ``fetch`` returns: ``fileproxy.upstream.client.UpstreamResponse``'s interface."""
+
+    status: int
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+
+    @property
+    def content(self) -> Content: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: ``await fetch(conditions)``: see the module's docstring
+Fetch = Callable[[Sequence[tuple[str, str]]], Awaitable[UpstreamAnswer]]
+
+
+class Outcome(StrEnum):
+    """What ``lookup`` decided; its value is the access log's word."""
+
+    BYPASS = "bypass"  # not for the cache: relay as today
+    HIT = "hit"  # fresh (or stale where the request allows it): served from the cache
+    REVALIDATE = "revalidated"  # stored, must be revalidated: ``respond`` sends conditions
+    STALE = "stale"  # served stale while it is revalidated in the background (RFC 5861)
+    MISS = "miss"  # nothing usable: ``respond`` fetches, and stores if it may
+    GATEWAY_TIMEOUT = "gateway-timeout"  # only-if-cached and nothing usable: answer 504
+
+
+@dataclass
+class Decision:
+    """``lookup``'s answer. ``extra_headers``: what a BYPASS response gets (Cache-Status)."""
+
+    outcome: Outcome
+    method: str
+    target: bytes
+    request_headers: tuple[HeaderPair, ...]
+    now: float
+    reason: str = ""
+    reuse: ReuseDecision | None = None
+    stored: StoredObject | None = None
+    response: StoredResponse | None = None
+    fwd: Forward | None = None
+    memory: bytes | None = None  # the stored body, when it is a small object held in memory
+
+    @property
+    def conditions(self) -> list[tuple[bytes, bytes]]:
+        """REVALIDATE: the validators ``respond`` sends (If-None-Match, If-Modified-Since)."""
+        if self.response is None:
+            return []
+        return [(_b(n), _b(v)) for n, v in policy.conditional_headers(self.response)]
+
+    @property
+    def cache_status(self) -> str:
+        if self.outcome is Outcome.BYPASS:
+            fwd = self.fwd or Forward.BYPASS
+            detail = self.reason if self.reason and self.reason != fwd.value else None
+            return policy.cache_status(fwd=fwd, detail=detail)
+        if self.reuse is not None:
+            return self.reuse.cache_status()
+        return policy.cache_status(fwd=self.fwd or Forward.URI_MISS)
+
+    @property
+    def extra_headers(self) -> list[HeaderPair]:
+        return [(b"Cache-Status", self.cache_status.encode("latin-1"))]
+
+
+@dataclass
+class Answer:
+    """What to send. Either ``upstream`` (relay it as today, with ``extra_headers``) or
+    ``status`` + ``headers`` (complete: Content-Length, Age, Cache-Status) + ``body``
+    (None for HEAD, 304, 416; the caller closes it)."""
+
+    log_word: str
+    cache_status: str
+    status: int = 0
+    headers: list[HeaderPair] = field(default_factory=list)
+    body: CachedBody | None = None
+    upstream: UpstreamAnswer | None = None
+
+    @property
+    def extra_headers(self) -> list[HeaderPair]:
+        return [(b"Cache-Status", self.cache_status.encode("latin-1"))]
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+def _name(value: str | bytes) -> bytes:
+    return _b(value).strip().lower()
+
+
+def _field(headers: Sequence[tuple[str | bytes, str | bytes]], name: bytes) -> bytes | None:
+    for n, v in headers:
+        if _name(n) == name:
+            return _b(v).strip()
+    return None
+
+
+def _fields(headers: Sequence[tuple[str | bytes, str | bytes]], name: bytes) -> list[bytes]:
+    return [_b(v).strip() for n, v in headers if _name(n) == name]
+
+
+def strong_etag(headers: Sequence[tuple[str | bytes, str | bytes]]) -> bytes | None:
+    """The ETag when it is a strong one (If-Range needs a strong validator)."""
+    tag = _field(headers, b"etag")
+    if tag is None or tag.startswith(b"W/") or len(tag) < 2 or not tag.startswith(b'"'):
+        return None
+    return tag
+
+
+def encode_variant(key: policy.VaryKey) -> bytes:
+    return orjson.dumps([list(pair) for pair in key]) if key else b""
+
+
+def decode_variant(variant: bytes) -> policy.VaryKey:
+    if not variant:
+        return ()
+    return tuple((str(name), value) for name, value in orjson.loads(variant))
+
+
+def default_cache_dir() -> str:
+    """FILEPROXY_CACHE_DIR empty: one directory under the system temp dir, shared by the
+    workers (they coordinate their fills through it) and kept across restarts."""
+    return os.path.join(tempfile.gettempdir(), "fileproxy-cache")
+
+
+def auto_max_size(fs_size: int, fs_free: int, held: int, min_free: int) -> int:
+    """FILEPROXY_CACHE_MAX_SIZE=auto: half the cache filesystem's size, at most what the
+    cache may grow to without eating into the watermark (free now plus what it holds
+    already, less ``min_free``): the other half stays for whatever else lives there."""
+    return max(0, min(int(fs_size * AUTO_SHARE), fs_free + held - min_free))
+
+
+def _single_range(value: bytes | None, length: int) -> tuple[int, int] | str | None:
+    """A single byte range ``[start, end)`` of ``length``; None to send it whole (no
+    Range, several ranges or a syntax we do not serve partially); "unsatisfiable"."""
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.decode("latin-1").strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # a suffix: the last N bytes
+        count = int(last)
+        if count == 0:
+            return "unsatisfiable"
+        return max(0, length - count), length
+    start = int(first)
+    end = length if not last else min(int(last) + 1, length)
+    if last and int(last) < start:
+        return None
+    if start >= length:
+        return "unsatisfiable"
+    return start, end
+
+
+def _cold_range(value: bytes | None) -> tuple[int, int | None] | None:
+    """A cold miss's single Range as (first byte, last byte + 1 or None); None when the
+    request has none (or a suffix, which needs the length first)."""
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.decode("latin-1").strip())
+    if match is None or not match.group(1):
+        return None
+    start = int(match.group(1))
+    if match.group(2):
+        last = int(match.group(2))
+        return None if last < start else (start, last + 1)
+    return start, None
+
+
+class _MissLock:
+    """The right to fetch a missed key (see the module's docstring)."""
+
+    def __init__(self, service: CacheService, key: bytes, fd: int, path: Path) -> None:
+        self.service, self.key, self.fd, self.path = service, key, fd, path
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            held = os.fstat(fd)
+            with contextlib.suppress(FileNotFoundError):
+                current = os.stat(self.path)
+                if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                    os.unlink(self.path)
+        finally:
+            os.close(fd)
+            if self.service._leaders.get(self.key) is self:
+                del self.service._leaders[self.key]
+            if not self.future.done():
+                self.future.set_result(None)
+
+
+class CacheService:
+    """The cache of one worker (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, *, durable: bool = True) -> None:
+        self.enabled = settings.cache
+        self.directory = Path(settings.cache_dir or default_cache_dir())
+        self.configured_max_size = settings.cache_max_size
+        self.min_free = settings.cache_min_free
+        self.max_object = settings.cache_max_object
+        self.range_fill = settings.cache_range_fill
+        self.durable = durable
+        self.store: CacheStore | None = None
+        self.error: str | None = None  # why the cache is off although enabled
+        self._leaders: dict[bytes, _MissLock] = {}
+        self._passes: dict[bytes, float] = {}
+        self._takeovers: dict[tuple[bytes, bytes], asyncio.Future[bool]] = {}
+        self._revalidating: set[bytes] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._totals: dict[str, int] = {}
+        self._totals_at = 0.0
+        self._refresher: asyncio.Future[None] | None = None
+        # small complete objects: key -> variant -> (generation, head, body)
+        self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
+        self._small_bytes = 0
+        self.counters: Counter[str] = Counter()
+        self.zero_copy = ZeroCopyStats()  # hit bytes the data plane sent by sendfile
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """At worker start. A directory that cannot be used turns the cache off for this
+        worker (``error`` says why, /health shows it), it never stops the proxy."""
+        if not self.enabled:
+            return
+        store = CacheStore(self.directory, max_size=0, min_free=self.min_free, durable=self.durable)
+        try:
+            await store.open()
+            totals = await store.stats()
+        except Exception as error:  # OSError, sqlite3.Error, CacheStoreError
+            self.error = f"{self.directory}: {error}"
+            log.warning("the cache is off in this worker: %s", self.error)
+            with contextlib.suppress(Exception):
+                await store.close()
+            return
+        if self.configured_max_size == "auto":
+            usage = shutil.disk_usage(self.directory)
+            store.max_size = auto_max_size(
+                usage.total, usage.free, totals["bytes_reserved"], self.min_free
+            )
+        else:
+            store.max_size = int(self.configured_max_size)
+        self.store = store
+        self._totals, self._totals_at = totals, time.monotonic()
+        self._refresher = asyncio.ensure_future(self._refresh_totals_now_and_then())
+
+    async def _refresh_totals_now_and_then(self) -> None:
+        """Disk figures for a scrape that does no I/O (``snapshot``)."""
+        while True:
+            await asyncio.sleep(TOTALS_REFRESH_S)
+            try:
+                await self.refresh_totals()
+            except Exception as error:  # sqlite3 or OS errors: the figures get older
+                log.info("cache figures not refreshed: %s", error)
+
+    async def close(self) -> None:
+        """At worker exit: fills still running are paused (kept for a later resume)."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for lock in list(self._leaders.values()):
+            lock.release()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+
+    async def __aenter__(self) -> CacheService:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def active(self) -> bool:
+        return self.store is not None
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------ lookup
+
+    async def lookup(
+        self,
+        method: str | bytes,
+        target: str | bytes,
+        headers: Sequence[tuple[str | bytes, str | bytes]],
+        now: float,
+    ) -> Decision:
+        """What to do with a request (RFC 9111 4 via ``policy.reuse``)."""
+        method_text = _b(method).decode("latin-1").upper()
+        key = _b(target)
+        request_headers = tuple((_b(n), _b(v)) for n, v in headers)
+
+        def decide(outcome: Outcome, reason: str = "", **more: Any) -> Decision:
+            decision = Decision(outcome, method_text, key, request_headers, now, reason, **more)
+            if outcome is Outcome.BYPASS:
+                self.counters["bypass"] += 1
+            return decision
+
+        if self.store is None:
+            return decide(Outcome.BYPASS, "off" if not self.enabled else "unavailable")
+        if method_text not in ("GET", "HEAD"):
+            return decide(Outcome.BYPASS, "method", fwd=Forward.METHOD)
+        if _field(request_headers, b"upgrade") is not None:
+            return decide(Outcome.BYPASS, "upgrade")
+        memory: bytes | None = None
+        chosen = self._choose(self._small_variants(key), request_headers)
+        if chosen is not None:
+            memory = self._small[key][chosen[0].variant][2]
+            variants = [chosen[0]]
+        else:
+            variants = await self.store.variants(key)
+            chosen = self._choose(variants, request_headers)
+        if chosen is not None and _field(request_headers, b"authorization") is not None:
+            cc = policy.parse_cache_control(_fields(chosen[1].headers, b"cache-control"))
+            if not (cc.public or cc.s_maxage is not None or cc.must_revalidate):
+                return decide(Outcome.BYPASS, "authorization")  # RFC 9111 3.5
+        absent = Forward.VARY_MISS if variants else Forward.URI_MISS
+        reuse = policy.reuse(
+            method_text,
+            request_headers,
+            chosen[1] if chosen else None,
+            now,
+            fwd_when_absent=absent,
+        )
+        more: dict[str, Any] = {
+            "reuse": reuse,
+            "stored": chosen[0] if chosen else None,
+            "response": chosen[1] if chosen else None,
+            "fwd": reuse.fwd,
+            "memory": memory,
+        }
+        if reuse.action is Reuse.GATEWAY_TIMEOUT:
+            return decide(Outcome.GATEWAY_TIMEOUT, "only-if-cached", **more)
+        if reuse.action in (Reuse.FRESH, Reuse.STALE):
+            return decide(Outcome.HIT, **more)
+        if reuse.action is Reuse.STALE_WHILE_REVALIDATE:
+            return decide(Outcome.STALE, **more)
+        if reuse.action is Reuse.REVALIDATE:
+            if method_text == "HEAD":
+                return decide(Outcome.BYPASS, "head-revalidate", fwd=reuse.fwd)
+            return decide(Outcome.REVALIDATE, **more)
+        # a miss
+        if method_text == "HEAD":
+            return decide(Outcome.BYPASS, "head-miss", fwd=reuse.fwd)
+        if self._passes.get(key, 0.0) > time.monotonic():
+            return decide(Outcome.BYPASS, "uncacheable", fwd=reuse.fwd)
+        return decide(Outcome.MISS, **more)
+
+    @staticmethod
+    def _choose(
+        variants: Sequence[StoredObject], request_headers: Sequence[HeaderPair]
+    ) -> tuple[StoredObject, StoredResponse] | None:
+        """The newest stored variant the request selects (RFC 9111 4.1)."""
+        for stored in reversed(variants):  # the newest first
+            head = stored.head
+            try:
+                response = StoredResponse(
+                    head.status,
+                    head.headers,
+                    head.request_time,
+                    head.response_time,
+                    decode_variant(stored.variant),
+                )
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+            if policy.variant_matches(response, request_headers):
+                return stored, response
+        return None
+
+    # ------------------------------------------------------------ small objects in memory
+
+    def _small_variants(self, key: bytes) -> list[StoredObject]:
+        """The variants of ``key`` held in memory whose body file is still there (a purge,
+        an eviction or a replacement anywhere on the host removes it); oldest first."""
+        held = self._small.get(key)
+        if not held or self.store is None:
+            return []
+        found = []
+        for variant, (generation, head, body) in list(held.items()):
+            try:
+                os.stat(self.store.index.body_path(generation))
+            except OSError:
+                self._forget(key, variant)
+                continue
+            chunks = ChunkMap(len(body), self.store.chunk_size)
+            for index in range(chunks.count):
+                chunks.mark(index)
+            found.append(
+                StoredObject(key, variant, generation, head, len(body), True, len(body), chunks)
+            )
+        if found:
+            self._small.move_to_end(key)
+        found.sort(key=lambda stored: stored.generation)
+        return found
+
+    def _remember(self, key: bytes, variant: bytes, generation: int, head: StoredHead,
+                  body: bytes) -> None:  # fmt: skip
+        if len(body) > SMALL_OBJECT_MAX or self.store is None:
+            return
+        self._forget(key, variant)
+        self._small.setdefault(key, {})[variant] = (generation, head, body)
+        self._small.move_to_end(key)
+        self._small_bytes += len(body)
+        while self._small_bytes > SMALL_MEMORY and self._small:
+            oldest = next(iter(self._small))
+            for old_variant in list(self._small[oldest]):
+                self._forget(oldest, old_variant)
+
+    def _forget(self, key: bytes, variant: bytes | None = None) -> None:
+        held = self._small.get(key)
+        if held is None:
+            return
+        for one in [variant] if variant is not None else list(held):
+            entry = held.pop(one, None)
+            if entry is not None:
+                self._small_bytes -= len(entry[2])
+        if not held:
+            del self._small[key]
+
+    # ------------------------------------------------------------ respond
+
+    async def respond(self, decision: Decision, fetch: Fetch) -> Answer:
+        """The answer to a HIT, STALE, REVALIDATE or MISS decision. Raises what ``fetch``
+        raises when the upstream fails and nothing stale may cover it."""
+        outcome = decision.outcome
+        if outcome is Outcome.HIT:
+            answer = await self._serve(decision, fetch, decision.reuse, Outcome.HIT)
+            if answer is not None:
+                return answer
+            return await self._miss(decision, fetch)
+        if outcome is Outcome.STALE:
+            answer = await self._serve(decision, fetch, decision.reuse, Outcome.STALE)
+            if answer is None:
+                return await self._miss(decision, fetch)
+            if decision.target not in self._revalidating:
+                self._revalidating.add(decision.target)
+                self._spawn(self._background_revalidation(decision, fetch))
+            return answer
+        if outcome is Outcome.REVALIDATE:
+            return await self._revalidate(decision, fetch)
+        if outcome is Outcome.MISS:
+            return await self._miss(decision, fetch)
+        raise ValueError(f"nothing to respond for {outcome}")
+
+    async def _serve(
+        self,
+        decision: Decision,
+        fetch: Fetch,
+        reuse: ReuseDecision | None,
+        word: Outcome,
+        *,
+        cache_status: str | None = None,
+        response: StoredResponse | None = None,
+    ) -> Answer | None:
+        """The stored object of ``decision`` sent (206 for a single Range, 304 for a
+        client's matching condition); None if it went away meanwhile."""
+        assert self.store is not None and decision.stored is not None
+        stored = decision.stored
+        response = response or decision.response
+        assert response is not None
+        status = cache_status or (reuse.cache_status() if reuse else policy.cache_status())
+        if decision.memory is not None:
+            self.store._hits[stored.generation] += 1  # a use, for the eviction policy
+            return self._answer_from(
+                None, decision, fetch, response, word.value, status, served=True,
+                memory=decision.memory, generation=stored.generation,
+            )  # fmt: skip
+        reader = self.store.open_reader(stored.key, stored.variant)
+        try:
+            await reader.__aenter__()
+        except NotStored:
+            return None
+        try:
+            if reader.generation != stored.generation:  # replaced since the lookup
+                head = reader.head
+                assert head is not None
+                response = StoredResponse(
+                    head.status,
+                    head.headers,
+                    head.request_time,
+                    head.response_time,
+                    decode_variant(stored.variant),
+                )
+            answer = self._answer_from(
+                reader, decision, fetch, response, word.value, status, served=True,
+                generation=reader.generation,
+            )  # fmt: skip
+        except BaseException:
+            reader.close()
+            raise
+        return answer
+
+    def _answer_from(
+        self,
+        reader: Reader | None,
+        decision: Decision,
+        fetch: Fetch,
+        response: StoredResponse,
+        word: str,
+        cache_status: str,
+        *,
+        served: bool,
+        generation: int,
+        memory: bytes | None = None,
+    ) -> Answer:
+        """Status, headers and body of ``reader``'s object (or of ``memory``) for the
+        request: the whole of it, a single range of it, a 304 or a 416 (the reader is the
+        answer's, or closed)."""
+        assert reader is not None or memory is not None
+        length = reader.length if reader is not None else len(memory or b"")
+
+        def no_body() -> None:
+            if reader is not None:
+                reader.close()
+
+        headers = [
+            (_b(n), _b(v))
+            for n, v in response.headers
+            if _name(n) not in _HOP_BY_HOP
+            and _name(n) not in (b"age", b"content-length", b"content-range")
+        ]
+        age = policy.age_value(response, decision.now) if served else "0"
+        headers.append((b"Age", age.encode()))
+        headers.append((b"Cache-Status", cache_status.encode("latin-1")))
+        self.counters[word] += 1
+        request = decision.request_headers
+        if _not_modified(request, response.headers):
+            no_body()
+            kept = [(n, v) for n, v in headers if _name(n) in _KEPT_IN_304]
+            return Answer(word, cache_status, 304, kept)
+        wanted = None
+        if _if_range_allows(request, response.headers):
+            wanted = _single_range(_field(request, b"range"), length)
+        if wanted == "unsatisfiable":
+            no_body()
+            headers = [(n, v) for n, v in headers if _name(n) != b"content-type"]
+            headers += [(b"Content-Range", b"bytes */%d" % length), (b"Content-Length", b"0")]
+            return Answer(word, cache_status, 416, headers)
+        status, start, end = 200, 0, length
+        if isinstance(wanted, tuple):
+            status, (start, end) = 206, wanted
+            headers.append((b"Content-Range", b"bytes %d-%d/%d" % (start, end - 1, length)))
+        headers.append((b"Content-Length", str(end - start).encode()))
+        if decision.method == "HEAD" or start == end:
+            no_body()
+            return Answer(word, cache_status, status, headers)
+        if memory is not None:
+            return Answer(word, cache_status, status, headers, MemoryBody(self, memory, start, end))
+        assert reader is not None
+        body = CachedBody(self, reader, start, end, fetch)
+        if start == 0 and end == length <= SMALL_OBJECT_MAX and response.status == 200:
+            body.remember = StoredHead(
+                response.status,
+                tuple((_b(n), _b(v)) for n, v in response.headers),
+                response.request_time,
+                response.response_time,
+            )
+        return Answer(word, cache_status, status, headers, body)
+
+    # ------------------------------------------------------------ misses and fills
+
+    async def _miss(self, decision: Decision, fetch: Fetch) -> Answer:
+        assert self.store is not None
+        key = decision.target
+        lock = await self._lead(key)
+        if lock is None:  # another request fetched it: read what it stored
+            again = await self.lookup(decision.method, key, decision.request_headers, decision.now)
+            if again.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATE) and again.stored:
+                status = policy.cache_status(hit=True, detail="collapsed")
+                answer = await self._serve(
+                    again, fetch, again.reuse, Outcome.HIT, cache_status=status
+                )
+                if answer is not None:
+                    return answer
+            response = await fetch(_client_conditions(decision))
+            return self._uncached(decision, response, "not-stored", decision.fwd)
+        try:
+            return await self._fetch_and_store(decision, fetch, lock)
+        finally:
+            lock.release()
+
+    async def _lead(self, key: bytes) -> _MissLock | None:
+        """The miss lock of ``key``, or None after waiting for whoever held it."""
+        assert self.store is not None
+        leader = self._leaders.get(key)
+        if leader is not None:
+            await asyncio.shield(leader.future)
+            return None
+        path = self.store.index.locks / f"miss-{hashlib.sha256(key).hexdigest()}.lock"
+        waited = False
+        deadline = time.monotonic() + MISS_WAIT_S
+        while True:
+            fd = _try_lock(path)
+            if fd is not None:
+                if waited:  # another process had it: read what it did
+                    _unlock_and_remove(path, fd)
+                    return None
+                lock = _MissLock(self, key, fd, path)
+                self._leaders[key] = lock
+                return lock
+            waited = True
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(MISS_POLL_S)
+            leader = self._leaders.get(key)
+            if leader is not None:
+                await asyncio.shield(leader.future)
+                return None
+
+    async def _fetch_and_store(self, decision: Decision, fetch: Fetch, lock: _MissLock) -> Answer:
+        """The leader's miss: fetch (the covering chunks for a Range), store what may be
+        stored, answer every waiter from the fill."""
+        cold = _cold_range(_field(decision.request_headers, b"range"))
+        conditions: list[tuple[str, str]] = []
+        if cold is not None and self.store is not None:
+            chunk = self.store.chunk_size
+            first = cold[0] // chunk * chunk
+            if cold[1] is None:
+                conditions.append(("Range", f"bytes={first}-"))
+            else:
+                last = -(-cold[1] // chunk) * chunk - 1
+                conditions.append(("Range", f"bytes={first}-{last}"))
+        request_time = time.time()
+        response = await fetch(conditions)
+        response_time = time.time()
+        if response.status == 206 and strong_etag(response.raw_headers) is None:
+            # a range that could never be continued: fetch it whole instead
+            response.close()
+            request_time = time.time()
+            response = await fetch(())
+            response_time = time.time()
+        return await self._store_response(
+            decision, fetch, response, request_time, response_time, own_range=bool(conditions)
+        )
+
+    def _pass(self, key: bytes) -> None:
+        """Not stored: the next ``PASS_S`` of requests for ``key`` go straight upstream,
+        none waiting for another's response head."""
+        now = time.monotonic()
+        self._passes[key] = now + PASS_S
+        if len(self._passes) > 10_000:
+            self._passes = {k: t for k, t in self._passes.items() if t > now}
+
+    def _uncached(
+        self,
+        decision: Decision,
+        response: UpstreamAnswer,
+        detail: str,
+        fwd: Forward | None,
+    ) -> Answer:
+        self.counters["uncached"] += 1
+        self.counters[Outcome.MISS.value] += 1
+        status = policy.cache_status(
+            fwd=fwd or Forward.URI_MISS, fwd_status=response.status, detail=detail
+        )
+        return Answer(Outcome.MISS.value, status, upstream=response)
+
+    async def _store_response(
+        self,
+        decision: Decision,
+        fetch: Fetch,
+        response: UpstreamAnswer,
+        request_time: float,
+        response_time: float,
+        *,
+        fwd: Forward | None = None,
+        own_range: bool = False,
+    ) -> Answer:
+        """Store ``response`` if it may be (then answer from the fill) or hand it back to be
+        relayed uncached. ``own_range``: it answers the cache's chunk-aligned Range, not the
+        client's: an uncached answer is then asked again with the client's conditions."""
+        fwd = fwd or decision.fwd or Forward.URI_MISS
+        plan = self._plan(decision, response, request_time, response_time)
+        if isinstance(plan, str):
+            self._pass(decision.target)
+            if own_range:
+                response.close()
+                response = await fetch(_client_conditions(decision))
+            return self._uncached(decision, response, plan, fwd)
+        head, length, start, end, variant = plan
+        stored_response = StoredResponse(
+            head.status, head.headers, request_time, response_time, decode_variant(variant)
+        )
+        entered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = self._spawn(
+            self._fill(decision.target, variant, head, length, response, start, end, fetch, entered)
+        )
+        # a task cancelled before it ran (the service closing) never ran its finally
+        task.add_done_callback(lambda _: _settle(entered, "failed"))
+        try:
+            how = await asyncio.shield(entered)
+        except asyncio.CancelledError:  # the response is the fill's, or nobody's: close it
+            entered.add_done_callback(
+                lambda done: None if done.result() == "filling" else response.close()
+            )
+            raise
+        if how == "refused":
+            self._pass(decision.target)
+            if own_range:
+                response.close()
+                response = await fetch(_client_conditions(decision))
+            return self._uncached(decision, response, "no-room", fwd)
+        if how == "failed":
+            response.close()
+            raise CacheAborted(f"the fill of {decision.target!r} could not start")
+        # filling (ours) or busy (another fill of this variant started meanwhile): read it
+        assert self.store is not None
+        reader = self.store.open_reader(decision.target, variant)
+        try:
+            await reader.__aenter__()
+        except NotStored:
+            raise CacheAborted(f"the fill of {decision.target!r} failed at once") from None
+        ttl = policy.freshness_lifetime(head.status, head.headers, response_time=response_time)
+        status = policy.cache_status(fwd=fwd, fwd_status=response.status, stored=True, ttl=ttl)
+        try:
+            return self._answer_from(
+                reader, decision, fetch, stored_response, Outcome.MISS.value, status,
+                served=False, generation=reader.generation,
+            )  # fmt: skip
+        except BaseException:
+            reader.close()
+            raise
+
+    def _plan(
+        self,
+        decision: Decision,
+        response: UpstreamAnswer,
+        request_time: float,
+        response_time: float,
+    ) -> tuple[StoredHead, int, int, int, bytes] | str:
+        """(head to store, object length, first and end byte the response carries, variant)
+        or why it is not stored."""
+        raw = tuple((_b(n), _b(v)) for n, v in response.raw_headers)
+        storability = policy.storable(
+            "GET", decision.request_headers, response.status, raw, response_time=response_time
+        )
+        if not storability.stored:
+            return storability.value
+        if response.status not in (200, 206):
+            return "status"
+        content_type = _field(raw, b"content-type") or b""
+        if content_type.split(b";")[0].strip().lower() == b"text/event-stream":
+            return "event-stream"
+        if (_field(raw, b"x-accel-buffering") or b"").lower() == b"no":
+            return "x-accel-buffering"
+        if _field(raw, b"transfer-encoding") is not None:
+            return "no-length"
+        length_field = _field(raw, b"content-length")
+        if length_field is None or not length_field.isdigit():
+            return "no-length"
+        carried = int(length_field)
+        if response.status == 206:
+            match = _CONTENT_RANGE.fullmatch(_field(raw, b"content-range") or b"")
+            if match is None:
+                return "content-range"
+            start, last, length = (int(g) for g in match.groups())
+            if last + 1 - start != carried or last >= length:
+                return "content-range"
+        else:
+            start, length = 0, carried
+        if length > self.max_object:
+            return "too-large"
+        connection = {m.strip().lower() for v in _fields(raw, b"connection") for m in v.split(b",")}
+        kept = tuple(
+            (n, v)
+            for n, v in raw
+            if _name(n) not in _HOP_BY_HOP
+            and _name(n) not in connection
+            and _name(n) not in (b"content-length", b"content-range")
+        )
+        headers = (*kept, (b"Content-Length", str(length).encode()))
+        head = StoredHead(200, headers, request_time, response_time)
+        fields = policy.vary_fields(raw)
+        vary = policy.secondary_key(fields, decision.request_headers) if fields else ()
+        return head, length, start, start + carried, encode_variant(vary)
+
+    async def _fill(
+        self,
+        key: bytes,
+        variant: bytes,
+        head: StoredHead,
+        length: int,
+        response: UpstreamAnswer,
+        start: int,
+        end: int,
+        fetch: Fetch,
+        entered: asyncio.Future[str],
+    ) -> None:
+        """The fill task: independent of the client that caused it."""
+        assert self.store is not None
+        paused = False
+        try:
+            async with self.store.fill(key, head, length, variant) as fill:
+                entered.set_result("filling")
+                try:
+                    await self._copy(fill, response, start, end)
+                    response.release()
+                    response.close()
+                    # a whole body leaves no gap; a cold Range's chunks fill the rest
+                    # only with FILEPROXY_CACHE_RANGE_FILL
+                    await self._finish(fill, fetch, start, end, whole=self.range_fill)
+                except asyncio.CancelledError:
+                    fill.pause()
+                    paused = True
+        except FillBusy:
+            if not entered.done():
+                entered.set_result("busy")
+                response.close()
+        except (ReservationRefused, StoreFull) as error:
+            if not entered.done():
+                entered.set_result("refused")  # the response goes to its client uncached
+            else:  # the disk filled up under the fill: its readers abort
+                self.counters["fills_failed"] += 1
+                log.warning("cache fill of %r failed: %s", key, error)
+        except Exception as error:
+            if not entered.done():
+                entered.set_result("failed")
+            self.counters["fills_failed"] += 1
+            log.warning("cache fill of %r failed: %s", key, error)
+        finally:
+            if not entered.done():
+                entered.set_result("failed")
+            if entered.result() == "filling":
+                response.close()
+        if paused:
+            raise asyncio.CancelledError
+
+    async def _copy(self, fill: Fill, response: UpstreamAnswer, start: int, end: int) -> None:
+        """The upstream body into the fill at ``start``; exactly ``end - start`` bytes."""
+        offset = start
+        while offset < end:
+            data = await response.content.read(min(WRITE_BLOCK, end - offset))
+            if not data:
+                raise _NotMended(f"the upstream body ended at byte {offset} of {end}")
+            await fill.write(offset, data)
+            offset += len(data)
+            self.counters["bytes_fetched"] += len(data)
+
+    async def _finish(self, fill: Fill, fetch: Fetch, start: int, end: int, *, whole: bool) -> None:
+        """After ``[start, end)``: fetch the rest (``whole``) and complete, or pause with
+        what is there (a cold Range without FILEPROXY_CACHE_RANGE_FILL)."""
+        if whole:
+            for first, last in _gaps(fill, end, fill.length) + _gaps(fill, 0, end):
+                await self._fetch_into(fill, fetch, first, last)
+        if not _gaps(fill, 0, fill.length):
+            await fill.complete()
+        else:
+            await fill.commit()
+            fill.pause()
+
+    async def _fetch_into(self, fill: Fill, fetch: Fetch, start: int, end: int) -> None:
+        """``[start, end)`` of the stored representation by Range + If-Range on its strong
+        ETag; only the exact continuation is written (else ``_NotMended``)."""
+        validator = strong_etag(fill.head.headers)
+        if validator is None:
+            raise _NotMended("no strong validator to continue the object with")
+        conditions = [
+            ("Range", f"bytes={start}-{end - 1}"),
+            ("If-Range", validator.decode("latin-1")),
+        ]
+        response = await fetch(conditions)
+        try:
+            raw = response.raw_headers
+            expected = b"bytes %d-%d/%d" % (start, end - 1, fill.length)
+            if (
+                response.status != 206
+                or _field(raw, b"content-range") != expected
+                or strong_etag(raw) != validator
+            ):
+                raise _NotMended(
+                    f"asked {expected!r}, got {response.status} "
+                    f"{_field(raw, b'content-range')!r} {strong_etag(raw)!r}"
+                )
+            await self._copy(fill, response, start, end)
+            response.release()
+        finally:
+            response.close()
+
+    # ------------------------------------------------------------ taking an orphan over
+
+    async def take_over(
+        self, key: bytes, variant: bytes, fetch: Fetch, start: int, end: int
+    ) -> bool:
+        """Continue the fill that stopped (its process died, or a cold Range paused it),
+        first the bytes ``[start, end)`` a reader needs. True when a fill (ours or another
+        process's) goes on; False when it cannot (the reader aborts)."""
+        pending = self._takeovers.get((key, variant))
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._takeovers[(key, variant)] = pending
+            task = self._spawn(self._resume(key, variant, fetch, start, end, pending))
+            task.add_done_callback(lambda _: self._takeovers.pop((key, variant), None))
+            task.add_done_callback(lambda _: _settle(pending, False))
+        return await asyncio.shield(pending)
+
+    async def _resume(
+        self,
+        key: bytes,
+        variant: bytes,
+        fetch: Fetch,
+        start: int,
+        end: int,
+        entered: asyncio.Future[bool],
+    ) -> None:
+        assert self.store is not None
+        paused = False
+        try:
+            async with self.store.resume(key, variant) as fill:
+                self.counters["takeovers"] += 1
+                entered.set_result(True)
+                try:
+                    for first, last in _gaps(fill, start, end):
+                        await self._fetch_into(fill, fetch, first, last)
+                    # a reader that reads to the end wants the object: complete it
+                    whole = self.range_fill or end == fill.length
+                    await self._finish(fill, fetch, start, end, whole=whole)
+                except asyncio.CancelledError:
+                    fill.pause()
+                    paused = True
+        except FillBusy:
+            if not entered.done():
+                entered.set_result(True)  # someone else fills it: read on
+        except NotStored:
+            if not entered.done():
+                entered.set_result(False)
+        except Exception as error:
+            if not entered.done():
+                entered.set_result(False)
+            self.counters["fills_failed"] += 1
+            log.warning("cache take-over of %r failed: %s", key, error)
+        finally:
+            if not entered.done():
+                entered.set_result(False)
+        if paused:
+            raise asyncio.CancelledError
+
+    # ------------------------------------------------------------ revalidation
+
+    async def _revalidate(self, decision: Decision, fetch: Fetch) -> Answer:
+        assert decision.response is not None
+        response_stored = decision.response
+        conditions = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in decision.conditions]
+        request_time = time.time()
+        try:
+            response = await fetch(conditions)
+        except Exception:
+            if policy.stale_if_error_allowed(
+                decision.request_headers, response_stored, decision.now, None
+            ):
+                answer = await self._stale_if_error(decision, fetch)
+                if answer is not None:
+                    return answer
+            raise
+        response_time = time.time()
+        if response.status == 304:
+            fresh = policy.freshen(
+                response_stored, response.raw_headers, request_time, response_time
+            )
+            response.release()
+            response.close()
+            if fresh is None:  # the 304 is not for what we have: fetch it whole
+                return await self._refetch(decision, fetch)
+            assert self.store is not None and decision.stored is not None
+            storable = policy.storable(
+                "GET", decision.request_headers, 200, fresh.headers, response_time=response_time
+            )
+            head = StoredHead(
+                fresh.status,
+                tuple((_b(n), _b(v)) for n, v in fresh.headers),
+                fresh.request_time,
+                fresh.response_time,
+            )
+            stored = decision.stored
+            self._forget(stored.key, stored.variant)  # the merged head replaces it
+            if storable.stored:
+                await self.store.update_head(stored.key, stored.variant, head)
+            ttl = policy.freshness_lifetime(200, fresh.headers, response_time=response_time)
+            status = policy.cache_status(
+                fwd=decision.fwd or Forward.STALE, fwd_status=304, stored=storable.stored, ttl=ttl
+            )
+            decision_now = Decision(
+                decision.outcome,
+                decision.method,
+                decision.target,
+                decision.request_headers,
+                response_time,
+                stored=stored,
+                response=fresh,
+            )
+            answer = await self._serve(
+                decision_now, fetch, None, Outcome.REVALIDATE, cache_status=status, response=fresh
+            )
+            if not storable.stored:
+                await self.store.purge(stored.key)
+            if answer is not None:
+                return answer
+            return await self._refetch(decision, fetch)
+        if response.status in policy.ERROR_STATUSES and policy.stale_if_error_allowed(
+            decision.request_headers, response_stored, decision.now, response.status
+        ):
+            try:
+                answer = await self._stale_if_error(decision, fetch, response.status)
+            except BaseException:
+                response.close()
+                raise
+            if answer is not None:
+                response.close()
+                return answer
+        return await self._store_response(
+            decision,
+            fetch,
+            response,
+            request_time,
+            response_time,
+            fwd=decision.fwd or Forward.STALE,
+        )
+
+    async def _refetch(self, decision: Decision, fetch: Fetch) -> Answer:
+        request_time = time.time()
+        response = await fetch(())
+        return await self._store_response(decision, fetch, response, request_time, time.time())
+
+    async def _stale_if_error(
+        self, decision: Decision, fetch: Fetch, error_status: int | None = None
+    ) -> Answer | None:
+        assert decision.reuse is not None
+        status = policy.cache_status(
+            hit=True,
+            fwd=Forward.STALE,
+            fwd_status=error_status,
+            ttl=decision.reuse.ttl,
+            detail="stale-if-error",
+        )
+        return await self._serve(decision, fetch, None, Outcome.STALE, cache_status=status)
+
+    async def _background_revalidation(self, decision: Decision, fetch: Fetch) -> None:
+        """stale-while-revalidate: the conditional request after the stale answer."""
+        try:
+            answer = await self._revalidate(decision, fetch)
+            if answer.upstream is not None:
+                answer.upstream.close()
+            if answer.body is not None:
+                answer.body.close()
+        except Exception as error:
+            log.info("background revalidation of %r failed: %s", decision.target, error)
+        finally:
+            self._revalidating.discard(decision.target)
+
+    # ------------------------------------------------------------ operators
+
+    async def purge(self, target: str | bytes) -> int:
+        """PURGE: every variant of ``target`` goes (readers that hold one keep reading it).
+        Returns how many objects went."""
+        key = _b(target)
+        self._passes.pop(key, None)
+        self._forget(key)
+        if self.store is None:
+            return 0
+        removed = await self.store.purge(key)
+        self.counters["purges"] += 1
+        return removed
+
+    async def invalidate(
+        self,
+        method: str | bytes,
+        target: str | bytes,
+        status: int,
+        request_headers: Sequence[tuple[str | bytes, str | bytes]],
+        response_headers: Sequence[tuple[str | bytes, str | bytes]],
+    ) -> int:
+        """RFC 9111 4.4: after an unsafe request answered 2xx/3xx, its target (and a
+        Location / Content-Location on the same origin) is dropped. Returns objects gone."""
+        if self.store is None:
+            return 0
+        host = (_field(request_headers, b"host") or b"cache").decode("latin-1")
+        base = f"http://{host}"
+        uri = base + _b(target).decode("latin-1")
+        removed = 0
+        for gone in policy.invalidated_uris(method, uri, status, response_headers):
+            if gone.startswith(base + "/") or gone == base:
+                removed += await self.purge(gone[len(base) :].encode("latin-1") or b"/")
+        return removed
+
+    async def refresh_totals(self) -> dict[str, int]:
+        if self.store is not None:
+            self._totals = await self.store.stats()
+            self._totals_at = time.monotonic()
+        return self._totals
+
+    async def report(self) -> dict[str, Any]:
+        """The state, ratios, and this worker's counters; disk use from the index (all
+        processes), counted now. /stats and /health, which do no I/O, take ``snapshot()``
+        (disk figures at most ``TOTALS_REFRESH_S`` old)."""
+        await self.refresh_totals()
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """``report()`` without a refresh of the disk figures (for a synchronous scrape)."""
+        counters = self.counters
+        served = sum(counters[w] for w in ("hit", "stale", "revalidated", "miss"))
+        from_cache = sum(counters[w] for w in ("hit", "stale", "revalidated"))
+        bytes_served = counters["bytes_from_cache"]
+        fetched = counters["bytes_fetched"]
+        store = self.store
+        state = "off" if not self.enabled else ("on" if store is not None else "unavailable")
+        report: dict[str, Any] = {
+            "state": state,
+            "dir": str(self.directory),
+            "requests": {
+                w.value: counters[w.value] for w in Outcome if w.value != "gateway-timeout"
+            },
+            "uncached_misses": counters["uncached"],
+            "hit_ratio_requests": round(from_cache / served, 4) if served else None,
+            "hit_ratio_bytes": round(max(0, bytes_served - fetched) / bytes_served, 4)
+            if bytes_served
+            else None,
+            "bytes_from_cache": bytes_served,
+            "bytes_fetched": fetched,
+            "fills_in_progress": len(store._live) if store is not None else 0,
+            "readers_waiting": store.counters["readers_waiting"] if store is not None else 0,
+            "readers_open": store.counters["readers_open"] if store is not None else 0,
+            "evictions": store.counters["evictions"] if store is not None else 0,
+            "takeovers": counters["takeovers"],
+            "fills_failed": counters["fills_failed"],
+            "aborted": counters["aborted"],
+            "purges": counters["purges"],
+            **self.zero_copy.report(),
+        }
+        if self.error:
+            report["error"] = self.error
+        if store is not None:
+            report["disk_figures_age_s"] = round(time.monotonic() - self._totals_at, 1)
+            report["max_size"] = store.max_size
+            report["min_free"] = store.min_free
+            for name in (
+                "bytes_on_disk",
+                "bytes_reserved",
+                "objects",
+                "partial_objects",
+                "free_bytes",
+            ):
+                report[name] = self._totals.get(name, 0)
+        return report
+
+
+_KEPT_IN_304 = frozenset(
+    {
+        b"cache-control",
+        b"content-location",
+        b"date",
+        b"etag",
+        b"expires",
+        b"vary",
+        b"last-modified",
+        b"age",
+        b"cache-status",
+    }
+)
+
+
+def _settle(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _client_conditions(decision: Decision) -> list[tuple[str, str]]:
+    """The client's own conditional fields, for a request the cache relays uncached."""
+    return [
+        (n.decode("latin-1"), v.decode("latin-1"))
+        for n, v in decision.request_headers
+        if _name(n).decode("latin-1") in CONDITIONAL_FIELDS
+    ]
+
+
+def _etags(value: bytes) -> list[bytes]:
+    return [tag.strip().removeprefix(b"W/") for tag in value.split(b",") if tag.strip()]
+
+
+def _not_modified(request: Sequence[HeaderPair], stored: Sequence[tuple[Any, Any]]) -> bool:
+    """RFC 9110 13.1.2/13.1.3 for a GET/HEAD answered from the cache."""
+    inm = _fields(request, b"if-none-match")
+    etag = _field(stored, b"etag")
+    if inm:
+        tags = [t for v in inm for t in _etags(v)]
+        return b"*" in tags or (etag is not None and etag.removeprefix(b"W/") in tags)
+    ims = _field(request, b"if-modified-since")
+    modified = _field(stored, b"last-modified")
+    if ims is None or modified is None:
+        return False
+    since, last = policy.parse_http_date(ims), policy.parse_http_date(modified)
+    return since is not None and last is not None and last <= since
+
+
+def _if_range_allows(request: Sequence[HeaderPair], stored: Sequence[tuple[Any, Any]]) -> bool:
+    """RFC 9110 13.1.5: a Range with If-Range applies only when the validator matches
+    (strong comparison for an ETag, an exact date for Last-Modified)."""
+    condition = _field(request, b"if-range")
+    if condition is None:
+        return True
+    if condition.startswith(b'"'):
+        return strong_etag(stored) == condition
+    modified = _field(stored, b"last-modified")
+    return modified is not None and condition == modified
+
+
+def _gaps(fill: Fill, start: int, end: int) -> list[tuple[int, int]]:
+    """What ``fill`` lacks of ``[start, end)``: neither in its written prefix nor in a
+    present chunk."""
+    have = ByteRanges([(0, fill.written)] if fill.written else [])
+    for chunk in fill.chunks.present():
+        have.add(*fill.chunks.bounds(chunk))
+    gaps: list[tuple[int, int]] = []
+    offset = start
+    for first, last in have:
+        if last <= offset:
+            continue
+        if first >= end:
+            break
+        if first > offset:
+            gaps.append((offset, min(first, end)))
+        offset = max(offset, last)
+    if offset < end:
+        gaps.append((offset, end))
+    return gaps
+
+
+def _try_lock(path: Path) -> int | None:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = os.fstat(fd)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _unlock_and_remove(path: Path, fd: int) -> None:
+    try:
+        held = os.fstat(fd)
+        with contextlib.suppress(FileNotFoundError):
+            current = os.stat(path)
+            if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+class CachedBody:
+    """The bytes ``[start, end)`` of a stored object, read as they are committed. Iterate
+    it for blocks, or ``runs()`` for ``(fd, offset, count)`` to sendfile; ``close()`` it.
+    ``CacheAborted`` when its fill fails beyond mending: abort the client."""
+
+    def __init__(
+        self, service: CacheService, reader: Reader, start: int, end: int, fetch: Fetch
+    ) -> None:
+        self.service = service
+        self.reader = reader
+        self.start = start
+        self.end = end
+        self.fetch = fetch
+        self.sent = 0
+        #: the head to keep the object in memory with, once read whole (small objects)
+        self.remember: StoredHead | None = None
+
+    #: the bytes themselves when the object is held in memory (``MemoryBody``)
+    in_memory: bytes | None = None
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._blocks()
+
+    async def _blocks(self) -> AsyncIterator[bytes]:
+        store = self.service.store
+        assert store is not None
+        offset = self.start
+        kept: list[bytes] | None = [] if self.remember is not None else None
+        while offset < self.end:
+            available = await self._wait(offset)
+            count = min(available, self.end, offset + READ_BLOCK) - offset
+            data = await store._in_io(os.pread, self.reader.fileno(), count, offset)
+            if not data:
+                raise CacheAborted("the cache file is shorter than its object")
+            offset += len(data)
+            self._count(len(data))
+            if kept is not None:
+                kept.append(data)
+            yield data
+        if kept is not None and self.remember is not None and self.reader.complete:
+            reader = self.reader
+            self.service._remember(
+                reader.key, reader.variant, reader.generation, self.remember, b"".join(kept)
+            )
+
+    async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
+        """``(fd, offset, count)`` of committed bytes in order; the next run is computed
+        when the caller asks for it (after it sent this one)."""
+        offset = self.start
+        while offset < self.end:
+            available = await self._wait(offset)
+            count = min(available, self.end) - offset
+            yield self.reader.fileno(), offset, count
+            offset += count
+            self._count(count)
+
+    def _count(self, count: int) -> None:
+        self.sent += count
+        self.service.counters["bytes_from_cache"] += count
+
+    async def _wait(self, offset: int) -> int:
+        reader = self.reader
+        for _ in range(MAX_TAKEOVERS):
+            try:
+                return await reader.wait_for(offset)
+            except FillAbandoned as error:
+                self.service.counters["aborted"] += 1
+                raise CacheAborted(str(error)) from error
+            except FillOrphaned:
+                taken = await self.service.take_over(
+                    reader.key, reader.variant, self.fetch, offset, self.end
+                )
+                if not taken:
+                    self.service.counters["aborted"] += 1
+                    raise CacheAborted("the fill stopped and could not be continued") from None
+        self.service.counters["aborted"] += 1
+        raise CacheAborted("the fill kept stopping")
+
+
+class MemoryBody(CachedBody):
+    """A small object's bytes from memory: ``in_memory`` is what to send (no file, so no
+    ``runs()``); iterating yields it once."""
+
+    def __init__(self, service: CacheService, data: bytes, start: int, end: int) -> None:
+        self.service = service
+        self.start, self.end = start, end
+        self.sent = 0
+        self.remember = None
+        self.in_memory = data[start:end]
+
+    def close(self) -> None:
+        pass
+
+    async def _blocks(self) -> AsyncIterator[bytes]:
+        assert self.in_memory is not None
+        self._count(len(self.in_memory))
+        yield self.in_memory
+
+    async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
+        raise TypeError("a body held in memory has no file: send body.in_memory")
+        yield  # an async generator
+
+
+def check_cache_dir(settings: Settings) -> tuple[bool, str]:
+    """For ``fileproxy check``: the directory exists or can be made, takes a file, and
+    has room beyond the watermark. (ok, one line)."""
+    if not settings.cache:
+        return True, "off (FILEPROXY_CACHE=off)"
+    directory = Path(settings.cache_dir or default_cache_dir())
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        usage = shutil.disk_usage(directory)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        return False, (
+            f"{directory}: cannot create a file there ({reason}); make it a directory the "
+            "daemon's user can write, set FILEPROXY_CACHE_DIR, or FILEPROXY_CACHE=off"
+        )
+    gib = 1 << 30
+    line = f"{directory}, {usage.free / gib:.1f} GiB free of {usage.total / gib:.1f} GiB"
+    if usage.free <= settings.cache_min_free:
+        return False, (
+            f"{line}: not above FILEPROXY_CACHE_MIN_FREE={settings.cache_min_free}; "
+            "nothing could be cached (lower it or free space)"
+        )
+    return True, line
