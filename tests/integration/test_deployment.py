@@ -256,6 +256,8 @@ def start_gunicorn(tmp: Path, upstream: str, bind: str | None = None, **env: str
         "FILEPROXY_DRAIN_DELAY": str(DRAIN_DELAY),
         "FILEPROXY_GRACEFUL_TIMEOUT": str(GRACEFUL_TIMEOUT),
         "FILEPROXY_LOG_FORMAT": "json",
+        # the relay, as everywhere in the suites but the cache's (see conftest.clean_env)
+        "FILEPROXY_CACHE": "off",
         **env,
     }
     args = [str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
