@@ -609,6 +609,14 @@ class _CacheFetch:
                 replicas.failed(now, replica, f"status {response.status}")
             else:
                 replicas.succeeded(replica)
+            if response.status in app[SETTINGS].retry_statuses:  # as a relayed GET's try
+                retry = _retry_to(request, exchange, replica, tried, STATUS, False, response.status)
+                if retry is not None:
+                    _observe_try(request, exchange, replica, errors.OK, response.status)
+                    response.close()
+                    attempt.end()
+                    replica, budgeted = retry, True
+                    continue
             ttfb_s = now - response.sent_at
             app[ADAPTATIONS][replica.name].observe_headers(now, ttfb_s, response.tcp_info)
             replicas.headers(now, replica, ttfb_s)
