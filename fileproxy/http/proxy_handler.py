@@ -262,17 +262,17 @@ async def _proxy(
                     _observe_try(request, exchange, replica, errors.OK, upstream_status)
                     replica, budgeted = retry, True
                     continue
-            response = await _respond(
-                request, exchange, started, attempt, upstream_resp, target,
-                pristine if pristine is not None else headers, profile, upgrade, cache_status,
-            )  # fmt: skip
             if cache.active and request.method not in ("GET", "HEAD") and upstream_status < 400:
-                # RFC 9111 4.4: a successful unsafe request invalidates what is stored
+                # RFC 9111 4.4: a successful unsafe request invalidates what is stored, before
+                # its client has the answer (its next GET must not find the old object)
                 await cache.invalidate(
                     request.method, target, upstream_status, request.raw_headers,
                     upstream_resp.raw_headers,
                 )  # fmt: skip
-            return response
+            return await _respond(
+                request, exchange, started, attempt, upstream_resp, target,
+                pristine if pristine is not None else headers, profile, upgrade, cache_status,
+            )  # fmt: skip
 
 
 def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Response:
