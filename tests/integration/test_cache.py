@@ -394,7 +394,7 @@ async def test_no_cache_is_revalidated_with_a_304_then_new_bytes_once_the_etag_c
         ({"Cache-Control": "private, max-age=600"}, [], {}, "private"),
         ({"Cache-Control": "no-store"}, [], {}, "no-store"),
         (FRESH, [], {"Authorization": "Basic dTpw"}, "authorization"),
-        (FRESH, [("Set-Cookie", "session=alice")], {}, None),
+        (FRESH, [("Set-Cookie", "session=alice")], {}, "set-cookie"),
     ],
     ids=["private", "no-store", "authorization", "set-cookie"],
 )
@@ -406,7 +406,7 @@ async def test_what_must_not_be_shared_is_never_given_to_another_request(
     response_headers: dict[str, str],
     extra: list[tuple[str, str]],
     request_headers: dict[str, str],
-    detail: str | None,
+    detail: str,
 ) -> None:
     obj = backend.add("/p", Obj(object_bytes(10, MIB), headers=response_headers, extra=extra))
     proxy = start_proxy(url_of(backend), **cache_env(tmp_dir / "cache"))
@@ -415,8 +415,10 @@ async def test_what_must_not_be_shared_is_never_given_to_another_request(
         got = await fetch(session, f"{proxy.url}/p", headers)
         assert got.status == 200 and sha(got.body) == obj.sha256
         assert "; hit" not in got.cache_status, got.cache_status
-        if detail is not None and n == 0:  # then "uncacheable" (hit-for-pass) for a while
-            assert f"detail={detail}" in got.cache_status, got.cache_status
+        # the first says why; then "uncacheable" (hit-for-pass) for a while
+        why = detail if n == 0 else "uncacheable"
+        assert got.cache_status.startswith("fileproxy; fwd=uri-miss;"), got.cache_status
+        assert got.cache_status.endswith(f"; detail={why}"), got.cache_status
         for name, value in extra:
             assert got.headers.get(name) == value
     assert backend.count("/p") == 3
@@ -715,7 +717,7 @@ async def test_a_budget_of_three_objects_serves_a_dozen_downloads_never_above_it
     assert backend.count("/b0") >= 2  # evicted, then fetched again
 
 
-async def test_enospc_on_a_tiny_tmpfs_is_proxied_uncached_and_nothing_is_lost(
+async def test_a_full_tmpfs_is_proxied_uncached_and_enospc_mid_fill_never_tears_an_object(
     backend: CacheBackend,
     session: aiohttp.ClientSession,
     start_proxy: Callable[..., Process],
@@ -726,9 +728,8 @@ async def test_enospc_on_a_tiny_tmpfs_is_proxied_uncached_and_nothing_is_lost(
     paced = backend.add("/paced", Obj(object_bytes(42, 2 * MIB), headers=FRESH, rate=4e6))
     with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
         # the budget says yes to anything; the filesystem has 4 MiB
-        proxy = start_proxy(
-            url_of(backend), **cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
-        )
+        env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+        proxy = start_proxy(url_of(backend), **env)
         try:
             for _ in range(2):  # larger than the disk: relayed whole, uncached
                 got = await fetch(session, f"{proxy.url}/huge")
@@ -738,31 +739,79 @@ async def test_enospc_on_a_tiny_tmpfs_is_proxied_uncached_and_nothing_is_lost(
             fits = await fetch(session, f"{proxy.url}/small")
             assert sha(fits.body) == small.sha256 and "stored" in fits.cache_status
             assert "; hit" in (await fetch(session, f"{proxy.url}/small")).cache_status
-            # the disk fills up under a running fill (another program): ENOSPC mid-fill
+            # another program fills the disk under a running fill: ENOSPC mid-fill
             filling = asyncio.create_task(fetch(session, f"{proxy.url}/paced"))
-            await until(_later(0.2), 5, "")
-            hog = tiny / "hog"
-            with contextlib.suppress(OSError), open(hog, "wb") as out:
-                while True:
-                    out.write(b"\0" * 65536)
-            cut = await asyncio.wait_for(filling, 30)
-            # whatever it got is either every byte or an abort, never a short "whole"
-            assert cut.aborted is not None or sha(cut.body) == paced.sha256
-            hog.unlink()
-            for _ in range(2):  # and after: the object exact, never the torn fill
-                again = await fetch(session, f"{proxy.url}/paced")
-                assert again.aborted is None and sha(again.body) == paced.sha256
+            await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
+            with _disk_hog(tiny):
+                cut = await asyncio.wait_for(filling, 30)
+                await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
+                # its client: every byte or an abort, never a short body that looks whole
+                assert cut.aborted is not None or sha(cut.body) == paced.sha256
+                for _ in range(2):  # while the disk is full: proxied uncached, exact
+                    again = await fetch(session, f"{proxy.url}/paced")
+                    assert again.aborted is None and sha(again.body) == paced.sha256
+                    assert "detail=no-room" in again.cache_status, again.cache_status
+                assert "; hit" in (await fetch(session, f"{proxy.url}/small")).cache_status
+            stored = await fetch(session, f"{proxy.url}/paced")  # room again
+            assert sha(stored.body) == paced.sha256 and "stored" in stored.cache_status
+            hit = await fetch(session, f"{proxy.url}/paced")
+            assert sha(hit.body) == paced.sha256 and "; hit" in hit.cache_status
         finally:
             proxy.stop()
 
 
-def _later(seconds: float) -> Callable[[], Awaitable[bool]]:
-    at = time.monotonic() + seconds
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fill abandoned on ENOSPC aborts its readers; they could take the rest from "
+    "the upstream uncached (Range + If-Range), but a reader cannot tell a full disk from a "
+    "failed upstream, and 40 readers of a failed fill must not each ask it again",
+)
+async def test_the_reader_of_a_fill_that_hits_enospc_still_gets_every_byte(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    paced = backend.add("/paced", Obj(object_bytes(43, 2 * MIB), headers=FRESH, rate=4e6))
+    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+        env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+        proxy = start_proxy(url_of(backend), **env)
+        try:
+            filling = asyncio.create_task(fetch(session, f"{proxy.url}/paced"))
+            await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
+            with _disk_hog(tiny):
+                got = await asyncio.wait_for(filling, 30)
+            await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
+            assert got.aborted is None and sha(got.body) == paced.sha256
+        finally:
+            proxy.stop()
 
-    async def due() -> bool:
-        return time.monotonic() >= at
 
-    return due
+def _logs(process: Process, text: str) -> Callable[[], Awaitable[bool]]:
+    async def logged() -> bool:
+        return text in process.log_text()
+
+    return logged
+
+
+def _sent_here(backend: CacheBackend, path: str, count: int) -> Callable[[], Awaitable[bool]]:
+    async def sent() -> bool:
+        return backend.sent[path] >= count
+
+    return sent
+
+
+@contextlib.contextmanager
+def _disk_hog(directory: Path) -> Iterator[None]:
+    """Another program's file that takes every free byte of ``directory``'s filesystem."""
+    hog = directory / "hog"
+    try:
+        with contextlib.suppress(OSError), open(hog, "wb") as out:
+            while True:
+                out.write(bytes(65536))
+        yield
+    finally:
+        hog.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- 6. FILEPROXY_CACHE=off
