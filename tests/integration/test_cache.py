@@ -576,11 +576,29 @@ async def test_head_is_answered_from_a_stored_get_and_cache_status_says_what_hap
     assert await logged(proxy, "/h", 5) == ["miss", "hit", "hit", "hit", "bypass"]
     stats = (await (await session.get(f"{proxy.url}/stats")).json())["cache"]
     assert stats["requests"]["hit"] == 4 and stats["requests"]["miss"] == 2, stats
-    # unsafe and successful: the target is invalidated (RFC 9111 4.4)
-    put = await session.put(f"{proxy.url}/h", data=b"new")
-    assert put.status == 200
-    after = await fetch(session, f"{proxy.url}/h")
-    assert "stored" in after.cache_status and backend.count("/h", 200) >= 3
+
+
+async def test_a_successful_put_invalidates_the_target_before_its_client_has_the_answer(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    obj = backend.add("/u", Obj(object_bytes(23, 8 * MIB), headers=FRESH, rate=32e6))
+    proxy = start_proxy(url_of(backend), **cache_env(tmp_dir / "cache"))
+    stored = await fetch(session, f"{proxy.url}/u", keep=False)
+    assert stored.sha256 == obj.sha256 and "stored" in stored.cache_status
+    for round_ in range(3):
+        hit = await fetch(session, f"{proxy.url}/u", keep=False)
+        assert hit.sha256 == obj.sha256 and "; hit" in hit.cache_status, round_
+        # RFC 9111 4.4: once the PUT's 200 head is here (its 8 MiB answer still coming),
+        # the old object is no longer served
+        async with session.put(f"{proxy.url}/u", data=b"new") as put:
+            assert put.status == 200
+            after = await fetch(session, f"{proxy.url}/u", keep=False)
+            assert "; hit" not in after.cache_status, (round_, after.cache_status)
+            assert after.sha256 == obj.sha256 and "stored" in after.cache_status
+            await put.read()
 
 
 # ---------------------------------------------------------------- 4. two processes, one directory
