@@ -582,6 +582,7 @@ class _CacheFetch:
                 headers["Authorization"] = upstream.authorization
             profile = app[ADAPTATIONS][replica.name].profile(time.monotonic())
             attempt = replicas.attempt(replica, budgeted=budgeted).__enter__()
+            request.protocol.wait_on_upstream()  # see gate.UPSTREAM_HOLD_S
             try:
                 async with asyncio.timeout(profile.headers_timeout_s):
                     response = await upstream.send(
