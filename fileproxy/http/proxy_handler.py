@@ -301,10 +301,13 @@ async def _respond(
     profile: LevelProfile,
     upgrade: bool,
     cache_status: str | None = None,
+    observed: bool = False,
 ) -> ClientResponse | web.Response:
     """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``);
     after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections.
-    ``cache_status``: the cache passed this request by (its ``Cache-Status``)."""
+    ``cache_status``: the cache passed this request by (its ``Cache-Status``);
+    ``observed``: the cache's fetch already told the adaptation and the replica of its
+    response head (counted once)."""
     app = request.app
     settings, replicas = app[SETTINGS], app[REPLICAS]
     replica, upstream = attempt.replica, attempt.replica.client
@@ -313,9 +316,10 @@ async def _respond(
     # the try's own time to the response head, from its request write: not the
     # admission, the pool wait, the connect or the tries before it
     ttfb_s = headers_at - upstream_resp.sent_at
-    app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
-    replicas.headers(headers_at, replica, ttfb_s)
-    upstream.mark_response(time.time())
+    if not observed:
+        app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
+        replicas.headers(headers_at, replica, ttfb_s)
+        upstream.mark_response(time.time())
     if upstream_resp.status == 101:  # switching protocols: a tunnel (see delivery.tunnel)
         try:
             return await tunnel.relay(
@@ -417,7 +421,7 @@ async def _from_cache(
             return await _send_head_of(request, exchange, upstream, answer.cache_status)
         return await _respond(
             request, exchange, started, upstream.attempt, upstream.response, target, headers,
-            fetch.profile, False, answer.cache_status,
+            fetch.profile, False, answer.cache_status, observed=True,
         )  # fmt: skip
     finally:
         upstream.close()
