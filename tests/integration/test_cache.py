@@ -258,7 +258,13 @@ def url_of(backend: CacheBackend) -> str:
 
 
 def cache_env(directory: Path, **env: str) -> dict[str, str]:
-    return {"FILEPROXY_CACHE_DIR": str(directory), "FILEPROXY_CACHE_MIN_FREE": "0", **env}
+    """The cache on (the suites' daemons relay unless told, see conftest.clean_env)."""
+    return {
+        "FILEPROXY_CACHE": "on",
+        "FILEPROXY_CACHE_DIR": str(directory),
+        "FILEPROXY_CACHE_MIN_FREE": "0",
+        **env,
+    }
 
 
 def access_words(proxy: Process, path: str) -> list[str]:
