@@ -888,8 +888,7 @@ class CacheService:
                 lambda done: None if done.result() == "filling" else response.close()
             )
             raise
-        if how == "refused":
-            self._pass(decision.target)
+        if how == "refused":  # no room now: not a pass, the next request may find room
             if own_range:
                 response.close()
                 response = await fetch(_client_conditions(decision))
