@@ -127,7 +127,7 @@ def _dispatcher(settings: Settings) -> Handler:
     async def dispatch(request: ClientRequest) -> ClientResponse | web.Response:
         if request.method in ("GET", "HEAD") and (endpoint := control.get(request.path)):
             return await endpoint(request)
-        if request.method == "PURGE":
+        if request.method == "PURGE" and settings.cache:  # off: relayed, as before the cache
             return await purge(request)
         if cors is not None and cors.is_preflight(request.method, request.headers):
             status, headers = cors.preflight(request.headers)

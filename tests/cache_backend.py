@@ -5,7 +5,9 @@ a count of the body bytes it sent for each (what the cache is there to save).
 fixture, or ``python -m tests.cache_backend PORT JSON`` in its own process). Each object
 answers GET/HEAD with its ETag and Last-Modified, a single byte Range (with If-Range),
 If-None-Match (304); ``rate`` paces its body (bytes/s); ``status`` makes it answer that
-status instead (e.g. 503); ``cut`` closes the connection after that many body bytes.
+status instead (e.g. 503); ``cut`` closes the connection after that many body bytes. In
+its own process it answers each line on its stdin with what it sent and was asked per
+path, and when each path's last whole body ended (wall clock).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class CacheBackend:
         self.objects: dict[str, Obj] = {}
         self.sent: Counter[str] = Counter()  # body bytes sent per path
         self.requests: list[tuple[str, dict[str, str], int]] = []  # path, headers, status
+        self.finished: dict[str, float] = {}  # path: wall time its last full body ended
 
     def add(self, path: str, obj: Obj) -> Obj:
         self.objects[path] = obj
@@ -134,6 +137,7 @@ class CacheBackend:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         await response.write_eof()
+        self.finished[path] = time.time()
         return response
 
 
@@ -146,6 +150,7 @@ async def _serve(port: int, spec: dict[str, dict[str, object]]) -> None:
                 object_bytes(int(obj["seed"]), int(obj["length"])),  # type: ignore[call-overload]
                 rate=float(obj.get("rate", 0)),  # type: ignore[arg-type]
                 headers=dict(obj.get("headers", {})),  # type: ignore[call-overload]
+                cut=obj.get("cut"),  # type: ignore[arg-type]
             ),
         )
     runner = web.AppRunner(backend.app(), access_log=None)
@@ -155,8 +160,16 @@ async def _serve(port: int, spec: dict[str, dict[str, object]]) -> None:
     reader = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.readline():  # a line on stdin: say what was sent
-        print(json.dumps({"event": "sent", "sent": dict(backend.sent)}), flush=True)
+    while await reader.readline():  # a line on stdin: say what was sent, and asked
+        asked = Counter(path for path, _, _ in backend.requests)
+        log = [(path, headers.get("Range"), status) for path, headers, status in backend.requests]
+        report = {
+            "sent": dict(backend.sent),
+            "requests": dict(asked),
+            "finished": backend.finished,
+            "log": log,  # path, Range, status of every request
+        }
+        print(json.dumps({"event": "sent", **report}), flush=True)
     await runner.cleanup()
 
 

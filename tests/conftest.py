@@ -136,8 +136,22 @@ def stop_popen(popen: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     return popen.returncode
 
 
+# the cache directories of the daemons tests start, removed when the test run ends
+_CACHE_DIRS = tempfile.TemporaryDirectory(prefix="fileproxy-test-caches-")
+
+
+def own_cache_dir(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a FILEPROXY_CACHE_DIR of its own unless it names one: the default,
+    under the system temp dir, is shared by every daemon on the host, so a test would
+    find what another test (or another run) stored there and never reach its backend."""
+    if "FILEPROXY_CACHE_DIR" not in env:
+        env["FILEPROXY_CACHE_DIR"] = tempfile.mkdtemp(prefix="cache-", dir=_CACHE_DIRS.name)
+    return env
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without fileproxy's variables, plus ``extra``."""
+    """This process's environment without fileproxy's variables, plus ``extra``, and a
+    cache directory of its own (``own_cache_dir``)."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("FILEPROXY_", "HTTP_", "REDIS_"))
     }
@@ -149,7 +163,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.setdefault("FILEPROXY_CACHE", "off")
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return own_cache_dir(env)
 
 
 def start_process(

@@ -888,8 +888,7 @@ class CacheService:
                 lambda done: None if done.result() == "filling" else response.close()
             )
             raise
-        if how == "refused":
-            self._pass(decision.target)
+        if how == "refused":  # no room now: not a pass, the next request may find room
             if own_range:
                 response.close()
                 response = await fetch(_client_conditions(decision))
@@ -1026,6 +1025,11 @@ class CacheService:
             data = await response.content.read(min(WRITE_BLOCK, end - offset))
             if not data:
                 raise _NotMended(f"the upstream body ended at byte {offset} of {end}")
+            if offset + len(data) == end:
+                # read whole: its connection goes back to the pool before the last bytes
+                # reach the readers (their client may ask again at once), not after the
+                # commit of the last chunk (an fdatasync)
+                response.release()
             await fill.write(offset, data)
             offset += len(data)
             self.counters["bytes_fetched"] += len(data)

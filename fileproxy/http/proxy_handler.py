@@ -269,17 +269,17 @@ async def _proxy(
                     _observe_try(request, exchange, replica, errors.OK, upstream_status)
                     replica, budgeted = retry, True
                     continue
-            response = await _respond(
-                request, exchange, started, attempt, upstream_resp, target,
-                pristine if pristine is not None else headers, profile, upgrade, cache_status,
-            )  # fmt: skip
             if cache.active and request.method not in ("GET", "HEAD") and upstream_status < 400:
-                # RFC 9111 4.4: a successful unsafe request invalidates what is stored
+                # RFC 9111 4.4: a successful unsafe request invalidates what is stored, before
+                # its client has the answer (its next GET must not find the old object)
                 await cache.invalidate(
                     request.method, target, upstream_status, request.raw_headers,
                     upstream_resp.raw_headers,
                 )  # fmt: skip
-            return response
+            return await _respond(
+                request, exchange, started, attempt, upstream_resp, target,
+                pristine if pristine is not None else headers, profile, upgrade, cache_status,
+            )  # fmt: skip
 
 
 def _refuse_body(exchange: Exchange, body_errors: list[BaseException]) -> web.Response:
@@ -308,10 +308,13 @@ async def _respond(
     profile: LevelProfile,
     upgrade: bool,
     cache_status: str | None = None,
+    observed: bool = False,
 ) -> ClientResponse | web.Response:
     """Relay the answer of ``attempt`` (which owns its replica and ``upstream_resp``);
     after a ``101`` to a WebSocket upgrade (``upgrade``), tunnel both connections.
-    ``cache_status``: the cache passed this request by (its ``Cache-Status``)."""
+    ``cache_status``: the cache passed this request by (its ``Cache-Status``);
+    ``observed``: the cache's fetch already told the adaptation and the replica of its
+    response head (counted once)."""
     app = request.app
     settings, replicas = app[SETTINGS], app[REPLICAS]
     replica, upstream = attempt.replica, attempt.replica.client
@@ -320,9 +323,10 @@ async def _respond(
     # the try's own time to the response head, from its request write: not the
     # admission, the pool wait, the connect or the tries before it
     ttfb_s = headers_at - upstream_resp.sent_at
-    app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
-    replicas.headers(headers_at, replica, ttfb_s)
-    upstream.mark_response(time.time())
+    if not observed:
+        app[ADAPTATIONS][replica.name].observe_headers(headers_at, ttfb_s, upstream_resp.tcp_info)
+        replicas.headers(headers_at, replica, ttfb_s)
+        upstream.mark_response(time.time())
     if upstream_resp.status == 101:  # switching protocols: a tunnel (see delivery.tunnel)
         try:
             return await tunnel.relay(
@@ -424,7 +428,7 @@ async def _from_cache(
             return await _send_head_of(request, exchange, upstream, answer.cache_status)
         return await _respond(
             request, exchange, started, upstream.attempt, upstream.response, target, headers,
-            fetch.profile, False, answer.cache_status,
+            fetch.profile, False, answer.cache_status, observed=True,
         )  # fmt: skip
     finally:
         upstream.close()
@@ -598,6 +602,7 @@ class _CacheFetch:
                 headers["Authorization"] = upstream.authorization
             profile = app[ADAPTATIONS][replica.name].profile(time.monotonic())
             attempt = replicas.attempt(replica, budgeted=budgeted).__enter__()
+            request.protocol.wait_on_upstream()  # see gate.UPSTREAM_HOLD_S
             try:
                 async with asyncio.timeout(profile.headers_timeout_s):
                     response = await upstream.send(
@@ -625,6 +630,14 @@ class _CacheFetch:
                 replicas.failed(now, replica, f"status {response.status}")
             else:
                 replicas.succeeded(replica)
+            if response.status in app[SETTINGS].retry_statuses:  # as a relayed GET's try
+                retry = _retry_to(request, exchange, replica, tried, STATUS, False, response.status)
+                if retry is not None:
+                    _observe_try(request, exchange, replica, errors.OK, response.status)
+                    response.close()
+                    attempt.end()
+                    replica, budgeted = retry, True
+                    continue
             ttfb_s = now - response.sent_at
             app[ADAPTATIONS][replica.name].observe_headers(now, ttfb_s, response.tcp_info)
             replicas.headers(now, replica, ttfb_s)

@@ -36,7 +36,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from fileproxy.lifecycle import CUT_OFF_MARGIN_S
 from fileproxy.sample_upstream import file_bytes
 from fileproxy.settings import Settings
-from tests.conftest import ROOT, Process, clean_env, free_port, require_binary, wait_for_port
+from tests.conftest import (
+    ROOT,
+    Process,
+    clean_env,
+    free_port,
+    own_cache_dir,
+    require_binary,
+    wait_for_port,
+)
 
 SITE = ROOT / "conf" / "nginx" / "fileproxy.conf"
 UNIT = ROOT / "conf" / "fileproxy.service"
@@ -230,7 +238,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
-    return env
+    return own_cache_dir(env)
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path, port: int | None) -> Process:
@@ -256,6 +264,8 @@ def start_gunicorn(tmp: Path, upstream: str, bind: str | None = None, **env: str
         "FILEPROXY_DRAIN_DELAY": str(DRAIN_DELAY),
         "FILEPROXY_GRACEFUL_TIMEOUT": str(GRACEFUL_TIMEOUT),
         "FILEPROXY_LOG_FORMAT": "json",
+        # the relay, as everywhere in the suites but the cache's (see conftest.clean_env)
+        "FILEPROXY_CACHE": "off",
         **env,
     }
     args = [str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
