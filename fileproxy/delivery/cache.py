@@ -496,6 +496,10 @@ class CacheService:
             return decide(Outcome.BYPASS, "method", fwd=Forward.METHOD)
         if _field(request_headers, b"upgrade") is not None:
             return decide(Outcome.BYPASS, "upgrade")
+        if b"," in (_field(request_headers, b"range") or b""):
+            # several ranges: the backend answers multipart/byteranges, as without the
+            # cache; from the cache they would get the whole object
+            return decide(Outcome.BYPASS, "multi-range")
         memory: bytes | None = None
         chosen = self._choose(self._small_variants(key), request_headers)
         if chosen is not None:

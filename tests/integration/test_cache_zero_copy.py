@@ -111,6 +111,22 @@ async def test_a_client_gone_mid_file_frees_its_reader_and_the_next_one_is_serve
     assert "Traceback" not in proxy.log_text()
 
 
+async def test_several_ranges_of_a_stored_object_are_the_backends_multipart_answer(
+    static_backend: StaticBackend, start_proxy: Callable[..., Process], tmp_dir: Path
+) -> None:
+    proxy = cached_proxy(start_proxy, static_backend, tmp_dir)
+    await fill(proxy, "file-2m.bin")
+    async with aiohttp.ClientSession() as session:
+        ranges = {"Range": "bytes=0-9,100-199"}
+        async with session.get(f"{proxy.url}/file-2m.bin", headers=ranges) as resp:
+            body = await resp.read()
+            assert resp.status == 206, resp.status
+            assert resp.headers["Content-Type"].startswith("multipart/byteranges"), resp.headers
+            assert "detail=multi-range" in resp.headers["Cache-Status"], resp.headers
+    data = static_backend.files["file-2m.bin"]
+    assert data[:10] in body and data[100:200] in body and len(body) < 4096
+
+
 async def test_a_cache_file_cut_under_a_reader_aborts_it_never_a_short_body_that_ends(
     static_backend: StaticBackend, start_proxy: Callable[..., Process], tmp_dir: Path
 ) -> None:
