@@ -56,6 +56,7 @@ def relay(chunk: int, backend_port: int, size: int) -> tuple[float, float]:
         **os.environ,
         "FILEPROXY_BIND": f"127.0.0.1:{port}",
         "FILEPROXY_UPSTREAM": f"http://127.0.0.1:{backend_port}",
+        "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
         "FILEPROXY_OPTIMIZER": "off",
         "FILEPROXY_ACCESS_LOG": "off",
         "FILEPROXY_DRAIN_DELAY": "0",

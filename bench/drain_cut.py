@@ -194,6 +194,7 @@ def one_run(args: argparse.Namespace, tmp: Path, upstream_port: int, sha: str) -
         **{k: v for k, v in os.environ.items() if not k.startswith("FILEPROXY_")},
         "FILEPROXY_BIND": f"127.0.0.1:{port}",
         "FILEPROXY_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+        "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
         "FILEPROXY_WORKERS": "2",
         "FILEPROXY_DRAIN_DELAY": str(args.drain_delay),
         "FILEPROXY_GRACEFUL_TIMEOUT": "60",

@@ -196,6 +196,7 @@ class Bench:
                 {
                     "FILEPROXY_BIND": f"127.0.0.1:{port}",
                     "FILEPROXY_UPSTREAM": upstream,
+                    "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
                     "FILEPROXY_WORKERS": "1",
                     "FILEPROXY_ACCESS_LOG": "on" if logged else "off",
                     "FILEPROXY_LOG_DIR": str(self.root / key) if logged else "",

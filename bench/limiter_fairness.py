@@ -142,6 +142,7 @@ def main() -> None:
     env.update(
         FILEPROXY_BIND=f"127.0.0.1:{proxy_port}",
         FILEPROXY_UPSTREAM=f"http://127.0.0.1:{backend_port}",
+        FILEPROXY_CACHE="off",  # the relay: the limiter sees every request
         FILEPROXY_ACCESS_LOG="off",
         FILEPROXY_LIMIT_STATUS="429",  # the proxy's refusals, told apart from the backend's 503
     )

@@ -79,6 +79,7 @@ class Procs:
                 {
                     "FILEPROXY_BIND": f"127.0.0.1:{port}",
                     "FILEPROXY_UPSTREAM": ",".join(f"http://127.0.0.1:{p}" for p in ports),
+                    "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
                     "FILEPROXY_ACCESS_LOG": "off",
                     "FILEPROXY_LOG_LEVEL": "warning",
                     "FILEPROXY_DRAIN_DELAY": "0",

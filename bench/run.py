@@ -387,6 +387,7 @@ class Bench:
                 {
                     "FILEPROXY_BIND": f"0.0.0.0:{port}",
                     "FILEPROXY_UPSTREAM": upstream,
+                    "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
                     "FILEPROXY_WORKERS": str(WORKERS),
                     "FILEPROXY_ACCESS_LOG": "off",
                     "FILEPROXY_OPTIMIZER": "on" if key == "fp_on" else "off",

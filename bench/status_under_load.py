@@ -140,6 +140,7 @@ def start_daemon(tree: Path, port: int, backend_port: int, log: Path) -> subproc
         {
             "FILEPROXY_BIND": f"127.0.0.1:{port}",
             "FILEPROXY_UPSTREAM": f"http://127.0.0.1:{backend_port}",
+            "FILEPROXY_CACHE": "off",  # the relay: nginx proxy_pass has no cache either
             "FILEPROXY_DRAIN_DELAY": "0",
             "PYTHONPATH": str(tree),
         }

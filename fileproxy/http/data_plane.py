@@ -714,7 +714,10 @@ class ClientProtocol(asyncio.Protocol):
                 if self.machine.switched and self.transport is not None:
                     self.transport.close()  # the tunnel ended: so does the connection
         except (ConnectionError, http1.LocalProtocolError) as exc:
-            if isinstance(exc, http1.LocalProtocolError):
+            transport = self.transport
+            if isinstance(exc, http1.LocalProtocolError) and (
+                transport is not None and not transport.is_closing()
+            ):  # our own bug, not a client that went away meanwhile
                 log.warning("response broke HTTP framing: connection aborted", exc_info=exc)
             self._abort()
             exchange = request.get(EXCHANGE)
