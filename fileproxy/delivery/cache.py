@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -86,6 +85,8 @@ from fileproxy.delivery.cache_store import (
     ReservationRefused,
     StoredObject,
     StoreFull,
+    acquire_lock_file,
+    remove_lock_file,
 )
 from fileproxy.http.zero_copy import ZeroCopyStats
 from fileproxy.settings import Settings
@@ -788,7 +789,7 @@ class CacheService:
         waited = False
         deadline = time.monotonic() + MISS_WAIT_S
         while True:
-            fd = _try_lock(path)
+            fd = acquire_lock_file(path)
             if fd is not None:
                 if waited:  # another process had it: read what it did
                     _unlock_and_remove(path, fd)
@@ -1426,34 +1427,9 @@ def _gaps(fill: Fill, start: int, end: int) -> list[tuple[int, int]]:
     return gaps
 
 
-def _try_lock(path: Path) -> int | None:
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        held = os.fstat(fd)
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            return fd
-        os.close(fd)
-
-
 def _unlock_and_remove(path: Path, fd: int) -> None:
     try:
-        held = os.fstat(fd)
-        with contextlib.suppress(FileNotFoundError):
-            current = os.stat(path)
-            if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-                os.unlink(path)
+        remove_lock_file(path, fd)
     finally:
         os.close(fd)
 

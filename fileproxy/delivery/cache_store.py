@@ -79,6 +79,8 @@ __all__ = [
     "ReservationRefused",
     "StoreFull",
     "StoredObject",
+    "acquire_lock_file",
+    "remove_lock_file",
 ]
 
 log = logging.getLogger("fileproxy.cache")
@@ -217,7 +219,7 @@ class _Row:
         )
 
 
-def _acquire_lease(path: Path) -> int | None:
+def acquire_lock_file(path: Path) -> int | None:
     """An exclusive flock on the lock file at ``path`` (created if missing), or None when
     another open file holds it. Lock files are only ever removed by a holder of the lock,
     so after locking, the file must still be the one at ``path`` (else retry)."""
@@ -241,7 +243,7 @@ def _acquire_lease(path: Path) -> int | None:
         os.close(fd)
 
 
-def _remove_lock_file(path: Path, fd: int) -> None:
+def remove_lock_file(path: Path, fd: int) -> None:
     """Unlink the lock file we hold through ``fd`` (if it is still the one at ``path``)."""
     held = os.fstat(fd)
     with contextlib.suppress(FileNotFoundError):
@@ -504,7 +506,7 @@ class _Index:
         lock_path = self.lock_path(row.key, row.variant)
         # the lease, so the lock file goes too (a complete object's may be held by a fill
         # about to replace it: that fill keeps it)
-        doomed = _Doomed(row.id, lock_path=lock_path, lock_fd=_acquire_lease(lock_path))
+        doomed = _Doomed(row.id, lock_path=lock_path, lock_fd=acquire_lock_file(lock_path))
         if doomed.lock_fd is None and row.state == "filling":
             return None
         try:
@@ -529,7 +531,7 @@ class _Index:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.body_path(one.generation))
             if one.lock_fd is not None and one.lock_path is not None:
-                _remove_lock_file(one.lock_path, one.lock_fd)
+                remove_lock_file(one.lock_path, one.lock_fd)
             self.release(one)
 
     def purge(self, key: bytes, hits: Mapping[int, int]) -> list[_Doomed]:
@@ -542,7 +544,7 @@ class _Index:
                 policy.remove(row.id)
                 lock_path = self.lock_path(row.key, row.variant)
                 # a live fill keeps its lock file (and goes on for its readers)
-                one = _Doomed(row.id, lock_path=lock_path, lock_fd=_acquire_lease(lock_path))
+                one = _Doomed(row.id, lock_path=lock_path, lock_fd=acquire_lock_file(lock_path))
                 doomed.append(one)
             self.save_policy(policy)
         self.bury(doomed)
@@ -897,7 +899,7 @@ class Fill:
 
     async def __aenter__(self) -> Fill:
         store, index = self.store, self.store.index
-        lease = _acquire_lease(index.lock_path(self.key, self.variant))
+        lease = acquire_lock_file(index.lock_path(self.key, self.variant))
         if lease is None:
             store.counters["fills_busy"] += 1
             raise FillBusy(f"another fill holds {self.key!r}")
