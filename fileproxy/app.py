@@ -96,9 +96,10 @@ def data_plane_factory(
     """The protocol factory every listener of this worker serves with (what an
     ``AppRunner`` builds from the app, under ``fileproxy serve`` and gunicorn alike)."""
     settings = app[SETTINGS]
+    cors = Cors(settings.cors_origins) if settings.cors_origins else None
     return DataPlane(
         app,
-        _dispatcher(settings),
+        _dispatcher(settings, cors),
         loop=loop,
         header_timeout=settings.client_header_timeout,
         keepalive_timeout=runner_options.get("keepalive_timeout", 75.0),
@@ -108,20 +109,20 @@ def data_plane_factory(
         max_header_size=settings.max_header_size,
         read_bufsize=settings.buffer_size,  # upload buffer before the client is paused
         access_log=settings.access_log,
-        cors=Cors(settings.cors_origins) if settings.cors_origins else None,
+        cors=cors,
     )
 
 
-def _dispatcher(settings: Settings) -> Handler:
-    """Who answers a request: a control endpoint (GET or HEAD of its path), a CORS
-    preflight, or the proxy."""
+def _dispatcher(settings: Settings, cors: Cors | None) -> Handler:
+    """Who answers a request: a control endpoint (GET or HEAD of its path), PURGE, a CORS
+    preflight (``cors``: FILEPROXY_CORS_ORIGINS, the same the data plane adds to
+    responses), or the proxy."""
     control: dict[str, Handler] = {
         "/health": endpoints.health,
         "/ready": endpoints.ready,
         "/stats": endpoints.admin_only(endpoints.stats),
         "/metrics": endpoints.admin_only(endpoints.prometheus_metrics),
     }
-    cors = Cors(settings.cors_origins) if settings.cors_origins else None
     purge = endpoints.admin_only(endpoints.purge)
 
     async def dispatch(request: ClientRequest) -> ClientResponse | web.Response:

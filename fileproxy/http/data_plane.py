@@ -35,6 +35,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -64,13 +65,12 @@ EDGE_FAILURE = "fileproxy.edge_failure"  # request key: the failure the connecti
 _bad_value = re.compile(r"[\r\n\0]").search
 
 
-def reason_phrase(status: int) -> str:
-    from http import HTTPStatus
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase ("" for a status without one): a lookup per response."""
+    return _REASONS.get(status, "")
 
 
 class BodyBroken(ConnectionError):
@@ -382,7 +382,6 @@ class ClientProtocol(asyncio.Protocol):
         self.upgraded = False
         self._upgrade_rest = b""
         self._tunnel_inflow: Any = None
-        self.requests_count = 0
 
     # --- the transport's events ---------------------------------------------------------
 
@@ -523,7 +522,6 @@ class ClientProtocol(asyncio.Protocol):
         self._body = body
         request = ClientRequest(self, exchange, self._headers, body)
         self.requests.append(request)
-        self.requests_count += 1
         self.server.requests_count += 1
         if exchange.refusal is not None:
             body.set_exception(BodyBroken("refused"))
