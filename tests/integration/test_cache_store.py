@@ -555,17 +555,12 @@ async def test_cancelled_at_any_await_a_fill_or_reader_leaks_nothing_and_holds_n
 
         await store.purge("/c")
         baseline = open_fds()
-        # how many turns of the loop a whole run takes, then cancel after 0..that many
-        task = asyncio.create_task(fill_and_follow())
-        turns = 0
-        while not task.done():
-            await asyncio.sleep(0)
-            turns += 1
-        await task
-        await store.purge("/c")
-        outcomes = []
-        # (a run takes a varying number of turns: thread hops; go on past the measured one)
-        for steps in range(0, 2 * turns, max(1, turns // 40)):
+        outcomes: list[str] = []
+        # cancel after 0, 1, 2, ... turns of the loop, the steps growing slowly, until whole
+        # runs come through: how many turns a run takes varies with the index thread's
+        # speed, so the walk goes on until it is past the end rather than to a measured count
+        steps = 0
+        while outcomes[-3:] != ["done"] * 3 and steps < 100_000:
             task = asyncio.create_task(fill_and_follow())
             for _ in range(steps):
                 await asyncio.sleep(0)
@@ -585,6 +580,7 @@ async def test_cancelled_at_any_await_a_fill_or_reader_leaks_nothing_and_holds_n
             async with store.fill("/c", HEAD, 1) as probe:  # the lease is free
                 await probe.write(0, b"x")
             await store.purge("/c")
+            steps += max(1, steps // 20)
         assert outcomes.count("cancelled") >= 10 and "done" in outcomes, outcomes
 
 
