@@ -678,6 +678,15 @@ class ClientProtocol(asyncio.Protocol):
 
     async def _answer(self, request: ClientRequest) -> None:
         """Run the handler for ``request`` and finish its response; one access line."""
+        try:
+            await self._handle(request)
+        finally:
+            # the request and its response point at each other: unlinked here, they go by
+            # reference counting, not by the cyclic collector (whose passes were the p99)
+            request.response = None
+            request.task = None
+
+    async def _handle(self, request: ClientRequest) -> None:
         server = self.server
         try:
             refusal = self._edge_refusal(request)
