@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -272,6 +273,34 @@ FRAMING_FIELDS = {
 # CR, LF or NUL: never in a field value (obs-fold, response splitting); one regex search is
 # several times cheaper here than three ``in`` tests
 control_character = re.compile(rb"[\r\n\0]").search
+
+
+Fields = list[tuple[bytes, bytes]]
+
+
+def encode_fields(headers: Iterable[tuple[str, str]]) -> Fields:
+    """Header fields as the bytes they go out as: a value's bytes that are not UTF-8 came
+    in decoded with surrogateescape and go out as they came (as nginx passes them); a
+    surrogate that stands for no byte is written as "?"."""
+    fields = []
+    for name, value in headers:
+        try:
+            encoded = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            encoded = value.encode("utf-8", "replace")
+        fields.append((name.encode("latin-1", "replace"), encoded))
+    return fields
+
+
+def encode_head(start_line: bytes, fields: Fields) -> bytes:
+    """A message head: ``start_line``, then ``fields``. CR, LF or NUL in a name or a value
+    (response splitting, request smuggling by our own hand) raises ``LocalProtocolError``."""
+    lines = [b"%b: %b" % field for field in fields]
+    if control_character(b"".join(lines)) or control_character(start_line):
+        raise LocalProtocolError("CR, LF or NUL in a header field")
+    lines.insert(0, start_line)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 def _items(value: bytes) -> list[bytes]:

@@ -29,7 +29,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import socket
 import time
 import urllib.parse
@@ -62,9 +61,6 @@ ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _VERSIONS = {b"1.1": HttpVersion(1, 1), b"1.0": HttpVersion(1, 0)}
 BAD_FRAMING = errors.Failure(400, "bad_framing", "invalid request framing (length or chunking)")
 EDGE_FAILURE = "fileproxy.edge_failure"  # request key: the failure the connection met
-_bad_value = re.compile(r"[\r\n\0]").search
-
-
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -332,17 +328,6 @@ Handler = Callable[[ClientRequest], Awaitable[ResponseLike]]
 class _HeadTooLarge(Exception):
     def __init__(self, failure: errors.Failure) -> None:
         self.failure = failure
-
-
-def serialize_head(status_line: str, headers: CIMultiDict[str] | dict[str, str]) -> bytes:
-    """A response head as bytes; header bytes that are not UTF-8 go out as they came."""
-    lines = [status_line]
-    for name, value in headers.items():
-        if _bad_value(value) or _bad_value(name):
-            raise ValueError(f"CR, LF or NUL in the response header {name!r}")
-        lines.append(f"{name}: {value}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -769,6 +754,28 @@ class ClientProtocol(asyncio.Protocol):
         response.force_close()
         return response
 
+    def _head(
+        self,
+        exchange: http1.Exchange,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDict[str],
+        raw: http1.Fields,
+        start: http1.ResponseStart,
+    ) -> bytes:
+        """The response head's bytes: ``raw`` as the machine accepted it, the Connection
+        field the machine asks for and a Date unless the response has one."""
+        if start.connection is not None and "Connection" not in headers:
+            raw.append((b"Connection", start.connection))
+        elif start.connection == b"close":
+            raw = [field for field in raw if field[0].lower() != b"connection"]
+            raw.append((b"Connection", b"close"))
+        if "Date" not in headers:
+            raw.append((b"Date", self.server.date().encode("ascii")))
+        major, minor = exchange.version
+        phrase = (reason or reason_phrase(status)).encode("latin-1", "replace")
+        return http1.encode_head(b"HTTP/%d.%d %d %b" % (major, minor, status, phrase), raw)
+
     def start_response(self, request: ClientRequest, response: ClientResponse) -> None:
         """Send ``response``'s head (held for the first body bytes with head_with_body)."""
         transport = self.transport
@@ -781,8 +788,7 @@ class ClientProtocol(asyncio.Protocol):
         if response._close or self._closing or self.upgraded:
             # (an upgrade the upstream refused: what follows its head is not parsed)
             headers["Connection"] = "close"
-        raw = [(k.encode("latin-1", "replace"), v.encode("utf-8", "surrogateescape"))
-               for k, v in headers.items()]  # fmt: skip
+        raw = http1.encode_fields(headers.items())
         status = response.status
         if (
             status >= 200
@@ -796,15 +802,7 @@ class ClientProtocol(asyncio.Protocol):
             headers["Transfer-Encoding"] = "chunked"
             raw.append((b"Transfer-Encoding", b"chunked"))
         start = self.machine.start_response(request.exchange, status, raw)
-        if start.connection is not None and "Connection" not in headers:
-            headers["Connection"] = start.connection.decode()
-        elif start.connection == b"close":
-            headers["Connection"] = "close"
-        if "Date" not in headers:
-            headers["Date"] = self.server.date()
-        version = request.exchange.version
-        reason = response.reason or reason_phrase(status)
-        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", headers)
+        head = self._head(request.exchange, status, response.reason, headers, raw, start)
         self._chunked = start.framing.body is http1.Body.CHUNKED
         if response.head_with_body:
             self._held_head = head
@@ -866,18 +864,10 @@ class ClientProtocol(asyncio.Protocol):
         headers["Content-Length"] = str(len(body))
         if response.keep_alive is False or self._closing:
             headers["Connection"] = "close"
-        raw = [(k.encode("latin-1", "replace"), v.encode("utf-8", "surrogateescape"))
-               for k, v in headers.items()]  # fmt: skip
+        raw = http1.encode_fields(headers.items())
         exchange = request.exchange
         start = self.machine.start_response(exchange, response.status, raw)
-        if start.connection is not None:
-            headers["Connection"] = start.connection.decode()
-        if "Date" not in headers:
-            headers["Date"] = self.server.date()
-        version = exchange.version
-        reason = response.reason or reason_phrase(response.status)
-        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {response.status} {reason}",
-                              headers)  # fmt: skip
+        head = self._head(exchange, response.status, response.reason, headers, raw, start)
         if start.framing.body is http1.Body.NONE:
             body = b""
         if body:
@@ -970,11 +960,10 @@ class ClientProtocol(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         self.leave_gate()
         headers = response.headers
-        raw = [(k.encode("latin-1", "replace"), v.encode("utf-8", "surrogateescape"))
-               for k, v in headers.items()]  # fmt: skip
+        raw = http1.encode_fields(headers.items())
         self.machine.start_response(request.exchange, 101, raw)
-        reason = response.reason or "Switching Protocols"
-        transport.write(serialize_head(f"HTTP/1.1 101 {reason}", headers))
+        reason = (response.reason or "Switching Protocols").encode("latin-1", "replace")
+        transport.write(http1.encode_head(b"HTTP/1.1 101 %b" % reason, raw))
         response._request, response._eof = request, True  # no HTTP body: the tunnel's bytes
         request.response = response
 

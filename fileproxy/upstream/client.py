@@ -23,9 +23,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from fileproxy.adaptive import TcpInfo
+from fileproxy.http import connection as http1
 from fileproxy.settings import ReplicaSpec, Settings
 from fileproxy.upstream import tcp_options, tls
-from fileproxy.upstream.aiohttp_client import serialize_head
 from fileproxy.upstream.pool import ConnectionPool, ConnectObserver
 from fileproxy.upstream.protocol import MAX_HEADER_BYTES as MAX_HEADER_BYTES
 from fileproxy.upstream.protocol import ResponseBody, UpstreamProtocol
@@ -221,7 +221,8 @@ class UpstreamClient:
             headers["Transfer-Encoding"] = "chunked"
         elif body is None and method not in _BODYLESS_BY_NATURE:
             headers["Content-Length"] = "0"
-        head = serialize_head(f"{method} {target} HTTP/1.1", headers)
+        start_line = f"{method} {target} HTTP/1.1".encode("utf-8", "surrogateescape")
+        head = http1.encode_head(start_line, http1.encode_fields(headers.items()))
         retry = body is None and method in IDEMPOTENT_METHODS
         pool = self.pool
         while True:

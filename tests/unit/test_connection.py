@@ -26,6 +26,8 @@ from fileproxy.http.connection import (
     Reader,
     Timer,
     Writer,
+    encode_fields,
+    encode_head,
     keep_alive_requested,
     response_framing,
     scan_fields,
@@ -850,3 +852,35 @@ RandomShell.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_random_event_sequences = RandomShell.TestCase
+
+
+# --- the head's bytes -----------------------------------------------------------------------
+
+
+def test_a_head_is_its_start_line_and_fields_and_an_empty_line() -> None:
+    fields = encode_fields([("Content-Length", "5"), ("ETag", '"x"')])
+    assert encode_head(b"HTTP/1.1 200 OK", fields) == (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: "x"\r\n\r\n'
+    )
+    assert encode_head(b"GET / HTTP/1.1", []) == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_bytes_that_are_not_utf8_go_out_as_they_came() -> None:
+    value = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # as the parsers decode it
+    assert encode_fields([("X-Name", value)]) == [(b"X-Name", b"caf\xe9 \xff")]
+    # a surrogate that stands for no byte (no parser makes one): "?", never an exception
+    assert encode_fields([("X-Odd", "a\ud800b")]) == [(b"X-Odd", b"a?b")]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"X-A", b"1\r\nSet-Cookie: evil=1")],
+        [(b"X-A", b"1\nX-B: 2")],
+        [(b"X-A", b"1\x00")],
+        [(b"X-A\r\nX-B", b"1")],
+    ],
+)
+def test_cr_lf_or_nul_in_a_field_is_never_written(fields: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_head(b"HTTP/1.1 200 OK", fields)
