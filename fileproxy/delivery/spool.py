@@ -331,7 +331,7 @@ class Spool:
 
     # --- the filler's side ---
 
-    async def put(self, data: bytes) -> None:
+    async def put(self, data: bytes | memoryview) -> None:
         """Append; waits only when the file cannot be used and memory is full."""
         store = self.store
         while True:
@@ -339,7 +339,9 @@ class Spool:
                 self._memory_bytes + len(data) <= store.memory_cap
                 or (not self._memory and self.fallback is not None)
             ):
-                self._memory.append(data)
+                # a view is copied: kept, it would hold its whole piece in memory, more
+                # than the spool counts
+                self._memory.append(data if isinstance(data, bytes) else bytes(data))
                 self._memory_bytes += len(data)
                 store.bytes_in_memory += len(data)
                 self._data.set()
@@ -355,7 +357,7 @@ class Spool:
             self._room.clear()
             await self._room.wait()  # the reader took something: there may be room
 
-    async def _to_file(self, data: bytes) -> str | None:
+    async def _to_file(self, data: bytes | memoryview) -> str | None:
         """Write at the end of the file; the fallback reason when it cannot be."""
         store = self.store
         size = len(data)
@@ -505,7 +507,7 @@ def _close_opened(future: concurrent.futures.Future[int]) -> None:
         close_quietly(future.result())
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

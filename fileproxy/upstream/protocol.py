@@ -144,7 +144,8 @@ class ResponseBody:
     def exception(self) -> BaseException | None:
         return self._error
 
-    async def read(self, n: int = -1) -> bytes:
+    async def read(self, n: int = -1) -> bytes | memoryview:
+        """Up to ``n`` bytes (all with -1): a bytes object, or a view of part of one."""
         if n < 0:  # all of it: piece by piece, so flow control lets the rest in
             pieces = []
             while piece := await self.read(1 << 62):
@@ -157,24 +158,25 @@ class ResponseBody:
             if self._eof:
                 return b""
             await self._wait()
-        # the first piece itself when it fits, else a slice of it: the rest stays
-        # where it is (an offset), never copied again
+        # the first piece itself when it fits, else a view of part of it: no byte is
+        # copied (a relay's pieces are a quarter of what one socket read brings)
         first, offset = chunks[0], self._offset
         end = offset + n
+        data: bytes | memoryview
         if end >= len(first):
             chunks.popleft()
             self._offset = 0
-            data = first[offset:] if offset else first
+            data = memoryview(first)[offset:] if offset else first
         else:
             self._offset = end
-            data = first[offset:end]
+            data = memoryview(first)[offset:end]
         self._size -= len(data)
         owner = self._owner
         if owner is not None and owner._reading_held and self._size <= self._limit:
             owner.resume_reading()
         return data
 
-    async def readany(self) -> bytes:
+    async def readany(self) -> bytes | memoryview:
         return await self.read(1 << 62)
 
     async def _wait(self) -> None:

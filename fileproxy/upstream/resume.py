@@ -71,7 +71,7 @@ class ResumableBody:
     def is_eof(self) -> bool:
         return self.inner.is_eof()
 
-    async def read(self, n: int = -1) -> bytes:
+    async def read(self, n: int = -1) -> bytes | memoryview:
         while True:
             try:
                 chunk = await self.inner.read(n)
