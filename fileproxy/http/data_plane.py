@@ -59,7 +59,6 @@ MAX_HELD = 8  # pipelined requests read ahead of the one being answered
 NEVER_FORWARDED = frozenset({"CONNECT", "TRACE"})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _VERSIONS = {b"1.1": HttpVersion(1, 1), b"1.0": HttpVersion(1, 0)}
-BAD_FRAMING = errors.Failure(400, "bad_framing", "invalid request framing (length or chunking)")
 EDGE_FAILURE = "fileproxy.edge_failure"  # request key: the failure the connection met
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
@@ -474,19 +473,15 @@ class ClientProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.server.max_line_size:
-            raise _HeadTooLarge(errors.Failure(414, "uri_too_long", "request line too long"))
+            raise _HeadTooLarge(errors.REQUEST_LINE_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._line_done = True
         headers = self._headers
         if len(name) + len(value) + 2 > self.server.max_field_size:
-            raise _HeadTooLarge(
-                errors.Failure(431, "header_too_large", "request header field too large")
-            )
+            raise _HeadTooLarge(errors.FIELD_TOO_LARGE)
         if len(headers) >= MAX_HEADERS:
-            raise _HeadTooLarge(
-                errors.Failure(431, "too_many_headers", "too many request header fields")
-            )
+            raise _HeadTooLarge(errors.TOO_MANY_FIELDS)
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -496,7 +491,7 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.parser
         version_text = parser.get_http_version()
         if version_text in ("0.9", ""):
-            raise _HeadTooLarge(errors.Failure(400, "bad_request_line", "malformed request line"))
+            raise _HeadTooLarge(errors.BAD_REQUEST_LINE)
         major, _, minor = version_text.partition(".")
         version = (int(major), int(minor or 0))
         method = parser.get_method()
@@ -580,8 +575,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.transport is None or self.upgraded:
             return
         if self.machine.reader is http1.Reader.HEAD:
-            self._refuse(errors.classify_edge(408, errors.RequestHeadTimeout(),
-                                              in_request_line=False))  # fmt: skip
+            self._refuse(errors.HEAD_TIMEOUT)
         elif self.machine.reader is http1.Reader.IDLE and not self.requests:
             self.transport.close()  # nothing sent at all: close quietly, as nginx does
 
@@ -686,7 +680,7 @@ class ClientProtocol(asyncio.Protocol):
             self.leave_gate()
             log.exception("Error handling request from %s", self.remote, exc_info=exc)
             if request.response is None and self.transport is not None:
-                failure = errors.classify_edge(500, exc, in_request_line=False)
+                failure = errors.classify_unexpected(exc)
                 response = errors.error_response(failure, request_id_for(request))
                 response.force_close()
             else:
@@ -731,11 +725,10 @@ class ClientProtocol(asyncio.Protocol):
         exchange = request.exchange
         failure, extra = None, None
         if self._over_limit:
-            failure = errors.classify_edge(503, errors.TooManyConnections(),
-                                           in_request_line=False)  # fmt: skip
+            failure = errors.TOO_MANY_CONNECTIONS
             extra = {"Retry-After": "1"}
         elif exchange.refusal is not None:
-            failure = request.get(EDGE_FAILURE) or _refusal_failure(exchange.refusal)
+            failure = request.get(EDGE_FAILURE) or errors.classify_refusal(exchange.refusal)
         elif request.method in NEVER_FORWARDED:
             failure = errors.Failure(
                 405, "method_not_allowed", f"{request.method} is not supported"
@@ -894,22 +887,8 @@ class ClientProtocol(asyncio.Protocol):
 
     # --- errors the connection meets itself ---------------------------------------------------
 
-    def _refuse_parse(self, exc: BaseException) -> None:
-        if isinstance(exc, httptools.HttpParserInvalidMethodError):
-            failure = errors.Failure(400, "bad_method", "invalid request method")
-        elif isinstance(exc, httptools.HttpParserInvalidURLError):
-            failure = errors.Failure(400, "bad_target", "malformed request target")
-        else:
-            text = str(exc)
-            if "header" in text.lower():
-                failure = errors.Failure(400, "bad_header", "invalid request header")
-            elif any(word in text for word in ("Content-Length", "chunk", "Transfer-Encoding")):
-                failure = BAD_FRAMING
-            elif not self._line_done:
-                failure = errors.Failure(400, "bad_request_line", "malformed request line")
-            else:
-                failure = errors.Failure(400, "bad_request", "malformed request")
-        self._refuse(failure)
+    def _refuse_parse(self, exc: httptools.HttpParserError) -> None:
+        self._refuse(errors.classify_parse_error(exc, in_request_line=not self._line_done))
 
     def _refuse(self, failure: errors.Failure) -> None:
         """A client's mistake the parser or a timer found: answered in order, then close."""
@@ -993,18 +972,6 @@ def _body_of(response: web.Response) -> bytes:
     body = response.body
     assert body is None or isinstance(body, bytes)  # JSON errors and endpoints: bytes
     return body or b""
-
-
-def _refusal_failure(status: int) -> errors.Failure:
-    if status == 505:
-        return errors.Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
-    if status == 417:
-        return errors.Failure(417, "expectation_failed", "only 100-continue is supported")
-    if status == 413:
-        return errors.Failure(413, "body_too_large", "request body too large")
-    if status == 501:
-        return errors.Failure(501, "not_implemented", "transfer coding not implemented")
-    return BAD_FRAMING
 
 
 class DataPlane:

@@ -12,8 +12,9 @@ import errno
 from dataclasses import dataclass
 
 import aiohttp
+import httptools
 import orjson
-from aiohttp import http_exceptions, web
+from aiohttp import web
 
 from fileproxy.exchange import (  # the causes, named here too: errors.CLIENT_ABORT ...
     CAUSES as CAUSES,
@@ -125,48 +126,54 @@ def try_failure_kind(exc: BaseException) -> str:
     return "other"
 
 
-class RequestHeadTimeout(Exception):
-    """The client did not complete its request head within FILEPROXY_HEADER_TIMEOUT."""
+# What the data plane answers itself, before any handler: the client's mistakes in its
+# request head (or the machine's limits). The detail is a fixed text per kind: the
+# parser's own messages quote the client's bytes, never echoed back.
+HEAD_TIMEOUT = Failure(408, "request_timeout", "request head not received in time")
+TOO_MANY_CONNECTIONS = Failure(
+    503, "too_many_connections", "too many client connections; retry later"
+)
+REQUEST_LINE_TOO_LONG = Failure(414, "uri_too_long", "request line too long")
+FIELD_TOO_LARGE = Failure(431, "header_too_large", "request header field too large")
+TOO_MANY_FIELDS = Failure(431, "too_many_headers", "too many request header fields")
+BAD_REQUEST_LINE = Failure(400, "bad_request_line", "malformed request line")
+BAD_METHOD = Failure(400, "bad_method", "invalid request method")
+BAD_TARGET = Failure(400, "bad_target", "malformed request target")
+BAD_HEADER = Failure(400, "bad_header", "invalid request header")
+BAD_FRAMING = Failure(400, "bad_framing", "invalid request framing (length or chunking)")
+MALFORMED_REQUEST = Failure(400, "bad_request", "malformed request")
+# the connection machine's refusals (connection.Exchange.refusal) other than framing
+_REFUSALS = {
+    413: Failure(413, "body_too_large", "request body too large"),
+    417: Failure(417, "expectation_failed", "only 100-continue is supported"),
+    501: Failure(501, "not_implemented", "transfer coding not implemented"),
+    505: Failure(505, "http_version_not_supported", "only HTTP/1.0 and 1.1"),
+}
 
 
-class TooManyConnections(Exception):
-    """The connection is over FILEPROXY_MAX_CONNECTIONS."""
+def classify_parse_error(exc: httptools.HttpParserError, *, in_request_line: bool) -> Failure:
+    """llhttp's refusal of a request head (or of its chunked framing)."""
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return BAD_METHOD
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return BAD_TARGET
+    text = str(exc)
+    if "header" in text.lower():
+        return BAD_HEADER
+    if any(word in text for word in ("Content-Length", "chunk", "Transfer-Encoding")):
+        return BAD_FRAMING
+    return BAD_REQUEST_LINE if in_request_line else MALFORMED_REQUEST
 
 
-def classify_edge(status: int, exc: BaseException | None, *, in_request_line: bool) -> Failure:
-    """A failure met by the HTTP server itself, outside the proxy handler.
+def classify_refusal(status: int) -> Failure:
+    """The connection machine refused a request with ``status``: its answer."""
+    return _REFUSALS.get(status, BAD_FRAMING)
 
-    aiohttp's parser errors (always "400" there), the request head timeout, the
-    connection limit, and exceptions escaping a handler. The detail is a fixed text
-    per kind: the parser's own messages quote the client's bytes, never echoed back.
-    """
-    if isinstance(exc, RequestHeadTimeout):
-        return Failure(408, "request_timeout", "request head not received in time")
-    if isinstance(exc, TooManyConnections):
-        return Failure(503, "too_many_connections", "too many client connections; retry later")
-    if isinstance(exc, http_exceptions.LineTooLong):
-        if in_request_line:
-            return Failure(414, "uri_too_long", "request line too long")
-        return Failure(431, "header_too_large", "request header field too large")
-    if isinstance(exc, http_exceptions.BadHttpMethod):
-        return Failure(400, "bad_method", "invalid request method")
-    if isinstance(exc, http_exceptions.BadStatusLine):
-        return Failure(400, "bad_request_line", "malformed request line")
-    if isinstance(exc, http_exceptions.InvalidURLError):
-        return Failure(400, "bad_target", "malformed request target")
-    if isinstance(exc, http_exceptions.InvalidHeader):
-        return Failure(400, "bad_header", "invalid request header")
-    if isinstance(exc, http_exceptions.HttpProcessingError):
-        message = exc.message
-        if message.startswith("Too many headers"):
-            return Failure(431, "too_many_headers", "too many request header fields")
-        if "Transfer-Encoding" in message or "Content-Length" in message or "chunk" in message:
-            return Failure(400, "bad_framing", "invalid request framing (length or chunking)")
-        return Failure(400, "bad_request", "malformed request")
-    if status == 504 or isinstance(exc, asyncio.TimeoutError):
+
+def classify_unexpected(exc: BaseException) -> Failure:
+    """An exception that escaped a handler: a bug of ours, answered without its text."""
+    if isinstance(exc, asyncio.TimeoutError):
         return Failure(504, "timeout", "request timed out")
-    if 400 <= status < 500:
-        return Failure(status, "bad_request", "malformed request")
     return Failure(500, "internal_error", "internal error")
 
 

@@ -1,6 +1,6 @@
 import aiohttp
+import httptools
 import pytest
-from aiohttp import http_exceptions
 
 from fileproxy.http import errors
 from fileproxy.http.errors import ClientRequestError, classify
@@ -24,26 +24,57 @@ def test_one_place_maps_failures_to_statuses(exc, status, error):
     assert (failure.status, failure.error) == (status, error)
 
 
+class _Quiet:
+    """A parser's protocol that wants no callback."""
+
+
+def _parse_error(head: bytes) -> httptools.HttpParserError:
+    """What llhttp (the data plane's parser) raises for ``head``."""
+    try:
+        httptools.HttpRequestParser(_Quiet()).feed_data(head)
+    except httptools.HttpParserError as exc:
+        return exc
+    raise AssertionError(f"llhttp took {head!r}")
+
+
 @pytest.mark.parametrize(
-    ("exc", "in_line", "status", "error"),
+    ("head", "in_line", "status", "error"),
     [
-        (http_exceptions.LineTooLong(b"/aaaa", 8190), True, 414, "uri_too_long"),
-        (http_exceptions.LineTooLong(b"X-Big", 8190), False, 431, "header_too_large"),
-        (http_exceptions.BadHttpMessage("Too many headers"), False, 431, "too_many_headers"),
-        (http_exceptions.BadHttpMethod("G(T"), True, 400, "bad_method"),
-        (http_exceptions.BadStatusLine("GET / HTTP/1.1 x"), True, 400, "bad_request_line"),
-        (http_exceptions.InvalidHeader(b"X A"), False, 400, "bad_header"),
+        (b"G(T / HTTP/1.1\r\n\r\n", True, 400, "bad_method"),
+        (b"GET /a\x01b HTTP/1.1\r\n\r\n", True, 400, "bad_target"),
+        (b"GET / HTTP/1.1 x\r\n\r\n", True, 400, "bad_request_line"),
+        (b"GET / HTTP/1.1\r\nX A: 1\r\n\r\n", False, 400, "bad_header"),
         (
-            http_exceptions.BadHttpMessage("Transfer-Encoding and Content-Length"),
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             False, 400, "bad_framing",
         ),
-        (errors.RequestHeadTimeout(), False, 408, "request_timeout"),
-        (errors.TooManyConnections(), False, 503, "too_many_connections"),
-        (RuntimeError("boom <script>"), False, 500, "internal_error"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False, 400, "bad_framing"),
     ],
 )  # fmt: skip
-def test_edge_failures_map_to_statuses_without_echoing_input(exc, in_line, status, error):
-    failure = errors.classify_edge(400 if status < 500 else 500, exc, in_request_line=in_line)
+def test_parse_errors_map_to_statuses_without_echoing_input(head, in_line, status, error):
+    failure = errors.classify_parse_error(_parse_error(head), in_request_line=in_line)
     assert (failure.status, failure.error) == (status, error)
-    for echoed in ("aaaa", "X-Big", "G(T", "X A", "script"):
+    for echoed in ("G(T", "X A", "zz", "/a"):
         assert echoed not in failure.detail
+
+
+@pytest.mark.parametrize(
+    ("refusal", "error"),
+    [
+        (413, "body_too_large"),
+        (417, "expectation_failed"),
+        (501, "not_implemented"),
+        (505, "http_version_not_supported"),
+        (400, "bad_framing"),
+    ],
+)
+def test_the_machines_refusals_are_answered_with_their_status(refusal, error):
+    failure = errors.classify_refusal(refusal)
+    assert (failure.status, failure.error) == (refusal, error)
+
+
+def test_an_exception_escaping_a_handler_is_a_500_without_its_text():
+    failure = errors.classify_unexpected(RuntimeError("boom <script>"))
+    assert (failure.status, failure.error) == (500, "internal_error")
+    assert "script" not in failure.detail
+    assert errors.classify_unexpected(TimeoutError()).status == 504
