@@ -145,14 +145,27 @@ def is_trusted(peer: str | None, trusted: Networks, *, local_socket: bool = Fals
     """Whether a peer is one of ``trusted``; a unix-socket peer is a local process: trusted."""
     if local_socket:
         return True
-    return bool(peer) and _address_in(peer, tuple(trusted))
+    if not peer:
+        return False
+    # the answer per peer address, kept per networks object (the settings' one): a cache
+    # keyed by the networks themselves hashed each of them on every request
+    known = _TRUSTED.get(id(trusted))
+    if known is None or known[0] is not trusted:
+        known = _TRUSTED[id(trusted)] = (trusted, {})
+    answers = known[1]
+    answer = answers.get(peer)
+    if answer is None:
+        if len(answers) >= 4096:
+            answers.clear()
+        answer = answers[peer] = _address_in(peer, trusted)
+    return answer
 
 
-@functools.lru_cache(maxsize=4096)
-def _address_in(
-    peer: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    """Parsed once per peer address, not once per request (it is on the hot path)."""
+# id(networks) -> (networks, peer -> trusted); the networks are held, so the id stays theirs
+_TRUSTED: dict[int, tuple[Networks, dict[str, bool]]] = {}
+
+
+def _address_in(peer: str, trusted: Networks) -> bool:
     try:
         address = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
