@@ -341,7 +341,9 @@ class ClientProtocol(asyncio.Protocol):
         self.remote: str | None = None
         self.tls = False
         self.machine = http1.Connection(pipeline_limit=MAX_HELD)
-        self.parser = httptools.HttpRequestParser(self)
+        # the parser holds this protocol's callbacks: dropped when the connection ends, so
+        # the two go by reference counting, not by the cyclic collector
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.requests: collections.deque[ClientRequest] = collections.deque()
         self.writing_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -402,6 +404,7 @@ class ClientProtocol(asyncio.Protocol):
         if self._tunnel_inflow is not None:
             self._tunnel_inflow.feed_eof()
         self.transport = None
+        self.parser = None
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -434,11 +437,13 @@ class ClientProtocol(asyncio.Protocol):
         if self.upgraded:
             self._upgrade_rest += data  # bytes for the tunnel, before it started
             return
-        machine = self.machine
-        if machine.reader in (http1.Reader.DONE, http1.Reader.ERROR, http1.Reader.CLOSED):
+        machine, parser = self.machine, self.parser
+        if parser is None or machine.reader in (
+            http1.Reader.DONE, http1.Reader.ERROR, http1.Reader.CLOSED
+        ):  # fmt: skip
             return  # nothing after the last request is parsed (RFC 9112 9.6)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgraded = True
             self._upgrade_rest = data[upgrade.args[0] :] if upgrade.args else b""
@@ -489,6 +494,7 @@ class ClientProtocol(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
         parser = self.parser
+        assert parser is not None  # (called by the parser itself)
         version_text = parser.get_http_version()
         if version_text in ("0.9", ""):
             raise _HeadTooLarge(errors.BAD_REQUEST_LINE)

@@ -134,6 +134,30 @@ async def test_requests_on_a_keep_alive_connection_leave_no_cycle_to_collect(
     assert sum(ours.values()) <= 5, ours.most_common(10)
 
 
+async def test_connections_that_end_leave_no_cycle_to_collect(start_backend) -> None:
+    """A client without keep-alive (ab without -k, a health checker) opens a connection
+    per request: the connection's objects must go with it too."""
+    backend = await start_backend(_backend())
+    async with _in_process_proxy(backend.port) as port:
+        rounds = 40
+        with _garbage_kept() as garbage:
+            for _ in range(rounds):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                request = b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                assert await _exchange(reader, writer, request) == SMALL
+                assert await reader.read() == b""  # the proxy closed: its side is done
+                writer.close()
+                await writer.wait_closed()
+            await asyncio.sleep(0.1)
+            gc.collect()
+            ours = collections.Counter(
+                f"{type(o).__module__}.{type(o).__qualname__}"
+                for o in garbage
+                if type(o).__module__.startswith("fileproxy.")
+            )
+    assert sum(ours.values()) <= 5, ours.most_common(10)
+
+
 @pytest.fixture(autouse=True)
 def _collector_on() -> Iterator[None]:
     enabled = gc.isenabled()
