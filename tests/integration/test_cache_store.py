@@ -597,12 +597,14 @@ async def test_a_reader_in_another_process_wakes_within_a_few_polls(
             reader = start(workers, mode="read", **job)
             await asyncio.to_thread(reader.wait_for, "opened")
             await asyncio.sleep(0.3)  # it waits for byte 0
+            # (from before the write: the other process may see the byte before the write
+            # returns here)
+            writing = time.monotonic()
             await fill.write(0, data[:MIB])
-            wrote = time.monotonic()
             await asyncio.sleep(2.0)  # a reader woken only at the end would be this late
             await fill.write(MIB, data[MIB:])
             await fill.complete()
         assert await asyncio.to_thread(reader.finish) == 0, reader
         (read,) = reader.named("read")
         assert read["sha256"] == sha(data)
-        assert 0 <= read["first_byte"] - wrote < 1.5, read["first_byte"] - wrote
+        assert 0 <= read["first_byte"] - writing < 1.5, read["first_byte"] - writing
