@@ -80,6 +80,7 @@ from fileproxy.delivery.cache_store import (
     FillAbandoned,
     FillBusy,
     FillOrphaned,
+    FillOutOfRoom,
     NotStored,
     Reader,
     ReservationRefused,
@@ -1063,17 +1064,7 @@ class CacheService:
         ]
         response = await fetch(conditions)
         try:
-            raw = response.raw_headers
-            expected = b"bytes %d-%d/%d" % (start, end - 1, fill.length)
-            if (
-                response.status != 206
-                or _field(raw, b"content-range") != expected
-                or strong_etag(raw) != validator
-            ):
-                raise _NotMended(
-                    f"asked {expected!r}, got {response.status} "
-                    f"{_field(raw, b'content-range')!r} {strong_etag(raw)!r}"
-                )
+            _check_continuation(response, start, end, fill.length, validator)
             await self._copy(fill, response, start, end)
             response.release()
         finally:
@@ -1319,11 +1310,13 @@ class CacheService:
             else None,
             "bytes_from_cache": bytes_served,
             "bytes_fetched": fetched,
-            "fills_in_progress": len(store._live) if store is not None else 0,
+            "fills_in_progress": store.fills_in_progress if store is not None else 0,
             "readers_waiting": store.counters["readers_waiting"] if store is not None else 0,
             "readers_open": store.counters["readers_open"] if store is not None else 0,
             "evictions": store.counters["evictions"] if store is not None else 0,
             "takeovers": counters["takeovers"],
+            "continued_uncached": counters["continued_uncached"],
+            "bytes_uncached": counters["bytes_uncached"],
             "fills_failed": counters["fills_failed"],
             "aborted": counters["aborted"],
             "purges": counters["purges"],
@@ -1437,7 +1430,14 @@ def _unlock_and_remove(path: Path, fd: int) -> None:
 class CachedBody:
     """The bytes ``[start, end)`` of a stored object, read as they are committed. Iterate
     it for blocks, or ``runs()`` for ``(fd, offset, count)`` to sendfile; ``close()`` it.
-    ``CacheAborted`` when its fill fails beyond mending: abort the client."""
+    ``CacheAborted`` when its fill fails beyond mending: abort the client.
+
+    When the fill it follows stops because the disk had no room (in this process or
+    another), the body goes on from its own offset with the rest from the upstream,
+    uncached: ``Range`` + ``If-Range`` on the object's strong ETag, through ``fetch`` (its
+    replicas, retries and mid-body resume), accepted only as the exact continuation. Both
+    iterations then yield ``bytes`` blocks. Without a strong ETag it cannot continue
+    byte-exact, and aborts."""
 
     def __init__(
         self, service: CacheService, reader: Reader, start: int, end: int, fetch: Fetch
@@ -1450,6 +1450,8 @@ class CachedBody:
         self.sent = 0
         #: the head to keep the object in memory with, once read whole (small objects)
         self.remember: StoredHead | None = None
+        self._upstream: UpstreamAnswer | None = None  # the uncached rest, while it is read
+        self._short: int | None = None  # a run the caller found the file too short for
 
     #: the bytes themselves when the object is held in memory (``MemoryBody``)
     in_memory: bytes | None = None
@@ -1459,22 +1461,27 @@ class CachedBody:
         return self.end - self.start
 
     def close(self) -> None:
+        self._close_upstream()
         self.reader.close()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._blocks()
 
     async def _blocks(self) -> AsyncIterator[bytes]:
-        store = self.service.store
-        assert store is not None
         offset = self.start
         kept: list[bytes] | None = [] if self.remember is not None else None
         while offset < self.end:
-            available = await self._wait(offset)
+            try:
+                available = await self._wait(offset)
+            except _OutOfRoom:
+                async for data in self._uncached(offset):
+                    yield data
+                return
             count = min(available, self.end, offset + READ_BLOCK) - offset
-            data = await store._in_io(os.pread, self.reader.fileno(), count, offset)
-            if not data:
-                raise CacheAborted("the cache file is shorter than its object")
+            data = await self.reader.pread(offset, count)
+            if not data:  # given back under us: the next wait says why, or aborts
+                self._short = offset
+                continue
             offset += len(data)
             self._count(len(data))
             if kept is not None:
@@ -1486,26 +1493,45 @@ class CachedBody:
                 reader.key, reader.variant, reader.generation, self.remember, b"".join(kept)
             )
 
-    async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
+    async def runs(self) -> AsyncIterator[tuple[int, int, int] | bytes]:
         """``(fd, offset, count)`` of committed bytes in order; the next run is computed
-        when the caller asks for it (after it sent this one)."""
+        when the caller asks for it (after it sent this one). A caller whose sendfile finds
+        the file shorter than a run calls ``shorter(at)`` with where it got to. After a fill
+        ran out of room, the rest comes as ``bytes`` blocks (see the class)."""
         offset = self.start
         while offset < self.end:
-            available = await self._wait(offset)
+            try:
+                available = await self._wait(offset)
+            except _OutOfRoom:
+                async for data in self._uncached(offset):
+                    yield data
+                return
             count = min(available, self.end) - offset
+            self._short = None
             yield self.reader.fileno(), offset, count
+            if self._short is not None:  # the caller sent less: go on from there
+                count = self._short - offset
             offset += count
             self._count(count)
+
+    def shorter(self, at: int) -> None:
+        """The run being sent ended at byte ``at``: the file was shorter than it said."""
+        self._short = at
 
     def _count(self, count: int) -> None:
         self.sent += count
         self.service.counters["bytes_from_cache"] += count
 
     async def _wait(self, offset: int) -> int:
+        """Where the committed bytes from ``offset`` end; ``_OutOfRoom`` when the fill
+        stopped for want of room (go on uncached), else ``CacheAborted``."""
+        short, self._short = self._short, None
         reader = self.reader
         for _ in range(MAX_TAKEOVERS):
             try:
-                return await reader.wait_for(offset)
+                available = await reader.wait_for(offset)
+            except FillOutOfRoom as error:
+                raise _OutOfRoom() from error
             except FillAbandoned as error:
                 self.service.counters["aborted"] += 1
                 raise CacheAborted(str(error)) from error
@@ -1516,8 +1542,79 @@ class CachedBody:
                 if not taken:
                     self.service.counters["aborted"] += 1
                     raise CacheAborted("the fill stopped and could not be continued") from None
+                continue
+            if short is not None and short <= offset:
+                # the file ended where its fill says there are bytes, and not because the
+                # fill ran out of room: never send what is not there
+                self.service.counters["aborted"] += 1
+                raise CacheAborted("the cache file is shorter than its object")
+            return available
         self.service.counters["aborted"] += 1
         raise CacheAborted("the fill kept stopping")
+
+    async def _uncached(self, offset: int) -> AsyncIterator[bytes]:
+        """``[offset, end)`` from the upstream, uncached, as the exact continuation of the
+        stored object (its fill ran out of room); ``CacheAborted`` when it is not that."""
+        service, reader = self.service, self.reader
+        assert reader.head is not None
+        validator = strong_etag(reader.head.headers)
+        if validator is None:  # nothing proves another answer holds the same bytes
+            service.counters["aborted"] += 1
+            raise CacheAborted("the fill ran out of room; no strong ETag to continue by")
+        service.counters["continued_uncached"] += 1
+        conditions = [
+            ("Range", f"bytes={offset}-{self.end - 1}"),
+            ("If-Range", validator.decode("latin-1")),
+        ]
+        try:
+            self._upstream = response = await self.fetch(conditions)
+            _check_continuation(response, offset, self.end, reader.length, validator)
+        except Exception as error:  # the upstream's failures, or another representation
+            service.counters["aborted"] += 1
+            raise CacheAborted(f"the fill ran out of room and the rest failed: {error}") from error
+        while offset < self.end:
+            try:
+                data = await response.content.read(min(READ_BLOCK, self.end - offset))
+            except Exception as error:  # what the resumes could not mend
+                service.counters["aborted"] += 1
+                raise CacheAborted(f"the uncached rest failed: {error}") from error
+            if not data:
+                service.counters["aborted"] += 1
+                raise CacheAborted(f"the uncached rest ended at byte {offset} of {self.end}")
+            offset += len(data)
+            if offset == self.end:
+                response.release()  # read whole: its connection goes back to the pool
+            self.sent += len(data)
+            service.counters["bytes_uncached"] += len(data)
+            yield data
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.close()
+
+
+class _OutOfRoom(Exception):
+    """A body's fill stopped for want of room: the body goes on uncached."""
+
+
+def _check_continuation(
+    response: UpstreamAnswer, start: int, end: int, length: int, validator: bytes
+) -> None:
+    """``response`` is exactly ``[start, end)`` of the object of ``length`` bytes whose
+    strong ETag is ``validator`` (a 206 to Range + If-Range), else ``_NotMended``."""
+    raw = response.raw_headers
+    expected = b"bytes %d-%d/%d" % (start, end - 1, length)
+    if (
+        response.status != 206
+        or _field(raw, b"content-range") != expected
+        or strong_etag(raw) != validator
+    ):
+        raise _NotMended(
+            f"asked {expected!r}, got {response.status} "
+            f"{_field(raw, b'content-range')!r} {strong_etag(raw)!r}"
+        )
 
 
 class MemoryBody(CachedBody):
