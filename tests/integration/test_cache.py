@@ -766,7 +766,7 @@ async def test_a_full_tmpfs_is_proxied_uncached_and_enospc_mid_fill_never_tears_
             # another program fills the disk under a running fill: ENOSPC mid-fill
             filling = asyncio.create_task(fetch(session, f"{proxy.url}/paced"))
             await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
-            with _disk_hog(tiny):
+            with disk_hog(tiny):
                 cut = await asyncio.wait_for(filling, 30)
                 await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
                 # its client: every byte or an abort, never a short body that looks whole
@@ -804,7 +804,7 @@ async def test_the_reader_of_a_fill_that_hits_enospc_still_gets_every_byte(
             await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
             joined = [asyncio.create_task(fetch(session, url)) for _ in range(3)]
             await until(_readers_open(session, proxy, 4), 10, "the readers joined the fill")
-            with _disk_hog(tiny):
+            with disk_hog(tiny):
                 gots = await asyncio.wait_for(asyncio.gather(filling, *joined), 30)
                 await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
             for got in gots:
@@ -842,7 +842,7 @@ async def test_readers_in_another_process_of_a_fill_that_hits_enospc_get_every_b
             await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
             elsewhere = [asyncio.create_task(fetch(session, f"{two.url}/paced")) for _ in range(3)]
             await until(_readers_open(session, two, 3), 10, "the other's readers joined")
-            with _disk_hog(tiny):
+            with disk_hog(tiny):
                 gots = await asyncio.wait_for(asyncio.gather(filling, *elsewhere), 30)
                 await until(_logs(one, "No space left on device"), 10, "ENOSPC")
             for got in gots:
@@ -885,7 +885,7 @@ async def test_readers_of_a_fill_out_of_room_without_a_strong_etag_are_aborted(
                 await until(_sent_here(backend, path, 256 * 1024), 10, "the fill started")
                 joined = asyncio.create_task(fetch(session, url))
                 await until(_readers_open(session, proxy, 2), 10, "the reader joined")
-                with _disk_hog(tiny):
+                with disk_hog(tiny):
                     gots = await asyncio.wait_for(asyncio.gather(filling, joined), 30)
                 for got in gots:
                     assert got.headers["Content-Length"] == str(size)
@@ -949,7 +949,7 @@ def _sent_here(backend: CacheBackend, path: str, count: int) -> Callable[[], Awa
 
 
 @contextlib.contextmanager
-def _disk_hog(directory: Path) -> Iterator[None]:
+def disk_hog(directory: Path) -> Iterator[None]:
     """Another program's file that takes every free byte of ``directory``'s filesystem."""
     hog = directory / "hog"
     try:

@@ -30,6 +30,7 @@ from fileproxy.upstream.client import UpstreamClient
 from tests.cache_backend import CacheBackend, Obj, object_bytes
 from tests.cache_service_worker import Got, cache_settings, get
 from tests.conftest import ROOT, Backend
+from tests.integration.test_cache import disk_hog
 from tests.integration.test_spool import mounted_tmpfs
 
 MIB = 1 << 20
@@ -388,6 +389,109 @@ async def test_enospc_on_a_tiny_tmpfs_is_proxied_uncached_nothing_lost(
             assert (await rig.get("/small")).word == "hit"
         finally:
             await rig.close()
+
+
+async def test_a_fill_out_of_room_is_finished_uncached_by_each_reader_in_blocks_or_runs(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """The disk fills up under a fill: its readers, copying blocks or taking runs for
+    sendfile, each go on from their own offset with the rest from the upstream (Range +
+    If-Range on the strong ETag), byte-exact; the upstream connections all go back."""
+    backend = CacheBackend()
+    obj = backend.add("/room", Obj(object_bytes(19, 3 * MIB), headers=FRESH, rate=3e6))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            readers = [
+                asyncio.create_task(rig.get("/room", zero_copy=bool(i % 2), pace=0.001 * i))
+                for i in range(4)
+            ]
+            await _until(lambda: backend.sent["/room"] >= 512 * 1024, "the fill started")
+            with disk_hog(tiny):
+                gots = await asyncio.gather(*readers)
+            for got in gots:
+                assert got.aborted is None and sha(got.body) == obj.sha256, got.aborted
+            rests = [h for p, h, _ in backend.requests if p == "/room" and "Range" in h]
+            assert len(rests) == 4 and all(h["If-Range"] == '"v1"' for h in rests), rests
+            assert cache.counters["continued_uncached"] == 4
+            await rig.settled()
+            assert rig.client is not None and rig.client.pool_size()["in_use"] == 0
+            report = await cache.report()
+            assert report["objects"] == 0 and report["partial_objects"] == 0, report
+        finally:
+            await rig.close()
+
+
+async def test_a_reader_cancelled_while_it_takes_the_rest_uncached_leaks_nothing(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """A client that goes away at any await of the uncached rest of a fill out of room
+    (asking the upstream, reading its body; in blocks and by runs): its upstream answer
+    is closed, its reader too, no connection stays lent, and nothing partial is stored.
+    The walk goes on, waiting more loop turns each time, until whole rests come through."""
+    backend = CacheBackend()
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            store, client = cache.store, rig.client
+            assert store is not None and client is not None
+            objects: dict[str, Obj] = {}
+            cancelled, whole, turns, step = 0, 0, 0, 0
+            while whole < 2:
+                assert step < 80, f"no whole rest after {step} steps"
+                path = f"/walk{step}"
+                obj = Obj(object_bytes(400 + step, 2 * MIB), headers=FRESH, rate=4e6)
+                objects[path] = backend.add(path, obj)
+                task = asyncio.create_task(rig.get(path, zero_copy=bool(step % 2)))
+                await _until(lambda p=path: backend.sent[p] >= 256 * 1024, "the fill started")
+                before = cache.counters["continued_uncached"]
+                with disk_hog(tiny):
+                    obj.rate = 0  # the rest at once: a few loop turns, not seconds
+                    await _until(
+                        lambda b=before, t=task: (
+                            cache.counters["continued_uncached"] > b or t.done()
+                        ),
+                        "the reader went on uncached",
+                        turns=True,
+                    )
+                    for _ in range(turns):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    try:
+                        got = await task
+                    except asyncio.CancelledError:
+                        cancelled += 1
+                    else:
+                        whole += 1
+                        assert got.aborted is None and sha(got.body) == obj.sha256, step
+                    await rig.settled()
+                    await _until(
+                        lambda: client.pool_size()["in_use"] == 0, "the upstream given back"
+                    )
+                    assert store.counters["readers_open"] == 0
+                    assert store.counters["readers_waiting"] == 0
+                turns += 1 + turns // 8
+                step += 1
+            print(f"{step} steps: {cancelled} cancelled, last after {turns} turns")
+            assert cancelled >= 5, (cancelled, step)
+            for path, obj in objects.items():  # room again: fetched whole, never torn
+                got = await rig.get(path)
+                assert got.aborted is None and sha(got.body) == obj.sha256, path
+                assert got.word == "miss" and "stored" in got.cache_status, got.cache_status
+        finally:
+            await rig.close()
+
+
+async def _until(predicate: Callable[[], bool], what: str, *, turns: bool = False) -> None:
+    """Until ``predicate()``, polled every 5 ms (every loop turn with ``turns``), 30 s."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within 30 s: {what}"
+        await asyncio.sleep(0 if turns else 0.005)
 
 
 # ---------------------------------------------------------------- several processes
