@@ -17,7 +17,9 @@ and a body that reads the cache file as it is written (an async iterator of bloc
     elif decision.outcome is Outcome.GATEWAY_TIMEOUT:
         ...                                   # only-if-cached and nothing: 504 (errors.py)
     else:
-        answer = await cache.respond(decision, fetch)   # fetch(conditions) -> upstream
+        answer = await cache.respond(decision, fetch, waiting=on_upstream)
+                                              # fetch(conditions) -> upstream; waiting():
+                                              # it waits on another request's upstream
         if answer.upstream is not None:       # not stored (uncacheable, no room...):
             relay(answer.upstream, extra=answer.extra_headers)   # as today
         else:
@@ -619,19 +621,23 @@ class CacheService:
 
     # ------------------------------------------------------------ respond
 
-    async def respond(self, decision: Decision, fetch: Fetch) -> Answer:
+    async def respond(
+        self, decision: Decision, fetch: Fetch, *, waiting: Callable[[], None] | None = None
+    ) -> Answer:
         """The answer to a HIT, STALE, REVALIDATE or MISS decision. Raises what ``fetch``
-        raises when the upstream fails and nothing stale may cover it."""
+        raises when the upstream fails and nothing stale may cover it. ``waiting()`` is
+        called when the request starts waiting on another request's upstream (the miss
+        it collapses into): the data plane counts that as waiting on its own upstream."""
         outcome = decision.outcome
         if outcome is Outcome.HIT:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.HIT)
             if answer is not None:
                 return answer
-            return await self._miss(decision, fetch)
+            return await self._miss(decision, fetch, waiting)
         if outcome is Outcome.STALE:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.STALE)
             if answer is None:
-                return await self._miss(decision, fetch)
+                return await self._miss(decision, fetch, waiting)
             if decision.target not in self._revalidating:
                 self._revalidating.add(decision.target)
                 self._spawn(self._background_revalidation(decision, fetch))
@@ -639,7 +645,7 @@ class CacheService:
         if outcome is Outcome.REVALIDATE:
             return await self._revalidate(decision, fetch)
         if outcome is Outcome.MISS:
-            return await self._miss(decision, fetch)
+            return await self._miss(decision, fetch, waiting)
         raise ValueError(f"nothing to respond for {outcome}")
 
     async def _serve(
@@ -759,10 +765,12 @@ class CacheService:
 
     # ------------------------------------------------------------ misses and fills
 
-    async def _miss(self, decision: Decision, fetch: Fetch) -> Answer:
+    async def _miss(
+        self, decision: Decision, fetch: Fetch, waiting: Callable[[], None] | None
+    ) -> Answer:
         assert self.store is not None
         key = decision.target
-        lock = await self._lead(key)
+        lock = await self._lead(key, waiting)
         if lock is None:  # another request fetched it: read what it stored
             again = await self.lookup(decision.method, key, decision.request_headers, decision.now)
             if again.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATE) and again.stored:
@@ -779,11 +787,14 @@ class CacheService:
         finally:
             lock.release()
 
-    async def _lead(self, key: bytes) -> _MissLock | None:
-        """The miss lock of ``key``, or None after waiting for whoever held it."""
+    async def _lead(self, key: bytes, waiting: Callable[[], None] | None) -> _MissLock | None:
+        """The miss lock of ``key``, or None after waiting for whoever held it (calling
+        ``waiting()`` first: that wait is on another request's upstream)."""
         assert self.store is not None
         leader = self._leaders.get(key)
         if leader is not None:
+            if waiting is not None:
+                waiting()
             await asyncio.shield(leader.future)
             return None
         path = self.store.index.locks / f"miss-{hashlib.sha256(key).hexdigest()}.lock"
@@ -798,6 +809,8 @@ class CacheService:
                 lock = _MissLock(self, key, fd, path)
                 self._leaders[key] = lock
                 return lock
+            if not waited and waiting is not None:
+                waiting()
             waited = True
             if time.monotonic() > deadline:
                 return None

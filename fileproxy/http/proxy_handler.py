@@ -411,7 +411,8 @@ async def _from_cache(
         )
     fetch = _CacheFetch(request, exchange, started, replica, target, headers)
     try:
-        answer = await cache.respond(decision, fetch)
+        # a request waiting on another's miss waits on the upstream, as its own fetch would
+        answer = await cache.respond(decision, fetch, waiting=request.protocol.wait_on_upstream)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return _fail(exchange, exc)  # every replica failed, and nothing stored may stand in
     exchange.cache = answer.log_word

@@ -924,6 +924,44 @@ async def test_readers_of_a_fill_whose_upstream_failed_are_aborted_and_ask_it_no
     assert stats["continued_uncached"] == 0 and stats["aborted"] == 6, stats
 
 
+async def test_requests_waiting_on_another_requests_miss_hold_no_admission_place(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """FILEPROXY_ACTIVE_REQUESTS=1: requests that wait for another request's upstream
+    (the miss they collapse into) give their place back as that request does, so a hit
+    of another object is answered while the slow upstream has not yet answered."""
+    slow = backend.add("/slow", Obj(object_bytes(48, MIB), headers=FRESH, head_delay=3.0))
+    other = backend.add("/other", Obj(object_bytes(49, MIB), headers=FRESH))
+    env = cache_env(tmp_dir / "cache", FILEPROXY_ACTIVE_REQUESTS="1")
+    proxy = start_proxy(url_of(backend), **env)
+    assert "stored" in (await fetch(session, f"{proxy.url}/other")).cache_status
+    waiting = [asyncio.create_task(fetch(session, f"{proxy.url}/slow")) for _ in range(4)]
+    await until(_arrived(proxy, 4), 10, "the four requests arrived")
+    hit = await asyncio.wait_for(fetch(session, f"{proxy.url}/other"), 10)
+    assert sha(hit.body) == other.sha256 and "; hit" in hit.cache_status
+    assert backend.count("/slow") == 0  # answered before the slow upstream's head
+    health = await (await session.get(f"{proxy.url}/health")).json()
+    assert health["active_requests"]["waiting"] == 0, health["active_requests"]
+    for got in await asyncio.wait_for(asyncio.gather(*waiting), 30):
+        assert got.aborted is None and sha(got.body) == slow.sha256
+    assert backend.count("/slow") == 1
+
+
+def _arrived(proxy: Process, count: int) -> Callable[[], Awaitable[bool]]:
+    """``count`` requests are in the proxy: working on (in flight) or waiting for a place
+    in the gate (the /health probe is neither)."""
+
+    async def arrived() -> bool:
+        async with aiohttp.ClientSession() as probe:
+            health = await (await probe.get(f"{proxy.url}/health")).json()
+        return int(health["in_flight"]) + int(health["active_requests"]["waiting"]) >= count
+
+    return arrived
+
+
 def _readers_open(
     session: aiohttp.ClientSession, proxy: Process, count: int
 ) -> Callable[[], Awaitable[bool]]:
