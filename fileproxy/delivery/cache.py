@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -139,6 +140,8 @@ SMALL_MEMORY = 64 * 1024 * 1024
 TOTALS_REFRESH_S = 5.0
 #: FILEPROXY_CACHE_MAX_SIZE=auto takes this share of the cache filesystem's size
 AUTO_SHARE = 0.5
+#: where the ``auto`` budget of the directory is written down (see ``shared_budget``)
+BUDGET_FILE = "budget.json"
 #: never cached: hop-by-hop fields, and the framing of the response as it came
 _HOP_BY_HOP = frozenset(
     {
@@ -310,6 +313,58 @@ def auto_max_size(fs_size: int, fs_free: int, held: int, min_free: int) -> int:
     return max(0, min(int(fs_size * AUTO_SHARE), fs_free + held - min_free))
 
 
+def shared_budget(directory: Path, compute: Callable[[], int]) -> tuple[int, int]:
+    """One ``FILEPROXY_CACHE_MAX_SIZE=auto`` budget for every process on ``directory``
+    (gunicorn workers, several ``fileproxy serve``), not one per process computed from
+    the free space each happened to see at its start: the first process to open the
+    directory (no other holds it open) computes it with ``compute()`` and writes it
+    down; the others, and a worker restarted while others run, read it. The budget is an
+    upper bound: the free-space watermark is checked live at every reservation.
+    Blocking (a thread). Returns (budget, a descriptor to keep open while this process
+    uses the directory, and to close after)."""
+    locks = directory / "locks"
+    mutex = os.open(locks / "budget.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)  # one process at a time decides
+        users = os.open(locks / "users.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:  # others use the directory: theirs is the budget
+                alone = False
+            budget = None if alone else _read_budget(directory / BUDGET_FILE)
+            if budget is None:
+                budget = compute()
+                record = directory / f"{BUDGET_FILE}.{os.getpid()}"
+                try:
+                    record.write_bytes(orjson.dumps({"max_size": budget}))
+                    os.replace(record, directory / BUDGET_FILE)
+                except OSError as error:  # a full disk: the others compute their own
+                    record.unlink(missing_ok=True)
+                    log.warning("the cache budget is not written down: %s", error)
+            fcntl.flock(users, fcntl.LOCK_SH)  # the mutex keeps others out meanwhile
+        except BaseException:
+            os.close(users)
+            raise
+    finally:
+        os.close(mutex)
+    return budget, users
+
+
+def _close_budget_fd(done: asyncio.Future[tuple[int, int]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        os.close(done.result()[1])
+
+
+def _read_budget(path: Path) -> int | None:
+    try:
+        value = orjson.loads(path.read_bytes()).get("max_size")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
 def _single_range(value: bytes | None, length: int) -> tuple[int, int] | str | None:
     """A single byte range ``[start, end)`` of ``length``; None to send it whole (no
     Range, several ranges or a syntax we do not serve partially); "unsatisfiable"."""
@@ -396,6 +451,7 @@ class CacheService:
         self._totals: dict[str, int] = {}
         self._totals_at = 0.0
         self._refresher: asyncio.Future[None] | None = None
+        self._users_fd = -1  # held (shared) while this process uses an ``auto`` budget
         # small complete objects: key -> variant -> (generation, head, body)
         self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
         self._small_bytes = 0
@@ -420,10 +476,26 @@ class CacheService:
                 await store.close()
             return
         if self.configured_max_size == "auto":
-            usage = shutil.disk_usage(self.directory)
-            store.max_size = auto_max_size(
-                usage.total, usage.free, totals["bytes_reserved"], self.min_free
+
+            def compute() -> int:
+                usage = shutil.disk_usage(self.directory)
+                return auto_max_size(
+                    usage.total, usage.free, totals["bytes_reserved"], self.min_free
+                )
+
+            budget = asyncio.get_running_loop().run_in_executor(
+                None, shared_budget, self.directory, compute
             )
+            try:
+                store.max_size, self._users_fd = await asyncio.shield(budget)
+            except asyncio.CancelledError:  # the descriptor, once there, is nobody's
+                budget.add_done_callback(_close_budget_fd)
+                raise
+            except OSError as error:
+                self.error = f"{self.directory}: {error}"
+                log.warning("the cache is off in this worker: %s", self.error)
+                await store.close()
+                return
         else:
             store.max_size = int(self.configured_max_size)
         self.store = store
@@ -456,6 +528,9 @@ class CacheService:
         store, self.store = self.store, None
         if store is not None:
             await store.close()
+        users, self._users_fd = self._users_fd, -1
+        if users >= 0:
+            os.close(users)  # the last process to leave lets the next first one compute
 
     async def __aenter__(self) -> CacheService:
         await self.open()

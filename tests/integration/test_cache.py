@@ -999,6 +999,49 @@ def disk_hog(directory: Path) -> Iterator[None]:
         hog.unlink(missing_ok=True)
 
 
+async def test_an_auto_budget_is_one_for_the_directory_not_one_per_worker(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    tmp_dir: Path,
+) -> None:
+    """FILEPROXY_CACHE_MAX_SIZE=auto, two gunicorn workers on one cache directory: both
+    have the budget the first computed, and so does a worker the master starts again
+    after another program took most of the disk (computed from the free space it saw,
+    it would have a smaller one: two budgets for one directory)."""
+    with mounted_tmpfs(tmp_dir / "disk", "size=64m") as disk:
+        env = cache_env(disk / "cache", FILEPROXY_CACHE_MAX_SIZE="auto", FILEPROXY_WORKERS="2")
+        gunicorn = start_gunicorn(tmp_dir, url_of(backend), **env)
+        hog = disk / "another-programs-file"
+        try:
+            first = await _budgets(session, gunicorn.url, 2)
+            assert set(first.values()) == {32 * MIB}, first  # half the filesystem
+            hog.write_bytes(bytes(40 * MIB))  # free: 24 MiB
+            os.kill(next(iter(first)), signal.SIGKILL)
+            gunicorn.wait_for_log("fileproxy worker started", count=3, timeout=60)
+            after = await _budgets(session, gunicorn.url, 2, not_in=set(first))
+            assert set(after.values()) == {32 * MIB}, after
+        finally:
+            gunicorn.stop()
+            hog.unlink(missing_ok=True)
+
+
+async def _budgets(
+    session: aiohttp.ClientSession, url: str, workers: int, not_in: set[int] | None = None
+) -> dict[int, int]:
+    """Each worker's cache budget (pid: max_size) from /health, until ``workers`` of them
+    answered, one of them not in ``not_in`` (the ones killed answer no more)."""
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < workers or (not_in and not set(seen) - not_in):
+        assert time.monotonic() < deadline, seen
+        try:
+            health = await (await session.get(f"{url}/health")).json()
+        except aiohttp.ClientConnectionError:  # the killed worker's connection
+            continue
+        seen[int(health["pid"])] = int(health["cache"]["max_size"])
+    return seen
+
+
 # ---------------------------------------------------------------- 6. FILEPROXY_CACHE=off
 
 
