@@ -741,7 +741,7 @@ class CacheService:
         assert response is not None
         status = cache_status or (reuse.cache_status() if reuse else policy.cache_status())
         if decision.memory is not None:
-            self.store._hits[stored.generation] += 1  # a use, for the eviction policy
+            self.store.note_use(stored.generation)
             return self._answer_from(
                 None, decision, fetch, response, word.value, status, served=True,
                 memory=decision.memory, generation=stored.generation,

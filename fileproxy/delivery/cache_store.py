@@ -715,6 +715,11 @@ class CacheStore:
                     await asyncio.wait([future])
             raise
 
+    def note_use(self, generation: int) -> None:
+        """A use of a stored object (a hit) for the eviction policy; it reaches the
+        index's state at this process's next transaction."""
+        self._hits[generation] += 1
+
     @property
     def fills_in_progress(self) -> int:
         """Fills this process runs now."""
@@ -1272,7 +1277,7 @@ class Reader:
                 row.id, row.committed, 0, row.committed, row.chunks_version, FillState.FILLING, 0
             )
         store._pin(self.generation)
-        store._hits[self.generation] += 1
+        store.note_use(self.generation)
         store.counters["readers_open"] += 1
         self._opened = True
         return self
