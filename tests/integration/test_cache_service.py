@@ -22,13 +22,21 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from fileproxy.delivery.cache import CacheService, Outcome, check_cache_dir
+from fileproxy.cache.manifest import StoredHead
+from fileproxy.delivery.cache import (
+    CacheAborted,
+    CachedBody,
+    CacheService,
+    Outcome,
+    check_cache_dir,
+)
+from fileproxy.delivery.cache_store import StoreFull
 from fileproxy.ops.endpoints import cache_health
 from fileproxy.ops.metrics import cache_metrics
 from fileproxy.settings import ConfigError, Settings
 from fileproxy.upstream.client import UpstreamClient
 from tests.cache_backend import CacheBackend, Obj, object_bytes
-from tests.cache_service_worker import Got, cache_settings, get
+from tests.cache_service_worker import Got, cache_settings, get, make_fetch
 from tests.conftest import ROOT, Backend
 from tests.integration.test_cache import disk_hog
 from tests.integration.test_spool import mounted_tmpfs
@@ -422,6 +430,77 @@ async def test_a_fill_out_of_room_is_finished_uncached_by_each_reader_in_blocks_
             assert report["objects"] == 0 and report["partial_objects"] == 0, report
         finally:
             await rig.close()
+
+
+@pytest.mark.parametrize("by_runs", [True, False], ids=["runs", "blocks"])
+async def test_a_file_given_back_under_a_run_being_sent_goes_on_uncached_from_there(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any], by_runs: bool
+) -> None:
+    """The fill runs out of room while a body sends what it was told is there: the file
+    is truncated under it (a sendfile of the run comes back short: ``shorter``), and the
+    body goes on uncached from exactly the byte it got to, never a gap or a repeat. A run
+    found short while the fill is well is never papered over: the body aborts."""
+    backend = CacheBackend()
+    size = 3 * MIB
+    obj = backend.add("/given-back", Obj(object_bytes(20, size), headers=FRESH))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        body: CachedBody | None = None
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            assert cache.store is not None and rig.client is not None
+            head = StoredHead(200, ((b"ETag", b'"v1"'), (b"Content-Length", b"%d" % size)))
+            fetches: list[Any] = []
+            fetch = make_fetch(rig.client, "/given-back", [], fetches)
+            got = bytearray()
+            with contextlib.suppress(StoreFull):
+                async with cache.store.fill("/given-back", head, size) as fill:
+                    await fill.write(0, obj.data[:MIB])
+                    reader = await cache.store.open_reader("/given-back").__aenter__()
+                    body = CachedBody(cache, reader, 0, size, fetch)
+                    pieces = body.runs() if by_runs else aiter(body)
+                    first = await anext(pieces)
+                    if isinstance(first, tuple):
+                        assert first[1:] == (0, MIB), first
+                        got += os.pread(first[0], 4096, 0)  # 4 KiB went out, then short
+                    else:
+                        got += first
+                    with disk_hog(tiny):
+                        await fill.write(MIB, obj.data[MIB : 2 * MIB])  # ENOSPC
+            assert os.fstat(reader.fileno()).st_size == 0  # given back for want of room
+            sent = len(got)
+            if by_runs:
+                body.shorter(sent)
+            async for piece in pieces:
+                assert isinstance(piece, bytes), piece  # the rest, from the upstream
+                got += piece
+            assert bytes(got) == obj.data
+            assert fetches == [[("Range", f"bytes={sent}-{size - 1}"), ("If-Range", '"v1"')]]
+            assert rig.client.pool_size()["in_use"] == 0
+        finally:
+            if body is not None:
+                body.close()
+            await rig.close()
+
+
+async def test_a_run_found_short_while_its_fill_is_well_aborts_the_body(rig: Rig) -> None:
+    cache = await rig.open()
+    assert cache.store is not None and rig.client is not None
+    head = StoredHead(200, ((b"ETag", b'"v1"'), (b"Content-Length", b"%d" % (2 * MIB))))
+    fetches: list[Any] = []
+    async with cache.store.fill("/short", head, 2 * MIB) as fill:
+        await fill.write(0, bytes(MIB))
+        async with cache.store.open_reader("/short") as reader:
+            body = CachedBody(cache, reader, 0, 2 * MIB, make_fetch(rig.client, "/", [], fetches))
+            runs = body.runs()
+            assert await anext(runs) == (reader.fileno(), 0, MIB)
+            body.shorter(4096)  # the sendfile found the file shorter than the run
+            with pytest.raises(CacheAborted, match="shorter"):
+                await asyncio.wait_for(anext(runs), 10)  # not the next run
+            body.close()
+        fill.pause()
+    assert fetches == [] and cache.counters["aborted"] == 1
 
 
 async def test_a_reader_cancelled_while_it_takes_the_rest_uncached_leaks_nothing(
