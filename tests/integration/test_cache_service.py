@@ -432,6 +432,39 @@ async def test_a_fill_out_of_room_is_finished_uncached_by_each_reader_in_blocks_
             await rig.close()
 
 
+async def test_readers_of_a_fill_out_of_room_never_splice_another_representation(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """The origin changed (another ETag) while the fill ran: when it runs out of room,
+    the readers' If-Range gets the new object whole (200), which is not the rest of the
+    one they started: they are aborted, never given a spliced body."""
+    backend = CacheBackend()
+    size = 3 * MIB
+    obj = backend.add("/changed", Obj(object_bytes(21, size), headers=FRESH, rate=3e6))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            readers = [
+                asyncio.create_task(rig.get("/changed", zero_copy=bool(i % 2))) for i in range(2)
+            ]
+            await _until(lambda: backend.sent["/changed"] >= 512 * 1024, "the fill started")
+            obj.data, obj.etag = object_bytes(22, size), '"v2"'  # the fill's answer stays v1
+            with disk_hog(tiny):
+                gots = await asyncio.gather(*readers)
+            for got in gots:
+                assert got.aborted is not None and len(got.body) < size, got.aborted
+            rests = [(h, st) for p, h, st in backend.requests if p == "/changed" and "Range" in h]
+            assert len(rests) == 2, rests
+            assert all(h["If-Range"] == '"v1"' and status == 200 for h, status in rests)
+            assert cache.counters["aborted"] == 2
+            await rig.settled()
+            assert rig.client is not None and rig.client.pool_size()["in_use"] == 0
+        finally:
+            await rig.close()
+
+
 @pytest.mark.parametrize("by_runs", [True, False], ids=["runs", "blocks"])
 async def test_a_file_given_back_under_a_run_being_sent_goes_on_uncached_from_there(
     tmp_dir: Path, start_backend: Callable[[web.Application], Any], by_runs: bool
