@@ -1096,9 +1096,9 @@ class CacheService:
         except (ReservationRefused, StoreFull) as error:
             if not entered.done():
                 entered.set_result("refused")  # the response goes to its client uncached
-            else:  # the disk filled up under the fill: its readers abort
+            else:  # the disk filled up under the fill: its readers go on uncached
                 self.counters["fills_failed"] += 1
-                log.warning("cache fill of %r failed: %s", key, error)
+                log.warning("cache fill of %r ran out of room, not stored: %s", key, error)
         except Exception as error:
             if not entered.done():
                 entered.set_result("failed")
