@@ -795,7 +795,7 @@ async def test_the_reader_of_a_fill_that_hits_enospc_still_gets_every_byte(
     own offset, by Range + If-Range on the strong ETag: every byte exact. Nothing partial
     stays: with room again the object is fetched whole and stored."""
     paced = backend.add("/paced", Obj(object_bytes(43, 3 * MIB), headers=FRESH, rate=3e6))
-    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
         env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
         proxy = start_proxy(url_of(backend), **env)
         url = f"{proxy.url}/paced"
@@ -834,7 +834,7 @@ async def test_readers_in_another_process_of_a_fill_that_hits_enospc_get_every_b
     it from the other. It runs out of room: the other's readers learn why from the fill's
     record (not from an upstream failure) and continue uncached, each byte exact."""
     paced = backend.add("/paced", Obj(object_bytes(44, 3 * MIB), headers=FRESH, rate=3e6))
-    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
         env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
         one, two = start_proxy(url_of(backend), **env), start_proxy(url_of(backend), **env)
         try:
@@ -875,7 +875,7 @@ async def test_readers_of_a_fill_out_of_room_without_a_strong_etag_are_aborted(
         "/none": backend.add("/none", Obj(object_bytes(46, size), headers=FRESH, rate=3e6,
                                           etag=None)),
     }  # fmt: skip
-    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
         env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
         proxy = start_proxy(url_of(backend), **env)
         try:
