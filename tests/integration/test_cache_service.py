@@ -86,7 +86,7 @@ class Rig:
         """Until no fill runs in this process."""
         assert self.cache is not None and self.cache.store is not None
         deadline = time.monotonic() + timeout
-        while self.cache.store._live or self.cache._tasks:
+        while self.cache.store.fills_in_progress or self.cache._tasks:
             assert time.monotonic() < deadline, "fills still running"
             await asyncio.sleep(0.02)
 
