@@ -682,7 +682,8 @@ class Settings:
         _cache_size,
         "Bytes the cached objects may take on disk (each counts its full length from the "
         "start of its fill); auto: half the cache filesystem's size, at most what is free "
-        "at start (plus what the cache holds) less FILEPROXY_CACHE_MIN_FREE.",
+        "at start (plus what the cache holds) less FILEPROXY_CACHE_MIN_FREE, computed by "
+        "the first process to open the directory and used by every process on it.",
     )
     cache_min_free: int = setting(
         "FILEPROXY_CACHE_MIN_FREE",

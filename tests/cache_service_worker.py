@@ -131,12 +131,18 @@ async def get(
                 received = len(answer.body.in_memory)
                 got.first_byte = time.monotonic() - began
             elif zero_copy:
-                async for fd, offset, count in answer.body.runs():
-                    data = os.pread(fd, count, offset)
+                async for run in answer.body.runs():
+                    if isinstance(run, bytes):  # the uncached rest of a fill out of room
+                        data = run
+                    else:
+                        fd, offset, count = run
+                        data = os.pread(fd, count, offset)
+                        if len(data) < count:  # the file was given back under us
+                            answer.body.shorter(offset + len(data))
                     digest.update(data)
                     if keep_body:
                         parts.append(data)
-                    received += count
+                    received += len(data)
                     got.first_byte = got.first_byte or time.monotonic() - began
             else:
                 async for block in answer.body:

@@ -237,6 +237,9 @@ class FillState(IntEnum):
     COMPLETE = 2  # every byte is written and durable; the object is complete
     PAUSED = 3  # the filler stopped on purpose; what is committed stays, resumable
     ABANDONED = 4  # the fill failed; the object is gone, readers must abort
+    #: the disk (or its quota) had no room for the next bytes: the object is gone, but
+    #: its upstream answered well; readers take the rest from the upstream uncached
+    NO_ROOM = 5
 
 
 _PROGRESS = struct.Struct("<4sQQQQQII")  # magic, generation, committed, run, version, state+pid

@@ -17,7 +17,9 @@ and a body that reads the cache file as it is written (an async iterator of bloc
     elif decision.outcome is Outcome.GATEWAY_TIMEOUT:
         ...                                   # only-if-cached and nothing: 504 (errors.py)
     else:
-        answer = await cache.respond(decision, fetch)   # fetch(conditions) -> upstream
+        answer = await cache.respond(decision, fetch, waiting=on_upstream)
+                                              # fetch(conditions) -> upstream; waiting():
+                                              # it waits on another request's upstream
         if answer.upstream is not None:       # not stored (uncacheable, no room...):
             relay(answer.upstream, extra=answer.extra_headers)   # as today
         else:
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -80,6 +83,7 @@ from fileproxy.delivery.cache_store import (
     FillAbandoned,
     FillBusy,
     FillOrphaned,
+    FillOutOfRoom,
     NotStored,
     Reader,
     ReservationRefused,
@@ -136,6 +140,8 @@ SMALL_MEMORY = 64 * 1024 * 1024
 TOTALS_REFRESH_S = 5.0
 #: FILEPROXY_CACHE_MAX_SIZE=auto takes this share of the cache filesystem's size
 AUTO_SHARE = 0.5
+#: where the ``auto`` budget of the directory is written down (see ``shared_budget``)
+BUDGET_FILE = "budget.json"
 #: never cached: hop-by-hop fields, and the framing of the response as it came
 _HOP_BY_HOP = frozenset(
     {
@@ -307,6 +313,58 @@ def auto_max_size(fs_size: int, fs_free: int, held: int, min_free: int) -> int:
     return max(0, min(int(fs_size * AUTO_SHARE), fs_free + held - min_free))
 
 
+def shared_budget(directory: Path, compute: Callable[[], int]) -> tuple[int, int]:
+    """One ``FILEPROXY_CACHE_MAX_SIZE=auto`` budget for every process on ``directory``
+    (gunicorn workers, several ``fileproxy serve``), not one per process computed from
+    the free space each happened to see at its start: the first process to open the
+    directory (no other holds it open) computes it with ``compute()`` and writes it
+    down; the others, and a worker restarted while others run, read it. The budget is an
+    upper bound: the free-space watermark is checked live at every reservation.
+    Blocking (a thread). Returns (budget, a descriptor to keep open while this process
+    uses the directory, and to close after)."""
+    locks = directory / "locks"
+    mutex = os.open(locks / "budget.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)  # one process at a time decides
+        users = os.open(locks / "users.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:  # others use the directory: theirs is the budget
+                alone = False
+            budget = None if alone else _read_budget(directory / BUDGET_FILE)
+            if budget is None:
+                budget = compute()
+                record = directory / f"{BUDGET_FILE}.{os.getpid()}"
+                try:
+                    record.write_bytes(orjson.dumps({"max_size": budget}))
+                    os.replace(record, directory / BUDGET_FILE)
+                except OSError as error:  # a full disk: the others compute their own
+                    record.unlink(missing_ok=True)
+                    log.warning("the cache budget is not written down: %s", error)
+            fcntl.flock(users, fcntl.LOCK_SH)  # the mutex keeps others out meanwhile
+        except BaseException:
+            os.close(users)
+            raise
+    finally:
+        os.close(mutex)
+    return budget, users
+
+
+def _close_budget_fd(done: asyncio.Future[tuple[int, int]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        os.close(done.result()[1])
+
+
+def _read_budget(path: Path) -> int | None:
+    try:
+        value = orjson.loads(path.read_bytes()).get("max_size")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
 def _single_range(value: bytes | None, length: int) -> tuple[int, int] | str | None:
     """A single byte range ``[start, end)`` of ``length``; None to send it whole (no
     Range, several ranges or a syntax we do not serve partially); "unsatisfiable"."""
@@ -393,6 +451,7 @@ class CacheService:
         self._totals: dict[str, int] = {}
         self._totals_at = 0.0
         self._refresher: asyncio.Future[None] | None = None
+        self._users_fd = -1  # held (shared) while this process uses an ``auto`` budget
         # small complete objects: key -> variant -> (generation, head, body)
         self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
         self._small_bytes = 0
@@ -417,10 +476,26 @@ class CacheService:
                 await store.close()
             return
         if self.configured_max_size == "auto":
-            usage = shutil.disk_usage(self.directory)
-            store.max_size = auto_max_size(
-                usage.total, usage.free, totals["bytes_reserved"], self.min_free
+
+            def compute() -> int:
+                usage = shutil.disk_usage(self.directory)
+                return auto_max_size(
+                    usage.total, usage.free, totals["bytes_reserved"], self.min_free
+                )
+
+            budget = asyncio.get_running_loop().run_in_executor(
+                None, shared_budget, self.directory, compute
             )
+            try:
+                store.max_size, self._users_fd = await asyncio.shield(budget)
+            except asyncio.CancelledError:  # the descriptor, once there, is nobody's
+                budget.add_done_callback(_close_budget_fd)
+                raise
+            except OSError as error:
+                self.error = f"{self.directory}: {error}"
+                log.warning("the cache is off in this worker: %s", self.error)
+                await store.close()
+                return
         else:
             store.max_size = int(self.configured_max_size)
         self.store = store
@@ -453,6 +528,9 @@ class CacheService:
         store, self.store = self.store, None
         if store is not None:
             await store.close()
+        users, self._users_fd = self._users_fd, -1
+        if users >= 0:
+            os.close(users)  # the last process to leave lets the next first one compute
 
     async def __aenter__(self) -> CacheService:
         await self.open()
@@ -618,19 +696,23 @@ class CacheService:
 
     # ------------------------------------------------------------ respond
 
-    async def respond(self, decision: Decision, fetch: Fetch) -> Answer:
+    async def respond(
+        self, decision: Decision, fetch: Fetch, *, waiting: Callable[[], None] | None = None
+    ) -> Answer:
         """The answer to a HIT, STALE, REVALIDATE or MISS decision. Raises what ``fetch``
-        raises when the upstream fails and nothing stale may cover it."""
+        raises when the upstream fails and nothing stale may cover it. ``waiting()`` is
+        called when the request starts waiting on another request's upstream (the miss
+        it collapses into): the data plane counts that as waiting on its own upstream."""
         outcome = decision.outcome
         if outcome is Outcome.HIT:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.HIT)
             if answer is not None:
                 return answer
-            return await self._miss(decision, fetch)
+            return await self._miss(decision, fetch, waiting)
         if outcome is Outcome.STALE:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.STALE)
             if answer is None:
-                return await self._miss(decision, fetch)
+                return await self._miss(decision, fetch, waiting)
             if decision.target not in self._revalidating:
                 self._revalidating.add(decision.target)
                 self._spawn(self._background_revalidation(decision, fetch))
@@ -638,7 +720,7 @@ class CacheService:
         if outcome is Outcome.REVALIDATE:
             return await self._revalidate(decision, fetch)
         if outcome is Outcome.MISS:
-            return await self._miss(decision, fetch)
+            return await self._miss(decision, fetch, waiting)
         raise ValueError(f"nothing to respond for {outcome}")
 
     async def _serve(
@@ -659,7 +741,7 @@ class CacheService:
         assert response is not None
         status = cache_status or (reuse.cache_status() if reuse else policy.cache_status())
         if decision.memory is not None:
-            self.store._hits[stored.generation] += 1  # a use, for the eviction policy
+            self.store.note_use(stored.generation)
             return self._answer_from(
                 None, decision, fetch, response, word.value, status, served=True,
                 memory=decision.memory, generation=stored.generation,
@@ -758,10 +840,12 @@ class CacheService:
 
     # ------------------------------------------------------------ misses and fills
 
-    async def _miss(self, decision: Decision, fetch: Fetch) -> Answer:
+    async def _miss(
+        self, decision: Decision, fetch: Fetch, waiting: Callable[[], None] | None
+    ) -> Answer:
         assert self.store is not None
         key = decision.target
-        lock = await self._lead(key)
+        lock = await self._lead(key, waiting)
         if lock is None:  # another request fetched it: read what it stored
             again = await self.lookup(decision.method, key, decision.request_headers, decision.now)
             if again.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATE) and again.stored:
@@ -778,11 +862,14 @@ class CacheService:
         finally:
             lock.release()
 
-    async def _lead(self, key: bytes) -> _MissLock | None:
-        """The miss lock of ``key``, or None after waiting for whoever held it."""
+    async def _lead(self, key: bytes, waiting: Callable[[], None] | None) -> _MissLock | None:
+        """The miss lock of ``key``, or None after waiting for whoever held it (calling
+        ``waiting()`` first: that wait is on another request's upstream)."""
         assert self.store is not None
         leader = self._leaders.get(key)
         if leader is not None:
+            if waiting is not None:
+                waiting()
             await asyncio.shield(leader.future)
             return None
         path = self.store.index.locks / f"miss-{hashlib.sha256(key).hexdigest()}.lock"
@@ -797,6 +884,8 @@ class CacheService:
                 lock = _MissLock(self, key, fd, path)
                 self._leaders[key] = lock
                 return lock
+            if not waited and waiting is not None:
+                waiting()
             waited = True
             if time.monotonic() > deadline:
                 return None
@@ -1007,9 +1096,9 @@ class CacheService:
         except (ReservationRefused, StoreFull) as error:
             if not entered.done():
                 entered.set_result("refused")  # the response goes to its client uncached
-            else:  # the disk filled up under the fill: its readers abort
+            else:  # the disk filled up under the fill: its readers go on uncached
                 self.counters["fills_failed"] += 1
-                log.warning("cache fill of %r failed: %s", key, error)
+                log.warning("cache fill of %r ran out of room, not stored: %s", key, error)
         except Exception as error:
             if not entered.done():
                 entered.set_result("failed")
@@ -1063,17 +1152,7 @@ class CacheService:
         ]
         response = await fetch(conditions)
         try:
-            raw = response.raw_headers
-            expected = b"bytes %d-%d/%d" % (start, end - 1, fill.length)
-            if (
-                response.status != 206
-                or _field(raw, b"content-range") != expected
-                or strong_etag(raw) != validator
-            ):
-                raise _NotMended(
-                    f"asked {expected!r}, got {response.status} "
-                    f"{_field(raw, b'content-range')!r} {strong_etag(raw)!r}"
-                )
+            _check_continuation(response, start, end, fill.length, validator)
             await self._copy(fill, response, start, end)
             response.release()
         finally:
@@ -1319,11 +1398,13 @@ class CacheService:
             else None,
             "bytes_from_cache": bytes_served,
             "bytes_fetched": fetched,
-            "fills_in_progress": len(store._live) if store is not None else 0,
+            "fills_in_progress": store.fills_in_progress if store is not None else 0,
             "readers_waiting": store.counters["readers_waiting"] if store is not None else 0,
             "readers_open": store.counters["readers_open"] if store is not None else 0,
             "evictions": store.counters["evictions"] if store is not None else 0,
             "takeovers": counters["takeovers"],
+            "continued_uncached": counters["continued_uncached"],
+            "bytes_uncached": counters["bytes_uncached"],
             "fills_failed": counters["fills_failed"],
             "aborted": counters["aborted"],
             "purges": counters["purges"],
@@ -1437,7 +1518,14 @@ def _unlock_and_remove(path: Path, fd: int) -> None:
 class CachedBody:
     """The bytes ``[start, end)`` of a stored object, read as they are committed. Iterate
     it for blocks, or ``runs()`` for ``(fd, offset, count)`` to sendfile; ``close()`` it.
-    ``CacheAborted`` when its fill fails beyond mending: abort the client."""
+    ``CacheAborted`` when its fill fails beyond mending: abort the client.
+
+    When the fill it follows stops because the disk had no room (in this process or
+    another), the body goes on from its own offset with the rest from the upstream,
+    uncached: ``Range`` + ``If-Range`` on the object's strong ETag, through ``fetch`` (its
+    replicas, retries and mid-body resume), accepted only as the exact continuation. Both
+    iterations then yield ``bytes`` blocks. Without a strong ETag it cannot continue
+    byte-exact, and aborts."""
 
     def __init__(
         self, service: CacheService, reader: Reader, start: int, end: int, fetch: Fetch
@@ -1450,6 +1538,8 @@ class CachedBody:
         self.sent = 0
         #: the head to keep the object in memory with, once read whole (small objects)
         self.remember: StoredHead | None = None
+        self._upstream: UpstreamAnswer | None = None  # the uncached rest, while it is read
+        self._short: int | None = None  # a run the caller found the file too short for
 
     #: the bytes themselves when the object is held in memory (``MemoryBody``)
     in_memory: bytes | None = None
@@ -1459,22 +1549,27 @@ class CachedBody:
         return self.end - self.start
 
     def close(self) -> None:
+        self._close_upstream()
         self.reader.close()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._blocks()
 
     async def _blocks(self) -> AsyncIterator[bytes]:
-        store = self.service.store
-        assert store is not None
         offset = self.start
         kept: list[bytes] | None = [] if self.remember is not None else None
         while offset < self.end:
-            available = await self._wait(offset)
+            try:
+                available = await self._wait(offset)
+            except _OutOfRoom:
+                async for data in self._uncached(offset):
+                    yield data
+                return
             count = min(available, self.end, offset + READ_BLOCK) - offset
-            data = await store._in_io(os.pread, self.reader.fileno(), count, offset)
-            if not data:
-                raise CacheAborted("the cache file is shorter than its object")
+            data = await self.reader.pread(offset, count)
+            if not data:  # given back under us: the next wait says why, or aborts
+                self._short = offset
+                continue
             offset += len(data)
             self._count(len(data))
             if kept is not None:
@@ -1486,26 +1581,45 @@ class CachedBody:
                 reader.key, reader.variant, reader.generation, self.remember, b"".join(kept)
             )
 
-    async def runs(self) -> AsyncIterator[tuple[int, int, int]]:
+    async def runs(self) -> AsyncIterator[tuple[int, int, int] | bytes]:
         """``(fd, offset, count)`` of committed bytes in order; the next run is computed
-        when the caller asks for it (after it sent this one)."""
+        when the caller asks for it (after it sent this one). A caller whose sendfile finds
+        the file shorter than a run calls ``shorter(at)`` with where it got to. After a fill
+        ran out of room, the rest comes as ``bytes`` blocks (see the class)."""
         offset = self.start
         while offset < self.end:
-            available = await self._wait(offset)
+            try:
+                available = await self._wait(offset)
+            except _OutOfRoom:
+                async for data in self._uncached(offset):
+                    yield data
+                return
             count = min(available, self.end) - offset
+            self._short = None
             yield self.reader.fileno(), offset, count
+            if self._short is not None:  # the caller sent less: go on from there
+                count = self._short - offset
             offset += count
             self._count(count)
+
+    def shorter(self, at: int) -> None:
+        """The run being sent ended at byte ``at``: the file was shorter than it said."""
+        self._short = at
 
     def _count(self, count: int) -> None:
         self.sent += count
         self.service.counters["bytes_from_cache"] += count
 
     async def _wait(self, offset: int) -> int:
+        """Where the committed bytes from ``offset`` end; ``_OutOfRoom`` when the fill
+        stopped for want of room (go on uncached), else ``CacheAborted``."""
+        short, self._short = self._short, None
         reader = self.reader
         for _ in range(MAX_TAKEOVERS):
             try:
-                return await reader.wait_for(offset)
+                available = await reader.wait_for(offset)
+            except FillOutOfRoom as error:
+                raise _OutOfRoom() from error
             except FillAbandoned as error:
                 self.service.counters["aborted"] += 1
                 raise CacheAborted(str(error)) from error
@@ -1516,8 +1630,79 @@ class CachedBody:
                 if not taken:
                     self.service.counters["aborted"] += 1
                     raise CacheAborted("the fill stopped and could not be continued") from None
+                continue
+            if short is not None and short <= offset:
+                # the file ended where its fill says there are bytes, and not because the
+                # fill ran out of room: never send what is not there
+                self.service.counters["aborted"] += 1
+                raise CacheAborted("the cache file is shorter than its object")
+            return available
         self.service.counters["aborted"] += 1
         raise CacheAborted("the fill kept stopping")
+
+    async def _uncached(self, offset: int) -> AsyncIterator[bytes]:
+        """``[offset, end)`` from the upstream, uncached, as the exact continuation of the
+        stored object (its fill ran out of room); ``CacheAborted`` when it is not that."""
+        service, reader = self.service, self.reader
+        assert reader.head is not None
+        validator = strong_etag(reader.head.headers)
+        if validator is None:  # nothing proves another answer holds the same bytes
+            service.counters["aborted"] += 1
+            raise CacheAborted("the fill ran out of room; no strong ETag to continue by")
+        service.counters["continued_uncached"] += 1
+        conditions = [
+            ("Range", f"bytes={offset}-{self.end - 1}"),
+            ("If-Range", validator.decode("latin-1")),
+        ]
+        try:
+            self._upstream = response = await self.fetch(conditions)
+            _check_continuation(response, offset, self.end, reader.length, validator)
+        except Exception as error:  # the upstream's failures, or another representation
+            service.counters["aborted"] += 1
+            raise CacheAborted(f"the fill ran out of room and the rest failed: {error}") from error
+        while offset < self.end:
+            try:
+                data = await response.content.read(min(READ_BLOCK, self.end - offset))
+            except Exception as error:  # what the resumes could not mend
+                service.counters["aborted"] += 1
+                raise CacheAborted(f"the uncached rest failed: {error}") from error
+            if not data:
+                service.counters["aborted"] += 1
+                raise CacheAborted(f"the uncached rest ended at byte {offset} of {self.end}")
+            offset += len(data)
+            if offset == self.end:
+                response.release()  # read whole: its connection goes back to the pool
+            self.sent += len(data)
+            service.counters["bytes_uncached"] += len(data)
+            yield data
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.close()
+
+
+class _OutOfRoom(Exception):
+    """A body's fill stopped for want of room: the body goes on uncached."""
+
+
+def _check_continuation(
+    response: UpstreamAnswer, start: int, end: int, length: int, validator: bytes
+) -> None:
+    """``response`` is exactly ``[start, end)`` of the object of ``length`` bytes whose
+    strong ETag is ``validator`` (a 206 to Range + If-Range), else ``_NotMended``."""
+    raw = response.raw_headers
+    expected = b"bytes %d-%d/%d" % (start, end - 1, length)
+    if (
+        response.status != 206
+        or _field(raw, b"content-range") != expected
+        or strong_etag(raw) != validator
+    ):
+        raise _NotMended(
+            f"asked {expected!r}, got {response.status} "
+            f"{_field(raw, b'content-range')!r} {strong_etag(raw)!r}"
+        )
 
 
 class MemoryBody(CachedBody):

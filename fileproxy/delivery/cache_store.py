@@ -26,8 +26,10 @@ Crash safety: the body is made durable before the row says so, and a row becomes
 ``complete`` only after every byte is durable, so a ``kill -9`` or a power cut leaves an
 object either complete or ``filling`` with an exact committed prefix and chunk map (a lost
 WAL commit only moves that back). A fill that raises (or is left without ``complete()``) is
-abandoned: its row and body are removed, its readers told to abort. ``pause()`` stops a fill
-on purpose, keeping what is committed for a later ``resume``.
+abandoned: its row and body are removed, its readers told to abort (``FillAbandoned``), or,
+when it stopped because the disk had no room, told just that (``FillOutOfRoom``: the record
+says ``NO_ROOM``), so that they may take the rest from the upstream uncached. ``pause()``
+stops a fill on purpose, keeping what is committed for a later ``resume``.
 
 Pins: a reader holds a shared ``flock`` on its body file; the evictor takes an exclusive one
 (non-blocking) before it removes an object, so an object a reader in any process holds open
@@ -74,6 +76,7 @@ __all__ = [
     "FillAbandoned",
     "FillBusy",
     "FillOrphaned",
+    "FillOutOfRoom",
     "NotStored",
     "Reader",
     "ReservationRefused",
@@ -156,6 +159,14 @@ class NotStored(CacheStoreError, KeyError):
 
 class FillAbandoned(CacheStoreError):
     """The fill a reader follows failed or its object was removed: abort the client."""
+
+
+class FillOutOfRoom(FillAbandoned):
+    """The fill a reader follows stopped because the disk had no room for its next bytes
+    (``ENOSPC``, a quota, the index unable to grow): the object is gone, but nothing says
+    its upstream failed. A reader that can ask the upstream for the exact rest of the
+    object (Range + If-Range on its strong validator) continues from its own offset
+    uncached; one that cannot aborts, as for ``FillAbandoned``."""
 
 
 class FillOrphaned(CacheStoreError):
@@ -704,6 +715,16 @@ class CacheStore:
                     await asyncio.wait([future])
             raise
 
+    def note_use(self, generation: int) -> None:
+        """A use of a stored object (a hit) for the eviction policy; it reaches the
+        index's state at this process's next transaction."""
+        self._hits[generation] += 1
+
+    @property
+    def fills_in_progress(self) -> int:
+        """Fills this process runs now."""
+        return len(self._live)
+
     def _take_hits(self) -> dict[int, int]:
         hits, self._hits = dict(self._hits), collections.Counter()
         return hits
@@ -761,7 +782,7 @@ class CacheStore:
             **totals,
             "max_size": self.max_size,
             "min_free": self.min_free,
-            "fills_in_progress": len(self._live),
+            "fills_in_progress": self.fills_in_progress,
             "readers_open": self.counters["readers_open"],
             "readers_waiting": self.counters["readers_waiting"],
             "evictions": self.counters["evictions"],
@@ -1140,6 +1161,8 @@ class Fill:
             ending, final = self._pause_sync, FillState.PAUSED
         else:
             ending, final = self._abandon_sync, FillState.ABANDONED
+            if self._failed is not None and _disk_full(self._failed):
+                final = FillState.NO_ROOM  # readers elsewhere learn it from the record
             store.counters["fills_abandoned"] += 1
         self._state = final
         self._publish()
@@ -1254,7 +1277,7 @@ class Reader:
                 row.id, row.committed, 0, row.committed, row.chunks_version, FillState.FILLING, 0
             )
         store._pin(self.generation)
-        store._hits[self.generation] += 1
+        store.note_use(self.generation)
         store.counters["readers_open"] += 1
         self._opened = True
         return self
@@ -1377,7 +1400,8 @@ class Reader:
     async def wait_for(self, offset: int) -> int:
         """Wait until the byte at ``offset`` is readable; returns where the readable bytes
         from ``offset`` end. ``FillAbandoned``: the fill failed or the object was removed;
-        ``FillOrphaned``: nobody fills it any more (take it over, or give up)."""
+        ``FillOutOfRoom`` (a ``FillAbandoned``): it stopped for want of room, its upstream
+        did not fail; ``FillOrphaned``: nobody fills it any more (take it over, or give up)."""
         if not self._opened:
             raise RuntimeError("the reader is closed")
         if not 0 <= offset < self.length:
@@ -1390,6 +1414,8 @@ class Reader:
                 if self._look():
                     quiet_since = time.monotonic()
                 progress = self._progress
+                if progress is not None and progress.state is FillState.NO_ROOM:
+                    raise FillOutOfRoom(f"the fill of {self.key!r} ran out of room")
                 if progress is not None and progress.state is FillState.ABANDONED:
                     raise FillAbandoned(f"the fill of {self.key!r} was abandoned")
                 if (
@@ -1431,7 +1457,13 @@ class Reader:
     async def read(self, offset: int, size: int) -> bytes:
         """Up to ``size`` committed bytes at ``offset`` (waits for the first of them)."""
         end = await self.wait_for(offset)
-        return await self.store._in_io(os.pread, self._body_fd, min(size, end - offset), offset)
+        return await self.pread(offset, min(size, end - offset))
+
+    async def pread(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` without waiting: bytes ``wait_for`` said are
+        readable. Fewer (none) when the file was given back under the reader: a fill that
+        ran out of room truncates its file; ``wait_for`` then says why."""
+        return await self.store._in_io(os.pread, self._body_fd, size, offset)
 
 
 def _close_opened(opened: tuple[_Row, int, int] | None) -> None:

@@ -411,7 +411,8 @@ async def _from_cache(
         )
     fetch = _CacheFetch(request, exchange, started, replica, target, headers)
     try:
-        answer = await cache.respond(decision, fetch)
+        # a request waiting on another's miss waits on the upstream, as its own fetch would
+        answer = await cache.respond(decision, fetch, waiting=request.protocol.wait_on_upstream)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return _fail(exchange, exc)  # every replica failed, and nothing stored may stand in
     exchange.cache = answer.log_word
@@ -490,22 +491,35 @@ async def _send_answer(
 async def _send_runs(
     request: ClientRequest, response: ClientResponse, exchange: Exchange, body: Any
 ) -> None:
-    """A cached body by sendfile, run by run as the fill commits them."""
+    """A cached body by sendfile, run by run as the fill commits them (blocks of bytes
+    when the fill ran out of room and the rest comes from the upstream uncached)."""
     cache = request.app[CACHE]
     settings = request.app[SETTINGS]
     transport = request.transport
     assert transport is not None
+    reached = 0  # the end of what went out of the current run
 
     def sent(size: int) -> None:
+        nonlocal reached
+        reached += size
         response.sent_directly(size)
         exchange.bytes_out += size
 
-    async for fd, offset, count in body.runs():
-        await zero_copy.send_file(
-            transport, fd, offset, count,
-            stall_timeout=settings.send_timeout, stats=cache.zero_copy,
-            run_in_thread=_to_thread_holding_the_file, on_sent=sent,
-        )  # fmt: skip
+    async for run in body.runs():
+        if isinstance(run, bytes):
+            await response.write(run)
+            exchange.bytes_out += len(run)
+            continue
+        fd, offset, count = run
+        reached = offset
+        try:
+            await zero_copy.send_file(
+                transport, fd, offset, count,
+                stall_timeout=settings.send_timeout, stats=cache.zero_copy,
+                run_in_thread=_to_thread_holding_the_file, on_sent=sent,
+            )  # fmt: skip
+        except zero_copy.FileShorter:  # given back under us: the body says why, or aborts
+            body.shorter(reached)
 
 
 async def _to_thread_holding_the_file(fn: Any, *args: Any) -> Any:

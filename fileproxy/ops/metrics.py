@@ -316,6 +316,11 @@ def cache_metrics(
     for name, key, text in (
         ("fileproxy_cache_evictions", "evictions", "Objects this worker evicted for room"),
         ("fileproxy_cache_takeovers", "takeovers", "Orphaned fills this worker took over"),
+        (
+            "fileproxy_cache_continued_uncached",
+            "continued_uncached",
+            "Responses whose fill ran out of disk room, continued from the upstream uncached",
+        ),
         ("fileproxy_cache_fills_failed", "fills_failed", "Fills that could not be completed"),
         ("fileproxy_cache_aborted", "aborted", "Responses aborted because their fill failed"),
         ("fileproxy_cache_purges", "purges", "PURGE requests"),

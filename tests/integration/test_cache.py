@@ -766,7 +766,7 @@ async def test_a_full_tmpfs_is_proxied_uncached_and_enospc_mid_fill_never_tears_
             # another program fills the disk under a running fill: ENOSPC mid-fill
             filling = asyncio.create_task(fetch(session, f"{proxy.url}/paced"))
             await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
-            with _disk_hog(tiny):
+            with disk_hog(tiny):
                 cut = await asyncio.wait_for(filling, 30)
                 await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
                 # its client: every byte or an abort, never a short body that looks whole
@@ -784,31 +784,192 @@ async def test_a_full_tmpfs_is_proxied_uncached_and_enospc_mid_fill_never_tears_
             proxy.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fill abandoned on ENOSPC aborts its readers; they could take the rest from "
-    "the upstream uncached (Range + If-Range), but a reader cannot tell a full disk from a "
-    "failed upstream, and 40 readers of a failed fill must not each ask it again",
-)
 async def test_the_reader_of_a_fill_that_hits_enospc_still_gets_every_byte(
     backend: CacheBackend,
     session: aiohttp.ClientSession,
     start_proxy: Callable[..., Process],
     tmp_dir: Path,
 ) -> None:
-    paced = backend.add("/paced", Obj(object_bytes(43, 2 * MIB), headers=FRESH, rate=4e6))
-    with mounted_tmpfs(tmp_dir / "tiny", "size=4m") as tiny:
+    """A fill that runs out of disk room mid-way: its readers (the client that started it
+    and three that joined it) each take the rest from the upstream uncached, from their
+    own offset, by Range + If-Range on the strong ETag: every byte exact. Nothing partial
+    stays: with room again the object is fetched whole and stored."""
+    paced = backend.add("/paced", Obj(object_bytes(43, 3 * MIB), headers=FRESH, rate=3e6))
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+        proxy = start_proxy(url_of(backend), **env)
+        url = f"{proxy.url}/paced"
+        try:
+            filling = asyncio.create_task(fetch(session, url))
+            await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
+            joined = [asyncio.create_task(fetch(session, url)) for _ in range(3)]
+            await until(_readers_open(session, proxy, 4), 10, "the readers joined the fill")
+            with disk_hog(tiny):
+                gots = await asyncio.wait_for(asyncio.gather(filling, *joined), 30)
+                await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
+            for got in gots:
+                assert got.status == 200 and got.headers["Content-Length"] == str(3 * MIB)
+                assert got.aborted is None and sha(got.body) == paced.sha256, got.length
+            rest = [(h, status) for p, h, status in backend.requests if p == "/paced"][1:]
+            assert len(rest) == 4, rest  # one uncached rest per reader
+            assert all(h.get("If-Range") == '"v1"' and status == 206 for h, status in rest)
+            stats = (await (await session.get(f"{proxy.url}/stats")).json())["cache"]
+            assert stats["continued_uncached"] == 4 and stats["aborted"] == 0, stats
+            again = await fetch(session, url)  # room again: never the torn object
+            assert sha(again.body) == paced.sha256 and "stored" in again.cache_status
+            hit = await fetch(session, url)
+            assert sha(hit.body) == paced.sha256 and "; hit" in hit.cache_status
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.slow
+async def test_readers_in_another_process_of_a_fill_that_hits_enospc_get_every_byte(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """Two `fileproxy serve` on one cache directory: the fill runs in one, readers follow
+    it from the other. It runs out of room: the other's readers learn why from the fill's
+    record (not from an upstream failure) and continue uncached, each byte exact."""
+    paced = backend.add("/paced", Obj(object_bytes(44, 3 * MIB), headers=FRESH, rate=3e6))
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+        one, two = start_proxy(url_of(backend), **env), start_proxy(url_of(backend), **env)
+        try:
+            filling = asyncio.create_task(fetch(session, f"{one.url}/paced"))
+            await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
+            elsewhere = [asyncio.create_task(fetch(session, f"{two.url}/paced")) for _ in range(3)]
+            await until(_readers_open(session, two, 3), 10, "the other's readers joined")
+            with disk_hog(tiny):
+                gots = await asyncio.wait_for(asyncio.gather(filling, *elsewhere), 30)
+                await until(_logs(one, "No space left on device"), 10, "ENOSPC")
+            for got in gots:
+                assert got.aborted is None and sha(got.body) == paced.sha256, got.length
+            assert backend.count("/paced") == 5  # the fill, then one rest per reader
+            ones = (await (await session.get(f"{one.url}/stats")).json())["cache"]
+            twos = (await (await session.get(f"{two.url}/stats")).json())["cache"]
+            assert ones["continued_uncached"] == 1 and twos["continued_uncached"] == 3
+            assert twos["aborted"] == 0 and twos["takeovers"] == 0, twos
+            again = await fetch(session, f"{two.url}/paced")
+            assert sha(again.body) == paced.sha256 and "stored" in again.cache_status
+        finally:
+            one.stop()
+            two.stop()
+
+
+async def test_readers_of_a_fill_out_of_room_without_a_strong_etag_are_aborted(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """No ETag, or a weak one: nothing proves another answer holds the same bytes, so a
+    reader cannot continue byte-exact: it is aborted (never a body that looks complete),
+    and asks the upstream nothing. With room again the object is stored whole."""
+    size = 3 * MIB
+    objects = {
+        "/weak": backend.add("/weak", Obj(object_bytes(45, size), headers=FRESH, rate=3e6,
+                                          etag='W/"w1"')),
+        "/none": backend.add("/none", Obj(object_bytes(46, size), headers=FRESH, rate=3e6,
+                                          etag=None)),
+    }  # fmt: skip
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
         env = cache_env(tiny / "cache", FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
         proxy = start_proxy(url_of(backend), **env)
         try:
-            filling = asyncio.create_task(fetch(session, f"{proxy.url}/paced"))
-            await until(_sent_here(backend, "/paced", 256 * 1024), 10, "the fill started")
-            with _disk_hog(tiny):
-                got = await asyncio.wait_for(filling, 30)
-            await until(_logs(proxy, "No space left on device"), 10, "ENOSPC")
-            assert got.aborted is None and sha(got.body) == paced.sha256
+            for path, obj in objects.items():
+                url = f"{proxy.url}{path}"
+                filling = asyncio.create_task(fetch(session, url))
+                await until(_sent_here(backend, path, 256 * 1024), 10, "the fill started")
+                joined = asyncio.create_task(fetch(session, url))
+                await until(_readers_open(session, proxy, 2), 10, "the reader joined")
+                with disk_hog(tiny):
+                    gots = await asyncio.wait_for(asyncio.gather(filling, joined), 30)
+                for got in gots:
+                    assert got.headers["Content-Length"] == str(size)
+                    assert got.aborted is not None and got.length < size, (path, got.length)
+                assert backend.count(path) == 1  # no uncached rest was asked
+                again = await fetch(session, url)
+                assert sha(again.body) == obj.sha256 and "stored" in again.cache_status
+            stats = (await (await session.get(f"{proxy.url}/stats")).json())["cache"]
+            assert stats["continued_uncached"] == 0 and stats["aborted"] == 4, stats
         finally:
             proxy.stop()
+
+
+async def test_readers_of_a_fill_whose_upstream_failed_are_aborted_and_ask_it_nothing(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """An upstream that fails beyond mending (cut after every MiB; the fill's 3 resumes do
+    not reach the end): its six readers are aborted, and none asks the upstream again:
+    the fill's four requests in all, not four per reader."""
+    size = 8 * MIB
+    backend.add("/cut", Obj(object_bytes(47, size), headers=FRESH, cut=MIB, rate=2e6))
+    proxy = start_proxy(url_of(backend), **cache_env(tmp_dir / "cache"))
+    url = f"{proxy.url}/cut"
+    leader = asyncio.create_task(fetch(session, url))
+    await until(_sent_here(backend, "/cut", 64 * 1024), 10, "the fill started")
+    joined = [asyncio.create_task(fetch(session, url)) for _ in range(5)]
+    await until(_readers_open(session, proxy, 6), 10, "the readers joined the fill")
+    gots = await asyncio.wait_for(asyncio.gather(leader, *joined), 30)
+    for got in gots:
+        assert got.aborted is not None and got.length < size, got.length
+    assert backend.count("/cut") == 4, backend.requests  # the fill and its 3 resumes
+    stats = (await (await session.get(f"{proxy.url}/stats")).json())["cache"]
+    assert stats["continued_uncached"] == 0 and stats["aborted"] == 6, stats
+
+
+async def test_requests_waiting_on_another_requests_miss_hold_no_admission_place(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """FILEPROXY_ACTIVE_REQUESTS=1: requests that wait for another request's upstream
+    (the miss they collapse into) give their place back as that request does, so a hit
+    of another object is answered while the slow upstream has not yet answered."""
+    slow = backend.add("/slow", Obj(object_bytes(48, MIB), headers=FRESH, head_delay=3.0))
+    other = backend.add("/other", Obj(object_bytes(49, MIB), headers=FRESH))
+    env = cache_env(tmp_dir / "cache", FILEPROXY_ACTIVE_REQUESTS="1")
+    proxy = start_proxy(url_of(backend), **env)
+    assert "stored" in (await fetch(session, f"{proxy.url}/other")).cache_status
+    waiting = [asyncio.create_task(fetch(session, f"{proxy.url}/slow")) for _ in range(4)]
+    await until(_arrived(proxy, 4), 10, "the four requests arrived")
+    hit = await asyncio.wait_for(fetch(session, f"{proxy.url}/other"), 10)
+    assert sha(hit.body) == other.sha256 and "; hit" in hit.cache_status
+    assert backend.count("/slow") == 0  # answered before the slow upstream's head
+    health = await (await session.get(f"{proxy.url}/health")).json()
+    assert health["active_requests"]["waiting"] == 0, health["active_requests"]
+    for got in await asyncio.wait_for(asyncio.gather(*waiting), 30):
+        assert got.aborted is None and sha(got.body) == slow.sha256
+    assert backend.count("/slow") == 1
+
+
+def _arrived(proxy: Process, count: int) -> Callable[[], Awaitable[bool]]:
+    """``count`` requests are in the proxy: working on (in flight) or waiting for a place
+    in the gate (the /health probe is neither)."""
+
+    async def arrived() -> bool:
+        async with aiohttp.ClientSession() as probe:
+            health = await (await probe.get(f"{proxy.url}/health")).json()
+        return int(health["in_flight"]) + int(health["active_requests"]["waiting"]) >= count
+
+    return arrived
+
+
+def _readers_open(
+    session: aiohttp.ClientSession, proxy: Process, count: int
+) -> Callable[[], Awaitable[bool]]:
+    async def joined() -> bool:
+        stats = (await (await session.get(f"{proxy.url}/stats")).json())["cache"]
+        return int(stats["readers_open"]) >= count
+
+    return joined
 
 
 def _logs(process: Process, text: str) -> Callable[[], Awaitable[bool]]:
@@ -826,7 +987,7 @@ def _sent_here(backend: CacheBackend, path: str, count: int) -> Callable[[], Awa
 
 
 @contextlib.contextmanager
-def _disk_hog(directory: Path) -> Iterator[None]:
+def disk_hog(directory: Path) -> Iterator[None]:
     """Another program's file that takes every free byte of ``directory``'s filesystem."""
     hog = directory / "hog"
     try:
@@ -836,6 +997,49 @@ def _disk_hog(directory: Path) -> Iterator[None]:
         yield
     finally:
         hog.unlink(missing_ok=True)
+
+
+async def test_an_auto_budget_is_one_for_the_directory_not_one_per_worker(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    tmp_dir: Path,
+) -> None:
+    """FILEPROXY_CACHE_MAX_SIZE=auto, two gunicorn workers on one cache directory: both
+    have the budget the first computed, and so does a worker the master starts again
+    after another program took most of the disk (computed from the free space it saw,
+    it would have a smaller one: two budgets for one directory)."""
+    with mounted_tmpfs(tmp_dir / "disk", "size=64m") as disk:
+        env = cache_env(disk / "cache", FILEPROXY_CACHE_MAX_SIZE="auto", FILEPROXY_WORKERS="2")
+        gunicorn = start_gunicorn(tmp_dir, url_of(backend), **env)
+        hog = disk / "another-programs-file"
+        try:
+            first = await _budgets(session, gunicorn.url, 2)
+            assert set(first.values()) == {32 * MIB}, first  # half the filesystem
+            hog.write_bytes(bytes(40 * MIB))  # free: 24 MiB
+            os.kill(next(iter(first)), signal.SIGKILL)
+            gunicorn.wait_for_log("fileproxy worker started", count=3, timeout=60)
+            after = await _budgets(session, gunicorn.url, 2, not_in=set(first))
+            assert set(after.values()) == {32 * MIB}, after
+        finally:
+            gunicorn.stop()
+            hog.unlink(missing_ok=True)
+
+
+async def _budgets(
+    session: aiohttp.ClientSession, url: str, workers: int, not_in: set[int] | None = None
+) -> dict[int, int]:
+    """Each worker's cache budget (pid: max_size) from /health, until ``workers`` of them
+    answered, one of them not in ``not_in`` (the ones killed answer no more)."""
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < workers or (not_in and not set(seen) - not_in):
+        assert time.monotonic() < deadline, seen
+        try:
+            health = await (await session.get(f"{url}/health")).json()
+        except aiohttp.ClientConnectionError:  # the killed worker's connection
+            continue
+        seen[int(health["pid"])] = int(health["cache"]["max_size"])
+    return seen
 
 
 # ---------------------------------------------------------------- 6. FILEPROXY_CACHE=off

@@ -22,14 +22,23 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from fileproxy.delivery.cache import CacheService, Outcome, check_cache_dir
+from fileproxy.cache.manifest import StoredHead
+from fileproxy.delivery.cache import (
+    CacheAborted,
+    CachedBody,
+    CacheService,
+    Outcome,
+    check_cache_dir,
+)
+from fileproxy.delivery.cache_store import StoreFull
 from fileproxy.ops.endpoints import cache_health
 from fileproxy.ops.metrics import cache_metrics
 from fileproxy.settings import ConfigError, Settings
 from fileproxy.upstream.client import UpstreamClient
 from tests.cache_backend import CacheBackend, Obj, object_bytes
-from tests.cache_service_worker import Got, cache_settings, get
+from tests.cache_service_worker import Got, cache_settings, get, make_fetch
 from tests.conftest import ROOT, Backend
+from tests.integration.test_cache import disk_hog
 from tests.integration.test_spool import mounted_tmpfs
 
 MIB = 1 << 20
@@ -77,7 +86,7 @@ class Rig:
         """Until no fill runs in this process."""
         assert self.cache is not None and self.cache.store is not None
         deadline = time.monotonic() + timeout
-        while self.cache.store._live or self.cache._tasks:
+        while self.cache.store.fills_in_progress or self.cache._tasks:
             assert time.monotonic() < deadline, "fills still running"
             await asyncio.sleep(0.02)
 
@@ -388,6 +397,213 @@ async def test_enospc_on_a_tiny_tmpfs_is_proxied_uncached_nothing_lost(
             assert (await rig.get("/small")).word == "hit"
         finally:
             await rig.close()
+
+
+async def test_a_fill_out_of_room_is_finished_uncached_by_each_reader_in_blocks_or_runs(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """The disk fills up under a fill: its readers, copying blocks or taking runs for
+    sendfile, each go on from their own offset with the rest from the upstream (Range +
+    If-Range on the strong ETag), byte-exact; the upstream connections all go back."""
+    backend = CacheBackend()
+    obj = backend.add("/room", Obj(object_bytes(19, 3 * MIB), headers=FRESH, rate=3e6))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            readers = [
+                asyncio.create_task(rig.get("/room", zero_copy=bool(i % 2), pace=0.001 * i))
+                for i in range(4)
+            ]
+            await _until(lambda: backend.sent["/room"] >= 512 * 1024, "the fill started")
+            with disk_hog(tiny):
+                gots = await asyncio.gather(*readers)
+            for got in gots:
+                assert got.aborted is None and sha(got.body) == obj.sha256, got.aborted
+            rests = [h for p, h, _ in backend.requests if p == "/room" and "Range" in h]
+            assert len(rests) == 4 and all(h["If-Range"] == '"v1"' for h in rests), rests
+            assert cache.counters["continued_uncached"] == 4
+            await rig.settled()
+            assert rig.client is not None and rig.client.pool_size()["in_use"] == 0
+            report = await cache.report()
+            assert report["objects"] == 0 and report["partial_objects"] == 0, report
+        finally:
+            await rig.close()
+
+
+async def test_readers_of_a_fill_out_of_room_never_splice_another_representation(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """The origin changed (another ETag) while the fill ran: when it runs out of room,
+    the readers' If-Range gets the new object whole (200), which is not the rest of the
+    one they started: they are aborted, never given a spliced body."""
+    backend = CacheBackend()
+    size = 3 * MIB
+    obj = backend.add("/changed", Obj(object_bytes(21, size), headers=FRESH, rate=3e6))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            readers = [
+                asyncio.create_task(rig.get("/changed", zero_copy=bool(i % 2))) for i in range(2)
+            ]
+            await _until(lambda: backend.sent["/changed"] >= 512 * 1024, "the fill started")
+            obj.data, obj.etag = object_bytes(22, size), '"v2"'  # the fill's answer stays v1
+            with disk_hog(tiny):
+                gots = await asyncio.gather(*readers)
+            for got in gots:
+                assert got.aborted is not None and len(got.body) < size, got.aborted
+            rests = [(h, st) for p, h, st in backend.requests if p == "/changed" and "Range" in h]
+            assert len(rests) == 2, rests
+            assert all(h["If-Range"] == '"v1"' and status == 200 for h, status in rests)
+            assert cache.counters["aborted"] == 2
+            await rig.settled()
+            assert rig.client is not None and rig.client.pool_size()["in_use"] == 0
+        finally:
+            await rig.close()
+
+
+@pytest.mark.parametrize("by_runs", [True, False], ids=["runs", "blocks"])
+async def test_a_file_given_back_under_a_run_being_sent_goes_on_uncached_from_there(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any], by_runs: bool
+) -> None:
+    """The fill runs out of room while a body sends what it was told is there: the file
+    is truncated under it (a sendfile of the run comes back short: ``shorter``), and the
+    body goes on uncached from exactly the byte it got to, never a gap or a repeat. A run
+    found short while the fill is well is never papered over: the body aborts."""
+    backend = CacheBackend()
+    size = 3 * MIB
+    obj = backend.add("/given-back", Obj(object_bytes(20, size), headers=FRESH))
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        body: CachedBody | None = None
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            assert cache.store is not None and rig.client is not None
+            head = StoredHead(200, ((b"ETag", b'"v1"'), (b"Content-Length", b"%d" % size)))
+            fetches: list[Any] = []
+            fetch = make_fetch(rig.client, "/given-back", [], fetches)
+            got = bytearray()
+            with contextlib.suppress(StoreFull):
+                async with cache.store.fill("/given-back", head, size) as fill:
+                    await fill.write(0, obj.data[:MIB])
+                    reader = await cache.store.open_reader("/given-back").__aenter__()
+                    body = CachedBody(cache, reader, 0, size, fetch)
+                    pieces = body.runs() if by_runs else aiter(body)
+                    first = await anext(pieces)
+                    if isinstance(first, tuple):
+                        assert first[1:] == (0, MIB), first
+                        got += os.pread(first[0], 4096, 0)  # 4 KiB went out, then short
+                    else:
+                        got += first
+                    with disk_hog(tiny):
+                        await fill.write(MIB, obj.data[MIB : 2 * MIB])  # ENOSPC
+            assert os.fstat(reader.fileno()).st_size == 0  # given back for want of room
+            sent = len(got)
+            if by_runs:
+                body.shorter(sent)
+            async for piece in pieces:
+                assert isinstance(piece, bytes), piece  # the rest, from the upstream
+                got += piece
+            assert bytes(got) == obj.data
+            assert fetches == [[("Range", f"bytes={sent}-{size - 1}"), ("If-Range", '"v1"')]]
+            assert rig.client.pool_size()["in_use"] == 0
+        finally:
+            if body is not None:
+                body.close()
+            await rig.close()
+
+
+async def test_a_run_found_short_while_its_fill_is_well_aborts_the_body(rig: Rig) -> None:
+    cache = await rig.open()
+    assert cache.store is not None and rig.client is not None
+    head = StoredHead(200, ((b"ETag", b'"v1"'), (b"Content-Length", b"%d" % (2 * MIB))))
+    fetches: list[Any] = []
+    async with cache.store.fill("/short", head, 2 * MIB) as fill:
+        await fill.write(0, bytes(MIB))
+        async with cache.store.open_reader("/short") as reader:
+            body = CachedBody(cache, reader, 0, 2 * MIB, make_fetch(rig.client, "/", [], fetches))
+            runs = body.runs()
+            assert await anext(runs) == (reader.fileno(), 0, MIB)
+            body.shorter(4096)  # the sendfile found the file shorter than the run
+            with pytest.raises(CacheAborted, match="shorter"):
+                await asyncio.wait_for(anext(runs), 10)  # not the next run
+            body.close()
+        fill.pause()
+    assert fetches == [] and cache.counters["aborted"] == 1
+
+
+async def test_a_reader_cancelled_while_it_takes_the_rest_uncached_leaks_nothing(
+    tmp_dir: Path, start_backend: Callable[[web.Application], Any]
+) -> None:
+    """A client that goes away at any await of the uncached rest of a fill out of room
+    (asking the upstream, reading its body; in blocks and by runs): its upstream answer
+    is closed, its reader too, no connection stays lent, and nothing partial is stored.
+    The walk goes on, waiting more loop turns each time, until whole rests come through."""
+    backend = CacheBackend()
+    started: Backend = await start_backend(backend.app())
+    with mounted_tmpfs(tmp_dir / "tiny", "size=8m") as tiny:
+        rig = Rig(backend, started.port, tiny / "cache")
+        try:
+            cache = await rig.open(FILEPROXY_CACHE_MAX_SIZE=str(1 << 30))
+            store, client = cache.store, rig.client
+            assert store is not None and client is not None
+            objects: dict[str, Obj] = {}
+            cancelled, whole, turns, step = 0, 0, 0, 0
+            while whole < 2:
+                assert step < 80, f"no whole rest after {step} steps"
+                path = f"/walk{step}"
+                obj = Obj(object_bytes(400 + step, 2 * MIB), headers=FRESH, rate=4e6)
+                objects[path] = backend.add(path, obj)
+                task = asyncio.create_task(rig.get(path, zero_copy=bool(step % 2)))
+                await _until(lambda p=path: backend.sent[p] >= 256 * 1024, "the fill started")
+                before = cache.counters["continued_uncached"]
+                with disk_hog(tiny):
+                    obj.rate = 0  # the rest at once: a few loop turns, not seconds
+                    await _until(
+                        lambda b=before, t=task: (
+                            cache.counters["continued_uncached"] > b or t.done()
+                        ),
+                        "the reader went on uncached",
+                        turns=True,
+                    )
+                    for _ in range(turns):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    try:
+                        got = await task
+                    except asyncio.CancelledError:
+                        cancelled += 1
+                    else:
+                        whole += 1
+                        assert got.aborted is None and sha(got.body) == obj.sha256, step
+                    await rig.settled()
+                    await _until(
+                        lambda: client.pool_size()["in_use"] == 0, "the upstream given back"
+                    )
+                    assert store.counters["readers_open"] == 0
+                    assert store.counters["readers_waiting"] == 0
+                turns += 1 + turns // 8
+                step += 1
+            print(f"{step} steps: {cancelled} cancelled, last after {turns} turns")
+            assert cancelled >= 5, (cancelled, step)
+            for path, obj in objects.items():  # room again: fetched whole, never torn
+                got = await rig.get(path)
+                assert got.aborted is None and sha(got.body) == obj.sha256, path
+                assert got.word == "miss", got.cache_status  # never a hit of a partial
+        finally:
+            await rig.close()
+
+
+async def _until(predicate: Callable[[], bool], what: str, *, turns: bool = False) -> None:
+    """Until ``predicate()``, polled every 5 ms (every loop turn with ``turns``), 30 s."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within 30 s: {what}"
+        await asyncio.sleep(0 if turns else 0.005)
 
 
 # ---------------------------------------------------------------- several processes
