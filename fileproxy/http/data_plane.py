@@ -264,6 +264,7 @@ class ClientResponse:
         "body_length",
         "head_with_body",
         "headers",
+        "raw_fields",
         "reason",
         "status",
     )  # fmt: skip
@@ -274,6 +275,9 @@ class ClientResponse:
         self.status = status
         self.reason = reason
         self.headers: CIMultiDict[str] = CIMultiDict()
+        #: header lines sent as they are after ``headers`` (``Name: value\r\n`` each): a
+        #: cache's stored head rendered once, never framing, hop-by-hop, Date or CORS fields
+        self.raw_fields = b""
         self.head_with_body = head_with_body
         self._request: ClientRequest | None = None
         self.body_length = 0
@@ -796,6 +800,8 @@ class ClientProtocol(asyncio.Protocol):
         version = request.exchange.version
         reason = response.reason or reason_phrase(status)
         head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", headers)
+        if response.raw_fields:
+            head = head[:-2] + response.raw_fields + b"\r\n"
         self._chunked = start.framing.body is http1.Body.CHUNKED
         if response.head_with_body:
             self._held_head = head

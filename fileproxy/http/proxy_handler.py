@@ -192,6 +192,15 @@ async def _proxy(
 
     has_body = request.body_exists
     upgrade = tunnel.wanted(request)  # a WebSocket: asked upstream, tunnelled after its 101
+    cache = app[CACHE]
+    if cache.active and not upgrade and request.method in ("GET", "HEAD"):
+        hit = cache.hit(request.method, target, request.raw_headers, time.time())
+        if hit is not None:  # a fresh hit of an object held hot: nothing else to work out
+            exchange.cache, exchange.upstream_status = hit.log_word, None
+            try:
+                return await _send_answer(request, exchange, hit)
+            finally:
+                hit.close()
     peer = request.remote
     headers = upstream_request_headers(
         request.headers,
@@ -206,7 +215,6 @@ async def _proxy(
         content_length=content_length,
         upgrade=upgrade,
     )
-    cache = app[CACHE]
     cache_status: str | None = None  # a response the cache passed by: its Cache-Status
     if cache.active and not upgrade and request.method in ("GET", "HEAD"):
         decision = await cache.lookup(request.method, target, request.raw_headers, now=time.time())
@@ -447,6 +455,7 @@ async def _send_answer(
     for name, value in answer.headers:
         response.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
     response.headers["X-Request-ID"] = exchange.request_id
+    response.raw_fields = answer.raw_fields
     exchange.status_sent = answer.status
     await response.prepare(request)
     if body is not None and request.method != "HEAD":

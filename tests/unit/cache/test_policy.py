@@ -730,4 +730,4 @@ def test_the_hot_path_leaves_every_directive_and_stale_response_to_reuse() -> No
     no_cache = stored(("Cache-Control", "max-age=60, no-cache"), ("ETag", '"a"'))
     assert reuse_fresh(freshness(no_cache), T0 + 1) is None
     assert reuse("GET", [], no_cache, T0 + 1).action is Reuse.REVALIDATE
-    assert REUSE_REQUEST_FIELDS == {"cache-control", "pragma"}
+    assert {"cache-control", "pragma"} == REUSE_REQUEST_FIELDS
