@@ -451,6 +451,14 @@ async def _send_answer(
     (which keeps it in memory for the next hits), never by sendfile."""
     body = answer.body
     small = body is None or body.in_memory is not None
+    transport = request.transport
+    by_sendfile = (
+        body is not None
+        and body.in_memory is None
+        and request.method != "HEAD"
+        and body.length > SMALL_OBJECT_MAX
+        and zero_copy.sendfile_socket(transport) is not None
+    )
     response = ClientResponse(answer.status, head_with_body=small)
     for name, value in answer.headers:
         response.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
@@ -459,20 +467,17 @@ async def _send_answer(
     exchange.status_sent = answer.status
     await response.prepare(request)
     if body is not None and request.method != "HEAD":
-        transport = request.transport
         try:
             if body.in_memory is not None:
                 await response.write(body.in_memory)
                 exchange.bytes_out += len(body.in_memory)
-            elif (
-                body.length > SMALL_OBJECT_MAX and zero_copy.sendfile_socket(transport) is not None
-            ):
+            elif by_sendfile:
                 await _send_runs(request, response, exchange, body)
             else:
                 async for block in body:
                     await response.write(block)
                     exchange.bytes_out += len(block)
-        except CacheAborted:  # the fill failed beyond mending: never a short body that ends
+        except CacheAborted:  # the fill failed beyond mending: never a short body
             exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "cache_fill_failed"
             if transport is not None:
                 end_cut_short(transport, framed=True)
