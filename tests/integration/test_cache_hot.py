@@ -17,13 +17,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
 from fileproxy.delivery.cache import Answer, Outcome
 from tests.cache_backend import CacheBackend, Obj, object_bytes
-from tests.conftest import Backend
+from tests.conftest import Backend, Process
+from tests.integration.test_cache import backend, cache_env, fetch, session, url_of  # noqa: F401
 from tests.integration.test_cache_service import Rig
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -34,9 +36,9 @@ FRESH = {"Cache-Control": "max-age=600"}
 async def hot_rig(
     tmp_dir: Path, start_backend: Callable[[web.Application], Any]
 ) -> AsyncIterator[Rig]:
-    backend = CacheBackend()
-    started: Backend = await start_backend(backend.app())
-    rig = Rig(backend, started.port, tmp_dir / "cache")
+    served = CacheBackend()
+    started: Backend = await start_backend(served.app())
+    rig = Rig(served, started.port, tmp_dir / "cache")
     try:
         yield rig
     finally:
@@ -355,3 +357,61 @@ async def test_hot_hits_reach_the_eviction_state_other_workers_evict_by(hot_rig:
         await asyncio.sleep(0.1)
     assert eviction_marks(rig.directory)[2] == idle  # /idle: never used again
     assert rig.cache.counters[Outcome.HIT.value] >= 4
+
+
+# ---------------------------------------------------------------- through two daemons
+
+
+async def test_two_daemons_hot_hits_whole_heads_and_never_after_a_purge_or_replacement(
+    backend: CacheBackend,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """Two ``fileproxy serve`` on one cache directory, each holding the objects hot: a
+    hit's head is whole (every stored field once, ours once: X-Request-ID, CORS), HEAD
+    has no body; after PURGE answered 200 at one, the other's next GET is no hit; after
+    one stored a new version, the other sends the new bytes."""
+    small = backend.add(
+        "/t-s",
+        Obj(object_bytes(60, KIB), headers={**FRESH, "Access-Control-Allow-Origin": "*"}),
+    )
+    large = backend.add("/t-l", Obj(object_bytes(61, MIB), headers=FRESH))
+    env = cache_env(
+        tmp_dir / "cache",
+        FILEPROXY_ADMIN_ALLOW="192.0.2.0/24",
+        FILEPROXY_ADMIN_TOKEN="s3cret-token",
+        FILEPROXY_CORS_ORIGINS="https://app.example",
+    )
+    one, two = start_proxy(url_of(backend), **env), start_proxy(url_of(backend), **env)
+    for proxy in (one, two):
+        for target in ("/t-s", "/t-l"):
+            for _ in range(3):
+                await fetch(session, f"{proxy.url}{target}")
+    for target, obj in (("/t-s", small), ("/t-l", large)):
+        got = await fetch(session, f"{two.url}{target}", {"Origin": "https://app.example"})
+        assert got.body == obj.data and got.cache_status.startswith("fileproxy; hit"), target
+        for name in ("ETag", "Cache-Control", "Content-Type", "Date", "Content-Length", "Age",
+                     "Cache-Status", "X-Request-ID", "Access-Control-Allow-Origin"):  # fmt: skip
+            assert len(got.headers.getall(name, [])) == 1, (target, name, got.headers)
+        assert got.headers["Content-Length"] == str(len(obj.data))
+        assert got.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        head = await fetch(session, f"{two.url}{target}", method="HEAD")
+        assert head.length == 0 and head.headers["Content-Length"] == str(len(obj.data))
+    assert backend.count("/t-s") == 1 and backend.count("/t-l") == 1
+    token = {"Authorization": "Bearer s3cret-token"}
+    for target in ("/t-s", "/t-l"):
+        purged = await session.request("PURGE", f"{one.url}{target}", headers=token)
+        assert purged.status == 200 and (await purged.json())["purged"] == 1
+        after = await fetch(session, f"{two.url}{target}")
+        assert "; stored" in after.cache_status, (target, after.cache_status)
+    assert backend.count("/t-s") == 2 and backend.count("/t-l") == 2
+    for target in ("/t-s", "/t-l"):
+        await fetch(session, f"{two.url}{target}")  # held hot again at two
+    new = object_bytes(62, MIB)
+    backend.objects["/t-l"].data, backend.objects["/t-l"].etag = new, '"v2"'
+    replaced = await fetch(session, f"{one.url}/t-l", {"Cache-Control": "no-cache"})
+    assert replaced.body == new and "; stored" in replaced.cache_status
+    got = await fetch(session, f"{two.url}/t-l")
+    assert got.body == new and got.headers["ETag"] == '"v2"'
+    assert got.cache_status.startswith("fileproxy; hit")
