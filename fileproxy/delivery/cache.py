@@ -11,6 +11,9 @@ and a body that reads the cache file as it is written (an async iterator of bloc
     cache = CacheService(settings)            # one per worker, opened at start
     await cache.open()                        # cache.close() at exit, BEFORE the upstream
                                               # clients: running fills pause, kept
+    answer = cache.hit(method, target, headers, now=time.time())
+    if answer is not None:                    # a fresh hit of an object held hot, at
+        send it as below                      # once (its head also in answer.raw_fields)
     decision = await cache.lookup(method, target, headers, now=time.time())
     if decision.outcome is Outcome.BYPASS:    # not for the cache: relay as today,
         ...                                   # adding decision.extra_headers
@@ -49,6 +52,18 @@ lease and its row: everyone else opens a reader) or found not storable; requests
 arrive meanwhile wait for it, then read the fill from byte 0 at their own pace. A key
 found not storable is not coalesced again for ``PASS_S`` in that process (Varnish's
 hit-for-miss): concurrent requests for private answers must not queue behind each other.
+
+Hits without the index: each worker holds the complete objects it served hot (``_Hot``:
+the head parsed, filtered and rendered once, the freshness worked out once, the body
+file's path and identity, a small object's body once read whole). ``hit`` answers a
+fresh hit of a request without directives, ranges, conditions or credentials from there
+with a ``stat`` (a body in memory, a HEAD) or the ``open`` of the file to send (a shared
+``flock``: pinned against eviction like a reader); ``lookup`` uses the same entries
+before it asks the index. A file that is no longer the one held (removed by a purge, an
+eviction or a replacement anywhere on the host, or touched by a 304's merged head) is
+forgotten and the index asked again: nothing is answered from memory after another
+process removed it. The uses these hits count reach the index's eviction state every
+``HITS_FLUSH_S``.
 """
 
 from __future__ import annotations
@@ -828,7 +843,7 @@ class CacheService:
         assert self.store is not None
         before = self._hot.get(key, {})
         held: dict[bytes, _Hot] = {}
-        for stored in variants:  # oldest first
+        for stored in sorted(variants, key=lambda one: one.generation):  # oldest first
             if not stored.complete:
                 continue
             old = before.get(stored.variant)
