@@ -746,7 +746,7 @@ class CacheService:
         ``lookup`` and ``respond``): a request with directives, credentials, ranges or
         conditions (``_NOT_PLAIN``), an object not held hot, stale, to revalidate, or
         gone. What it answers is what ``lookup`` and ``respond`` would."""
-        if self.store is None:
+        if self.store is None or method not in ("GET", "HEAD"):
             return None
         key = _b(target)
         held = self._hot.get(key)
