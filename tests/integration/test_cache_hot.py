@@ -11,7 +11,9 @@ replaced object's bytes or head as the current one.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -24,9 +26,10 @@ from aiohttp import web
 
 from fileproxy.delivery.cache import Answer, Outcome
 from tests.cache_backend import CacheBackend, Obj, object_bytes
-from tests.conftest import Backend, Process
+from tests.conftest import Backend, Process, get_json
 from tests.integration.test_cache import backend, cache_env, fetch, session, url_of  # noqa: F401
 from tests.integration.test_cache_service import Rig
+from tests.integration.test_spool import WAN_SNDBUF
 
 KIB, MIB = 1 << 10, 1 << 20
 FRESH = {"Cache-Control": "max-age=600"}
@@ -415,3 +418,45 @@ async def test_two_daemons_hot_hits_whole_heads_and_never_after_a_purge_or_repla
     got = await fetch(session, f"{two.url}/t-l")
     assert got.body == new and got.headers["ETag"] == '"v2"'
     assert got.cache_status.startswith("fileproxy; hit")
+
+
+async def test_a_client_gone_mid_file_of_a_hot_hit_leaves_no_file_open_or_pinned(
+    backend: CacheBackend,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """A hot hit's body file is the answer's: a client that resets mid-file (the send
+    waiting on it, or the task cancelled) leaves no reader open and no pin, and the
+    next client gets the whole object, a hit."""
+    obj = backend.add("/gone-mid", Obj(object_bytes(70, 8 * MIB), headers=FRESH))
+    proxy = start_proxy(url_of(backend), FILEPROXY_SO_SNDBUF=WAN_SNDBUF, **cache_env(tmp_dir / "c"))
+    for _ in range(2):  # the miss, then a hit through the index: held hot from here on
+        await fetch(session, f"{proxy.url}/gone-mid", keep=False)
+
+    async def readers_open() -> int:
+        return int((await get_json(session, f"{proxy.url}/stats"))["cache"]["readers_open"])
+
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await loop.sock_sendall(sock, b"GET /gone-mid HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while len(received) < MIB:
+            received += await asyncio.wait_for(loop.sock_recv(sock, 16384), 10)
+            await asyncio.sleep(0.002)
+        assert b"Cache-Status: fileproxy; hit" in received.partition(b"\r\n\r\n")[0]
+        assert await readers_open() == 1  # the hot file, open while it is sent
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset mid-file
+        deadline = time.monotonic() + 10
+        while (still := await readers_open()) != 0:
+            assert time.monotonic() < deadline, still
+            await asyncio.sleep(0.05)
+    whole = await fetch(session, f"{proxy.url}/gone-mid", expected=obj.data, keep=False)
+    assert whole.exact and whole.cache_status.startswith("fileproxy; hit")
+    assert backend.count("/gone-mid") == 1
+    assert "Traceback" not in proxy.log_text()
