@@ -11,6 +11,9 @@ and a body that reads the cache file as it is written (an async iterator of bloc
     cache = CacheService(settings)            # one per worker, opened at start
     await cache.open()                        # cache.close() at exit, BEFORE the upstream
                                               # clients: running fills pause, kept
+    answer = cache.hit(method, target, headers, now=time.time())
+    if answer is not None:                    # a fresh hit of an object held hot, at
+        send it as below                      # once (its head also in answer.raw_fields)
     decision = await cache.lookup(method, target, headers, now=time.time())
     if decision.outcome is Outcome.BYPASS:    # not for the cache: relay as today,
         ...                                   # adding decision.extra_headers
@@ -51,6 +54,18 @@ lease and its row: everyone else opens a reader) or found not storable; requests
 arrive meanwhile wait for it, then read the fill from byte 0 at their own pace. A key
 found not storable is not coalesced again for ``PASS_S`` in that process (Varnish's
 hit-for-miss): concurrent requests for private answers must not queue behind each other.
+
+Hits without the index: each worker holds the complete objects it served hot (``_Hot``:
+the head parsed, filtered and rendered once, the freshness worked out once, the body
+file's path and identity, a small object's body once read whole). ``hit`` answers a
+fresh hit of a request without directives, ranges, conditions or credentials from there
+with a ``stat`` (a body in memory, a HEAD) or the ``open`` of the file to send (a shared
+``flock``: pinned against eviction like a reader); ``lookup`` uses the same entries
+before it asks the index. A file that is no longer the one held (removed by a purge, an
+eviction or a replacement anywhere on the host, or touched by a 304's merged head) is
+forgotten and the index asked again: nothing is answered from memory after another
+process removed it. The uses these hits count reach the index's eviction state every
+``HITS_FLUSH_S``.
 """
 
 from __future__ import annotations
@@ -78,6 +93,7 @@ from fileproxy.cache import policy
 from fileproxy.cache.manifest import ByteRanges, ChunkMap, StoredHead
 from fileproxy.cache.policy import Forward, Reuse, ReuseDecision, StoredResponse
 from fileproxy.delivery.cache_store import (
+    HITS_FLUSH_S,
     CacheStore,
     Fill,
     FillAbandoned,
@@ -136,6 +152,32 @@ MAX_TAKEOVERS = 8
 SMALL_OBJECT_MAX = 64 * 1024
 #: the memory those small objects may take per worker (least recently used go first)
 SMALL_MEMORY = 64 * 1024 * 1024
+#: complete objects a worker holds hot (their head parsed and rendered, their freshness
+#: worked out, their file's identity): least recently used go first
+HOT_MAX = 16_384
+#: a request with one of these fields is answered through ``lookup`` and ``respond``
+#: (directives, credentials, ranges, conditions, an upgrade), never by ``hit``
+_NOT_PLAIN = frozenset(
+    {
+        b"cache-control",
+        b"pragma",
+        b"authorization",
+        b"range",
+        b"if-range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"upgrade",
+    }
+)
+#: stored fields ``hit`` gives as header pairs, not in its pre-rendered lines: the data
+#: plane adds Date when there is none and may set the CORS ones (X-Request-ID is the
+#: request's own: the stored one is never sent)
+_SET_PER_RESPONSE = frozenset(
+    {b"date", b"x-request-id", b"access-control-allow-origin", b"access-control-expose-headers"}
+)
+_CONTROL = re.compile(rb"[\r\n\0]").search
 #: how often the disk figures of ``report()``/metrics are refreshed from the index
 TOTALS_REFRESH_S = 5.0
 #: FILEPROXY_CACHE_MAX_SIZE=auto takes this share of the cache filesystem's size
@@ -216,6 +258,7 @@ class Decision:
     response: StoredResponse | None = None
     fwd: Forward | None = None
     memory: bytes | None = None  # the stored body, when it is a small object held in memory
+    hot: _Hot | None = None  # ``stored`` as this worker holds it hot (its file, its head)
 
     @property
     def conditions(self) -> list[tuple[bytes, bytes]]:
@@ -243,7 +286,9 @@ class Decision:
 class Answer:
     """What to send. Either ``upstream`` (relay it as today, with ``extra_headers``) or
     ``status`` + ``headers`` (complete: Content-Length, Age, Cache-Status) + ``body``
-    (None for HEAD, 304, 416; the caller closes it)."""
+    (None for HEAD, 304, 416; the caller closes it). ``raw_fields``: more header lines
+    of the head, rendered (``Name: value\r\n`` each, from ``hit``): to send as they are,
+    after ``headers``; never a framing, hop-by-hop or per-response field."""
 
     log_word: str
     cache_status: str
@@ -251,6 +296,7 @@ class Answer:
     headers: list[HeaderPair] = field(default_factory=list)
     body: CachedBody | None = None
     upstream: UpstreamAnswer | None = None
+    raw_fields: bytes = b""
 
     @property
     def extra_headers(self) -> list[HeaderPair]:
@@ -405,6 +451,115 @@ def _cold_range(value: bytes | None) -> tuple[int, int | None] | None:
     return start, None
 
 
+def _stored_response(stored: StoredObject) -> StoredResponse:
+    head = stored.head
+    return StoredResponse(
+        head.status, head.headers, head.request_time, head.response_time,
+        decode_variant(stored.variant),
+    )  # fmt: skip
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells a body file from any other one at its path: a file removed (purge,
+    eviction, a replacement: a new generation, a new path), recreated (a cache directory
+    wiped under a running worker: generations start again) or changed (a head updated
+    elsewhere touches it, see ``CacheStore.update_head``; a truncation) is not the one
+    a hot entry knows."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size
+
+
+class _Hot:
+    """A complete stored object this worker answers without the index: its head parsed,
+    filtered and rendered once, its freshness worked out once (``policy.freshness``),
+    where its body file is and which file that is (``_identity``), and for a small object
+    the body itself once read whole. Every use checks the file is still that one (a
+    ``stat``, or the ``open`` that sends it): an object purged, evicted or replaced by any
+    process on the host is never answered from here."""
+
+    __slots__ = (
+        "body",
+        "fields",
+        "freshness",
+        "headers",
+        "identity",
+        "kept",
+        "path",
+        "response",
+        "stored",
+        "vary",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        stored: StoredObject,
+        response: StoredResponse,
+        path: str,
+        identity: tuple[int, int, int, int, int],
+    ) -> None:
+        self.stored = stored
+        self.response = response
+        self.path = path
+        self.identity = identity
+        self.freshness = policy.freshness(response)
+        self.vary = policy.vary_fields(response.headers)  # None: Vary: *
+        self.body: bytes | None = None
+        #: the stored fields a cache answer repeats
+        self.headers = [
+            (_b(n), _b(v))
+            for n, v in response.headers
+            if _name(n) not in _HOP_BY_HOP
+            and _name(n) not in (b"age", b"content-length", b"content-range")
+        ]
+        lines: list[bytes] = []
+        self.kept: list[HeaderPair] = []  # ``_SET_PER_RESPONSE`` fields, as pairs
+        self.fields: bytes | None = None  # the others rendered; None: not safe to render
+        for name, value in self.headers:
+            if _CONTROL(name) or _CONTROL(value) or b":" in name:
+                return  # never rendered as is (the data plane's own checks refuse it)
+            lower = name.lower()
+            if lower in _SET_PER_RESPONSE:
+                if lower != b"x-request-id":
+                    self.kept.append((name, value))
+            else:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        self.fields = b"".join(lines)
+
+
+class _HotFile:
+    """A hot object's body file held open for one answer: the part of ``Reader`` a
+    ``CachedBody`` uses. Like a reader's, its shared ``flock`` pins the object against
+    eviction by any process while it is open."""
+
+    complete = True
+
+    def __init__(self, store: CacheStore, hot: _Hot, fd: int) -> None:
+        self.store = store
+        stored = hot.stored
+        self.key, self.variant, self.generation = stored.key, stored.variant, stored.generation
+        self.length = stored.length
+        self._fd = fd
+        store._pin(self.generation)
+        store._hits[self.generation] += 1
+        store.counters["readers_open"] += 1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def wait_for(self, offset: int) -> int:
+        return self.length  # complete: every byte is there
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self.store._unpin(self.generation)
+            self.store.counters["readers_open"] -= 1
+            os.close(fd)
+
+
+async def _no_fetch(conditions: Sequence[tuple[str, str]]) -> UpstreamAnswer:
+    raise CacheAborted("a complete object is never fetched again by its readers")
+
+
 class _MissLock:
     """The right to fetch a missed key (see the module's docstring)."""
 
@@ -452,9 +607,10 @@ class CacheService:
         self._totals_at = 0.0
         self._refresher: asyncio.Future[None] | None = None
         self._users_fd = -1  # held (shared) while this process uses an ``auto`` budget
-        # small complete objects: key -> variant -> (generation, head, body)
-        self._small: OrderedDict[bytes, dict[bytes, tuple[int, StoredHead, bytes]]] = OrderedDict()
-        self._small_bytes = 0
+        # complete objects held hot: key -> variant -> entry (oldest generation first)
+        self._hot: OrderedDict[bytes, dict[bytes, _Hot]] = OrderedDict()
+        self._hot_count = 0
+        self._small_bytes = 0  # of the small bodies the hot entries hold
         self.counters: Counter[str] = Counter()
         self.zero_copy = ZeroCopyStats()  # hit bytes the data plane sent by sendfile
 
@@ -503,9 +659,17 @@ class CacheService:
         self._refresher = asyncio.ensure_future(self._refresh_totals_now_and_then())
 
     async def _refresh_totals_now_and_then(self) -> None:
-        """Disk figures for a scrape that does no I/O (``snapshot``)."""
+        """Disk figures for a scrape that does no I/O (``snapshot``), and the uses of the
+        hits answered without a reader for the eviction policy (batched: one index
+        transaction per ``HITS_FLUSH_S`` at most, none while there are none)."""
         while True:
-            await asyncio.sleep(TOTALS_REFRESH_S)
+            for _ in range(max(1, round(TOTALS_REFRESH_S / HITS_FLUSH_S))):
+                await asyncio.sleep(HITS_FLUSH_S)
+                if self.store is not None:
+                    try:
+                        await self.store.flush_hits()
+                    except Exception as error:  # sqlite3 or OS errors: the policy is a bit off
+                        log.info("cache uses not recorded: %s", error)
             try:
                 await self.refresh_totals()
             except Exception as error:  # sqlite3 or OS errors: the figures get older
@@ -579,14 +743,20 @@ class CacheService:
             # several ranges: the backend answers multipart/byteranges, as without the
             # cache; from the cache they would get the whole object
             return decide(Outcome.BYPASS, "multi-range")
-        memory: bytes | None = None
-        chosen = self._choose(self._small_variants(key), request_headers)
-        if chosen is not None:
-            memory = self._small[key][chosen[0].variant][2]
-            variants = [chosen[0]]
-        else:
+        chosen: tuple[StoredObject, StoredResponse] | None = None
+        hot = self._hot_choice(key, request_headers)
+        if hot is not None:
+            if self._still_there(hot):
+                chosen = hot.stored, hot.response
+                variants = [hot.stored]
+            else:
+                self._forget(key)
+                hot = None
+        if chosen is None:
             variants = await self.store.variants(key)
             chosen = self._choose(variants, request_headers)
+            if chosen is not None and chosen[0].complete:
+                hot = self._warm(key, variants, chosen[0])
         if chosen is not None and _field(request_headers, b"authorization") is not None:
             cc = policy.parse_cache_control(_fields(chosen[1].headers, b"cache-control"))
             if not (cc.public or cc.s_maxage is not None or cc.must_revalidate):
@@ -604,7 +774,8 @@ class CacheService:
             "stored": chosen[0] if chosen else None,
             "response": chosen[1] if chosen else None,
             "fwd": reuse.fwd,
-            "memory": memory,
+            "memory": hot.body if hot is not None else None,
+            "hot": hot,
         }
         if reuse.action is Reuse.GATEWAY_TIMEOUT:
             return decide(Outcome.GATEWAY_TIMEOUT, "only-if-cached", **more)
@@ -629,70 +800,197 @@ class CacheService:
     ) -> tuple[StoredObject, StoredResponse] | None:
         """The newest stored variant the request selects (RFC 9111 4.1)."""
         for stored in reversed(variants):  # the newest first
-            head = stored.head
             try:
-                response = StoredResponse(
-                    head.status,
-                    head.headers,
-                    head.request_time,
-                    head.response_time,
-                    decode_variant(stored.variant),
-                )
+                response = _stored_response(stored)
             except (ValueError, orjson.JSONDecodeError):
                 continue
             if policy.variant_matches(response, request_headers):
                 return stored, response
         return None
 
-    # ------------------------------------------------------------ small objects in memory
+    # ------------------------------------------------------------ hot objects
 
-    def _small_variants(self, key: bytes) -> list[StoredObject]:
-        """The variants of ``key`` held in memory whose body file is still there (a purge,
-        an eviction or a replacement anywhere on the host removes it); oldest first."""
-        held = self._small.get(key)
-        if not held or self.store is None:
-            return []
-        found = []
-        for variant, (generation, head, body) in list(held.items()):
-            try:
-                os.stat(self.store.index.body_path(generation))
-            except OSError:
-                self._forget(key, variant)
+    def hit(
+        self,
+        method: str,
+        target: str | bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        now: float,
+    ) -> Answer | None:
+        """The answer to a GET or HEAD that is a fresh hit of an object this worker holds
+        hot, at once: no thread, no index, no parsing; a ``stat`` (a small object held in
+        memory, or a HEAD) or the ``open`` of its file. None for anything else (then
+        ``lookup`` and ``respond``): a request with directives, credentials, ranges or
+        conditions (``_NOT_PLAIN``), an object not held hot, stale, to revalidate, or
+        gone. What it answers is what ``lookup`` and ``respond`` would."""
+        if self.store is None or method not in ("GET", "HEAD"):
+            return None
+        key = _b(target)
+        held = self._hot.get(key)
+        if held is None:
+            return None
+        for name, _ in headers:
+            if name.lower() in _NOT_PLAIN:
+                return None
+        hot = self._hot_choice(key, headers)
+        if hot is None or hot.fields is None:
+            return None
+        reuse = policy.reuse_fresh(hot.freshness, now)
+        if reuse is None:
+            return None
+        stored = hot.stored
+        length = stored.length
+        body: CachedBody | None = None
+        if method != "GET" or length == 0 or hot.body is not None:
+            if not self._still_there(hot):
+                self._forget(key)
+                return None
+            if hot.body is not None and method == "GET" and length:
+                body = MemoryBody(self, hot.body, 0, length)
+            self.store._hits[stored.generation] += 1
+        else:
+            opened = self._open_hot(hot)
+            if opened is None:
+                self._forget(key)
+                return None
+            body = CachedBody(self, opened, 0, length, _no_fetch)  # type: ignore[arg-type]
+            if length <= SMALL_OBJECT_MAX:
+                body.remember = stored.head
+        self._hot.move_to_end(key)
+        status = reuse.cache_status()
+        self.counters[Outcome.HIT.value] += 1
+        headers_out = [
+            *hot.kept,
+            (b"Age", policy.age_text(reuse.age).encode()),
+            (b"Cache-Status", status.encode("latin-1")),
+            (b"Content-Length", b"%d" % length),
+        ]
+        return Answer(Outcome.HIT.value, status, 200, headers_out, body, raw_fields=hot.fields)
+
+    def _hot_choice(
+        self, key: bytes, request_headers: Sequence[tuple[bytes, bytes]]
+    ) -> _Hot | None:
+        """The newest variant of ``key`` held hot that the request selects (RFC 9111 4.1);
+        not checked against the disk."""
+        held = self._hot.get(key)
+        if not held:
+            return None
+        for hot in reversed(held.values()):  # the newest first
+            vary = hot.vary
+            if vary is None:  # Vary: *
                 continue
-            chunks = ChunkMap(len(body), self.store.chunk_size)
-            for index in range(chunks.count):
-                chunks.mark(index)
-            found.append(
-                StoredObject(key, variant, generation, head, len(body), True, len(body), chunks)
-            )
-        if found:
-            self._small.move_to_end(key)
-        found.sort(key=lambda stored: stored.generation)
-        return found
+            if not vary or policy.secondary_key(vary, request_headers) == hot.response.vary_key:
+                return hot  # (policy.variant_matches, with the Vary fields parsed once)
+        return None
+
+    @staticmethod
+    def _still_there(hot: _Hot) -> bool:
+        try:
+            return _identity(os.stat(hot.path)) == hot.identity
+        except OSError:
+            return False
+
+    def _open_hot(self, hot: _Hot) -> _HotFile | None:
+        """``hot``'s body file, open and pinned (a shared ``flock``, as a reader holds);
+        None when it is no longer that file, or an evictor holds it."""
+        assert self.store is not None
+        try:
+            fd = os.open(hot.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if st.st_nlink == 0 or _identity(st) != hot.identity:
+                os.close(fd)
+                return None
+        except OSError:  # BlockingIOError: an evictor has it
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return _HotFile(self.store, hot, fd)
+
+    def _warm(
+        self, key: bytes, variants: Sequence[StoredObject], chosen: StoredObject
+    ) -> _Hot | None:
+        """Hold the complete ``variants`` of ``key`` hot (as the index has them now: the
+        bodies of the ones held already stay); ``chosen``'s entry, if it is held."""
+        assert self.store is not None
+        before = self._hot.get(key, {})
+        held: dict[bytes, _Hot] = {}
+        for stored in sorted(variants, key=lambda one: one.generation):  # oldest first
+            if not stored.complete:
+                continue
+            old = before.get(stored.variant)
+            if (
+                old is not None
+                and old.stored.generation == stored.generation
+                and old.stored.head == stored.head
+                and self._still_there(old)
+            ):
+                held[stored.variant] = old
+                continue
+            path = str(self.store.index.body_path(stored.generation))
+            try:
+                identity = _identity(os.stat(path))
+                response = _stored_response(stored)
+            except (OSError, ValueError, orjson.JSONDecodeError):
+                continue
+            if identity[4] != stored.length:
+                continue
+            held[stored.variant] = _Hot(stored, response, path, identity)
+        self._forget(key)
+        if not held:
+            return None
+        self._hot[key] = held
+        self._hot_count += len(held)
+        for hot in held.values():
+            if hot.body is not None:
+                self._small_bytes += len(hot.body)
+        self._trim()
+        found = held.get(chosen.variant)
+        return found if found is not None and found.stored.generation == chosen.generation else None
 
     def _remember(self, key: bytes, variant: bytes, generation: int, head: StoredHead,
                   body: bytes) -> None:  # fmt: skip
+        """A small object read whole: its hits are answered from memory from now on."""
         if len(body) > SMALL_OBJECT_MAX or self.store is None:
             return
-        self._forget(key, variant)
-        self._small.setdefault(key, {})[variant] = (generation, head, body)
-        self._small.move_to_end(key)
-        self._small_bytes += len(body)
-        while self._small_bytes > SMALL_MEMORY and self._small:
-            oldest = next(iter(self._small))
-            for old_variant in list(self._small[oldest]):
-                self._forget(oldest, old_variant)
+        hot = self._hot.get(key, {}).get(variant)
+        if hot is None or hot.stored.generation != generation:
+            chunks = ChunkMap(len(body), self.store.chunk_size)
+            for index in range(chunks.count):
+                chunks.mark(index)
+            stored = StoredObject(key, variant, generation, head, len(body), True, len(body),
+                                  chunks)  # fmt: skip
+            others = [h.stored for v, h in self._hot.get(key, {}).items() if v != variant]
+            hot = self._warm(key, [*others, stored], stored)
+            if hot is None:
+                return
+        if hot.body is None and hot.stored.length == len(body):
+            hot.body = body
+            self._small_bytes += len(body)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Least recently used keys go until the hot entries and their bodies fit."""
+        while (self._small_bytes > SMALL_MEMORY or self._hot_count > HOT_MAX) and self._hot:
+            self._forget(next(iter(self._hot)))
 
     def _forget(self, key: bytes, variant: bytes | None = None) -> None:
-        held = self._small.get(key)
+        held = self._hot.get(key)
         if held is None:
             return
         for one in [variant] if variant is not None else list(held):
             entry = held.pop(one, None)
             if entry is not None:
-                self._small_bytes -= len(entry[2])
+                self._hot_count -= 1
+                if entry.body is not None:
+                    self._small_bytes -= len(entry.body)
         if not held:
-            del self._small[key]
+            del self._hot[key]
 
     # ------------------------------------------------------------ respond
 
@@ -708,9 +1006,13 @@ class CacheService:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.HIT)
             if answer is not None:
                 return answer
+            if decision.hot is not None:  # gone since: what the index says now
+                return await self.respond(await self._look_again(decision), fetch, waiting=waiting)
             return await self._miss(decision, fetch, waiting)
         if outcome is Outcome.STALE:
             answer = await self._serve(decision, fetch, decision.reuse, Outcome.STALE)
+            if answer is None and decision.hot is not None:
+                return await self.respond(await self._look_again(decision), fetch, waiting=waiting)
             if answer is None:
                 return await self._miss(decision, fetch, waiting)
             if decision.target not in self._revalidating:
@@ -722,6 +1024,15 @@ class CacheService:
         if outcome is Outcome.MISS:
             return await self._miss(decision, fetch, waiting)
         raise ValueError(f"nothing to respond for {outcome}")
+
+    async def _look_again(self, decision: Decision) -> Decision:
+        """``decision``'s lookup again, from the index (its hot entry went away)."""
+        self._forget(decision.target)
+        again = await self.lookup(
+            decision.method, decision.target, decision.request_headers, decision.now
+        )
+        again.hot = None  # at most once more from a file held hot
+        return again
 
     async def _serve(
         self,
@@ -746,6 +1057,20 @@ class CacheService:
                 None, decision, fetch, response, word.value, status, served=True,
                 memory=decision.memory, generation=stored.generation,
             )  # fmt: skip
+        hot = decision.hot
+        if hot is not None and hot.stored.generation == stored.generation:
+            opened = self._open_hot(hot)
+            if opened is None:  # removed, replaced or being evicted since the lookup
+                self._forget(stored.key)
+                return None
+            try:
+                return self._answer_from(
+                    opened, decision, fetch, response, word.value, status,  # type: ignore[arg-type]
+                    served=True, generation=stored.generation,
+                )  # fmt: skip
+            except BaseException:
+                opened.close()
+                raise
         reader = self.store.open_reader(stored.key, stored.variant)
         try:
             await reader.__aenter__()
@@ -1707,7 +2032,8 @@ def _check_continuation(
 
 class MemoryBody(CachedBody):
     """A small object's bytes from memory: ``in_memory`` is what to send (no file, so no
-    ``runs()``); iterating yields it once."""
+    ``runs()``); iterating yields it once. Counted as served from the cache when made
+    (the data plane sends ``in_memory`` in one write, without iterating)."""
 
     def __init__(self, service: CacheService, data: bytes, start: int, end: int) -> None:
         self.service = service
@@ -1715,13 +2041,13 @@ class MemoryBody(CachedBody):
         self.sent = 0
         self.remember = None
         self.in_memory = data[start:end]
+        self._count(end - start)
 
     def close(self) -> None:
         pass
 
     async def _blocks(self) -> AsyncIterator[bytes]:
         assert self.in_memory is not None
-        self._count(len(self.in_memory))
         yield self.in_memory
 
     async def runs(self) -> AsyncIterator[tuple[int, int, int]]:

@@ -757,16 +757,35 @@ class CacheStore:
         return [row.stored() for row in rows]
 
     async def update_head(self, key: bytes | str, variant: bytes | str, head: StoredHead) -> bool:
-        """Replace a stored head (a 304's merge); False if the object is gone."""
+        """Replace a stored head (a 304's merge); False if the object is gone. The body
+        file is touched after (its ctime changes): a process that holds the object hot
+        (``CacheService.hit``) sees it is no longer the file it knows, and reads the row."""
 
-        def update() -> int:
-            with self.index.transaction():
-                return self.index.db.execute(
-                    "UPDATE objects SET head = ? WHERE key = ? AND variant = ?",
-                    (head.encode(), _as_bytes(key), _as_bytes(variant)),
-                ).rowcount
+        def update() -> bool:
+            index = self.index
+            with index.transaction():
+                found = index.db.execute(
+                    "SELECT id FROM objects WHERE key = ? AND variant = ?",
+                    (_as_bytes(key), _as_bytes(variant)),
+                ).fetchone()
+                if found is None:
+                    return False
+                index.db.execute(
+                    "UPDATE objects SET head = ? WHERE id = ?", (head.encode(), found[0])
+                )
+            path = index.body_path(found[0])
+            with contextlib.suppress(FileNotFoundError):  # its mtime moves on by 1 ns at least
+                st = os.stat(path)
+                os.utime(path, ns=(st.st_atime_ns, max(time.time_ns(), st.st_mtime_ns + 1)))
+            return True
 
-        return bool(await self._in_index(update))
+        return await self._in_index(update)
+
+    async def flush_hits(self) -> None:
+        """The uses this process counted (``_hits``: hits answered without opening a
+        reader too) into the index's eviction state now; nothing when there were none."""
+        if self._hits and self._index is not None:
+            await self._in_index(self.index.flush_hits, self._take_hits())
 
     async def purge(self, key: bytes | str) -> int:
         """Remove every variant of ``key``; readers that hold one keep it until they close.

@@ -259,6 +259,7 @@ class ClientResponse:
         "body_length",
         "head_with_body",
         "headers",
+        "raw_fields",
         "reason",
         "status",
     )  # fmt: skip
@@ -269,6 +270,9 @@ class ClientResponse:
         self.status = status
         self.reason = reason
         self.headers: CIMultiDict[str] = CIMultiDict()
+        #: header lines sent as they are after ``headers`` (``Name: value\r\n`` each): a
+        #: cache's stored head rendered once, never framing, hop-by-hop, Date or CORS fields
+        self.raw_fields = b""
         self.head_with_body = head_with_body
         self._request: ClientRequest | None = None
         self.body_length = 0
@@ -802,6 +806,8 @@ class ClientProtocol(asyncio.Protocol):
             raw.append((b"Transfer-Encoding", b"chunked"))
         start = self.machine.start_response(request.exchange, status, raw)
         head = self._head(request.exchange, status, response.reason, headers, raw, start)
+        if response.raw_fields:  # lines rendered once by their owner (a cache hit's head)
+            head = head[:-2] + response.raw_fields + b"\r\n"
         self._chunked = start.framing.body is http1.Body.CHUNKED
         if response.head_with_body:
             self._held_head = head

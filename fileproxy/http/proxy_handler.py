@@ -192,6 +192,15 @@ async def _proxy(
 
     has_body = request.body_exists
     upgrade = tunnel.wanted(request)  # a WebSocket: asked upstream, tunnelled after its 101
+    cache = app[CACHE]
+    if cache.active and not upgrade and request.method in ("GET", "HEAD"):
+        hit = cache.hit(request.method, target, request.raw_headers, time.time())
+        if hit is not None:  # a fresh hit of an object held hot: nothing else to work out
+            exchange.cache, exchange.upstream_status = hit.log_word, None
+            try:
+                return await _send_answer(request, exchange, hit)
+            finally:
+                hit.close()
     peer = request.remote
     headers = upstream_request_headers(
         request.headers,
@@ -206,7 +215,6 @@ async def _proxy(
         content_length=content_length,
         upgrade=upgrade,
     )
-    cache = app[CACHE]
     cache_status: str | None = None  # a response the cache passed by: its Cache-Status
     if cache.active and not upgrade and request.method in ("GET", "HEAD"):
         decision = await cache.lookup(request.method, target, request.raw_headers, now=time.time())
@@ -444,27 +452,33 @@ async def _send_answer(
     (which keeps it in memory for the next hits), never by sendfile."""
     body = answer.body
     small = body is None or body.in_memory is not None
+    transport = request.transport
+    by_sendfile = (
+        body is not None
+        and body.in_memory is None
+        and request.method != "HEAD"
+        and body.length > SMALL_OBJECT_MAX
+        and zero_copy.sendfile_socket(transport) is not None
+    )
     response = ClientResponse(answer.status, head_with_body=small)
     for name, value in answer.headers:
         response.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
     response.headers["X-Request-ID"] = exchange.request_id
+    response.raw_fields = answer.raw_fields
     exchange.status_sent = answer.status
     await response.prepare(request)
     if body is not None and request.method != "HEAD":
-        transport = request.transport
         try:
             if body.in_memory is not None:
                 await response.write(body.in_memory)
                 exchange.bytes_out += len(body.in_memory)
-            elif (
-                body.length > SMALL_OBJECT_MAX and zero_copy.sendfile_socket(transport) is not None
-            ):
+            elif by_sendfile:
                 await _send_runs(request, response, exchange, body)
             else:
                 async for block in body:
                     await response.write(block)
                     exchange.bytes_out += len(block)
-        except CacheAborted:  # the fill failed beyond mending: never a short body that ends
+        except CacheAborted:  # the fill failed beyond mending: never a short body
             exchange.cause, exchange.error = errors.UPSTREAM_ERROR, "cache_fill_failed"
             if transport is not None:
                 end_cut_short(transport, framed=True)

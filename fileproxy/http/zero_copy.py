@@ -34,6 +34,7 @@ import errno
 import os
 import socket
 import stat
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -78,9 +79,24 @@ class ZeroCopyStats:
 
 def sendfile_socket(transport: asyncio.BaseTransport | None) -> int | None:
     """The socket's fd behind ``transport`` when a file may go to it by sendfile, else
-    None: no transport, a closing one, TLS, or not a TCP/unix stream socket."""
+    None: no transport, a closing one, TLS, or not a TCP/unix stream socket. Worked out
+    once per transport (while it is not closing, its socket is its own)."""
     if transport is None or transport.is_closing() or not hasattr(os, "sendfile"):
         return None
+    try:
+        return _sockets[transport]
+    except KeyError:
+        pass
+    except TypeError:  # a transport that takes no weak reference: asked each time
+        return _sendfile_socket(transport)
+    fd = _sockets[transport] = _sendfile_socket(transport)
+    return fd
+
+
+_sockets: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = weakref.WeakKeyDictionary()
+
+
+def _sendfile_socket(transport: asyncio.BaseTransport) -> int | None:
     if transport.get_extra_info("sslcontext") is not None:
         return None
     if transport.get_extra_info("ssl_object") is not None:
@@ -207,7 +223,8 @@ async def send_file(
     stats.sends += 1
     end = offset + count
     with taken_socket(loop, sock_fd) as dup:
-        await _writable(loop, dup, transport, stall_timeout)
+        if _buffered(transport):  # the head or an earlier piece first
+            await _writable(loop, dup, transport, stall_timeout)
         while offset < end:
             if transport.is_closing():
                 raise ConnectionResetError(errno.ECONNRESET, "client connection closed")

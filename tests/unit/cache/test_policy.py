@@ -13,6 +13,7 @@ from fileproxy.cache.policy import (
     DELTA_SECONDS_MAX,
     HEURISTIC_MAX_S,
     HEURISTICALLY_CACHEABLE,
+    REUSE_REQUEST_FIELDS,
     Forward,
     HeaderField,
     Reuse,
@@ -23,11 +24,13 @@ from fileproxy.cache.policy import (
     conditional_headers,
     current_age,
     freshen,
+    freshness,
     freshness_lifetime,
     invalidated_uris,
     parse_cache_control,
     parse_http_date,
     reuse,
+    reuse_fresh,
     secondary_key,
     stale_if_error_allowed,
     storable,
@@ -684,3 +687,47 @@ def test_any_bytes_from_clients_and_backends_get_an_answer(
         detail=bytes(response_headers[0][1]).decode("latin-1") if response_headers else None,
     )
     assert all(" " <= c <= "~" for c in status_field)  # always a valid field value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    request_headers=HEADERS,
+    response_headers=HEADERS,
+    status=st.sampled_from([200, 203, 206, 301, 404, 500]),
+    delay=st.integers(0, 5),
+    later=st.integers(-10, 100_000),
+)
+def test_the_hot_path_answers_exactly_as_reuse_for_requests_without_directives(
+    request_headers: list[HeaderField],
+    response_headers: list[HeaderField],
+    status: int,
+    delay: int,
+    later: int,
+) -> None:
+    """``reuse_fresh`` (a stored response's ``freshness`` worked out once) gives the
+    decision ``reuse`` gives, whenever it gives one: a fresh hit, same age, same ttl;
+    it never answers where ``reuse`` says anything else."""
+    plain = [
+        (n, v) for n, v in request_headers
+        if bytes(n).decode("latin-1").strip().lower() not in REUSE_REQUEST_FIELDS
+    ]  # fmt: skip
+    dated = [(b"Date", http_date(T0).encode()), *response_headers]
+    response = StoredResponse.of(status, dated, plain, T0, T0 + delay)
+    now = T0 + delay + later
+    full = reuse("GET", plain, response, now)
+    fast = reuse_fresh(freshness(response), now)
+    if fast is not None:
+        assert fast == full
+    else:
+        assert full.action is not Reuse.FRESH
+    assert freshness(response).age(now) == current_age(response, now)
+
+
+def test_the_hot_path_leaves_every_directive_and_stale_response_to_reuse() -> None:
+    fresh = stored(("Cache-Control", "max-age=60"))
+    assert reuse_fresh(freshness(fresh), T0 + 10) == reuse("GET", [], fresh, T0 + 10)
+    assert reuse_fresh(freshness(fresh), T0 + 60) is None  # stale: reuse decides
+    no_cache = stored(("Cache-Control", "max-age=60, no-cache"), ("ETag", '"a"'))
+    assert reuse_fresh(freshness(no_cache), T0 + 1) is None
+    assert reuse("GET", [], no_cache, T0 + 1).action is Reuse.REVALIDATE
+    assert {"cache-control", "pragma"} == REUSE_REQUEST_FIELDS
