@@ -100,6 +100,7 @@ from fileproxy.delivery.cache_store import (
     FillBusy,
     FillOrphaned,
     FillOutOfRoom,
+    HeldFile,
     NotStored,
     Reader,
     ReservationRefused,
@@ -525,37 +526,6 @@ class _Hot:
         self.fields = b"".join(lines)
 
 
-class _HotFile:
-    """A hot object's body file held open for one answer: the part of ``Reader`` a
-    ``CachedBody`` uses. Like a reader's, its shared ``flock`` pins the object against
-    eviction by any process while it is open."""
-
-    complete = True
-
-    def __init__(self, store: CacheStore, hot: _Hot, fd: int) -> None:
-        self.store = store
-        stored = hot.stored
-        self.key, self.variant, self.generation = stored.key, stored.variant, stored.generation
-        self.length = stored.length
-        self._fd = fd
-        store._pin(self.generation)
-        store._hits[self.generation] += 1
-        store.counters["readers_open"] += 1
-
-    def fileno(self) -> int:
-        return self._fd
-
-    async def wait_for(self, offset: int) -> int:
-        return self.length  # complete: every byte is there
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            self.store._unpin(self.generation)
-            self.store.counters["readers_open"] -= 1
-            os.close(fd)
-
-
 async def _no_fetch(conditions: Sequence[tuple[str, str]]) -> UpstreamAnswer:
     raise CacheAborted("a complete object is never fetched again by its readers")
 
@@ -847,7 +817,7 @@ class CacheService:
                 return None
             if hot.body is not None and method == "GET" and length:
                 body = MemoryBody(self, hot.body, 0, length)
-            self.store._hits[stored.generation] += 1
+            self.store.note_use(stored.generation)
         else:
             opened = self._open_hot(hot)
             if opened is None:
@@ -890,7 +860,7 @@ class CacheService:
         except OSError:
             return False
 
-    def _open_hot(self, hot: _Hot) -> _HotFile | None:
+    def _open_hot(self, hot: _Hot) -> HeldFile | None:
         """``hot``'s body file, open and pinned (a shared ``flock``, as a reader holds);
         None when it is no longer that file, or an evictor holds it."""
         assert self.store is not None
@@ -910,7 +880,8 @@ class CacheService:
         except BaseException:
             os.close(fd)
             raise
-        return _HotFile(self.store, hot, fd)
+        stored = hot.stored
+        return self.store.hold(fd, stored.key, stored.variant, stored.generation, stored.length)
 
     def _warm(
         self, key: bytes, variants: Sequence[StoredObject], chosen: StoredObject

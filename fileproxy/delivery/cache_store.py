@@ -715,6 +715,11 @@ class CacheStore:
                     await asyncio.wait([future])
             raise
 
+    def hold(self, fd: int, key: bytes, variant: bytes, generation: int, length: int) -> HeldFile:
+        """``fd``, the body file of the complete object ``generation`` the caller opened
+        (and checked), held as a reader holds it: pinned until closed."""
+        return HeldFile(self, fd, key, variant, generation, length)
+
     def note_use(self, generation: int) -> None:
         """A use of a stored object (a hit) for the eviction policy; it reaches the
         index's state at this process's next transaction."""
@@ -1248,6 +1253,40 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+class HeldFile:
+    """A complete object's body file, opened by its caller (who checked it is still the
+    object's file): the part of ``Reader`` a body sent from it uses. Like a reader, it
+    pins the object while it is open (see ``CacheStore.hold``)."""
+
+    complete = True
+
+    def __init__(
+        self, store: CacheStore, fd: int, key: bytes, variant: bytes, generation: int, length: int
+    ) -> None:
+        self.store = store
+        self.key, self.variant, self.generation, self.length = key, variant, generation, length
+        self._fd = fd
+        store._pin(generation)
+        store.note_use(generation)
+        store.counters["readers_open"] += 1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def wait_for(self, offset: int) -> int:
+        return self.length  # complete: every byte is there
+
+    async def pread(self, offset: int, size: int) -> bytes:
+        return await self.store._in_io(os.pread, self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self.store._unpin(self.generation)
+            self.store.counters["readers_open"] -= 1
+            os.close(fd)
 
 
 class Reader:

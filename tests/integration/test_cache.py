@@ -1070,3 +1070,58 @@ async def test_cache_off_is_the_relay_of_before(
     assert await logged(proxy, "/off", 6) == ["-"] * 6
     health = await (await session.get(f"{proxy.url}/health")).json()
     assert health["cache"]["state"] == "off"
+
+
+# bytes a backend may send that are not ASCII: UTF-8 (a file name in Content-Disposition)
+# and bytes that are no UTF-8 at all
+UTF8_NAME = 'attachment; filename="résumé €.pdf"'.encode()
+RAW_BYTES = b"caf\xe9 \xff"
+
+
+async def test_what_is_stored_and_hit_keeps_every_byte_of_target_and_fields(
+    start_proxy: Callable[..., Process], tmp_dir: Path
+) -> None:
+    """Header values that are not ASCII are stored and answered as the backend sent them,
+    byte for byte (the cache never takes them for Latin-1). (A target with raw bytes above
+    ASCII is refused by the parser, a 400 before the cache; its percent-encoded form is
+    ASCII.)"""
+    body = b"0123456789" * 100
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nCache-Control: max-age=600\r\n"
+        b'ETag: "e1"\r\nContent-Disposition: %b\r\nX-Raw: %b\r\n\r\n%b'
+        % (len(body), UTF8_NAME, RAW_BYTES, body)
+    )
+    asked: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                asked.append(head.split(b" ")[1])
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = start_proxy(f"http://127.0.0.1:{port}", **cache_env(tmp_dir / "cache"))
+    try:
+        for target in (b"/plain", b"/r%C3%A9sum%C3%A9-%E2%82%AC"):
+            heads = []
+            for _ in range(2):  # stored, then a hit
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                writer.write(b"GET %b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % target)
+                got = await asyncio.wait_for(reader.read(), 30)
+                writer.close()
+                head, _, got_body = got.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                assert got_body == body, (head, proxy.log_text()[-3000:])
+                lines = head.split(b"\r\n")
+                assert b"Content-Disposition: " + UTF8_NAME in lines, head
+                assert b"X-Raw: " + RAW_BYTES in lines, head
+                heads.append(head)
+            assert b"; hit" in heads[1], heads[1]
+        assert asked == [b"/plain", b"/r%C3%A9sum%C3%A9-%E2%82%AC"]
+    finally:
+        proxy.stop()
+        server.close()
+        await server.wait_closed()
