@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.client_trials [--trials aria2c,wget,...] [--contenders nginx,fp,old]
                                             [--old DIR | --old-commit 923ef08]
-                                            [--slowloris 500] [--slowloris-seconds 25]
+                                            [--slowloris 500] [--slowloris-seconds 70]
                                             [--upload-gib 2] [--out FILE.md]
 
 Contenders, each in front of the same backends, one worker each, on ephemeral loopback
@@ -111,9 +111,13 @@ class Procs:
     ) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         popen = subprocess.Popen(
-            argv, cwd=cwd, env=env or clean_env({}), stdout=log, stderr=subprocess.STDOUT,
+            argv,
+            cwd=cwd,
+            env=env or clean_env({}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: memory, descriptors, clean stop
-        )  # fmt: skip
+        )
         self.running[name] = popen
         return popen
 
@@ -138,7 +142,9 @@ def wait_http(port: int, name: str, popen: subprocess.Popen[bytes], log: Path) -
             raise SystemExit(f"{name} exited at start:\n{log.read_text()[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), 1) as sock:
-                sock.sendall(b"GET /health-of-bench HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                sock.sendall(
+                    b"GET /health-of-bench HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
                 if sock.recv(16).startswith(b"HTTP/1."):
                     return
         except OSError:
@@ -234,14 +240,31 @@ def start_backends(bed: Bed, httpbin_venv: Path) -> None:
     gunicorn = httpbin_venv / "bin" / "gunicorn"
     started["httpbin"] = bed.procs.spawn(
         "httpbin",
-        [str(gunicorn), "-w", "4", "-b", f"127.0.0.1:{ports['httpbin']}", "httpbin:app",
-         "--log-level", "warning"],
-        clean_env({}), cwd=bed.root,
-    )  # fmt: skip
+        [
+            str(gunicorn),
+            "-w",
+            "4",
+            "-b",
+            f"127.0.0.1:{ports['httpbin']}",
+            "httpbin:app",
+            "--log-level",
+            "warning",
+        ],
+        clean_env({}),
+        cwd=bed.root,
+    )
     started["sse"] = bed.procs.spawn(
-        "sse", [PYTHON, "-m", "bench.sse_backend", "--bind", f"127.0.0.1:{ports['sse']}",
-                "--workers", "1"],
-    )  # fmt: skip
+        "sse",
+        [
+            PYTHON,
+            "-m",
+            "bench.sse_backend",
+            "--bind",
+            f"127.0.0.1:{ports['sse']}",
+            "--workers",
+            "1",
+        ],
+    )
     started["upload"] = bed.procs.spawn(
         "upload", [PYTHON, "-m", "bench.client_trials", "--upload-sink", str(ports["upload"])]
     )
@@ -310,11 +333,15 @@ def upload_sink(port: int) -> None:
     async def sink(request: web.Request) -> web.Response:
         digest = hashlib.sha256()
         count = 0
+        raw_headers = request.raw_headers
         while chunk := await request.content.readany():
             digest.update(chunk)
             count += len(chunk)
         return web.json_response(
             {
+                "raw_path": request.raw_path,
+                "version": f"{request.version.major}.{request.version.minor}",
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers],
                 "bytes": count,
                 "sha256": digest.hexdigest(),
                 "content_length": request.headers.get("Content-Length"),
@@ -377,11 +404,13 @@ def curl(url: str, *args: str, timeout: float = 120, stdin: bytes | None = None)
         head, body = Path(tmp, "head"), Path(tmp, "body")
         done = run(
             ["curl", "-sS", "-D", str(head), "-o", str(body), "-w", WRITE_OUT, *args, url],
-            timeout, stdin,
-        )  # fmt: skip
+            timeout,
+            stdin,
+        )
         raw = head.read_bytes() if head.exists() else b""
         content = body.read_bytes() if body.exists() else b""
-    statuses, headers = [], []
+    statuses: list[int] = []
+    headers: list[tuple[str, bytes]] = []
     for block in re.split(rb"\r?\n\r?\n", raw):
         lines = block.split(b"\r\n") if b"\r\n" in block else block.split(b"\n")
         if not lines or not lines[0].startswith(b"HTTP/"):
@@ -440,11 +469,24 @@ def trial_aria2c(bed: Bed, c: Contender) -> Result:
     out.mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{c.ports['static']}/256m.bin"
     done = run(
-        ["aria2c", "-x16", "-s16", "-k1M", "-d", str(out), "-o", "256m.bin",
-         "--allow-overwrite=true", "--file-allocation=none", "--console-log-level=warn",
-         "--summary-interval=0", "--download-result=hide", url],
+        [
+            "aria2c",
+            "-x16",
+            "-s16",
+            "-k1M",
+            "-d",
+            str(out),
+            "-o",
+            "256m.bin",
+            "--allow-overwrite=true",
+            "--file-allocation=none",
+            "--console-log-level=warn",
+            "--summary-interval=0",
+            "--download-result=hide",
+            url,
+        ],
         timeout=300,
-    )  # fmt: skip
+    )
     path = out / "256m.bin"
     got = file_sha(path) if path.exists() else ""
     size = path.stat().st_size if path.exists() else 0
@@ -460,8 +502,9 @@ def trial_wget_c(bed: Bed, c: Contender) -> Result:
     url = f"http://127.0.0.1:{c.ports['static']}/256m.bin"
     first = subprocess.Popen(
         ["wget", "-q", "--limit-rate=40m", "-P", str(out), url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.5)
     first.kill()  # SIGKILL: a partial file, as after a crash or a pulled cable
     first.wait()
@@ -513,22 +556,48 @@ def trial_curl_ranges(bed: Bed, c: Contender) -> Result:
     suffix = curl(base, "-r", "-5")
     unsatisfiable = curl(base, "-r", f"{MEDIUM + 10}-")
     sig = {
-        "single": (single.rc, single.statuses, single.header("content-range"),
-                   single.body == src[0:10]),
-        "multi": (multi.rc, multi.statuses,
-                  (multi.header("content-type") or "").split(";")[0],
-                  [(cr, data == src[int(cr.split()[1].split("-")[0]):
-                                    int(cr.split()[1].split("-")[1].split("/")[0]) + 1])
-                   for cr, data in parts]),
-        "HEAD": (head.rc, head.statuses, head.header("content-length"),
-                 head.header("accept-ranges"), etag == bed.etag, head.header("last-modified")),
-        "If-Range match": (if_range.statuses, if_range.header("content-range"),
-                           if_range.body == src[10:20]),
+        "single": (
+            single.rc,
+            single.statuses,
+            single.header("content-range"),
+            single.body == src[0:10],
+        ),
+        "multi": (
+            multi.rc,
+            multi.statuses,
+            (multi.header("content-type") or "").split(";")[0],
+            [
+                (
+                    cr,
+                    data
+                    == src[
+                        int(cr.split()[1].split("-")[0]) : int(
+                            cr.split()[1].split("-")[1].split("/")[0]
+                        )
+                        + 1
+                    ],
+                )
+                for cr, data in parts
+            ],
+        ),
+        "HEAD": (
+            head.rc,
+            head.statuses,
+            head.header("content-length"),
+            head.header("accept-ranges"),
+            etag == bed.etag,
+            head.header("last-modified"),
+        ),
+        "If-Range match": (
+            if_range.statuses,
+            if_range.header("content-range"),
+            if_range.body == src[10:20],
+        ),
         "If-Range stale": (if_range_stale.statuses, len(if_range_stale.body) == MEDIUM),
         "If-None-Match": (not_modified.statuses, not_modified.body),
         "suffix -5": (suffix.statuses, suffix.header("content-range"), suffix.body == src[-5:]),
         "416": (unsatisfiable.statuses, unsatisfiable.header("content-range")),
-    }  # fmt: skip
+    }
     return sig, {"multipart parts": len(parts)}
 
 
@@ -553,11 +622,16 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
     notes["/get backend saw"] = {k: seen.get(k) for k in ("Host", "X-Forwarded-For", "Connection")}
 
     payload = (b"0123456789abcdef" * 6400)[:100_000]
-    post = curl(f"{base}/post", "--data-binary", "@-", "-H", "Content-Type: text/plain",
-                stdin=payload)  # fmt: skip
+    post = curl(
+        f"{base}/post", "--data-binary", "@-", "-H", "Content-Type: text/plain", stdin=payload
+    )
     body = _httpbin_json(post)
-    sig["/post 100 kB"] = (post.rc, post.statuses, body.get("data") == payload.decode(),
-                           body.get("headers", {}).get("Content-Length"))  # fmt: skip
+    sig["/post 100 kB"] = (
+        post.rc,
+        post.statuses,
+        body.get("data") == payload.decode(),
+        body.get("headers", {}).get("Content-Length"),
+    )
 
     teapot = curl(f"{base}/status/418")
     sig["/status/418"] = (teapot.rc, teapot.statuses, sha(teapot.body)[:12])
@@ -574,16 +648,29 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
             f"127.0.0.1:{bed.backend_ports['httpbin']}", "BACKEND"
         )
 
-    sig["/redirect/3"] = (redirect.statuses, where(redirect.header("location")),
-                          followed.statuses, followed.info.get("redirects"),
-                          where(followed.info.get("url")))  # fmt: skip
-    sig["/absolute-redirect/3"] = (absolute.statuses, where(absolute.header("location")),
-                                   absolute_l.statuses, where(absolute_l.info.get("url")))  # fmt: skip
+    sig["/redirect/3"] = (
+        redirect.statuses,
+        where(redirect.header("location")),
+        followed.statuses,
+        followed.info.get("redirects"),
+        where(followed.info.get("url")),
+    )
+    sig["/absolute-redirect/3"] = (
+        absolute.statuses,
+        where(absolute.header("location")),
+        absolute_l.statuses,
+        where(absolute_l.info.get("url")),
+    )
 
     gz = curl(f"{base}/gzip", "--compressed")
     raw_gz = curl(f"{base}/gzip", "-H", "Accept-Encoding: gzip")
-    sig["/gzip"] = (gz.rc, gz.statuses, raw_gz.header("content-encoding"),
-                    _httpbin_json(gz).get("gzipped"), raw_gz.body[:2] == b"\x1f\x8b")  # fmt: skip
+    sig["/gzip"] = (
+        gz.rc,
+        gz.statuses,
+        raw_gz.header("content-encoding"),
+        _httpbin_json(gz).get("gzipped"),
+        raw_gz.body[:2] == b"\x1f\x8b",
+    )
 
     stream = curl(f"{base}/stream/20", "-N")
     lines = stream.body.splitlines()
@@ -591,17 +678,28 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
     for line in lines:
         with contextlib.suppress(ValueError, TypeError):
             ids.append(json.loads(line)["id"])
-    sig["/stream/20"] = (stream.rc, stream.statuses, len(lines), ids == list(range(20)),
-                         stream.header("transfer-encoding"))  # fmt: skip
+    sig["/stream/20"] = (
+        stream.rc,
+        stream.statuses,
+        len(lines),
+        ids == list(range(20)),
+        stream.header("transfer-encoding"),
+    )
 
     drip = asyncio.run(timed_get(port, "/drip?duration=2&numbytes=5&code=200&delay=0"))
-    sig["/drip 5 B over 2 s"] = (drip["status"], drip["body_bytes"],
-                                 "spread" if drip["body_spread_s"] > 1.0 else "bunched")  # fmt: skip
+    sig["/drip 5 B over 2 s"] = (
+        drip["status"],
+        drip["body_bytes"],
+        "spread" if drip["body_spread_s"] > 1.0 else "bunched",
+    )
     notes["/drip body arrival s"] = drip["arrivals"]
 
     odd = asyncio.run(
-        raw_exchange(port, b"GET /response-headers?X-Odd=caf%C3%A9&X-Tab=a%09b HTTP/1.1\r\n"
-                           b"Host: h\r\nConnection: close\r\n\r\n")  # fmt: skip
+        raw_exchange(
+            port,
+            b"GET /response-headers?X-Odd=caf%C3%A9&X-Tab=a%09b HTTP/1.1\r\n"
+            b"Host: h\r\nConnection: close\r\n\r\n",
+        )
     )
     odd_head = odd.split(b"\r\n\r\n", 1)[0]
     sig["/response-headers odd bytes"] = (
@@ -613,16 +711,32 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
     cookies = curl(f"{base}/cookies/set?a=1&b=2")
     jar = bed.root / f"jar-{c.key}"
     cookies_l = curl(f"{base}/cookies/set?a=1&b=2", "-L", "-c", str(jar), "-b", str(jar))
-    sig["/cookies/set"] = (cookies.statuses, sorted(v.split(b";")[0] for v in
-                                                   cookies.all("set-cookie")),
-                           cookies_l.statuses, _httpbin_json(cookies_l).get("cookies"))  # fmt: skip
+    sig["/cookies/set"] = (
+        cookies.statuses,
+        sorted(v.split(b";")[0] for v in cookies.all("set-cookie")),
+        cookies_l.statuses,
+        _httpbin_json(cookies_l).get("cookies"),
+    )
 
     chunk_body = os.urandom(48_000).hex().encode()  # 96 kB of text
-    chunked = curl(f"{base}/post", "-T", "-", "-X", "POST", "-H", "Transfer-Encoding: chunked",
-                   "-H", "Content-Type: text/plain", stdin=chunk_body)  # fmt: skip
+    chunked = curl(
+        f"{base}/post",
+        "-T",
+        "-",
+        "-X",
+        "POST",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Content-Type: text/plain",
+        stdin=chunk_body,
+    )
     body = _httpbin_json(chunked)
-    sig["chunked upload /post"] = (chunked.rc, chunked.statuses,
-                                   body.get("data") == chunk_body.decode())  # fmt: skip
+    sig["chunked upload /post"] = (
+        chunked.rc,
+        chunked.statuses,
+        body.get("data") == chunk_body.decode(),
+    )
     seen = body.get("headers", {})
     notes["chunked: backend saw"] = {
         "Content-Length": seen.get("Content-Length"),
@@ -630,12 +744,91 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
         "data bytes": len(body.get("data") or ""),
     }
 
+    for code in (204, 304):
+        got = curl(f"{base}/status/{code}")
+        sig[f"/status/{code}"] = (
+            got.rc,
+            got.statuses,
+            got.body,
+            got.header("content-length"),
+            got.header("transfer-encoding"),
+        )
+    got = curl(f"{base}/get", "-I")
+    sig["HEAD /get"] = (got.rc, got.statuses, got.header("content-type"))
+    # its length is that of the JSON of the request headers httpbin saw (the proxies differ)
+    notes["HEAD /get Content-Length"] = got.header("content-length")
+    for method in ("PUT", "PATCH", "DELETE"):
+        got = curl(f"{base}/anything/x", "-X", method, "--data-binary", "abc")
+        sig[f"{method} /anything"] = (
+            got.rc,
+            got.statuses,
+            _httpbin_json(got).get("method"),
+            _httpbin_json(got).get("data"),
+        )
+    got = curl(f"{base}/anything", "-X", "OPTIONS", "-H", "Origin: http://o.example")
+    sig["OPTIONS /anything"] = (got.rc, got.statuses, got.header("allow"))
+    got = curl(f"{base}/delay/1")
+    sig["/delay/1"] = (got.rc, got.statuses)
+    got = curl(f"{base}/bytes/65536?seed=7")
+    sig["/bytes/65536?seed=7"] = (got.rc, got.statuses, len(got.body), sha(got.body)[:12])
+    got = curl(f"{base}/range/1024", "-r", "10-19")
+    sig["/range/1024 -r 10-19"] = (got.statuses, got.header("content-range"), got.body)
+    upstream = f"http://127.0.0.1:{bed.backend_ports['httpbin']}/get?x=1"
+    got = curl(f"{base}/redirect-to?url={upstream}&status_code=307")
+    sig["/redirect-to the backend 307"] = (got.statuses, where(got.header("location")))
+    got = curl(f"{base}/redirect-to?url=http://elsewhere.example/&status_code=302")
+    sig["/redirect-to elsewhere"] = (got.statuses, where(got.header("location")))
+    got = curl(f"{base}/etag/abc", "-H", 'If-None-Match: "abc"')
+    sig["/etag/abc If-None-Match"] = (got.statuses, got.body, got.header("etag"))
+    got = curl(f"{base}/basic-auth/u/p")
+    good = curl(f"{base}/basic-auth/u/p", "-u", "u:p")
+    sig["/basic-auth"] = (got.statuses, got.header("www-authenticate"), good.statuses)
+    for encoding in ("deflate", "brotli"):
+        got = curl(f"{base}/{encoding}", "--compressed")
+        sig[f"/{encoding}"] = (
+            got.rc,
+            got.statuses,
+            _httpbin_json(got).get("deflated" if encoding == "deflate" else "brotli"),
+        )
+    got = curl(f"{base}/stream/20", "--http1.0")
+    sig["/stream/20 --http1.0"] = (
+        got.rc,
+        got.statuses,
+        len(got.body.splitlines()),
+        got.header("transfer-encoding"),
+        got.header("connection"),
+    )
+
     big = b"e" * (2 << 20)
-    expect = curl(f"{base}/post", "--data-binary", "@-", "-H", "Expect: 100-continue",
-                  "-H", "Content-Type: text/plain", "-v", stdin=big)  # fmt: skip
+    refused = curl(
+        f"{base}/status/418",
+        "-X",
+        "POST",
+        "--data-binary",
+        "@-",
+        "-H",
+        "Expect: 100-continue",
+        stdin=big,
+    )
+    sig["Expect: 100-continue 2 MiB to /status/418"] = (refused.rc, refused.statuses)
+    notes["Expect to 418 total s"] = refused.info.get("total")
+    expect = curl(
+        f"{base}/post",
+        "--data-binary",
+        "@-",
+        "-H",
+        "Expect: 100-continue",
+        "-H",
+        "Content-Type: text/plain",
+        "-v",
+        stdin=big,
+    )
     body = _httpbin_json(expect)
-    sig["Expect: 100-continue 2 MiB"] = (expect.rc, expect.statuses,
-                                         len(body.get("data") or "") == len(big))  # fmt: skip
+    sig["Expect: 100-continue 2 MiB"] = (
+        expect.rc,
+        expect.statuses,
+        len(body.get("data") or "") == len(big),
+    )
     notes["Expect total s"] = expect.info.get("total")
     return sig, notes
 
@@ -653,7 +846,7 @@ async def timed_get(port: int, path: str, timeout: float = 30) -> dict[str, Any]
     """One GET with Connection: close; when each piece of the body arrived."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     start = time.monotonic()
-    data = b""
+    data = bytearray()
     head_end = -1
     arrivals: list[float] = []
     try:
@@ -671,7 +864,7 @@ async def timed_get(port: int, path: str, timeout: float = 30) -> dict[str, Any]
                 arrivals.append(time.monotonic() - start)
     finally:
         writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
     if re.search(rb"(?i)transfer-encoding: *chunked", head):
         decoded, rest = b"", body
         while rest:
@@ -690,9 +883,10 @@ async def timed_get(port: int, path: str, timeout: float = 30) -> dict[str, Any]
     }
 
 
-def trial_ab(bed: Bed, c: Contender) -> Result:
+def trial_ab(bed: Bed, c: Contender, keep_alive: bool = True) -> Result:
     url = f"http://127.0.0.1:{c.ports['static']}/1k.bin"
-    done = run(["ab", "-k", "-n", "20000", "-c", "50", "-r", url], timeout=300)
+    argv = ["ab", "-k", "-n", "20000"] if keep_alive else ["ab", "-n", "5000"]
+    done = run([*argv, "-c", "50", "-r", url], timeout=300)
     text = done.stdout.decode("latin-1")
 
     def figure(label: str) -> str | None:
@@ -704,22 +898,105 @@ def trial_ab(bed: Bed, c: Contender) -> Result:
         "complete": figure("Complete requests"),
         "failed": figure("Failed requests"),
         "non-2xx": figure("Non-2xx responses") or "0",
-        "keep-alive": figure("Keep-Alive requests"),
+        "keep-alive": figure("Keep-Alive requests") or "0",
     }
-    notes = {"req/s": figure("Requests per second"), "ms/req (mean)": figure("Time per request")}
+    notes: dict[str, Any] = {
+        "req/s": figure("Requests per second"),
+        "ms/req (mean)": figure("Time per request"),
+    }
     if done.rc:
         notes["err"] = done.stderr[-300:]
     return sig, notes
 
 
 def trial_pipelined(bed: Bed, c: Contender) -> Result:
-    return asyncio.run(_pipelined(bed, c.ports["static"]))
+    sig, notes = asyncio.run(_pipelined(bed, c.ports["static"]))
+    posts, post_notes = asyncio.run(_pipelined_posts(c.ports["upload"]))
+    sig.update(posts)
+    notes.update(post_notes)
+    return sig, notes
+
+
+async def _pipelined_posts(port: int, n: int = 20, size: int = 100_000) -> Result:
+    """POSTs with bodies and GETs, written at once to the sink: each answer tells what the
+    sink received, in order."""
+    bodies = [os.urandom(size) if i % 2 == 0 else b"" for i in range(n)]
+    burst = b"".join(
+        (b"POST /p%d HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (i, size, body))
+        if body
+        else b"GET /g%d HTTP/1.1\r\nHost: h\r\n%s\r\n"
+        % (i, b"Connection: close\r\n" if i == n - 1 else b"")
+        for i, body in enumerate(bodies)
+    )
+    start = time.monotonic()
+    data = await raw_exchange(port, burst, timeout=30)
+    seconds = time.monotonic() - start
+    seen = []
+    rest = data
+    while rest.startswith(b"HTTP/1."):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        size_ = int(length.group(1)) if length else 0
+        with contextlib.suppress(ValueError):
+            answer = json.loads(rest[:size_])
+            seen.append((answer.get("raw_path"), answer.get("bytes"), answer.get("sha256")))
+        rest = rest[size_:]
+    expected = [
+        (f"/p{i}" if body else f"/g{i}", len(body), sha(body)) for i, body in enumerate(bodies)
+    ]
+    sig = {
+        "POST+GET burst: answers": len(seen),
+        "POST+GET burst: in order, bodies whole": seen == expected,
+    }
+    return sig, {"POST+GET burst seconds": round(seconds, 3)}
+
+
+def trial_early_answer(bed: Bed, c: Contender) -> Result:
+    """A backend that answers before reading the request body (httpbin /status/401 to a
+    64 MiB POST without Expect), then the same connection's next request."""
+    base = f"http://127.0.0.1:{c.ports['httpbin']}"
+    body = b"z" * (64 << 20)
+    early = curl(
+        f"{base}/status/401",
+        "-X",
+        "POST",
+        "--data-binary",
+        "@-",
+        "-H",
+        "Expect:",
+        "-H",
+        "Content-Type: application/octet-stream",
+        stdin=body,
+        timeout=60,
+    )
+    slow = curl(f"http://127.0.0.1:{c.ports['static']}/16m.bin", "--limit-rate", "4M", timeout=60)
+    sig = {
+        "POST 64 MiB to /status/401 without Expect": (early.rc, early.statuses),
+        "curl --limit-rate 4M of 16 MiB": (
+            slow.rc,
+            slow.statuses,
+            sha(slow.body) == bed.sha["16m.bin"],
+        ),
+    }
+    notes = {
+        "401 s": early.info.get("total"),
+        "401 curl said": early.stderr.decode("latin-1").strip()[-120:],
+        "4M/s s": slow.info.get("total"),
+    }
+    return sig, notes
 
 
 async def _pipelined(bed: Bed, port: int) -> Result:
+    def method(i: int) -> bytes:
+        return b"HEAD" if i % 10 == 5 else b"GET"
+
+    def extra(i: int) -> bytes:
+        if i == PIPELINED - 1:
+            return b"Connection: close\r\n"
+        return b"Range: bytes=2-5\r\n" if i % 10 == 7 else b""
+
     burst = b"".join(
-        b"GET /pipe/%d.txt HTTP/1.1\r\nHost: h\r\n%s\r\n"
-        % (i, b"Connection: close\r\n" if i == PIPELINED - 1 else b"")
+        b"%s /pipe/%d.txt HTTP/1.1\r\nHost: h\r\n%s\r\n" % (method(i), i, extra(i))
         for i in range(PIPELINED)
     )
     start = time.monotonic()
@@ -730,17 +1007,114 @@ async def _pipelined(bed: Bed, port: int) -> Result:
         head, _, rest = rest.partition(b"\r\n\r\n")
         statuses.append(int(head.split(b" ", 2)[1]))
         length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        size = int(length.group(1)) if length else 0
+        size = int(length.group(1)) if length and method(len(statuses) - 1) == b"GET" else 0
         bodies.append(rest[:size])
         rest = rest[size:]
-    expected = [(bed.www / "pipe" / f"{i}.txt").read_bytes() for i in range(PIPELINED)]
+    expected = []
+    for i in range(PIPELINED):
+        whole = (bed.www / "pipe" / f"{i}.txt").read_bytes()
+        expected.append(b"" if method(i) == b"HEAD" else whole[2:6] if i % 10 == 7 else whole)
     sig = {
         "answers": len(statuses),
         "statuses": sorted(set(statuses)),
+        "206 where a Range was": [i for i, st in enumerate(statuses) if st == 206],
         "in order and whole": bodies == expected,
         "bytes left over": len(rest),
     }
     return sig, {"seconds": round(seconds, 3)}
+
+
+async def raw_sequence(port: int, requests: list[bytes], timeout: float = 10) -> list[bytes]:
+    """Each request in turn on one connection; the raw answer to each (b"" once closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = []
+    try:
+        for request in requests:
+            writer.write(request)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                partial = getattr(exc, "partial", b"")
+                answers.append(partial)
+                break
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if length and not request.startswith(b"HEAD"):
+                body = await asyncio.wait_for(reader.readexactly(int(length.group(1))), timeout)
+            elif length or head.split(b" ", 2)[1] in (b"204", b"304"):
+                body = b""
+            else:
+                body = await asyncio.wait_for(reader.read(-1), timeout)
+            answers.append(head + body)
+    finally:
+        writer.close()
+    return answers
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+
+
+def _field(answer: bytes, name: bytes) -> str | None:
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    found = re.search(rb"(?im)^" + re.escape(name) + rb": *([^\r\n]*)", head)
+    return found.group(1).decode("latin-1") if found else None
+
+
+def trial_raw(bed: Bed, c: Contender) -> Result:
+    static, sink = c.ports["static"], c.ports["upload"]
+    sig: dict[str, Any] = {}
+    notes: dict[str, Any] = {}
+    ten = b"GET /1k.bin HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    answers = asyncio.run(raw_sequence(static, [ten, ten, b"GET /1k.bin HTTP/1.0\r\n\r\n", ten]))
+    sig["HTTP/1.0 keep-alive x2, then without"] = [
+        (
+            a.split(b" ", 1)[0].decode(),
+            _status(a),
+            _field(a, b"Connection"),
+            len(a.split(b"\r\n\r\n", 1)[-1]),
+        )
+        for a in answers
+    ]
+    odd = b"/a%2Fb/./c/../d//e?x=%20&y=%ZZ&z=caf%C3%A9&w=a+b"
+    answers = asyncio.run(
+        raw_sequence(sink, [b"GET " + odd + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"])
+    )
+    try:
+        seen = json.loads(answers[0].split(b"\r\n\r\n", 1)[1]) if answers else {}
+    except ValueError:
+        seen = {"raw_path": f"not JSON: {answers[0][:80]!r}"}
+    sig["raw target reaches the backend"] = (
+        _status(answers[0]) if answers else 0,
+        seen.get("raw_path"),
+    )
+    notes["sink saw"] = {
+        k: v
+        for k, v in seen.get("headers", [])
+        if k.lower()
+        in (
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "via",
+            "connection",
+            "x-real-ip",
+            "forwarded",
+        )
+    }
+    for size in (4000, 8000, 9000, 20000):
+        request = b"GET /1k.bin HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * size + b"\r\n\r\n"
+        answers = asyncio.run(raw_sequence(static, [request]))
+        sig[f"{size} B header field"] = _status(answers[0]) if answers else "closed"
+    long_url = b"GET /1k.bin?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    answers = asyncio.run(raw_sequence(static, [long_url]))
+    sig["9000 B request target"] = _status(answers[0]) if answers else "closed"
+    bad = (
+        b"GET /1k.bin HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    answers = asyncio.run(raw_sequence(static, [bad]))
+    sig["CL and TE both"] = _status(answers[0]) if answers else "closed"
+    return sig, notes
 
 
 def trial_chromium(bed: Bed, c: Contender) -> Result:
@@ -748,11 +1122,20 @@ def trial_chromium(bed: Bed, c: Contender) -> Result:
     url = f"http://127.0.0.1:{c.ports['static']}/index.html"
     with tempfile.TemporaryDirectory(prefix="trials-chromium-") as profile:
         argv = [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=15000",
-            "--dump-dom", url,
-        ]  # fmt: skip
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            url,
+        ]
         start = time.monotonic()
         popen = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -887,8 +1270,12 @@ def trial_upload(bed: Bed, c: Contender, gib: float) -> Result:
         with PeakMemory(c.pgids["upload"]) as memory:
             result = curl(url, "-T", str(source), *extra, timeout=600)
         body = _httpbin_json(result)
-        sig[label] = (result.rc, result.statuses, body.get("bytes") == size,
-                      body.get("sha256") == want)  # fmt: skip
+        sig[label] = (
+            result.rc,
+            result.statuses,
+            body.get("bytes") == size,
+            body.get("sha256") == want,
+        )
         notes[label] = {
             "s": result.info.get("total"),
             "RSS MiB start/peak/end": tuple(memory.result().values()),
@@ -944,15 +1331,37 @@ async def _sse(port: int, count: int = 30, interval_ms: int = 100) -> Result:
 TRIALS: dict[str, tuple[str, Callable[..., Result]]] = {
     "aria2c": ("aria2c -x16 -s16 of 256 MiB", trial_aria2c),
     "wget": ("wget -c after a SIGKILLed partial download (256 MiB)", trial_wget_c),
-    "ranges": ("curl -r 0-9, -r 0-9,100-199, -I, If-Range, If-None-Match, -r -5, 416", trial_curl_ranges),
+    "ranges": (
+        "curl -r 0-9, -r 0-9,100-199, -I, If-Range, If-None-Match, -r -5, 416",
+        trial_curl_ranges,
+    ),
     "httpbin": ("curl against httpbin (13 endpoints)", trial_httpbin),
     "ab": ("ab -k -n 20000 -c 50 of 1 KiB", trial_ab),
-    "pipelined": (f"{PIPELINED} GETs written at once on one socket", trial_pipelined),
-    "chromium": ("chromium --headless --dump-dom: a page whose script fetches 16 MiB and hashes it", trial_chromium),
+    "pipelined": (
+        f"{PIPELINED} GETs / HEADs / Ranges written at once on one socket; "
+        "20 POSTs and GETs likewise",
+        trial_pipelined,
+    ),
+    "early": (
+        "a backend answering 401 before the 64 MiB body; a reader at 4 MiB/s",
+        trial_early_answer,
+    ),
+    "chromium": (
+        "chromium --headless --dump-dom: a page whose script fetches 16 MiB and hashes it",
+        trial_chromium,
+    ),
     "slowloris": ("slowloris beside 16 MiB downloads", trial_slowloris),
     "upload": ("curl -T of a big file to a counting, hashing sink", trial_upload),
     "sse": ("SSE, 30 events 100 ms apart", trial_sse),
-}  # fmt: skip
+    "raw": (
+        "raw requests: HTTP/1.0 keep-alive, an odd target, big header fields, CL+TE",
+        trial_raw,
+    ),
+    "ab-close": (
+        "ab -n 5000 -c 50 of 1 KiB (HTTP/1.0, a connection per request)",
+        lambda bed, c: trial_ab(bed, c, keep_alive=False),
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -981,10 +1390,11 @@ def render(results: dict[str, dict[str, Result]], keys: list[str], meta: dict[st
         "Same = the signature (exit status, statuses, bytes, SHA-256, the headers that matter) "
         "equals the other contender's; the notes are measurements (not compared).",
         "",
-        "| client | " + " | ".join(f"{CONTENDER_NAMES[k]}: notes" for k in keys)
+        "| client | "
+        + " | ".join(f"{CONTENDER_NAMES[k]}: notes" for k in keys)
         + " | fp = nginx | fp = old |",
         "|---|" + "---|" * len(keys) + "---|---|",
-    ]  # fmt: skip
+    ]
     differences = []
     for trial, per in results.items():
         label = TRIALS[trial][0]
@@ -1020,13 +1430,20 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model}, {os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}"
+    kernel, python = platform.release(), platform.python_version()
+    return f"{model}, {os.cpu_count()} cores, kernel {kernel}, Python {python}"
 
 
 def client_versions() -> str:
     out = []
-    for argv in (["curl", "--version"], ["wget", "--version"], ["aria2c", "--version"],
-                 ["ab", "-V"], ["chromium", "--version"], ["nginx", "-v"]):  # fmt: skip
+    for argv in (
+        ["curl", "--version"],
+        ["wget", "--version"],
+        ["aria2c", "--version"],
+        ["ab", "-V"],
+        ["chromium", "--version"],
+        ["nginx", "-v"],
+    ):
         done = run(argv, timeout=30)
         text = (done.stdout or done.stderr).decode("latin-1").strip().splitlines()
         out.append(text[0] if text else argv[0])
@@ -1056,7 +1473,7 @@ def main() -> None:
     parser.add_argument("--old-commit", default=DEFAULT_OLD_COMMIT)
     parser.add_argument("--httpbin-venv", type=Path, default=Path("/tmp/trials-httpbin"))
     parser.add_argument("--slowloris", type=int, default=500, help="slow connections")
-    parser.add_argument("--slowloris-seconds", type=float, default=25.0)
+    parser.add_argument("--slowloris-seconds", type=float, default=70.0)
     parser.add_argument("--upload-gib", type=float, default=2.0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--upload-sink", type=int, help=argparse.SUPPRESS)
@@ -1067,9 +1484,11 @@ def main() -> None:
     missing = [f"{p} ({pkg})" for p, pkg in PROGRAMS.items() if not shutil.which(p)]
     if missing:
         raise SystemExit(
-            "missing: " + ", ".join(missing) + "; apt-get install -y "
+            "missing: "
+            + ", ".join(missing)
+            + "; apt-get install -y "
             + " ".join(PROGRAMS[m.split()[0]] for m in missing)
-        )  # fmt: skip
+        )
     ensure_httpbin(args.httpbin_venv)
     keys = [k for k in args.contenders.split(",") if k]
     trials = [t for t in args.trials.split(",") if t]
@@ -1103,13 +1522,14 @@ def main() -> None:
         www = root / "www"
         bed = Bed(root, procs, www, sha=make_files(www))
         start_backends(bed, args.httpbin_venv)
-        bed.etag = curl(f"http://127.0.0.1:{bed.backend_ports['static']}/16m.bin", "-I").header(
-            "etag"
-        ) or ""
+        bed.etag = (
+            curl(f"http://127.0.0.1:{bed.backend_ports['static']}/16m.bin", "-I").header("etag")
+            or ""
+        )
         for key in keys:
             bed.contenders.append(start_contender(bed, key, old_tree))
         for trial in trials:
-            label, function = TRIALS[trial]
+            function = TRIALS[trial][1]
             results[trial] = {}
             for contender in bed.contenders:
                 extra: list[Any] = []
@@ -1120,11 +1540,14 @@ def main() -> None:
                 began = time.monotonic()
                 try:
                     outcome = function(bed, contender, *extra)
-                except Exception as exc:  # noqa: BLE001 - a trial that breaks is a result too
+                except Exception as exc:  # a trial that breaks is a result too
                     outcome = ({"error": f"{type(exc).__name__}: {exc}"}, {})
                 results[trial][contender.key] = outcome
-                print(f"{trial:10} {contender.key:6} {time.monotonic() - began:6.1f}s "
-                      f"{short(outcome[0])[:300]}  {short(outcome[1])[:300]}", flush=True)  # fmt: skip
+                print(
+                    f"{trial:10} {contender.key:6} {time.monotonic() - began:6.1f}s "
+                    f"{short(outcome[0])[:300]}  {short(outcome[1])[:300]}",
+                    flush=True,
+                )
     finally:
         procs.stop_all()
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
