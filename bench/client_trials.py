@@ -515,6 +515,8 @@ def trial_wget_c(bed: Bed, c: Contender) -> Result:
     got = file_sha(path) if path.exists() else ""
     size = path.stat().st_size if path.exists() else 0
     content_range = re.findall(rb"Content-Range: ([^\r\n]*)", done.stderr)
+    again = run(["wget", "-c", "-S", "-P", str(out), url], timeout=60)
+    again_statuses = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3})", again.stderr)]
     shutil.rmtree(out)
     sig = {
         "exit": done.rc,
@@ -524,6 +526,7 @@ def trial_wget_c(bed: Bed, c: Contender) -> Result:
         and content_range[0].decode() == f"bytes {partial}-{BIG - 1}/{BIG}",
         "bytes": size,
         "sha256 same": got == bed.sha["256m.bin"],
+        "wget -c once complete": (again.rc, again_statuses),
     }
     return sig, {"partial bytes": partial, "resume seconds": round(done.seconds, 2)}
 
@@ -913,8 +916,57 @@ def trial_pipelined(bed: Bed, c: Contender) -> Result:
     sig, notes = asyncio.run(_pipelined(bed, c.ports["static"]))
     posts, post_notes = asyncio.run(_pipelined_posts(c.ports["upload"]))
     sig.update(posts)
+    sig.update(asyncio.run(_pipelined_httpbin(c.ports["httpbin"]))[0])
     notes.update(post_notes)
     return sig, notes
+
+
+async def _pipelined_httpbin(port: int) -> Result:
+    """A slow answer, chunked answers and a HEAD of a chunked one, pipelined: in order."""
+    paths = [
+        ("GET", "/drip?duration=1&numbytes=3&delay=0"),
+        ("GET", "/stream/3"),
+        ("HEAD", "/stream/2"),
+        ("GET", "/get?i=3"),
+        ("GET", "/stream/2"),
+        ("GET", "/status/204"),
+        ("GET", "/get?i=6"),
+    ]
+    close = "Connection: close\r\n"
+    burst = b"".join(
+        f"{m} {p} HTTP/1.1\r\nHost: h\r\n{close if i == len(paths) - 1 else ''}\r\n".encode()
+        for i, (m, p) in enumerate(paths)
+    )
+    data = await raw_exchange(port, burst, timeout=30)
+    rest, seen = data, []
+    for method, _ in paths:
+        if not rest.startswith(b"HTTP/1."):
+            break
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        body = b""
+        if method == "HEAD" or status in (204, 304):
+            pass
+        elif length:
+            body, rest = rest[: int(length.group(1))], rest[int(length.group(1)) :]
+        elif re.search(rb"(?i)\r\ntransfer-encoding: *chunked", head):
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line.split(b";")[0] or b"0", 16)
+                if size == 0:
+                    rest = rest[2:]  # the empty trailer section
+                    break
+                body, rest = body + rest[:size], rest[size + 2 :]
+        if body.startswith(b"{"):  # a JSON document per line (/stream) or one (/get)
+            try:
+                seen.append((status, "one JSON document", json.loads(body).get("args")))
+            except ValueError:
+                seen.append((status, "JSON lines", body.count(b"\n")))
+        else:
+            seen.append((status, "bytes", len(body)))
+    sig = {"httpbin burst (drip, stream, HEAD, 204) answers": seen, "left over": len(rest)}
+    return sig, {}
 
 
 async def _pipelined_posts(port: int, n: int = 20, size: int = 100_000) -> Result:
@@ -1114,6 +1166,33 @@ def trial_raw(bed: Bed, c: Contender) -> Result:
     )
     answers = asyncio.run(raw_sequence(static, [bad]))
     sig["CL and TE both"] = _status(answers[0]) if answers else "closed"
+    cases = {
+        "no Host (HTTP/1.1)": b"GET /1k.bin HTTP/1.1\r\n\r\n",
+        "two Hosts": b"GET /1k.bin HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "absolute-form target naming the proxy": b"GET http://127.0.0.1:%d/1k.bin HTTP/1.1\r\n"
+        b"Host: h\r\n\r\n" % static,
+        "absolute-form target naming another host": b"GET http://elsewhere.example/1k.bin "
+        b"HTTP/1.1\r\nHost: h\r\n\r\n",
+        "obs-fold": b"GET /1k.bin HTTP/1.1\r\nHost: h\r\nX-A: a\r\n b\r\n\r\n",
+        "space before colon": b"GET /1k.bin HTTP/1.1\r\nHost: h\r\nX-A : a\r\n\r\n",
+        "NUL in a value": b"GET /1k.bin HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
+        "LF only": b"GET /1k.bin HTTP/1.1\nHost: h\n\n",
+        "HTTP/2.0 in a request line": b"GET /1k.bin HTTP/2.0\r\nHost: h\r\n\r\n",
+        "HTTP/0.9": b"GET /1k.bin\r\n\r\n",
+        "TE gzip, chunked": b"POST /1k.bin HTTP/1.1\r\nHost: h\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "bad chunk size": b"POST /1k.bin HTTP/1.1\r\nHost: h\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        "negative Content-Length": b"POST /1k.bin HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Length: -1\r\n\r\n",
+        "two Content-Lengths differing": b"POST /1k.bin HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        "lowercase method": b"get /1k.bin HTTP/1.1\r\nHost: h\r\n\r\n",
+        "unknown method": b"FOO /1k.bin HTTP/1.1\r\nHost: h\r\n\r\n",
+    }
+    for label, request in cases.items():
+        answers = asyncio.run(raw_sequence(static, [request]))
+        sig[label] = _status(answers[0]) if answers and answers[0] else "closed"
     return sig, notes
 
 
@@ -1281,11 +1360,63 @@ def trial_upload(bed: Bed, c: Contender, gib: float) -> Result:
             "RSS MiB start/peak/end": tuple(memory.result().values()),
             "backend saw CL/TE": (body.get("content_length"), body.get("transfer_encoding")),
         }
+    # a client SIGKILLed 1 s into the upload: the proxy lets go of both sides
+    pgid = c.pgids["upload"]
+    sockets_before = group_sockets(pgid)
+    client = subprocess.Popen(
+        ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "50M", "-T", str(source), url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    sockets_during = group_sockets(pgid)
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + 10
+    while group_sockets(pgid) > sockets_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sockets_after = group_sockets(pgid)
+    sig["client killed mid-upload: sockets back within 10 s"] = sockets_after <= sockets_before
+    notes["killed upload: sockets before/during/after"] = (
+        sockets_before,
+        sockets_during,
+        sockets_after,
+    )
     return sig, notes
 
 
 def trial_sse(bed: Bed, c: Contender) -> Result:
-    return asyncio.run(_sse(c.ports["sse"]))
+    sig, notes = asyncio.run(_sse(c.ports["sse"]))
+    abandoned, more = asyncio.run(_sse_abandoned(c.ports["sse"], c.pgids["sse"]))
+    sig.update(abandoned)
+    notes.update(more)
+    return sig, notes
+
+
+async def _sse_abandoned(port: int, pgid: int, n: int = 50) -> Result:
+    """n endless streams opened, read for 2 s, then closed by their clients: the proxy's
+    sockets come back (its upstream streams are closed too)."""
+    before = group_sockets(pgid)
+    streams = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /sse?interval_ms=50&count=0 HTTP/1.1\r\nHost: h\r\n\r\n")
+        streams.append((reader, writer))
+    got = await asyncio.gather(*(asyncio.wait_for(r.read(65536), 10) for r, _ in streams))
+    await asyncio.sleep(2.0)
+    during = group_sockets(pgid)
+    for _, writer in streams:
+        writer.transport.abort()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while group_sockets(pgid) > before and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    after = group_sockets(pgid)
+    sig = {
+        f"{n} streams answered": sum(1 for g in got if g.startswith(b"HTTP/1.1 200")),
+        f"{n} streams abandoned: sockets back within 10 s": after <= before,
+    }
+    return sig, {"abandoned streams: sockets before/during/after": (before, during, after)}
 
 
 async def _sse(port: int, count: int = 30, interval_ms: int = 100) -> Result:
