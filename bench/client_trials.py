@@ -813,8 +813,13 @@ def trial_httpbin(bed: Bed, c: Contender) -> Result:
         "Expect: 100-continue",
         stdin=big,
     )
-    sig["Expect: 100-continue 2 MiB to /status/418"] = (refused.rc, refused.statuses)
-    notes["Expect to 418 total s"] = refused.info.get("total")
+    # httpbin (gunicorn's sync worker) answers 418 and closes with the body unread: the
+    # proxy relays the 418 or, when the backend's reset reaches its write before its read
+    # of the answer, says 502 (a race for every contender: see the "early" trial)
+    sig["Expect: 100-continue 2 MiB to /status/418: 100, then 418 or 502"] = refused.rc == 0 and (
+        refused.statuses in ([100, 418], [100, 502])
+    )
+    notes["Expect to 418: statuses, total s"] = (refused.statuses, refused.info.get("total"))
     expect = curl(
         f"{base}/post",
         "--data-binary",
