@@ -8,8 +8,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # system programs the tests start for real, and the Debian package of each
 SYSTEM_DEPS := curl:curl redis-server:redis-server nginx:nginx chromium:chromium systemd-analyze:systemd
-# what bench.run starts besides those (gcc builds netfilterqueue for the NFQUEUE delayer)
-BENCH_DEPS := wrk:wrk nginx:nginx curl:curl ping:iputils-ping ethtool:ethtool iptables:iptables tc:iproute2 ss:iproute2 gcc:gcc
+# what bench.run starts besides those (gcc builds netfilterqueue for the NFQUEUE delayer;
+# aria2c, wget, ab and chromium are the clients of bench.client_trials)
+BENCH_DEPS := wrk:wrk nginx:nginx curl:curl ping:iputils-ping ethtool:ethtool iptables:iptables tc:iproute2 ss:iproute2 gcc:gcc aria2c:aria2 wget:wget ab:apache2-utils chromium:chromium
 NFQUEUE_H := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 
 .PHONY: test test-fast lint system-deps venv bench bench-deps clean
