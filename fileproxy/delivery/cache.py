@@ -212,7 +212,7 @@ class _NotMended(Exception):
 
 
 class Content(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes | memoryview: ...
 
 
 class UpstreamAnswer(Protocol):
@@ -1970,7 +1970,8 @@ class CachedBody:
                 response.release()  # read whole: its connection goes back to the pool
             self.sent += len(data)
             service.counters["bytes_uncached"] += len(data)
-            yield data
+            # bytes, told apart from a run by their type (a view of a piece is copied)
+            yield data if isinstance(data, bytes) else bytes(data)
         self._close_upstream()
 
     def _close_upstream(self) -> None:
