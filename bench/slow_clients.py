@@ -455,6 +455,10 @@ def main() -> None:
                             "FILEPROXY_GRACEFUL_TIMEOUT": "3",
                             "FILEPROXY_SPOOL": "on" if name == "spool_on" else "off",
                             "FILEPROXY_SO_SNDBUF": str(args.sndbuf),
+                            # a cache of its own, empty, as nginx starts: the default
+                            # directory is shared by every run (another run's object of
+                            # this path, other bytes, would be revalidated by each client)
+                            "FILEPROXY_CACHE_DIR": str(root / f"cache-{name}"),
                             **fp_env,
                         }
                     )
