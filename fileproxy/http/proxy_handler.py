@@ -103,7 +103,21 @@ async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
     adaptations = app[ADAPTATIONS]
     adaptation = adaptations[replica.name]
     try:
-        if adaptation.admits_all:  # the usual case: no coroutine, no client key
+        hit = _held_hit(request)
+        if hit is not None:
+            # a fresh object held hot; it and any other hit are answered whatever the
+            # admission rate, which protects the upstream they never reach
+            exchange.cache, exchange.upstream_status = hit.log_word, None
+            try:
+                response: ClientResponse | web.Response = await _send_answer(request, exchange, hit)
+            finally:
+                hit.close()
+            status = response.status
+            return response
+        decision = await _lookup(request)
+        if decision is not None and decision.outcome is Outcome.HIT:
+            admitted, retry_after = True, 0.0  # answered from the cache, not the upstream
+        elif adaptation.admits_all:  # the usual case: no coroutine, no client key
             admitted, retry_after = True, 0.0
         else:
             admitted, retry_after = await adaptation.admit(
@@ -116,7 +130,7 @@ async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
                 request.path,
             )
         if admitted:
-            response = await _proxy(request, exchange, started, replica)
+            response = await _proxy(request, exchange, started, replica, decision)
         else:
             response = _over_limit(request, exchange, retry_after, adaptation.current_limit)
         if isinstance(response, web.Response) and request.method != "HEAD":
@@ -166,24 +180,56 @@ async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
         )
 
 
+def _target_of(request: ClientRequest) -> str | None:
+    """The request's target in origin form; None for one naming another authority."""
+    target = request.raw_path
+    return target if target.startswith("/") else own_origin_form(request, target)
+
+
+async def _lookup(request: ClientRequest) -> Decision | None:
+    """What the cache does with the request (``CacheService.lookup``); None when the
+    cache never sees it (off, another method, a WebSocket, a target refused)."""
+    cache = request.app[CACHE]
+    if not cache.active or request.method not in ("GET", "HEAD") or tunnel.wanted(request):
+        return None
+    target = _target_of(request)
+    if target is None:
+        return None
+    return await cache.lookup(request.method, target, request.raw_headers, now=time.time())
+
+
+def _held_hit(request: ClientRequest) -> Answer | None:
+    """The cache's answer when the request is a fresh hit of an object it holds hot
+    (``CacheService.hit``: no thread hop, no index); None for anything else."""
+    cache = request.app[CACHE]
+    if not cache.active or request.method not in ("GET", "HEAD"):
+        return None
+    target = _target_of(request)
+    if target is None:
+        return None
+    return cache.hit(request.method, target, request.raw_headers, time.time())
+
+
 async def _proxy(
-    request: ClientRequest, exchange: Exchange, started: float, replica: Replica
+    request: ClientRequest,
+    exchange: Exchange,
+    started: float,
+    replica: Replica,
+    decision: Decision | None,
 ) -> ClientResponse | web.Response:
+    """``decision``: the cache's (``_lookup``), None when it does not see the request."""
     app = request.app
     settings = app[SETTINGS]
     replicas = app[REPLICAS]
-    target = request.raw_path
-    if not target.startswith("/"):
-        own = own_origin_form(request, target)
-        if own is None:
-            # another authority, or authority-form: a reverse proxy, not an open one
-            return _fail(
-                exchange,
-                errors.ClientRequestError(
-                    400, "bad_target", "only origin-form request targets are accepted"
-                ),
-            )
-        target = own
+    target = _target_of(request)
+    if target is None:
+        # another authority, or authority-form: a reverse proxy, not an open one
+        return _fail(
+            exchange,
+            errors.ClientRequestError(
+                400, "bad_target", "only origin-form request targets are accepted"
+            ),
+        )
     content_length = request.content_length
     if settings.max_body_size and content_length and content_length > settings.max_body_size:
         refusal = _fail(exchange, _too_large(settings.max_body_size))
@@ -193,14 +239,6 @@ async def _proxy(
     has_body = request.body_exists
     upgrade = tunnel.wanted(request)  # a WebSocket: asked upstream, tunnelled after its 101
     cache = app[CACHE]
-    if cache.active and not upgrade and request.method in ("GET", "HEAD"):
-        hit = cache.hit(request.method, target, request.raw_headers, time.time())
-        if hit is not None:  # a fresh hit of an object held hot: nothing else to work out
-            exchange.cache, exchange.upstream_status = hit.log_word, None
-            try:
-                return await _send_answer(request, exchange, hit)
-            finally:
-                hit.close()
     peer = request.remote
     headers = upstream_request_headers(
         request.headers,
@@ -216,8 +254,7 @@ async def _proxy(
         upgrade=upgrade,
     )
     cache_status: str | None = None  # a response the cache passed by: its Cache-Status
-    if cache.active and not upgrade and request.method in ("GET", "HEAD"):
-        decision = await cache.lookup(request.method, target, request.raw_headers, now=time.time())
+    if decision is not None:
         if decision.outcome is not Outcome.BYPASS:
             return await _from_cache(request, exchange, started, replica, target, headers, decision)
         exchange.cache, cache_status = decision.outcome.value, decision.cache_status

@@ -1125,3 +1125,32 @@ async def test_what_is_stored_and_hit_keeps_every_byte_of_target_and_fields(
         proxy.stop()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_stored_object_is_answered_while_the_admission_limit_refuses_the_upstream(
+    backend: CacheBackend,
+    session: aiohttp.ClientSession,
+    start_proxy: Callable[..., Process],
+    tmp_dir: Path,
+) -> None:
+    """The admission rate protects the upstream: a hit, which never reaches it, is not
+    refused by it (nginx's cache answers hits whatever its upstream's state)."""
+    backend.add("/stored", Obj(object_bytes(51, 4096), headers=FRESH))
+    backend.add("/other", Obj(object_bytes(52, 4096), headers=FRESH))
+    limit = {f"FILEPROXY_LIMIT_{name}": "1" for name in ("MIN", "INITIAL", "MAX", "BURST")}
+    proxy = start_proxy(
+        url_of(backend),
+        **cache_env(tmp_dir / "cache", FILEPROXY_LIMIT_ENFORCE="always",
+                    FILEPROXY_LIMIT_STATUS="429", **limit),
+    )  # fmt: skip
+    try:
+        first = await fetch(session, f"{proxy.url}/stored")
+        assert first.status == 200 and "stored" in first.cache_status, first.cache_status
+        hits = [await fetch(session, f"{proxy.url}/stored") for _ in range(5)]
+        assert [h.status for h in hits] == [200] * 5, [h.status for h in hits]
+        assert all("; hit" in h.cache_status for h in hits), [h.cache_status for h in hits]
+        # the limit is in force meanwhile: what must reach the upstream is refused
+        refused = [(await fetch(session, f"{proxy.url}/other")).status for _ in range(3)]
+        assert 429 in refused, refused
+    finally:
+        proxy.stop()
