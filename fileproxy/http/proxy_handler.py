@@ -103,7 +103,10 @@ async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
     adaptations = app[ADAPTATIONS]
     adaptation = adaptations[replica.name]
     try:
-        hit = _held_hit(request)
+        cache, cached_as = app[CACHE], _cache_target(request)
+        hit = None
+        if cached_as is not None:  # (no thread hop, no index: see CacheService.hit)
+            hit = cache.hit(request.method, cached_as, request.raw_headers, time.time())
         if hit is not None:
             # a fresh object held hot; it and any other hit are answered whatever the
             # admission rate, which protects the upstream they never reach
@@ -114,7 +117,10 @@ async def proxy(request: ClientRequest) -> ClientResponse | web.Response:
                 hit.close()
             status = response.status
             return response
-        decision = await _lookup(request)
+        decision = None
+        if cached_as is not None:
+            now = time.time()
+            decision = await cache.lookup(request.method, cached_as, request.raw_headers, now=now)
         if decision is not None and decision.outcome is Outcome.HIT:
             admitted, retry_after = True, 0.0  # answered from the cache, not the upstream
         elif adaptation.admits_all:  # the usual case: no coroutine, no client key
@@ -186,28 +192,12 @@ def _target_of(request: ClientRequest) -> str | None:
     return target if target.startswith("/") else own_origin_form(request, target)
 
 
-async def _lookup(request: ClientRequest) -> Decision | None:
-    """What the cache does with the request (``CacheService.lookup``); None when the
-    cache never sees it (off, another method, a WebSocket, a target refused)."""
-    cache = request.app[CACHE]
-    if not cache.active or request.method not in ("GET", "HEAD") or tunnel.wanted(request):
+def _cache_target(request: ClientRequest) -> str | None:
+    """The target the cache knows the request by; None when the cache never sees it
+    (off, another method, a WebSocket, a target naming another authority)."""
+    if not request.app[CACHE].active or request.method not in ("GET", "HEAD"):
         return None
-    target = _target_of(request)
-    if target is None:
-        return None
-    return await cache.lookup(request.method, target, request.raw_headers, now=time.time())
-
-
-def _held_hit(request: ClientRequest) -> Answer | None:
-    """The cache's answer when the request is a fresh hit of an object it holds hot
-    (``CacheService.hit``: no thread hop, no index); None for anything else."""
-    cache = request.app[CACHE]
-    if not cache.active or request.method not in ("GET", "HEAD"):
-        return None
-    target = _target_of(request)
-    if target is None:
-        return None
-    return cache.hit(request.method, target, request.raw_headers, time.time())
+    return None if tunnel.wanted(request) else _target_of(request)
 
 
 async def _proxy(
@@ -217,7 +207,8 @@ async def _proxy(
     replica: Replica,
     decision: Decision | None,
 ) -> ClientResponse | web.Response:
-    """``decision``: the cache's (``_lookup``), None when it does not see the request."""
+    """``decision``: the cache's (``CacheService.lookup``), None when it does not see the
+    request."""
     app = request.app
     settings = app[SETTINGS]
     replicas = app[REPLICAS]
